@@ -1,0 +1,29 @@
+"""``moeca bench NAME``: each benchmark module in ``BENCH_MODULES`` registers one NAME."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCH_MODULES = (
+    "moeca.bench.full",       # full-compute ms/step and expert/attention share
+    "moeca.bench.trace",      # tracing overhead
+    "moeca.bench.analyze",    # analysis throughput on a large synthetic trace
+    "moeca.bench.moeca",      # MoECa speed/quality targets
+    "moeca.bench.pareto",     # MoECa vs baselines Pareto sweep
+    "moeca.bench.app",        # explorer page render times
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("bench", help="run a benchmark; results go to bench/results/ (JSON, Markdown, PNG)",
+                            description="Benchmarks. Each writes NAME.json, NAME.md and NAME.png under --out.")
+    bench_sub = parser.add_subparsers(dest="bench", metavar="NAME")
+    for name in BENCH_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(bench_sub)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)

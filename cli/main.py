@@ -1,0 +1,64 @@
+"""The ``moeca`` command: one subcommand per stage, each registered by the package that owns it."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = (
+    "moeca.cli.pipeline",   # run: the main job end to end
+    "moeca.models.cli",     # sample, train-demo, evaluate-demo
+    "moeca.tracer.cli",     # trace, trace-info
+    "moeca.analysis.cli",   # analyze
+    "moeca.policy.cli",     # schedule show|derive|...
+    "moeca.replay.cli",     # replay
+    "moeca.bench.cli",      # bench NAME
+    "moeca.app.cli",        # app
+)
+
+DESCRIPTION = """\
+moeca: expert-branch-level caching for Mixture-of-Experts diffusion transformers (DiT-MoE).
+
+Typical flow on the shipped demo model:
+  moeca trace --model demo --out out/trace          record branch activity while sampling
+  moeca analyze out/trace --out out/report          token- vs branch-level redundancy report
+  moeca schedule derive out/trace --target-speedup 3 --out out/schedule.json
+  moeca replay --schedule out/schedule.json --model demo --out out/replay
+or all of it at once:  moeca run --out out
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeca", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # stage not installed in this build
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, FloatingPointError) as exc:
+        print(f"moeca {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The runtime seams of a DiT-MoE forward (DESIGN section 1).
+
+The model calls into a :class:`Runtime` at fixed points; the default computes everything. A tracer or
+a cache replay is a subclass that overrides some seams. Runtimes never patch model classes; a model
+holds its runtime and ``DiTMoE.use_runtime`` swaps it for the duration of a ``with`` block.
+
+Shapes: ``B`` batch, ``T`` tokens, ``D`` hidden size, ``N = B*T`` flattened rows, ``k`` top-k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .dit_moe import DiTMoE, DiTMoEBlock
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """Where a forward call sits in a sampling run.
+
+    step: 0-based index of the sampling step (0 is the noisiest); num_steps: steps in the run;
+    cfg_branch: ``"batched"`` (one ``[cond; uncond]`` call), ``"cond"``, ``"uncond"`` (two separate
+    calls) or ``"none"`` (no guidance). Caching runtimes keep separate state per ``cfg_branch``.
+    """
+
+    step: int
+    num_steps: int
+    cfg_branch: str = "none"
+
+
+class Runtime:
+    """Computes every seam in full. Subclasses override seams to record or to reuse work."""
+
+    def begin_forward(self, model: "DiTMoE", ctx: ForwardContext | None, x_tokens: torch.Tensor) -> None:
+        """Called once per forward before the blocks; ``x_tokens`` is ``[B, T, D]``."""
+
+    def end_forward(self, model: "DiTMoE", ctx: ForwardContext | None) -> None:
+        """Called once per forward after the final layer."""
+
+    def reset(self) -> None:
+        """Drop all per-run state (caches, traces in flight). Called by samplers before a run."""
+
+    def run_blocks(self, model: "DiTMoE", x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """All transformer blocks: ``x [B, T, D]``, condition ``c [B, D]`` -> ``[B, T, D]``."""
+        for block in model.blocks:
+            x = block(x, c, self)
+        return x
+
+    def attention(self, block: "DiTMoEBlock", x_mod: torch.Tensor) -> torch.Tensor:
+        """Self-attention on the modulated input ``[B, T, D]`` -> ``[B, T, D]`` (before ``gate_msa``)."""
+        return block.attn(x_mod)
+
+    def route(self, block: "DiTMoEBlock", h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate on rows ``h [N, D]`` -> ``(topk_idx [N, k] int64, topk_weight [N, k])``, raw softmax."""
+        return block.moe.gate(h)
+
+    def expert(self, block: "DiTMoEBlock", e: int, h_rows: torch.Tensor) -> torch.Tensor:
+        """Routed expert ``e`` on rows ``[n, D]`` -> unweighted output ``[n, D]``."""
+        return block.moe.experts[e](h_rows)
+
+    def shared_expert(self, block: "DiTMoEBlock", h: torch.Tensor) -> torch.Tensor:
+        """Shared expert on rows ``[N, D]`` -> ``[N, D]``."""
+        return block.moe.shared_experts(h)
+
+    def moe(self, block: "DiTMoEBlock", h: torch.Tensor) -> torch.Tensor:
+        """MoE on the modulated input ``[B, T, D]`` -> ``[B, T, D]`` (before ``gate_mlp``).
+
+        route -> grouped expert dispatch (unweighted rows per (token, slot)) -> combine with the
+        current gate weights -> plus the shared expert.
+        """
+        B, T, D = h.shape
+        flat = h.reshape(B * T, D)
+        topk_idx, topk_weight = self.route(block, flat)
+        slot_out = self.routed_experts(block, flat, topk_idx)
+        out = combine_slots(slot_out, topk_weight)
+        if block.moe.shared_experts is not None:
+            out = out + self.shared_expert(block, flat)
+        return out.view(B, T, D)
+
+    def routed_experts(self, block: "DiTMoEBlock", flat: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        """Grouped dispatch: each expert runs once on exactly the rows routed to it.
+
+        flat ``[N, D]``, topk_idx ``[N, k]`` -> unweighted outputs per (row, slot) ``[N, k, D]``.
+        """
+        N, k = topk_idx.shape
+        slot_out = flat.new_empty(N * k, flat.shape[1])
+        for e, slots in group_slots_by_expert(topk_idx, block.moe.num_experts):
+            slot_out[slots] = self.expert(block, e, flat[slots // k])
+        return slot_out.view(N, k, -1)
+
+
+def group_slots_by_expert(topk_idx: torch.Tensor, num_experts: int) -> list[tuple[int, torch.Tensor]]:
+    """Flat slot indices (``row * k + slot``) routed to each expert, for experts with any.
+
+    topk_idx ``[N, k]`` -> list of ``(expert, slots [n_e] int64)``; one host sync for the counts.
+    """
+    flat_idx = topk_idx.reshape(-1)
+    order = torch.argsort(flat_idx, stable=True)
+    counts = torch.bincount(flat_idx, minlength=num_experts).tolist()
+    groups, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            groups.append((e, order[start:start + n]))
+        start += n
+    return groups
+
+
+def combine_slots(slot_out: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+    """Gate-weighted sum over slots: ``[N, k, D]`` x ``[N, k]`` -> ``[N, D]``."""
+    return (slot_out * topk_weight.unsqueeze(-1).to(slot_out.dtype)).sum(dim=1)
+
+
+DEFAULT_RUNTIME = Runtime()

@@ -1,0 +1,235 @@
+"""Samplers: DDPM with respacing and learned-range variance, DDIM, rectified-flow Euler; CFG.
+
+All samplers are deterministic under a seed: noise is drawn from a CPU ``torch.Generator`` and moved
+to the model's device, so a seed gives the same samples on CPU and CUDA (up to kernel rounding).
+Each model call carries a :class:`ForwardContext` so caching runtimes know the step and CFG branch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+
+from .runtime import ForwardContext
+
+SamplerKind = Literal["ddpm", "ddim", "rectified_flow"]
+CfgMode = Literal["batched", "separate"]
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How to sample.
+
+    kind: ``ddpm`` (ancestral, learned-range variance when the model predicts it), ``ddim`` (eta
+    controls stochasticity, 0 = deterministic) or ``rectified_flow`` (Euler from t=1 to t=0).
+    num_steps: sampling steps (DDPM/DDIM respace ``train_timesteps`` evenly down to this many).
+    cfg_scale: classifier-free guidance scale; 1.0 disables guidance (one call per step).
+    cfg_mode: ``batched`` = one ``[cond; uncond]`` call; ``separate`` = two calls per step.
+    cfg_channels: guide only the first N output channels (the public DDPM code guides 3); None = all
+    predicted channels.
+    """
+
+    kind: SamplerKind = "rectified_flow"
+    num_steps: int = 50
+    cfg_scale: float = 1.0
+    cfg_mode: CfgMode = "batched"
+    cfg_channels: int | None = None
+    train_timesteps: int = 1000
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ddpm", "ddim", "rectified_flow"):
+            raise ValueError(f"unknown sampler {self.kind!r}; choose ddpm, ddim or rectified_flow")
+        if self.cfg_mode not in ("batched", "separate"):
+            raise ValueError(f"cfg_mode must be 'batched' or 'separate', got {self.cfg_mode!r}")
+        if not 1 <= self.num_steps <= (self.train_timesteps if self.kind != "rectified_flow" else 10_000):
+            raise ValueError(f"num_steps={self.num_steps} must be in 1..{self.train_timesteps} for {self.kind}")
+        if not np.isfinite(self.cfg_scale) or self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale}")
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale != 1.0
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def default_sampler(objective: str, **overrides) -> SamplerConfig:
+    """The reference sampler for a model objective: DDPM for ``ddpm_eps``, Euler for ``rectified_flow``."""
+    if objective == "ddpm_eps":
+        return replace(SamplerConfig(kind="ddpm", num_steps=250, cfg_scale=1.5, cfg_channels=3), **overrides)
+    return replace(SamplerConfig(kind="rectified_flow", num_steps=50, cfg_scale=1.5, cfg_mode="separate"),
+                   **overrides)
+
+
+# ----------------------------------------------------------------------------- guided model call
+class GuidedDenoiser:
+    """Calls the model once per step (or twice, for separate CFG) and applies guidance.
+
+    ``__call__(x [B,C,H,W], t [B], y [B], step) -> model output [B, out_channels, H, W]``.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: SamplerConfig):
+        self.model, self.cfg = model, cfg
+        self.null = model.config.num_classes
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        n = self.cfg.num_steps
+        if not self.cfg.guided:
+            return self._checked(self.model(x, t, y, ForwardContext(step, n, "none")))
+        y_null = torch.full_like(y, self.null)
+        if self.cfg.cfg_mode == "batched":
+            out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]),
+                             ForwardContext(step, n, "batched"))
+            cond, uncond = out.chunk(2)
+        else:
+            cond = self.model(x, t, y, ForwardContext(step, n, "cond"))
+            uncond = self.model(x, t, y_null, ForwardContext(step, n, "uncond"))
+        return self._checked(self.guide(cond, uncond))
+
+    def guide(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        pred_channels = self.model.config.in_channels
+        m = self.cfg.cfg_channels or pred_channels
+        guided = uncond[:, :m] + self.cfg.cfg_scale * (cond[:, :m] - uncond[:, :m])
+        return torch.cat([guided, cond[:, m:]], dim=1)
+
+    @staticmethod
+    def _checked(out: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(out).all():
+            bad = int((~torch.isfinite(out)).sum())
+            raise FloatingPointError(f"model output has {bad} non-finite values (NaN/Inf); check the checkpoint "
+                                     "weights and the dtype (try float32)")
+        return out
+
+
+# ----------------------------------------------------------------------------- schedules
+def linear_betas(train_timesteps: int) -> np.ndarray:
+    scale = 1000 / train_timesteps
+    return np.linspace(scale * 1e-4, scale * 0.02, train_timesteps, dtype=np.float64)
+
+
+def respaced_timesteps(train_timesteps: int, num_steps: int) -> list[int]:
+    """Evenly spaced subset of ``range(train_timesteps)`` with ``num_steps`` entries, ascending
+    (the reference ``space_timesteps(T, str(num_steps))`` with one section)."""
+    if num_steps == 1:
+        return [0]
+    frac = (train_timesteps - 1) / (num_steps - 1)
+    return sorted({round(i * frac) for i in range(num_steps)})
+
+
+@dataclass(frozen=True)
+class DiffusionSchedule:
+    """Respaced DDPM quantities, index ``i`` over used timesteps (ascending). Float64 numpy arrays."""
+
+    timesteps: np.ndarray          # original timestep index of each respaced step, fed to the model
+    betas: np.ndarray
+    alphas_cumprod: np.ndarray
+    alphas_cumprod_prev: np.ndarray
+    posterior_variance: np.ndarray
+    posterior_log_variance_clipped: np.ndarray
+    posterior_mean_coef1: np.ndarray
+    posterior_mean_coef2: np.ndarray
+
+    @classmethod
+    def build(cls, train_timesteps: int, num_steps: int) -> "DiffusionSchedule":
+        base_ac = np.cumprod(1.0 - linear_betas(train_timesteps))
+        used = respaced_timesteps(train_timesteps, num_steps)
+        betas, last = [], 1.0
+        for t in used:
+            betas.append(1 - base_ac[t] / last)
+            last = base_ac[t]
+        betas = np.array(betas)
+        ac = np.cumprod(1.0 - betas)
+        ac_prev = np.append(1.0, ac[:-1])
+        post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+        post_log_var = np.log(np.append(post_var[1], post_var[1:])) if len(post_var) > 1 else np.log(
+            np.maximum(post_var, 1e-20))
+        return cls(
+            timesteps=np.array(used), betas=betas, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev,
+            posterior_variance=post_var, posterior_log_variance_clipped=post_log_var,
+            posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
+            posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac),
+        )
+
+
+# ----------------------------------------------------------------------------- sampling
+def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str, dtype=torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, cfg: SamplerConfig, labels: torch.Tensor, seed: int = 0,
+           noise: torch.Tensor | None = None,
+           on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Sample images ``[B, C, H, W]`` for ``labels [B]``.
+
+    The model's runtime is reset first, so caches never leak between calls. ``noise`` overrides the
+    seeded initial noise; DDPM/DDIM step noise comes from a generator seeded with ``seed + 1``.
+    ``on_step(step)`` is called after each step (progress bars).
+    """
+    mc = model.config
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    shape = (labels.shape[0], mc.in_channels, mc.input_size, mc.input_size)
+    x = initial_noise(shape, seed, device, dtype) if noise is None else noise.to(device=device, dtype=dtype)
+    labels = labels.to(device)
+    model.runtime.reset()
+    denoise = GuidedDenoiser(model, cfg)
+    step_gen = torch.Generator().manual_seed(seed + 1)
+    if cfg.kind == "rectified_flow":
+        x = _rectified_flow(denoise, x, labels, cfg, on_step)
+    else:
+        x = _gaussian(denoise, x, labels, cfg, step_gen, on_step)
+    model.runtime.reset()
+    return x
+
+
+def _rectified_flow(denoise, x, labels, cfg, on_step):
+    n = cfg.num_steps
+    dt = 1.0 / n
+    c = x.shape[1]
+    for step in range(n):
+        t = torch.full((x.shape[0],), (n - step) / n, device=x.device, dtype=x.dtype)
+        v = denoise(x, t, labels, step)[:, :c]
+        x = x - dt * v
+        if on_step:
+            on_step(step)
+    return x
+
+
+def _gaussian(denoise, x, labels, cfg, gen, on_step):
+    sched = DiffusionSchedule.build(cfg.train_timesteps, cfg.num_steps)
+    c = x.shape[1]
+    n = len(sched.timesteps)
+    for step, i in enumerate(range(n - 1, -1, -1)):
+        t = torch.full((x.shape[0],), int(sched.timesteps[i]), device=x.device, dtype=torch.long)
+        out = denoise(x, t, labels, step)
+        eps = out[:, :c]
+        ac, ac_prev = sched.alphas_cumprod[i], sched.alphas_cumprod_prev[i]
+        x0 = (x - np.sqrt(1.0 - ac) * eps) / np.sqrt(ac)
+        if cfg.kind == "ddim":
+            sigma = cfg.eta * np.sqrt((1 - ac_prev) / (1 - ac)) * np.sqrt(1 - ac / ac_prev)
+            x = np.sqrt(ac_prev) * x0 + np.sqrt(max(1 - ac_prev - sigma ** 2, 0.0)) * eps
+            if sigma > 0 and i > 0:
+                x = x + sigma * _noise_like(x, gen)
+        else:
+            mean = sched.posterior_mean_coef1[i] * x0 + sched.posterior_mean_coef2[i] * x
+            if out.shape[1] == 2 * c:  # learned-range variance
+                frac = (out[:, c:] + 1) / 2
+                min_log = sched.posterior_log_variance_clipped[i]
+                max_log = np.log(sched.betas[i])
+                log_var = frac * max_log + (1 - frac) * min_log
+            else:
+                log_var = torch.full_like(x, float(sched.posterior_log_variance_clipped[i]))
+            x = mean + (torch.exp(0.5 * log_var) * _noise_like(x, gen) if i > 0 else 0.0)
+        if on_step:
+            on_step(step)
+    return x
+
+
+def _noise_like(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(x.shape, generator=gen).to(device=x.device, dtype=x.dtype)

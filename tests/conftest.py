@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny random models for mechanics."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeca.models.config import DiTMoEConfig
+from moeca.models.dit_moe import DiTMoE
+from moeca.models.registry import randomize_zero_init
+
+TINY = DiTMoEConfig(name="tiny", input_size=4, patch_size=1, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                    num_experts=4, top_k=2, num_classes=3, learn_sigma=False, objective="rectified_flow")
+
+
+def make_tiny(config: DiTMoEConfig = TINY, seed: int = 0) -> DiTMoE:
+    torch.manual_seed(seed)
+    model = DiTMoE(config)
+    randomize_zero_init(model, seed)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model() -> DiTMoE:
+    return make_tiny()
