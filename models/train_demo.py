@@ -29,7 +29,7 @@ from .runtime import Runtime
 class TrainConfig:
     """Knobs of ``moeca train-demo``. steps x batch_size samples; lr is the peak of a cosine schedule."""
 
-    steps: int = 2400
+    steps: int = 2000
     batch_size: int = 128
     lr: float = 5e-4
     warmup_steps: int = 100
@@ -124,7 +124,7 @@ def train_demo(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), model_conf
     log = {"train_config": asdict(cfg), "model_config": model_config.to_dict(), "seconds": seconds,
            "threads": torch.get_num_threads(), "torch": torch.__version__, "loss_curve": losses,
            "train_samples": len(x_all)}
-    save_safetensors(ema, out_dir / "demo_model.safetensors",
+    save_safetensors(ema, out_dir / "demo_model.safetensors", dtype=torch.float16,
                      metadata={"moeca_training": json.dumps({"seed": cfg.seed, "steps": cfg.steps})})
     tmp = out_dir / "training_log.json.tmp"
     tmp.write_text(json.dumps(log, indent=1))

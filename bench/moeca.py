@@ -1,0 +1,225 @@
+"""``moeca bench moeca``: MoECa's speed/quality targets on the demo model and the S/2-8E2A shape check.
+
+Demo model (CPU, ``--threads``): trace ``--trace-samples`` samples (50 rectified-flow steps, CFG 1.5
+batched), summarise drift, derive one MoECa schedule per ``--targets`` entry (predicted FLOPs
+speedups), then for each schedule measure, in this process, full vs cached wall-clock on
+``--timing-samples`` samples (median of ``--repeats``, alternating), FLOPs computed, cache memory,
+PSNR/SSIM vs full on ``--quality-samples`` samples (classes cycled, same noise), class accuracy and
+Frechet distance of full and cached samples. Target: some setting with measured speedup >= 2.83x,
+FD <= 1.10x full's and accuracy within 1 point of full's.
+
+S/2-8E2A shape (random weights, batch 8): the schedule of ``--shape-from`` target retargeted to the
+shape and resampled to ``--shape-steps`` steps (same reuse fractions); target: measured speedup >=
+0.85x of the FLOPs reduction, cache memory < 2x the activation memory of one step.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+NAME = "moeca"
+COLUMNS = ["setting", "model", "target", "predicted_flops_ratio", "flops_ratio", "flops_speedup", "speedup",
+           "speedup_vs_flops", "reuse_attn", "reuse_shared", "reuse_expert", "psnr", "ssim", "psnr_16",
+           "accuracy_full", "accuracy_cached", "fd_full", "fd_cached", "fd_ratio", "cache_mb",
+           "activation_mb", "ms_full", "ms_cached"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(NAME, help="MoECa speed/quality targets (demo model) and the S/2-8E2A shape check",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
+    p.add_argument("--checkpoint", default=None,
+                   help="demo-shaped moeca .safetensors to use instead of the shipped demo weights")
+    p.add_argument("--trace", default=None, help="existing demo trace (default: trace into OUT/moeca_trace)")
+    p.add_argument("--trace-samples", type=int, default=40, help="samples traced for the drift summary")
+    p.add_argument("--targets", default="2,2.5,3,3.5,4,5",
+                   help="predicted FLOPs speedups, one schedule each (comma-separated)")
+    p.add_argument("--warmup-steps", type=int, default=3)
+    p.add_argument("--sync-interval", type=int, default=10)
+    p.add_argument("--timing-samples", type=int, default=16)
+    p.add_argument("--quality-samples", type=int, default=500)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape-from", type=float, default=None,
+                   help="target whose schedule the shape check reuses (default: the best passing one, else the "
+                        "fastest)")
+    p.add_argument("--shape-steps", type=int, default=10)
+    p.add_argument("--shape-repeats", type=int, default=2)
+    p.add_argument("--skip-shape", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _parse_targets(text: str) -> list[float]:
+    try:
+        out = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--targets must be comma-separated numbers, got {text!r}") from None
+    if not out or any(v <= 1 for v in out):
+        raise ValueError(f"--targets must be speedups > 1, got {text!r}")
+    return out
+
+
+def _row(setting: str, model: str, target, schedule, rep) -> dict:
+    fd_ratio = (rep.fd_cached / rep.fd_full) if rep.fd_full else None
+    return {"setting": setting, "model": model, "target": target,
+            "predicted_flops_ratio": schedule.predicted_flops_ratio, "flops_ratio": rep.flops_ratio,
+            "flops_speedup": rep.flops_speedup, "speedup": rep.speedup,
+            "speedup_vs_flops": rep.speedup / rep.flops_speedup,
+            "reuse_attn": rep.reuse["attn"], "reuse_shared": rep.reuse["shared"], "reuse_expert": rep.reuse["expert"],
+            "psnr": rep.psnr_quality_mean if rep.psnr_quality_mean is not None else rep.psnr_mean,
+            "ssim": rep.ssim_quality_mean if rep.ssim_quality_mean is not None else rep.ssim_mean,
+            "psnr_16": rep.psnr_mean, "accuracy_full": rep.accuracy_full, "accuracy_cached": rep.accuracy_cached,
+            "fd_full": rep.fd_full, "fd_cached": rep.fd_cached, "fd_ratio": fd_ratio,
+            "cache_mb": rep.cache_bytes / 2**20, "activation_mb": rep.activation_bytes_step / 2**20,
+            "ms_full": rep.time_full_s * 1e3, "ms_cached": rep.time_cached_s * 1e3}
+
+
+def _passes(row: dict) -> bool:
+    return (row["speedup"] >= 2.83 and row["fd_ratio"] is not None and row["fd_ratio"] <= 1.10
+            and abs(row["accuracy_cached"] - row["accuracy_full"]) <= 0.01)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from moeca.analysis import drift_summary
+    from moeca.models.registry import load_model
+    from moeca.models.samplers import SamplerConfig
+    from moeca.policy.derive import DeriveConfig, derive_schedule
+    from moeca.policy.transfer import resample_steps, retarget
+    from moeca.replay.driver import replay_compare, sample_batches
+    from moeca.tracer.run import TraceConfig, trace_run
+    from moeca.tracer.store import read_run_meta
+
+    from .results import write_results
+
+    targets = _parse_targets(args.targets)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    started = time.time()
+    model = load_model(None if args.checkpoint else "demo", args.checkpoint, device="cpu")
+    sampler = SamplerConfig(kind="rectified_flow", num_steps=50, cfg_scale=1.5, cfg_mode="batched")
+
+    # 1. trace + drift summary
+    trace_dir = Path(args.trace) if args.trace else out / "moeca_trace"
+    if args.trace is None and not (trace_dir / "run.json").is_file():
+        labels = tuple(i % 10 for i in range(args.trace_samples))
+        trace_run(model, trace_dir, TraceConfig(sampler=sampler, labels=labels, seed=args.seed + 100, batch_size=8),
+                  progress=progress, model_name="demo", overwrite=True)
+    summary = drift_summary([str(trace_dir)])
+    meta = read_run_meta(trace_dir)
+
+    # 2. one schedule per target, one shared full-compute quality reference
+    timing_labels = [i % 10 for i in range(args.timing_samples)]
+    quality_labels = torch.tensor([i % 10 for i in range(args.quality_samples)])
+    reference = sample_batches(model, sampler, quality_labels, args.seed + 1, 100) if args.quality_samples else None
+    rows, schedules = [], {}
+    for target in targets:
+        cfg = DeriveConfig(target_speedup=target, warmup_steps=args.warmup_steps, sync_interval=args.sync_interval)
+        try:
+            schedule = derive_schedule(summary, meta, cfg)
+        except ValueError as exc:
+            print(f"target {target}: {exc}")
+            continue
+        schedule.save(out / f"moeca_schedule_{target:g}x.json")
+        schedules[target] = schedule
+        res = replay_compare(model, schedule, sampler, timing_labels, seed=args.seed, repeats=args.repeats,
+                             quality_labels=quality_labels if args.quality_samples else None, quality_batch=100,
+                             quality_reference=reference, progress=progress, model_name="demo")
+        row = _row(f"moeca {target:g}x", "demo", target, schedule, res.report)
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+    if not rows:
+        raise ValueError("no target could be derived; lower --targets")
+    passing = [r for r in rows if _passes(r)]
+
+    # 3. S/2-8E2A shape check with the same reuse pattern
+    shape = None
+    if not args.skip_shape:
+        pick = args.shape_from if args.shape_from is not None else (
+            max(passing, key=lambda r: r["speedup"])["target"] if passing else max(rows, key=lambda r: r["speedup"])["target"])
+        if pick not in schedules:
+            raise ValueError(f"--shape-from {pick} is not one of the derived targets {sorted(schedules)}")
+        big = load_model("S/2-8E2A", random_init=True, seed=0, device="cpu")
+        big_sampler = SamplerConfig(kind="rectified_flow", num_steps=args.shape_steps, cfg_scale=1.5, cfg_mode="batched")
+        big_schedule = resample_steps(retarget(schedules[pick], big.config), args.shape_steps)
+        big_schedule.save(out / "moeca_schedule_S2-8E2A.json")
+        res = replay_compare(big, big_schedule, big_sampler, [i % 1000 for i in range(8)], seed=args.seed,
+                             repeats=args.shape_repeats, warmup=False, progress=progress, model_name="S/2-8E2A")
+        shape = _row(f"S/2-8E2A shape ({pick:g}x pattern, {args.shape_steps} steps)", "S/2-8E2A", pick,
+                     big_schedule, res.report)
+        rows.append(shape)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in shape.items()})
+
+    notes = _notes(rows, passing, shape, args)
+    cmd = (f"moeca bench moeca --targets {args.targets} --quality-samples {args.quality_samples} "
+           f"--timing-samples {args.timing_samples} --repeats {args.repeats} --threads {args.threads}")
+    meta_out = {"trace": str(trace_dir), "trace_samples": meta.get("num_samples"), "sampler": sampler.to_dict(),
+                "targets": targets, "passing_settings": [r["setting"] for r in passing],
+                "demo_target_met": bool(passing), "wall_s": time.time() - started,
+                "shape_target_met": None if shape is None else bool(
+                    shape["speedup_vs_flops"] >= 0.85 and shape["cache_mb"] < 2 * shape["activation_mb"])}
+    paths = write_results(NAME, rows, out, meta=meta_out, columns=COLUMNS, title="MoECa on the demo model",
+                          notes=notes, plot=lambda path: _plot(rows, path), command=cmd)
+    print(notes)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _notes(rows, passing, shape, args) -> str:
+    demo = [r for r in rows if r["model"] == "demo"]
+    lines = [f"Demo model, 50 rectified-flow steps, CFG 1.5 batched, {args.timing_samples} samples per timed call "
+             f"(median of {args.repeats}, full and cached alternating in one process, {args.threads} threads); "
+             f"quality on {args.quality_samples} samples from the same noise as full compute."]
+    if passing:
+        best = max(passing, key=lambda r: r["speedup"])
+        lines.append(f"**Demo target met** by {', '.join(r['setting'] for r in passing)}; fastest passing: "
+                     f"{best['speedup']:.2f}x measured, FD {best['fd_cached']:.3f} vs {best['fd_full']:.3f} "
+                     f"({best['fd_ratio']:.3f}x), accuracy {best['accuracy_cached']:.3f} vs {best['accuracy_full']:.3f}, "
+                     f"PSNR {best['psnr']:.1f} dB.")
+    else:
+        fastest = max(demo, key=lambda r: r["speedup"])
+        lines.append(f"**Demo target NOT met**: no setting reached speedup >= 2.83x with FD <= 1.10x and accuracy "
+                     f"within 1 point; fastest setting {fastest['setting']}: {fastest['speedup']:.2f}x, FD ratio "
+                     f"{fastest['fd_ratio']}, accuracy {fastest['accuracy_cached']} vs {fastest['accuracy_full']}.")
+    if shape is not None:
+        ok = shape["speedup_vs_flops"] >= 0.85
+        mem = shape["cache_mb"] < 2 * shape["activation_mb"]
+        lines.append(f"S/2-8E2A shape (random weights, batch 8): measured {shape['speedup']:.2f}x vs FLOPs reduction "
+                     f"{shape['flops_speedup']:.2f}x = {shape['speedup_vs_flops']:.2f} of it (target >= 0.85: "
+                     f"{'met' if ok else 'NOT met'}); cache {shape['cache_mb']:.1f} MiB vs one step's activations "
+                     f"{shape['activation_mb']:.1f} MiB ({'below' if mem else 'NOT below'} 2x).")
+    return "\n\n".join(lines)
+
+
+def _plot(rows, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    demo = sorted((r for r in rows if r["model"] == "demo"), key=lambda r: r["speedup"])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [1.0] + [r["speedup"] for r in demo]
+    a.plot(xs[1:], [r["psnr"] for r in demo], "o-", label="MoECa")
+    a.set_xlabel("measured speedup (x)")
+    a.set_ylabel("PSNR vs full compute (dB)")
+    a.axvline(2.83, color="grey", ls=":", label="2.83x target")
+    a.legend()
+    b.plot(xs, [demo[0]["fd_full"] if demo else None] + [r["fd_cached"] for r in demo], "o-", label="MoECa")
+    if demo and demo[0]["fd_full"] is not None:
+        b.axhline(1.10 * demo[0]["fd_full"], color="red", ls="--", label="1.10x full FD")
+    b.axvline(2.83, color="grey", ls=":")
+    b.set_xlabel("measured speedup (x)")
+    b.set_ylabel("Frechet distance to real digits")
+    b.legend()
+    for r in demo:
+        a.annotate(r["setting"].split()[-1], (r["speedup"], r["psnr"]), fontsize=7)
+    fig.suptitle("MoECa on the demo model (50 steps, CFG 1.5)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)

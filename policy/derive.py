@@ -1,0 +1,296 @@
+"""Derive the MoECa schedule from a trace drift summary.
+
+Input: the analysis summary (``moeca.analysis.drift_summary``): one row per (unit, block, step, expert,
+lag) with ``mean_rel_l2`` (relative L2 change of the unit's output against ``lag`` steps back),
+``mean_gate_weight``, ``persist_frac`` (share of routed pairs also routed ``lag`` steps back) and ``n``.
+
+The rule (one error budget ``tau`` for every unit):
+
+1. **Full steps.** The first ``warmup_steps`` and the last ``final_steps`` steps, and a synchronized
+   refresh every ``sync_interval`` steps in between, recompute every unit of every block
+   (``sync_refresh_steps``), so attention and MoE caches never drift apart for long.
+2. **Staleness error.** Reusing an output computed ``j`` steps ago costs about ``d * j**alpha`` where
+   ``d`` is the unit's per-step drift (lag-1 ``mean_rel_l2`` at that step and block, weighted by the
+   expert's gate weight relative to the block mean) and ``alpha`` is fitted per unit kind from the
+   lag profile (``rel_l2(lag) ~ lag**alpha``; ``alpha = 1`` is linear drift, ``0.5`` a random walk).
+3. **Experts and shared expert: token budgets.** Recomputing a fraction ``f`` of a unit's cached
+   tokens per step refreshes each token every ``1/f`` steps, so keeping the staleness error under
+   ``tau`` needs ``f = (d / tau) ** (1/alpha)``. Each (step, block, expert) gets that refresh
+   fraction; faster-drifting experts (and phases) refresh more. At run time the online score
+   (accumulated input drift since the branch was computed plus ``staleness_weight * age``) picks
+   *which* tokens; newly routed pairs are always computed.
+4. **Attention: whole refresh.** Attention is recomputed for all tokens of a block when its
+   accumulated staleness error since its last refresh exceeds ``tau``, else reused whole (partial
+   attention still needs K/V of every token, so it saves little).
+5. **Budget.** With ``target_speedup`` the ``tau`` whose predicted FLOPs ratio equals
+   ``1 / target_speedup`` is found by bisection; with ``error_budget`` ``tau`` is given.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from moeca.policy.cost import UnitCosts
+from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
+                                   ScoreConfig, StepRule)
+
+SUMMARY_COLUMNS = ("unit", "block", "step", "expert", "lag", "n", "mean_rel_l2", "mean_gate_weight",
+                   "persist_frac")
+
+
+@dataclass(frozen=True)
+class DeriveConfig:
+    """Knobs of the MoECa derivation (see the module docstring for the rule).
+
+    target_speedup: predicted FLOPs speedup (full / cached) to reach; the error budget is searched.
+    error_budget: the budget ``tau`` (max staleness error, relative L2) instead of a target speedup.
+    warmup_steps / final_steps: steps computed in full at the start / end of sampling.
+    sync_interval: a synchronized full refresh every this many steps after warm-up (0 = none).
+    attn_weight / shared_weight / expert_weight: importance multipliers on each unit kind's drift.
+    gate_weighting: weight an expert's drift by its mean gate weight relative to the block mean.
+    min_fraction: lower bound of the per-token refresh fraction of experts and shared expert.
+    staleness_weight: the online score is ``accumulated input drift + staleness_weight * age``.
+    fit_alpha: fit the lag exponent per unit kind (else ``alpha = 1``, linear accumulation).
+    """
+
+    target_speedup: float | None = 3.0
+    error_budget: float | None = None
+    warmup_steps: int = 3
+    final_steps: int = 1
+    sync_interval: int = 10
+    attn_weight: float = 1.0
+    shared_weight: float = 1.0
+    expert_weight: float = 1.0
+    gate_weighting: bool = True
+    min_fraction: float = 0.0
+    staleness_weight: float = 0.02
+    fit_alpha: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.target_speedup is None) == (self.error_budget is None):
+            raise ValueError("give exactly one of target_speedup (e.g. 3.0) and error_budget (e.g. 0.2)")
+        if self.target_speedup is not None and not self.target_speedup > 1.0:
+            raise ValueError(f"target_speedup must be > 1, got {self.target_speedup}")
+        if self.error_budget is not None and not self.error_budget > 0:
+            raise ValueError(f"error_budget must be > 0, got {self.error_budget}")
+        if self.warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be >= 1 (the first step has nothing cached), got {self.warmup_steps}")
+        if self.final_steps < 0 or self.sync_interval < 0:
+            raise ValueError("final_steps and sync_interval must be >= 0")
+        if not 0 <= self.min_fraction <= 1:
+            raise ValueError(f"min_fraction must lie in [0, 1], got {self.min_fraction}")
+        for name in ("attn_weight", "shared_weight", "expert_weight", "staleness_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+
+
+@dataclass(frozen=True)
+class DriftTables:
+    """Lag-1 drift as dense arrays (NaN where the trace has no value).
+
+    attn, shared: ``[S, L]``; expert, gate, persist, share: ``[S, L, E]``; alpha per unit kind.
+    """
+
+    attn: np.ndarray
+    shared: np.ndarray
+    expert: np.ndarray
+    gate: np.ndarray
+    persist: np.ndarray
+    share: np.ndarray
+    alpha: dict
+
+
+def sync_steps(num_steps: int, cfg: DeriveConfig) -> tuple[int, ...]:
+    """Warm-up steps, final steps and every ``sync_interval``-th step in between."""
+    steps = set(range(min(cfg.warmup_steps, num_steps)))
+    steps |= set(range(max(num_steps - cfg.final_steps, 0), num_steps))
+    if cfg.sync_interval > 0:  # the last warm-up step counts as the first refresh
+        steps |= set(range(cfg.warmup_steps - 1 + cfg.sync_interval, num_steps, cfg.sync_interval))
+    return tuple(sorted(steps))
+
+
+def _fill(a: np.ndarray, axis_mean: tuple[int, ...], default: float) -> np.ndarray:
+    """Fill NaNs: first with the mean over ``axis_mean`` (e.g. over steps), then ``default``."""
+    out = a.copy()
+    with np.errstate(all="ignore"), _quiet():
+        m = np.nanmean(out, axis=axis_mean, keepdims=True)
+    out = np.where(np.isnan(out), np.broadcast_to(m, out.shape), out)
+    return np.where(np.isnan(out), default, out)
+
+
+class _quiet:
+    def __enter__(self):
+        import warnings
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        self._w.__exit__(*exc)
+
+
+def _fit_alpha(df, unit: str) -> float:
+    """Exponent of ``rel_l2(lag) ~ lag**alpha``, clipped to [0.5, 1].
+
+    Each lag-L value is compared with the lag-1 value of the same (block, step, expert), so the fall
+    of drift over sampling does not bias the fit; the median of ``log(ratio) / log(L)`` is returned.
+    """
+    sub = df[(df["unit"] == unit) & np.isfinite(df["mean_rel_l2"]) & (df["mean_rel_l2"] > 0)]
+    keys = ["block", "step", "expert"]
+    one = sub[sub["lag"] == 1][keys + ["mean_rel_l2"]].rename(columns={"mean_rel_l2": "d1"})
+    more = sub[sub["lag"] > 1].merge(one, on=keys)
+    if more.empty:
+        return 1.0
+    est = np.log(more["mean_rel_l2"].to_numpy(float) / more["d1"].to_numpy(float)) / np.log(more["lag"].to_numpy(float))
+    return float(min(max(float(np.median(est)), 0.5), 1.0))
+
+
+def drift_tables(summary, num_steps: int, depth: int, num_experts: int, fit_alpha: bool = True) -> DriftTables:
+    """Dense lag-1 drift arrays from the summary DataFrame (validated columns)."""
+    missing = [c for c in SUMMARY_COLUMNS if c not in summary.columns]
+    if missing:
+        raise ValueError(f"drift summary lacks columns {missing}; expected the output of moeca.analysis.drift_summary")
+    df = summary
+    lag1 = df[df["lag"] == 1]
+    if lag1.empty:
+        raise ValueError("drift summary has no lag-1 rows; trace with --lags >= 1")
+    S, L, E = num_steps, depth, num_experts
+    bad = lag1[(lag1["step"] >= S) | (lag1["block"] >= L) | (lag1["expert"] >= E)]
+    if len(bad):
+        r = bad.iloc[0]
+        raise ValueError(f"drift summary row (unit {r['unit']}, block {r['block']}, step {r['step']}, expert "
+                         f"{r['expert']}) is outside the model/sampler ({L} blocks, {S} steps, {E} experts): the "
+                         "trace was made with another model or sampler")
+
+    def token_table(unit: str) -> np.ndarray:
+        a = np.full((S, L), np.nan)
+        u = lag1[lag1["unit"] == unit]
+        a[u["step"].to_numpy(int), u["block"].to_numpy(int)] = u["mean_rel_l2"].to_numpy(float)
+        return a
+
+    ex = lag1[lag1["unit"] == "expert"]
+    idx = (ex["step"].to_numpy(int), ex["block"].to_numpy(int), ex["expert"].to_numpy(int))
+    expert, gate, persist, count = (np.full((S, L, E), np.nan) for _ in range(4))
+    expert[idx] = ex["mean_rel_l2"].to_numpy(float)
+    gate[idx] = ex["mean_gate_weight"].to_numpy(float)
+    persist[idx] = ex["persist_frac"].to_numpy(float)
+    count[idx] = ex["n"].to_numpy(float)
+    if ex.empty:
+        raise ValueError("drift summary has no expert rows; the derivation needs per-expert drift")
+    attn = token_table("attn")
+    shared = token_table("shared")
+    # missing values (e.g. step 0 has no lag-1 value): mean over steps, then over everything
+    attn = _fill(attn, (0,), float(np.nanmean(attn)) if np.isfinite(attn).any() else 1.0)
+    shared = _fill(shared, (0,), float(np.nanmean(shared)) if np.isfinite(shared).any() else 1.0)
+    expert_f = _fill(_fill(expert, (2,), np.nan), (0,), float(np.nanmean(expert)))
+    gate_f = _fill(_fill(gate, (2,), np.nan), (0,), float(np.nanmean(gate)))
+    persist_f = _fill(_fill(persist, (2,), np.nan), (0,), float(np.nanmean(persist)))
+    routed = np.where(np.isfinite(count), count / np.maximum(np.nan_to_num(persist, nan=1.0), 0.05), 0.0)
+    tot = routed.sum(axis=2, keepdims=True)
+    share = np.where(tot > 0, routed / np.where(tot > 0, tot, 1.0), 1.0 / E)
+    alpha = {u: (_fit_alpha(df, u) if fit_alpha else 1.0) for u in ("attn", "shared", "expert")}
+    return DriftTables(attn, shared, expert_f, gate_f, persist_f, share, alpha)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    steps: tuple[StepRule, ...]
+    ratio: float
+
+
+def _plan(tables: DriftTables, tau: float, cfg: DeriveConfig, sync: frozenset[int], costs: UnitCosts) -> _Plan:
+    S, L, E = tables.expert.shape
+    a_attn, a_sh, a_ex = tables.alpha["attn"], tables.alpha["shared"], tables.alpha["expert"]
+    full_token = costs.block_per_token()
+    fixed = costs.fixed_per_sample() / costs.num_tokens / costs.depth  # spread per block and token
+    if cfg.gate_weighting:
+        gmean = tables.gate.mean(axis=2, keepdims=True)
+        gw = np.where(gmean > 0, tables.gate / np.where(gmean > 0, gmean, 1.0), 1.0)
+    else:
+        gw = np.ones_like(tables.gate)
+    d_ex = cfg.expert_weight * tables.expert * gw
+    f_ex = np.clip((d_ex / tau) ** (1.0 / a_ex), cfg.min_fraction, 1.0)
+    f_sh = np.clip((cfg.shared_weight * tables.shared / tau) ** (1.0 / a_sh), cfg.min_fraction, 1.0)
+    d_attn = cfg.attn_weight * tables.attn
+    steps, done, full = [], 0.0, 0.0
+    attn_acc = np.zeros(L)  # sum of d**(1/alpha) since the last refresh
+    for s in range(S):
+        blocks = []
+        for b in range(L):
+            full += full_token + fixed
+            if s in sync:
+                attn_acc[b] = 0.0
+                blocks.append(BlockRule.full(E))
+                done += full_token + fixed
+                continue
+            attn_acc[b] += d_attn[s, b] ** (1.0 / a_attn)
+            if attn_acc[b] ** a_attn > tau:
+                attn_rule, attn_acc[b] = ALWAYS, 0.0
+            else:
+                attn_rule = NEVER
+            ex_rules = tuple(Rule.fraction(f) for f in f_ex[s, b])
+            sh_rule = Rule.fraction(f_sh[s, b])
+            p = tables.persist[s, b]
+            computed_pairs = costs.top_k * float(np.sum(tables.share[s, b] * ((1 - p) + p * np.array(
+                [r.expected_refresh() for r in ex_rules]))))
+            done += (fixed + costs.router + (costs.attn if attn_rule is ALWAYS else 0.0)
+                     + sh_rule.expected_refresh() * costs.shared + computed_pairs * costs.expert)
+            blocks.append(BlockRule(attn=attn_rule, moe=ALWAYS, shared=sh_rule, experts=ex_rules))
+        steps.append(StepRule("compute", tuple(blocks)))
+    return _Plan(tuple(steps), done / full)
+
+
+def derive_schedule(summary, run_meta: dict, cfg: DeriveConfig) -> Schedule:
+    """The MoECa schedule for the model and sampler in ``run_meta`` (a trace's run.json) from ``summary``.
+
+    Raises ValueError when ``target_speedup`` is out of reach (the message gives the reachable maximum).
+    """
+    from moeca.models.config import DiTMoEConfig
+    from moeca.models.samplers import SamplerConfig
+
+    try:
+        config = DiTMoEConfig.from_dict(run_meta["model"]["config"])
+        sampler = SamplerConfig(**run_meta["sampler"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"run metadata lacks the model config or sampler ({exc}); pass a trace's run.json") from None
+    S, L, E = sampler.num_steps, config.depth, config.num_experts
+    tables = drift_tables(summary, S, L, E, cfg.fit_alpha)
+    sync = frozenset(sync_steps(S, cfg))
+    costs = UnitCosts.of(config)
+    if cfg.error_budget is not None:
+        tau = cfg.error_budget
+        plan = _plan(tables, tau, cfg, sync, costs)
+    else:
+        goal = 1.0 / cfg.target_speedup
+        floor = _plan(tables, 1e9, cfg, sync, costs).ratio
+        if floor > goal:
+            raise ValueError(
+                f"target speedup {cfg.target_speedup:g}x is out of reach: with {len(sync)} full steps "
+                f"(warm-up {cfg.warmup_steps}, final {cfg.final_steps}, sync every {cfg.sync_interval}) and the "
+                f"router plus newly routed pairs always computed, the predicted FLOPs speedup is at most "
+                f"{1 / floor:.2f}x; lower the target or raise --sync-interval / lower --warmup-steps")
+        lo, hi = 1e-6, 1.0
+        while _plan(tables, hi, cfg, sync, costs).ratio > goal and hi < 1e9:
+            hi *= 4
+        for _ in range(40):  # bisection in log space: ratio decreases with tau
+            mid = math.sqrt(lo * hi)
+            if _plan(tables, mid, cfg, sync, costs).ratio > goal:
+                lo = mid
+            else:
+                hi = mid
+        tau = hi
+        plan = _plan(tables, tau, cfg, sync, costs)
+    model = run_meta["model"]
+    identity = replace(ModelIdentity.of(config, model.get("weights_hash")), name=model.get("name") or config.name)
+    score = ScoreConfig(drift_weight=1.0, staleness_weight=cfg.staleness_weight)
+    return Schedule(
+        method="moeca", model=identity, sampler=SamplerIdentity.of(sampler), steps=plan.steps,
+        sync_refresh_steps=tuple(sorted(sync)),
+        scores={"attn": score, "moe": score, "shared": score, "expert": score},
+        predicted_flops_ratio=round(plan.ratio, 6),
+        provenance={"derived_by": "moeca.policy.derive", "config": asdict(cfg), "tau": tau,
+                    "alpha": tables.alpha, "trace_run": run_meta.get("run_name"),
+                    "trace_created": run_meta.get("created")},
+    )

@@ -1,0 +1,470 @@
+"""The schedule format (DESIGN section 4): what a replay runtime computes and what it reuses.
+
+A schedule is versioned JSON validated against the published JSON Schema ``schedule.schema.json``
+(next to this file) and then against the model it claims to describe. In Python it is a tree of frozen
+dataclasses:
+
+- :class:`Schedule` -- identity (``method``, :class:`ModelIdentity`, :class:`SamplerIdentity`), the
+  per-step rules ``steps[s]`` (:class:`StepRule`), ``sync_refresh_steps`` (steps where every block
+  recomputes everything), the token scores (:class:`ScoreConfig` per unit kind), an optional
+  whole-model skip rule (:class:`ModelSkip`, TeaCache-like) and the predicted FLOPs ratio;
+- :class:`StepRule` -- ``model`` (``compute`` | ``reuse`` | ``adaptive``) and one :class:`BlockRule`
+  per transformer block;
+- :class:`BlockRule` -- one :class:`Rule` for each unit of a block: ``attn`` (attention output per
+  token), ``moe`` (the whole MoE output per token: ``always`` means "decide per branch", anything else
+  is token-level reuse of the whole MoE output, ToCa/FORA-like), ``shared`` (shared expert output per
+  token) and ``experts[e]`` (routed expert ``e``'s unweighted output per (token, expert) pair);
+- :class:`Rule` -- ``always`` (recompute every token), ``never`` (reuse every cached token),
+  ``fraction f`` (recompute the ``ceil(f * n)`` cached tokens with the highest score, reuse the rest),
+  ``threshold x`` (recompute the cached tokens whose score exceeds ``x``). Tokens without a cache
+  entry (first step, a batch-size change, a newly routed (token, expert) pair) are always computed.
+
+JSON encoding of a rule: the strings ``"always"`` / ``"never"`` or ``{"fraction": f}`` /
+``{"threshold": x}``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+FORMAT_VERSION = 1
+SCHEMA_FILE = "schedule.schema.json"
+METHODS = ("moeca", "fora", "toca", "teacache", "l2c", "none", "custom")
+RuleMode = Literal["always", "never", "fraction", "threshold"]
+ModelMode = Literal["compute", "reuse", "adaptive"]
+UNIT_KINDS = ("attn", "moe", "shared", "expert")
+
+
+class ScheduleError(ValueError):
+    """A malformed schedule file; the message names the bad field."""
+
+
+class ScheduleMismatch(ValueError):
+    """A well-formed schedule used with a model or sampler it was not derived for; names the field."""
+
+
+# ----------------------------------------------------------------------------- rules
+@dataclass(frozen=True)
+class Rule:
+    """Refresh rule of one unit at one (step, block[, expert]).
+
+    mode: ``always`` | ``never`` | ``fraction`` | ``threshold``. value: for ``fraction`` the share in
+    [0, 1] of cached tokens recomputed (the highest scores); for ``threshold`` the score above which a
+    cached token is recomputed (>= 0); unused otherwise.
+    """
+
+    mode: RuleMode = "always"
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("always", "never", "fraction", "threshold"):
+            raise ScheduleError(f"rule mode {self.mode!r} must be always, never, fraction or threshold")
+        if self.mode == "fraction" and not 0.0 <= self.value <= 1.0:
+            raise ScheduleError(f"fraction rule value {self.value} must lie in [0, 1]")
+        if self.mode == "threshold" and not (self.value >= 0 and math.isfinite(self.value)):
+            raise ScheduleError(f"threshold rule value {self.value} must be a finite number >= 0")
+
+    @property
+    def scored(self) -> bool:
+        """Whether this rule needs the online token score."""
+        return self.mode in ("fraction", "threshold")
+
+    def expected_refresh(self) -> float:
+        """Expected share of cached tokens recomputed (threshold rules count as 0.5, a guess)."""
+        return {"always": 1.0, "never": 0.0, "fraction": self.value, "threshold": 0.5}[self.mode]
+
+    def to_json(self) -> Any:
+        if self.mode in ("always", "never"):
+            return self.mode
+        return {self.mode: self.value}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Rule":
+        if isinstance(data, str):
+            return cls(data)  # type: ignore[arg-type]
+        ((mode, value),) = data.items()
+        return cls(mode, float(value))
+
+    @classmethod
+    def fraction(cls, f: float) -> "Rule":
+        """``fraction f`` with the degenerate ends written as ``never`` / ``always``."""
+        f = min(max(float(f), 0.0), 1.0)
+        return cls("never") if f <= 0.0 else cls("always") if f >= 1.0 else cls("fraction", round(f, 6))
+
+
+ALWAYS = Rule("always")
+NEVER = Rule("never")
+
+
+@dataclass(frozen=True)
+class BlockRule:
+    """Rules of one block at one step (see the module docstring for the unit semantics)."""
+
+    attn: Rule = ALWAYS
+    moe: Rule = ALWAYS
+    shared: Rule = ALWAYS
+    experts: tuple[Rule, ...] = ()
+
+    @property
+    def computes_all(self) -> bool:
+        return all(r.mode == "always" for r in (self.attn, self.moe, self.shared, *self.experts))
+
+    def to_json(self) -> dict:
+        return {"attn": self.attn.to_json(), "moe": self.moe.to_json(), "shared": self.shared.to_json(),
+                "experts": [r.to_json() for r in self.experts]}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "BlockRule":
+        return cls(Rule.from_json(data["attn"]), Rule.from_json(data["moe"]), Rule.from_json(data["shared"]),
+                   tuple(Rule.from_json(r) for r in data["experts"]))
+
+    @classmethod
+    def full(cls, num_experts: int) -> "BlockRule":
+        return cls(experts=(ALWAYS,) * num_experts)
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """Rules of one sampling step: the whole-model mode and one :class:`BlockRule` per block.
+
+    model: ``compute`` (run the blocks under their rules), ``reuse`` (skip all blocks and add the
+    cached residual of the last computed step) or ``adaptive`` (decide with :class:`ModelSkip`).
+    """
+
+    model: ModelMode = "compute"
+    blocks: tuple[BlockRule, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "blocks": [b.to_json() for b in self.blocks]}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "StepRule":
+        return cls(data["model"], tuple(BlockRule.from_json(b) for b in data["blocks"]))
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Online token score of one unit kind: ``drift_weight * D + staleness_weight * age``.
+
+    ``D`` is the relative L2 change of the unit's *input* (attention: the modulated ``norm1`` output;
+    MoE, shared and routed experts: the modulated ``norm2`` output) accumulated over the steps since
+    the token's cached output was last computed; ``age`` is the number of steps since then.
+    """
+
+    drift_weight: float = 1.0
+    staleness_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("drift_weight", "staleness_weight"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ScheduleError(f"score {name} must be a finite number >= 0, got {v}")
+
+    def to_json(self) -> dict:
+        return {"drift_weight": self.drift_weight, "staleness_weight": self.staleness_weight}
+
+
+@dataclass(frozen=True)
+class ModelSkip:
+    """Whole-model skip (TeaCache-like), used on steps whose ``model`` mode is ``adaptive``.
+
+    Each forward computes the first block's modulated attention input ``m`` and its relative L1
+    change ``r = mean|m - m_prev| / mean|m_prev|``, rescaled by the polynomial ``poly`` (coefficients,
+    highest power first, as ``numpy.polyval``). The rescaled changes accumulate since the last computed
+    step; while the sum stays below ``threshold`` the blocks are skipped and the cached residual
+    (output minus input of all blocks at the last computed step) is added instead.
+    """
+
+    threshold: float
+    poly: tuple[float, ...] = (1.0, 0.0)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.threshold) and self.threshold >= 0):
+            raise ScheduleError(f"model_skip.threshold must be a finite number >= 0, got {self.threshold}")
+        if not self.poly or not all(math.isfinite(c) for c in self.poly):
+            raise ScheduleError("model_skip.poly must be a non-empty list of finite coefficients")
+
+    def rescale(self, r: float) -> float:
+        out = 0.0
+        for c in self.poly:
+            out = out * r + c
+        return out
+
+    def to_json(self) -> dict:
+        return {"threshold": self.threshold, "poly": list(self.poly)}
+
+
+# ----------------------------------------------------------------------------- identities
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model a schedule was derived for. ``weights_hash`` None = any weights of this architecture."""
+
+    name: str
+    fingerprint: str
+    weights_hash: str | None
+    depth: int
+    num_experts: int
+    top_k: int
+    num_tokens: int
+    hidden_size: int
+    expert_hidden: int
+    shared_hidden: int
+
+    @classmethod
+    def of(cls, config, weights_hash: str | None = None) -> "ModelIdentity":
+        """From a :class:`~moeca.models.config.DiTMoEConfig` (and optionally its weights hash)."""
+        return cls(config.name, config.fingerprint(), weights_hash, config.depth, config.num_experts,
+                   config.top_k, config.num_tokens, config.hidden_size, config.expert_hidden, config.shared_hidden)
+
+    def unit_flops(self) -> dict[str, float]:
+        """FLOPs per token of attention, shared expert and router, and per (token, expert) pair."""
+        D, T = self.hidden_size, self.num_tokens
+        return {"attn": 2.0 * (4 * D * D + 2 * T * D), "shared": 6.0 * D * self.shared_hidden,
+                "expert": 6.0 * D * self.expert_hidden, "router": 2.0 * D * self.num_experts}
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "fingerprint": self.fingerprint, "weights_hash": self.weights_hash,
+                "depth": self.depth, "num_experts": self.num_experts, "top_k": self.top_k,
+                "num_tokens": self.num_tokens, "hidden_size": self.hidden_size,
+                "expert_hidden": self.expert_hidden, "shared_hidden": self.shared_hidden}
+
+
+@dataclass(frozen=True)
+class SamplerIdentity:
+    """The sampler a schedule was derived for: ``kind``, ``num_steps``, ``cfg_mode``, ``guided``."""
+
+    kind: str
+    num_steps: int
+    cfg_mode: str = "batched"
+    guided: bool = True
+
+    @classmethod
+    def of(cls, sampler_cfg) -> "SamplerIdentity":
+        """From a :class:`~moeca.models.samplers.SamplerConfig`."""
+        return cls(sampler_cfg.kind, sampler_cfg.num_steps, sampler_cfg.cfg_mode, bool(sampler_cfg.guided))
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "num_steps": self.num_steps, "cfg_mode": self.cfg_mode, "guided": self.guided}
+
+
+# ----------------------------------------------------------------------------- schedule
+@dataclass(frozen=True)
+class Schedule:
+    """A complete replay schedule. ``steps`` has one entry per sampling step (step 0 = noisiest)."""
+
+    method: str
+    model: ModelIdentity
+    sampler: SamplerIdentity
+    steps: tuple[StepRule, ...]
+    sync_refresh_steps: tuple[int, ...] = ()
+    scores: Mapping[str, ScoreConfig] = field(default_factory=lambda: {k: ScoreConfig() for k in UNIT_KINDS})
+    model_skip: ModelSkip | None = None
+    predicted_flops_ratio: float | None = None
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        check_structure(self)
+        object.__setattr__(self, "_sync", frozenset(self.sync_refresh_steps))  # fast lookups, not a field
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    def is_sync(self, step: int) -> bool:
+        return step in self._sync
+
+    def rule(self, step: int, block: int) -> BlockRule:
+        """The effective rule of ``block`` at ``step`` (a sync step computes everything)."""
+        if self.is_sync(step):
+            return BlockRule.full(self.model.num_experts)
+        return self.steps[step].blocks[block]
+
+    def score(self, kind: str) -> ScoreConfig:
+        return self.scores.get(kind, ScoreConfig())
+
+    def uses_scores(self, block: int, kind: str) -> bool:
+        """Whether any step scores tokens of this unit kind in this block (drift must be tracked)."""
+        for s, step in enumerate(self.steps):
+            if self.is_sync(s):
+                continue
+            b = step.blocks[block]
+            rules = b.experts if kind == "expert" else (getattr(b, kind),)
+            if any(r.scored for r in rules):
+                return True
+        return False
+
+    @property
+    def uses_model_skip(self) -> bool:
+        return any(st.model != "compute" for s, st in enumerate(self.steps) if not self.is_sync(s))
+
+    # -- serialisation -----------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "method": self.method,
+            "model": self.model.to_json(),
+            "sampler": self.sampler.to_json(),
+            "sync_refresh_steps": list(self.sync_refresh_steps),
+            "scores": {k: v.to_json() for k, v in self.scores.items()},
+            "model_skip": None if self.model_skip is None else self.model_skip.to_json(),
+            "predicted_flops_ratio": self.predicted_flops_ratio,
+            "provenance": dict(self.provenance),
+            "steps": [s.to_json() for s in self.steps],
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically (temporary name, then rename); validates against the schema first."""
+        path = Path(path)
+        data = self.to_json()
+        validate_json(data, where=str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Schedule":
+        """Read and validate a schedule file; a malformed file raises :class:`ScheduleError` naming the field."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"schedule file {path} does not exist; create one with `moeca schedule derive`")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ScheduleError(f"schedule {path}: not valid JSON ({exc})") from None
+        return cls.from_json(data, where=str(path))
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "schedule") -> "Schedule":
+        validate_json(data, where=where)
+        try:
+            return cls(
+                method=data["method"],
+                model=ModelIdentity(**data["model"]),
+                sampler=SamplerIdentity(**data["sampler"]),
+                steps=tuple(StepRule.from_json(s) for s in data["steps"]),
+                sync_refresh_steps=tuple(data["sync_refresh_steps"]),
+                scores={k: ScoreConfig(**v) for k, v in data["scores"].items()},
+                model_skip=None if data["model_skip"] is None else ModelSkip(
+                    float(data["model_skip"]["threshold"]), tuple(data["model_skip"]["poly"])),
+                predicted_flops_ratio=data["predicted_flops_ratio"],
+                provenance=data.get("provenance", {}),
+                format_version=data["format_version"],
+            )
+        except ScheduleError as exc:
+            raise ScheduleError(f"{where}: {exc}") from None
+
+    # -- compatibility ------------------------------------------------------------------------
+    def check_compatible(self, config, sampler_cfg=None, weights_hash: str | None = None) -> None:
+        """Refuse a model/sampler this schedule was not derived for; the message names the field.
+
+        config: the model's ``DiTMoEConfig``; sampler_cfg: a ``SamplerConfig`` (optional);
+        weights_hash: the model's weights hash (checked only when both sides have one).
+        """
+        m = self.model
+        if config.fingerprint() != m.fingerprint:
+            raise ScheduleMismatch(
+                f"schedule field model.fingerprint: the schedule was derived for model {m.name!r} (fingerprint "
+                f"{m.fingerprint}, depth {m.depth}, {m.num_experts} experts) but the model is {config.name!r} "
+                f"(fingerprint {config.fingerprint()}, depth {config.depth}, {config.num_experts} experts); "
+                "derive a schedule for this model with `moeca schedule derive`")
+        if weights_hash is not None and m.weights_hash is not None and weights_hash != m.weights_hash:
+            raise ScheduleMismatch(
+                f"schedule field model.weights_hash: the schedule was derived for weights {m.weights_hash} but "
+                f"the loaded weights hash to {weights_hash}; derive a schedule from traces of these weights")
+        if sampler_cfg is not None:
+            s = self.sampler
+            ours = SamplerIdentity.of(sampler_cfg)
+            for name in ("kind", "num_steps", "guided"):
+                if getattr(ours, name) != getattr(s, name):
+                    raise ScheduleMismatch(
+                        f"schedule field sampler.{name}: the schedule was derived for {name}={getattr(s, name)!r} "
+                        f"but the sampler has {name}={getattr(ours, name)!r}; derive a schedule for this sampler")
+            if s.guided and ours.cfg_mode != s.cfg_mode:
+                raise ScheduleMismatch(
+                    f"schedule field sampler.cfg_mode: the schedule was derived for cfg_mode={s.cfg_mode!r} but "
+                    f"the sampler has cfg_mode={ours.cfg_mode!r}")
+
+    def with_provenance(self, **extra: Any) -> "Schedule":
+        return replace(self, provenance={**self.provenance, **extra})
+
+
+# ----------------------------------------------------------------------------- validation
+def schema() -> dict:
+    """The published JSON Schema of the schedule format."""
+    return json.loads(resources.files("moeca.policy").joinpath(SCHEMA_FILE).read_text())
+
+
+def _path(parts: Iterable) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def validate_json(data: Any, where: str = "schedule") -> None:
+    """Validate parsed JSON against the schema; raise :class:`ScheduleError` naming the bad field."""
+    import jsonschema
+
+    if isinstance(data, dict) and data.get("format_version") not in (None, FORMAT_VERSION) \
+            and isinstance(data.get("format_version"), int):
+        raise ScheduleError(f"{where}: field format_version: this moeca reads schedule format version "
+                            f"{FORMAT_VERSION}, the file has {data['format_version']}; re-derive the schedule")
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
+    if errors:
+        err = jsonschema.exceptions.best_match(errors)
+        field_path = _path(err.absolute_path)
+        raise ScheduleError(f"{where}: field {field_path}: {err.message}")
+
+
+def check_structure(s: Schedule) -> None:
+    """Semantic checks the JSON Schema cannot express (lengths against the model, step ranges)."""
+    m, n = s.model, len(s.steps)
+    if s.format_version != FORMAT_VERSION:
+        raise ScheduleError(f"field format_version: expected {FORMAT_VERSION}, got {s.format_version}")
+    if s.method not in METHODS:
+        raise ScheduleError(f"field method: {s.method!r} is not one of {', '.join(METHODS)}")
+    if n != s.sampler.num_steps:
+        raise ScheduleError(f"field steps: {n} step rules but sampler.num_steps is {s.sampler.num_steps}")
+    for i, step in enumerate(s.steps):
+        if step.model not in ("compute", "reuse", "adaptive"):
+            raise ScheduleError(f"field steps[{i}].model: {step.model!r} must be compute, reuse or adaptive")
+        if len(step.blocks) != m.depth:
+            raise ScheduleError(f"field steps[{i}].blocks: {len(step.blocks)} block rules but model.depth is {m.depth}")
+        for b, block in enumerate(step.blocks):
+            if len(block.experts) != m.num_experts:
+                raise ScheduleError(f"field steps[{i}].blocks[{b}].experts: {len(block.experts)} expert rules but "
+                                    f"model.num_experts is {m.num_experts}")
+    for j, st in enumerate(s.sync_refresh_steps):
+        if not 0 <= st < n:
+            raise ScheduleError(f"field sync_refresh_steps[{j}]: step {st} is outside 0..{n - 1}")
+    if list(s.sync_refresh_steps) != sorted(set(s.sync_refresh_steps)):
+        raise ScheduleError("field sync_refresh_steps: must be strictly increasing step indices")
+    unknown = sorted(set(s.scores) - set(UNIT_KINDS))
+    if unknown:
+        raise ScheduleError(f"field scores: unknown unit kinds {unknown}; known: {', '.join(UNIT_KINDS)}")
+    if any(st.model == "adaptive" for st in s.steps) and s.model_skip is None:
+        raise ScheduleError("field model_skip: steps use model 'adaptive' but no model_skip rule is given")
+    if s.steps and s.steps[0].model != "compute" and 0 not in s.sync_refresh_steps:
+        raise ScheduleError("field steps[0].model: the first step has nothing cached and must be 'compute'")
+    if s.predicted_flops_ratio is not None and not (0 < s.predicted_flops_ratio <= 1.5):
+        raise ScheduleError(f"field predicted_flops_ratio: {s.predicted_flops_ratio} must lie in (0, 1.5]")
+
+
+# ----------------------------------------------------------------------------- constructors
+def full_schedule(config, sampler_cfg, weights_hash: str | None = None, method: str = "none") -> Schedule:
+    """A schedule that computes everything (the ``none`` policy; replay must equal full compute)."""
+    steps = tuple(StepRule("compute", tuple(BlockRule.full(config.num_experts) for _ in range(config.depth)))
+                  for _ in range(sampler_cfg.num_steps))
+    return Schedule(method=method, model=ModelIdentity.of(config, weights_hash),
+                    sampler=SamplerIdentity.of(sampler_cfg), steps=steps, sync_refresh_steps=(),
+                    predicted_flops_ratio=1.0)

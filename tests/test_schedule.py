@@ -1,0 +1,242 @@
+"""Schedule format (load / validate / save / compatibility), derivation and the `schedule` CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TINY
+from moeca.models.config import get_preset
+from moeca.models.samplers import SamplerConfig
+from moeca.policy.derive import DeriveConfig, derive_schedule, sync_steps
+from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
+                                   ScheduleError, ScheduleMismatch, ScoreConfig, StepRule, full_schedule, schema)
+from moeca.policy.summary import reuse_grid
+from moeca.policy.transfer import retarget
+
+SAMPLER = SamplerConfig(kind="rectified_flow", num_steps=12, cfg_scale=1.5, cfg_mode="batched")
+COLUMNS = ["unit", "block", "step", "expert", "lag", "n", "mean_rel_l2", "p50_rel_l2", "p90_rel_l2", "mean_cos",
+           "mean_gate_weight", "persist_frac", "nan_count"]
+
+
+def synthetic_summary(config=TINY, num_steps: int = 12, lags: int = 3, fast_expert: int = 3,
+                      fast_factor: float = 4.0, seed: int = 0) -> pd.DataFrame:
+    """A drift summary with the analysis stage's columns: drift falls over sampling; one expert is fast."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(1, num_steps):
+        base = 0.3 * (1 - s / num_steps) + 0.02
+        for b in range(config.depth):
+            for lag in range(1, lags + 1):
+                if s - lag < 0:
+                    continue
+                for unit in ("attn", "moe", "shared", "update"):
+                    v = base * lag ** 0.8 * (1.2 if unit == "attn" else 1.0)
+                    rows.append(dict(unit=unit, block=b, step=s, expert=-1, lag=lag, n=64, mean_rel_l2=v,
+                                     p50_rel_l2=v, p90_rel_l2=1.5 * v, mean_cos=1 - v, mean_gate_weight=np.nan,
+                                     persist_frac=np.nan, nan_count=0))
+                for e in range(config.num_experts):
+                    v = base * lag ** 0.8 * (fast_factor if e == fast_expert else 1.0) * rng.uniform(0.9, 1.1)
+                    rows.append(dict(unit="expert", block=b, step=s, expert=e, lag=lag, n=20, mean_rel_l2=v,
+                                     p50_rel_l2=v, p90_rel_l2=1.5 * v, mean_cos=1 - v, mean_gate_weight=0.3,
+                                     persist_frac=0.9, nan_count=0))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def run_meta(config=TINY, sampler=SAMPLER, weights_hash="0123456789abcdef") -> dict:
+    return {"run_name": "t", "model": {"name": config.name, "config": config.to_dict(),
+                                       "fingerprint": config.fingerprint(), "weights_hash": weights_hash},
+            "sampler": sampler.to_dict()}
+
+
+def mixed_schedule(config=TINY, sampler=SAMPLER) -> Schedule:
+    br = BlockRule(attn=NEVER, moe=ALWAYS, shared=Rule("fraction", 0.25),
+                   experts=tuple([NEVER, Rule("fraction", 0.5), Rule("threshold", 0.1)] + [ALWAYS] *
+                                 (config.num_experts - 3)))
+    steps = tuple(StepRule("compute", (br,) * config.depth) for _ in range(sampler.num_steps))
+    return Schedule("moeca", ModelIdentity.of(config, "0123456789abcdef"), SamplerIdentity.of(sampler), steps,
+                    sync_refresh_steps=(0, 1, 6, sampler.num_steps - 1),
+                    scores={"expert": ScoreConfig(1.0, 0.05), "shared": ScoreConfig(1.0, 0.0)},
+                    predicted_flops_ratio=0.5)
+
+
+# ----------------------------------------------------------------------------- format
+def test_round_trip_and_published_schema(tmp_path):
+    import jsonschema
+    from importlib import resources
+
+    s = mixed_schedule()
+    path = s.save(tmp_path / "s.json")
+    assert not list(tmp_path.glob(".*.tmp"))
+    data = json.loads(path.read_text())
+    published = json.loads(resources.files("moeca.policy").joinpath("schedule.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(published)
+    jsonschema.validate(data, published)
+    assert published == schema()
+    assert data["format_version"] == 1 and data["steps"][2]["blocks"][0]["experts"][1] == {"fraction": 0.5}
+    assert Schedule.load(path) == s
+
+
+def _bad(tmp_path, mutate) -> str:
+    data = mixed_schedule().to_json()
+    mutate(data)
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(data))
+    with pytest.raises(ScheduleError) as exc:
+        Schedule.load(p)
+    return str(exc.value)
+
+
+def test_malformed_schedule_names_the_field(tmp_path):
+    msg = _bad(tmp_path, lambda d: d["steps"][3]["blocks"][1]["experts"].__setitem__(2, {"fraction": 1.5}))
+    assert "steps[3].blocks[1].experts[2]" in msg
+    msg = _bad(tmp_path, lambda d: d["model"].pop("fingerprint"))
+    assert "fingerprint" in msg
+    msg = _bad(tmp_path, lambda d: d["steps"][0]["blocks"][0]["experts"].pop())
+    assert "steps[0].blocks[0].experts" in msg and "num_experts" in msg
+    msg = _bad(tmp_path, lambda d: d["steps"].pop())
+    assert "field steps" in msg and "num_steps" in msg
+    msg = _bad(tmp_path, lambda d: d.__setitem__("format_version", 7))
+    assert "format_version" in msg
+    msg = _bad(tmp_path, lambda d: d["steps"][2].__setitem__("model", "sometimes"))
+    assert "steps[2].model" in msg
+    msg = _bad(tmp_path, lambda d: d.__setitem__("sync_refresh_steps", [0, 40]))
+    assert "sync_refresh_steps[1]" in msg
+    p = tmp_path / "notjson.json"
+    p.write_text("{")
+    with pytest.raises(ScheduleError, match="not valid JSON"):
+        Schedule.load(p)
+    with pytest.raises(FileNotFoundError, match="schedule derive"):
+        Schedule.load(tmp_path / "missing.json")
+
+
+def test_incompatible_model_or_sampler_is_refused_naming_the_field():
+    s = mixed_schedule()
+    s.check_compatible(TINY, SAMPLER, "0123456789abcdef")
+    with pytest.raises(ScheduleMismatch, match="model.fingerprint"):
+        s.check_compatible(get_preset("demo"), SAMPLER)
+    with pytest.raises(ScheduleMismatch, match="model.weights_hash"):
+        s.check_compatible(TINY, SAMPLER, "ffffffffffffffff")
+    with pytest.raises(ScheduleMismatch, match="sampler.num_steps"):
+        s.check_compatible(TINY, SamplerConfig(num_steps=13, cfg_scale=1.5))
+    with pytest.raises(ScheduleMismatch, match="sampler.kind"):
+        s.check_compatible(TINY, SamplerConfig(kind="ddim", num_steps=12, cfg_scale=1.5))
+    with pytest.raises(ScheduleMismatch, match="sampler.cfg_mode"):
+        s.check_compatible(TINY, SamplerConfig(num_steps=12, cfg_scale=1.5, cfg_mode="separate"))
+    with pytest.raises(ScheduleMismatch, match="sampler.guided"):
+        s.check_compatible(TINY, SamplerConfig(num_steps=12, cfg_scale=1.0))
+
+
+def test_rules_and_sync_steps():
+    assert Rule.fraction(0.0) == NEVER and Rule.fraction(1.0) == ALWAYS and Rule.fraction(0.3).value == 0.3
+    with pytest.raises(ScheduleError):
+        Rule("fraction", -0.1)
+    s = mixed_schedule()
+    assert s.rule(6, 0).computes_all and not s.rule(5, 0).computes_all
+    grid = reuse_grid(s)
+    assert grid.shape == (12, TINY.depth)
+    assert np.all(grid[[0, 1, 6, 11]] == 0) and np.all(grid[2] > 0.3)
+    assert sync_steps(50, DeriveConfig(warmup_steps=3, sync_interval=10, final_steps=1)) == (0, 1, 2, 12, 22, 32,
+                                                                                              42, 49)
+
+
+# ----------------------------------------------------------------------------- derivation
+def test_derive_hits_target_and_refreshes_fast_experts_more():
+    cfg = DeriveConfig(target_speedup=2.0, warmup_steps=2, sync_interval=5, final_steps=1)
+    s = derive_schedule(synthetic_summary(), run_meta(), cfg)
+    assert s.method == "moeca" and s.model.fingerprint == TINY.fingerprint()
+    assert s.model.weights_hash == "0123456789abcdef" and s.sampler.num_steps == 12
+    assert s.predicted_flops_ratio == pytest.approx(0.5, abs=0.01)
+    assert s.sync_refresh_steps == sync_steps(12, cfg)
+    for st in s.sync_refresh_steps:
+        assert all(b.computes_all for b in s.steps[st].blocks)
+    fast, slow = [], []
+    for st in range(12):
+        if s.is_sync(st):
+            continue
+        for b in s.steps[st].blocks:
+            f = [r.expected_refresh() for r in b.experts]
+            fast.append(f[3])
+            slow.append(np.mean(f[:3] + f[4:]))
+    assert np.mean(fast) > 1.5 * np.mean(slow)
+    # the alpha fit sees rel_l2 ~ lag**0.8
+    assert s.provenance["alpha"]["expert"] == pytest.approx(0.8, abs=0.05)
+
+
+def test_derive_error_budget_is_monotonic_and_target_limits():
+    summ, meta = synthetic_summary(), run_meta()
+    ratios = [derive_schedule(summ, meta, DeriveConfig(target_speedup=None, error_budget=e)).predicted_flops_ratio
+              for e in (0.05, 0.2, 1.0)]
+    assert ratios[0] > ratios[1] > ratios[2]
+    with pytest.raises(ValueError, match="out of reach"):
+        derive_schedule(summ, meta, DeriveConfig(target_speedup=50.0))
+    with pytest.raises(ValueError, match="exactly one"):
+        DeriveConfig(target_speedup=2.0, error_budget=0.1)
+    with pytest.raises(ValueError, match="lacks columns"):
+        derive_schedule(summ.drop(columns=["persist_frac"]), meta, DeriveConfig())
+    with pytest.raises(ValueError, match="outside the model"):
+        derive_schedule(synthetic_summary(num_steps=20), meta, DeriveConfig())
+
+
+def test_retarget_keeps_reuse_pattern():
+    s = derive_schedule(synthetic_summary(), run_meta(), DeriveConfig(target_speedup=2.0))
+    big = get_preset("S/2-8E2A")
+    t = retarget(s, big)
+    assert t.model.depth == 12 and t.model.weights_hash is None and t.predicted_flops_ratio is None
+    assert t.steps[5].blocks[11].experts[:4] == s.steps[5].blocks[1].experts
+    t.check_compatible(big, SAMPLER)
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_show_and_derive(tmp_path, capsys, monkeypatch):
+    from moeca.cli.main import main
+    import moeca.policy.cli as pcli
+
+    path = mixed_schedule().save(tmp_path / "s.json")
+    assert main(["schedule", "show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "predicted FLOPs ratio: 0.500" in out and "sync*" in out and "reuse fraction per step" in out
+
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "run.json").write_text("{}")
+    monkeypatch.setattr(pcli, "load_summary", lambda traces, allow_mixed=False: (synthetic_summary(), run_meta()))
+    out_file = tmp_path / "derived.json"
+    assert main(["schedule", "derive", str(trace), "--target-speedup", "1.8", "--out", str(out_file),
+                 "--warmup-steps", "2", "--sync-interval", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted FLOPs ratio: 0.55" in out
+    assert Schedule.load(out_file).predicted_flops_ratio == pytest.approx(1 / 1.8, abs=0.01)
+    assert main(["schedule", "derive", str(trace), "--out", str(out_file)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["schedule", "show", str(tmp_path / "nope.json")]) == 2
+
+
+def test_derive_from_a_real_trace_and_replay(tmp_path, capsys):
+    """trace (tracer) -> drift_summary (analysis) -> `schedule derive` -> replay: the chain on a tiny model."""
+    import torch
+    from conftest import make_tiny
+    from moeca.cli.main import main
+    from moeca.models.samplers import sample
+    from moeca.replay.runtime import ReplayRuntime
+    from moeca.tracer.run import TraceConfig, trace_run
+
+    model = make_tiny()
+    trace_run(model, tmp_path / "trace", TraceConfig(sampler=SAMPLER, labels=(0, 1, 2, 0), batch_size=4),
+              progress=False)
+    out = tmp_path / "s.json"
+    assert main(["schedule", "derive", str(tmp_path / "trace"), "--target-speedup", "1.6", "--warmup-steps", "2",
+                 "--sync-interval", "5", "--out", str(out)]) == 0
+    assert "predicted FLOPs ratio: 0.62" in capsys.readouterr().out
+    s = Schedule.load(out)
+    s.check_compatible(model.config, SAMPLER)
+    rt = ReplayRuntime(s)
+    labels = torch.tensor([0, 1, 2, 0])
+    with model.use_runtime(rt):
+        cached = sample(model, SAMPLER, labels, seed=5)
+    full = sample(model, SAMPLER, labels, seed=5)
+    assert float((cached - full).norm() / full.norm()) < 0.1
+    done, ref = rt.counters.flops(__import__("moeca.policy.cost", fromlist=["UnitCosts"]).UnitCosts.of(TINY))
+    assert done / ref < 0.85
