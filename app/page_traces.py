@@ -24,7 +24,11 @@ except (td.TraceError, ValueError, FileNotFoundError, OSError) as exc:
 meta = info.meta
 sampler = meta.get("sampler") if isinstance(meta.get("sampler"), dict) else {}
 model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
-branch_agg, tok_agg = common.trace_frames(root, info)
+try:
+    branch_agg, tok_agg = common.trace_frames(root, info)
+except td.TraceError as exc:
+    st.warning(str(exc))
+    st.stop()
 base = branch_agg if not branch_agg.empty else tok_agg
 
 c1, c2, c3, c4, c5 = st.columns(5)
@@ -124,8 +128,11 @@ if not b.empty:
 
     # -------------------------------------------------------------- per-expert distributions
     st.subheader("Per-expert drift distributions")
-    hist = common.trace_histogram(root, info, lag)
-    hist = td.apply_filters(hist, cfg_sel, label_sel, block_sel)
+    try:
+        hist = td.apply_filters(common.trace_histogram(root, info, lag), cfg_sel, label_sel, block_sel)
+    except td.TraceError as exc:
+        st.warning(str(exc))
+        st.stop()
     quant = td.histogram_quantiles(hist)
     if quant.empty:
         st.info(f"No finite relative-L2 values at lag {lag} in this selection.")

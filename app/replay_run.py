@@ -60,7 +60,7 @@ class ReplayOutcome:
         return self.full_seconds / self.cached_seconds if self.cached_seconds > 0 else float("nan")
 
 
-def grid(images: np.ndarray, columns: int = 8, scale: int = 8) -> np.ndarray:
+def grid(images: np.ndarray, columns: int = 8, scale: int = 12) -> np.ndarray:
     """``[N, C, H, W]`` images in [-1, 1] -> a uint8 RGB picture (``models.card.image_grid``)."""
     import torch
 

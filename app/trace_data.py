@@ -83,7 +83,10 @@ def _labels_from_meta(meta: dict) -> tuple[int, ...] | None:
 
 
 def _lags_in(root: Path, files: tuple[str, ...], prefix: str) -> int:
-    names = pq.read_schema(resolve_under(root, files[0])).names
+    try:
+        names = pq.read_schema(resolve_under(root, files[0])).names
+    except (pa.ArrowException, OSError) as exc:
+        raise TraceError(f"{files[0]} is not a readable Parquet file ({exc}); the trace is damaged") from None
     lag = 0
     while f"{prefix}rel_l2_lag{lag + 1}" in names:
         lag += 1
@@ -173,13 +176,27 @@ def _source(con, root: Path, files: tuple[str, ...], labels: tuple[int, ...] | N
     else:
         params["labels"] = list(labels)
         label_expr = "coalesce(($labels)[sample + 1], -1)"
-    if all(duckdb_can_read(Path(p)) for p in paths):
+    try:
+        plain = all(duckdb_can_read(Path(p)) for p in paths)
+    except (pa.ArrowException, OSError) as exc:
+        raise TraceError(f"cannot read a shard footer ({exc}); the file is truncated or corrupt") from None
+    if plain:
         params["files"] = paths
         scan = "read_parquet($files)"
     else:
         con.register("shards", _arrow_stream(paths, sorted(set(columns) | {"sample"})))
         scan = "shards"
     return f"(SELECT *, CAST({label_expr} AS INTEGER) AS label FROM {scan})", params
+
+
+def _query(con, sql: str, params: dict, info: "TraceInfo", table: str) -> pd.DataFrame:
+    """Run an aggregation; unreadable shards (truncated, corrupt) become a :class:`TraceError` naming the trace."""
+    import duckdb
+    try:
+        return con.execute(sql, params).df()
+    except (duckdb.Error, pa.ArrowException, OSError) as exc:
+        raise TraceError(f"cannot read the {table} shards of trace {info.rel} (a truncated or corrupt Parquet "
+                         f"file?): {exc}") from None
 
 
 def _finite_sum(col: str, alias: str) -> str:
@@ -207,7 +224,7 @@ def branch_aggregate(root: Path, info: TraceInfo, threads: int | None = None) ->
         aggs += [_finite_sum(f"rel_l2_lag{lag}", f"rel{lag}"), _finite_sum(f"cos_lag{lag}", f"cos{lag}")]
     sql = (f"SELECT cfg_branch, label, step, block, expert, {', '.join(aggs)} FROM {src} "
            "GROUP BY ALL ORDER BY cfg_branch, label, step, block, expert")
-    return con.execute(sql, params).df()
+    return _query(con, sql, params, info, "branches")
 
 
 def token_aggregate(root: Path, info: TraceInfo, threads: int | None = None) -> pd.DataFrame:
@@ -229,7 +246,7 @@ def token_aggregate(root: Path, info: TraceInfo, threads: int | None = None) -> 
                      _finite_sum(f"{unit}_cos_lag{lag}", f"{unit}_cos{lag}")]
     sql = (f"SELECT cfg_branch, label, step, block, {', '.join(aggs)} FROM {src} "
            "GROUP BY ALL ORDER BY cfg_branch, label, step, block")
-    return con.execute(sql, params).df()
+    return _query(con, sql, params, info, "tokens")
 
 
 def branch_histogram(root: Path, info: TraceInfo, lag: int, threads: int | None = None) -> pd.DataFrame:
@@ -246,7 +263,7 @@ def branch_histogram(root: Path, info: TraceInfo, lag: int, threads: int | None 
                 f"({HIST_LOG10_MIN})) / {width}) AS INTEGER)))")
     sql = (f"SELECT cfg_branch, label, block, expert, {bin_expr} AS bin, count(*) AS count FROM {src} "
            f"WHERE {col} IS NOT NULL AND isfinite({col}) GROUP BY ALL ORDER BY ALL")
-    return con.execute(sql, params).df()
+    return _query(con, sql, params, info, "branches")
 
 
 # ----------------------------------------------------------------------------- filtering (pandas)

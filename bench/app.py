@@ -1,10 +1,11 @@
 """``moeca bench app``: render time of every explorer page over a root holding a 10-million-branch-row trace.
 
 A synthetic trace with the real schema (demo model shape, written like the tracer writes) is generated
-under a temporary root together with a real analysis report of it, a derived schedule and a Pareto
-result. Each page is rendered with ``streamlit.testing.v1.AppTest`` in this process: once (the first
-load: DuckDB scans, caches filled), then ``--repeats`` more times (median = "after the first load"),
-then once after changing a widget. Target: every page under 3 s after the first load.
+under a temporary root together with a real analysis report of it, a derived schedule, a replay output
+(random weights) and a synthetic Pareto result. Each page is rendered with
+``streamlit.testing.v1.AppTest`` in this process: once (the first load: DuckDB scans, caches filled),
+then ``--repeats`` more times (median = "after the first load"), then once after changing a widget.
+Target: every page under 3 s after the first load.
 """
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
             "duckdb": duckdb.__version__, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     notes = (f"Synthetic trace with the real schema (written like the tracer writes it: float16 metrics with "
              f"BYTE_STREAM_SPLIT, zstd): {cfg.branch_rows:,} branch rows, {trace_bytes / 2**20:.0f} MiB, plus a real "
-             f"`moeca analyze` report of it, a derived schedule and a Pareto result. Each page rendered with "
+             f"`moeca analyze` report of it, a derived schedule, a `moeca replay` output of it (random weights) "
+             f"and a synthetic Pareto result. Each page rendered with "
              f"streamlit.testing AppTest: first load (DuckDB scans fill the caches), then {args.repeats} reruns "
              f"(median reported: the 'after the first load' figure, target < {TARGET_S:g} s), then one rerun after "
              f"changing a widget. The Replay row is the page render (with an earlier replay output shown), not a "

@@ -43,13 +43,14 @@ METHODS = ("none", "moeca", "fora", "toca", "teacache", "l2c")
 DEFAULT_GRID: dict[str, tuple[str, tuple[float, ...]]] = {
     "none": ("full", (1,)),
     "fora": ("interval", (2, 3, 4, 6)),
-    "toca": ("fresh_threshold", (2, 3, 4, 8)),
+    "toca": ("fresh_threshold", (2, 4, 3, 8)),
     # thresholds in units of the mean rescaled change per step (the fit gives the unit; see teacache.py)
-    "teacache": ("thresh_x_mean_change", (0.6, 1.5, 3.0, 6.0)),
-    "l2c": ("reuse_fraction", (0.3, 0.55, 0.75, 0.9)),
-    "moeca": ("target_speedup", (1.5, 2.0, 2.5, 3.0, 4.0)),
+    "teacache": ("thresh_x_mean_change", (1.5, 6.0, 3.0, 0.6)),
+    "l2c": ("reuse_fraction", (0.55, 0.9, 0.75, 0.3)),
+    "moeca": ("target_speedup", (2.0, 3.0, 4.0, 2.5, 1.5)),
 }
-"""Per method: (knob, values). Each value is one point of the sweep."""
+"""Per method: (knob, values). Each value is one point of the sweep; the order only decides what a sweep
+stopped early has measured (points are visited round-robin over methods, in this order)."""
 
 COLUMNS = ["method", "knob", "value", "speedup", "flops_ratio", "psnr", "ssim", "rel_l2", "accuracy", "fd",
            "ms_full", "ms_cached", "reuse_attn", "reuse_expert", "skipped_forwards"]
@@ -94,6 +95,12 @@ class ParetoSettings:
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def reference_key(self) -> str:
+        """Key of the full-compute reference samples: only the settings that change them."""
+        keep = ("model", "checkpoint", "num_steps", "cfg_scale", "cfg_mode", "eval_samples", "eval_batch", "seed",
+                "device")
+        return hashlib.sha256(json.dumps({k: getattr(self, k) for k in keep}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -229,7 +236,7 @@ class ParetoSweep:
         mc = model.config
         sampler = SamplerConfig(kind="rectified_flow", num_steps=s.num_steps, cfg_scale=s.cfg_scale, cfg_mode=s.cfg_mode)
         labels = torch.arange(s.eval_samples) % mc.num_classes
-        ref_path = self.work / f"reference-{s.key()}.pt"
+        ref_path = self.work / f"reference-{s.reference_key()}.pt"
         if ref_path.is_file():
             reference = torch.load(ref_path, weights_only=True)
         else:
@@ -409,11 +416,18 @@ class ParetoSweep:
 
 
 # ----------------------------------------------------------------------------- analysis of the curves
-def interpolate(rows: Sequence[dict], method: str, metric: str, target: float) -> float | None:
-    """``metric`` of ``method`` at measured speedup ``target``: linear between the two measured points
-    that bracket it (points sorted by speedup); None when the curve does not reach ``target``."""
-    pts = sorted((r["speedup"], r[metric]) for r in rows
-                 if r["method"] == method and r.get(metric) is not None and r.get("speedup") is not None)
+def _x(row: dict, axis: str) -> float | None:
+    if axis == "flops":
+        return 1.0 / row["flops_ratio"] if row.get("flops_ratio") else None
+    return row.get("speedup")
+
+
+def interpolate(rows: Sequence[dict], method: str, metric: str, target: float, axis: str = "speedup") -> float | None:
+    """``metric`` of ``method`` at speedup ``target``: linear between the two points that bracket it
+    (sorted by speedup); None when the curve does not reach ``target``. ``axis``: ``speedup`` (measured
+    wall clock) or ``flops`` (FLOPs speedup ``1 / flops_ratio``, free of timing noise)."""
+    pts = sorted((_x(r, axis), r[metric]) for r in rows
+                 if r["method"] == method and r.get(metric) is not None and _x(r, axis) is not None)
     for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
         if s0 <= target <= s1:
             return v0 if s1 == s0 else v0 + (v1 - v0) * (target - s0) / (s1 - s0)
@@ -422,9 +436,10 @@ def interpolate(rows: Sequence[dict], method: str, metric: str, target: float) -
     return None
 
 
-def at_speedups(rows: Sequence[dict], methods: Sequence[str], targets: Sequence[float] = TARGET_SPEEDUPS) -> dict:
+def at_speedups(rows: Sequence[dict], methods: Sequence[str], targets: Sequence[float] = TARGET_SPEEDUPS,
+                axis: str = "speedup") -> dict:
     """``{method: {"2x": {"psnr": .., "fd": ..}, ...}}`` by interpolation along each curve."""
-    return {m: {f"{t:g}x": {"psnr": interpolate(rows, m, "psnr", t), "fd": interpolate(rows, m, "fd", t)}
+    return {m: {f"{t:g}x": {"psnr": interpolate(rows, m, "psnr", t, axis), "fd": interpolate(rows, m, "fd", t, axis)}
                 for t in targets} for m in methods if m != "none"}
 
 
@@ -469,10 +484,17 @@ def notes_markdown(meta: dict) -> str:
     for m, per in meta["at_speedup"].items():
         cells = [f"{_fmt(v['psnr'])} / {_fmt(v['fd'])}" for v in per.values()]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "Target (MoECa better than both ToCa and FORA on PSNR and on FD):", ""]
-    for v in meta["verdict"]:
-        lines.append(f"- {v['speedup']}: PSNR {v['psnr']} ({', '.join(f'{k} {_fmt(x)}' for k, x in v['psnr_values'].items())}); "
-                     f"FD {v['fd']} ({', '.join(f'{k} {_fmt(x)}' for k, x in v['fd_values'].items())})")
+    lines += ["", "The same at FLOPs speedups (``1 / flops_ratio``; counted rows, no timing noise):", "",
+              "| method | " + " | ".join(f"{t:g}x" for t in TARGET_SPEEDUPS) + " |",
+              "|---|" + "---|" * len(TARGET_SPEEDUPS)]
+    for m, per in meta["at_flops_speedup"].items():
+        cells = [f"{_fmt(v['psnr'])} / {_fmt(v['fd'])}" for v in per.values()]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for title, key in (("measured", "verdict"), ("FLOPs", "verdict_flops")):
+        lines += ["", f"Target (MoECa better than both ToCa and FORA on PSNR and on FD), at {title} speedups:", ""]
+        for v in meta[key]:
+            lines.append(f"- {v['speedup']}: PSNR {v['psnr']} ({', '.join(f'{k} {_fmt(x)}' for k, x in v['psnr_values'].items())}); "
+                         f"FD {v['fd']} ({', '.join(f'{k} {_fmt(x)}' for k, x in v['fd_values'].items())})")
     if meta.get("pending"):
         lines += ["", f"**Partial sweep**: {len(meta['pending'])} points not measured yet "
                       f"(rerun with `--resume`): {', '.join(meta['pending'])}"]
@@ -482,16 +504,19 @@ def notes_markdown(meta: dict) -> str:
 
 
 def plot(rows: Sequence[dict], reference: dict, path: Path) -> None:
+    """Panels: PSNR and FD against measured speedup (the issue's Pareto plots), PSNR against FLOPs speedup."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metrics = [("psnr", "PSNR vs full compute (dB, higher is better)")]
+    panels = [("psnr", "speedup", "PSNR vs full compute (dB, higher is better)")]
     if any(r.get("fd") is not None for r in rows):
-        metrics.append(("fd", "Frechet distance to real digits (lower is better)"))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.2 * len(metrics), 4.4), squeeze=False)
-    for ax, (metric, label) in zip(axes[0], metrics):
+        panels.append(("fd", "speedup", "Frechet distance to real digits (lower is better)"))
+    panels.append(("psnr", "flops", "PSNR vs full compute (dB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
+    for ax, (metric, axis, label) in zip(axes[0], panels):
         for method in METHODS:
-            pts = sorted((r["speedup"], r[metric]) for r in rows if r["method"] == method and r.get(metric) is not None)
+            pts = sorted((_x(r, axis), r[metric]) for r in rows
+                         if r["method"] == method and r.get(metric) is not None and _x(r, axis) is not None)
             if not pts:
                 continue
             xs, ys = zip(*pts)
@@ -501,7 +526,7 @@ def plot(rows: Sequence[dict], reference: dict, path: Path) -> None:
             ax.axhline(reference["fd"], color="k", ls="--", lw=0.8, label="full compute")
         for t in TARGET_SPEEDUPS:
             ax.axvline(t, color="0.8", lw=0.6, zorder=0)
-        ax.set_xlabel("measured wall-clock speedup (x)")
+        ax.set_xlabel("measured wall-clock speedup (x)" if axis == "speedup" else "FLOPs speedup (1 / FLOPs ratio)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -518,7 +543,10 @@ def build_meta(settings: ParetoSettings, state: SweepState, rows: Sequence[dict]
     return _clean({"settings": asdict(settings), "grid": {m: list(grid[m][1]) for m in methods},
                    "reference": state.calibration("reference_metrics") or {},
                    "calibration": {k: v for k, v in state.data["calibration"].items() if k != "reference_metrics"},
-                   "at_speedup": table, "verdict": verdict(table), "skipped": dict(state.data["skipped"]),
+                   "at_speedup": table, "verdict": verdict(table),
+                   "at_flops_speedup": at_speedups(rows, methods, axis="flops"),
+                   "verdict_flops": verdict(at_speedups(rows, methods, axis="flops")),
+                   "skipped": dict(state.data["skipped"]),
                    "pending": pending})
 
 
@@ -543,6 +571,9 @@ PARETO_SCHEMA: dict = {
     "title": "moeca bench pareto results",
     "description": "Written by `moeca bench pareto` (moeca/bench/pareto.py); one row per sweep point.",
     "type": "object",
+    "$defs": {"verdict": {"type": "array", "items": {
+        "type": "object", "required": ["speedup", "psnr", "fd", "psnr_values", "fd_values"],
+        "properties": {"speedup": {"type": "string"}, "psnr": {"type": "string"}, "fd": {"type": "string"}}}}},
     "required": ["name", "command", "meta", "environment", "rows"],
     "additionalProperties": False,
     "properties": {
@@ -551,8 +582,8 @@ PARETO_SCHEMA: dict = {
         "environment": {"type": "object", "required": ["python", "torch"]},
         "meta": {
             "type": "object",
-            "required": ["settings", "grid", "reference", "calibration", "at_speedup", "verdict", "skipped",
-                         "pending"],
+            "required": ["settings", "grid", "reference", "calibration", "at_speedup", "verdict",
+                         "at_flops_speedup", "verdict_flops", "skipped", "pending"],
             "additionalProperties": False,
             "properties": {
                 "settings": {"type": "object", "required": [f.name for f in fields(ParetoSettings)],
@@ -566,10 +597,10 @@ PARETO_SCHEMA: dict = {
                 "calibration": {"type": "object"},
                 "at_speedup": {"type": "object", "propertyNames": {"enum": list(METHODS)},
                                "additionalProperties": {"type": "object", "additionalProperties": _AT}},
-                "verdict": {"type": "array", "items": {
-                    "type": "object", "required": ["speedup", "psnr", "fd", "psnr_values", "fd_values"],
-                    "properties": {"speedup": {"type": "string"}, "psnr": {"type": "string"},
-                                   "fd": {"type": "string"}}}},
+                "verdict": {"$ref": "#/$defs/verdict"},
+                "at_flops_speedup": {"type": "object", "propertyNames": {"enum": list(METHODS)},
+                                     "additionalProperties": {"type": "object", "additionalProperties": _AT}},
+                "verdict_flops": {"$ref": "#/$defs/verdict"},
                 "skipped": {"type": "object", "additionalProperties": {"type": "string"}},
                 "pending": {"type": "array", "items": {"type": "string"}},
             },

@@ -67,6 +67,8 @@ def load_model(name: str | None = "demo", checkpoint: str | Path | None = None, 
 def load_demo_like(path: Path, device: torch.device, dtype: torch.dtype) -> DiTMoE:
     """Load a safetensors file written by moeca (its config lives in the metadata)."""
     from safetensors import safe_open
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: without --model PRESET only moeca-written .safetensors files are "
                               "self-describing; name the preset with --model")

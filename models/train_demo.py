@@ -67,9 +67,17 @@ def train_demo(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), model_conf
 
     Returns the log dict (config, loss curve, seconds). Files are written atomically.
     """
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train(out_dir, cfg, model_config, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(out_dir: str | Path, cfg: TrainConfig, model_config: DiTMoEConfig | None, progress: bool) -> dict:
     from tqdm import tqdm
 
-    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -348,3 +348,16 @@ def test_app_cli_rejects_bad_arguments(tmp_path, capsys):
     cmd = streamlit_command(tmp_path, "127.0.0.1", 8600)
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and "--server.headless" in cmd
     assert cmd[cmd.index("--server.maxUploadSize") + 1] == str(uploads.MAX_UPLOAD_BYTES >> 20)
+
+
+def test_corrupt_shard_is_a_clear_error(tmp_path):
+    write_synthetic_trace(tmp_path / "t", SMALL)
+    shard = tmp_path / "t" / "branches" / "shard-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])      # a truncated file
+    root = resolve_root(tmp_path)
+    info = td.load_trace_info(root, "t")
+    with pytest.raises(td.TraceError, match="truncated or corrupt"):
+        td.branch_aggregate(root, info, threads=1)
+    (tmp_path / "t" / "branches" / "shard-00000.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(td.TraceError, match="not a readable Parquet file"):
+        td.load_trace_info(root, "t")

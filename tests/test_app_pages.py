@@ -290,3 +290,12 @@ def test_token_vs_branch_without_report_computes_from_trace(tmp_path, monkeypatc
     at.radio(key="tvb_view").set_value("run").run()
     assert_ok(at)
     assert charts(at) == 1
+
+
+def test_traces_page_with_a_corrupt_shard_warns(tmp_path, monkeypatch):
+    write_synthetic_trace(tmp_path / "t", SyntheticTraceConfig(samples=4, samples_per_shard=2, steps=4, blocks=2,
+                                                               tokens=4, experts=4))
+    shard = tmp_path / "t" / "tokens" / "shard-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])
+    at = open_app(tmp_path, monkeypatch, "page_traces.py")
+    assert "truncated or corrupt" in texts(at.warning)

@@ -77,6 +77,8 @@ def test_interpolation_and_verdict():
             {"method": "fora", "speedup": 3.0, "psnr": 20.0, "fd": 4.0}]
     assert pareto.interpolate(rows, "moeca", "psnr", 2.5) == pytest.approx(35.0)
     assert pareto.interpolate(rows, "toca", "psnr", 3.0) is None
+    flops = [{**r, "flops_ratio": 1 / r["speedup"], "speedup": 1.0} for r in rows]
+    assert pareto.interpolate(flops, "moeca", "psnr", 2.5, axis="flops") == pytest.approx(35.0)
     table = pareto.at_speedups(rows, ["moeca", "toca", "fora"])
     v = {x["speedup"]: x for x in pareto.verdict(table)}
     assert v["2x"]["psnr"] == "met"            # 37.5 vs toca 32.5, fora 30
