@@ -250,32 +250,31 @@ def synthetic_pareto_rows(seed: int = 0) -> list[dict]:
 
 
 def write_synthetic_pareto(out_dir: str | os.PathLike) -> Path:
-    """``pareto.json/.md`` in the format of ``moeca bench pareto`` (validated against its schema when the
-    bench module is installed) with :func:`synthetic_pareto_rows`; ``meta.calibration.synthetic`` says so."""
-    from moeca.bench.results import write_results
+    """``pareto.json/.md/.png`` of :func:`synthetic_pareto_rows`, written by ``moeca bench pareto``'s own writer
+    (so the format is exactly the real one, validated against its schema) with the sweep state's calibration
+    saying ``synthetic``. Without the bench module, a plain ``write_results`` file."""
     rows = synthetic_pareto_rows()
-    methods = sorted({r["method"] for r in rows})
-    meta: dict = {"calibration": {"synthetic": "made-up rows written by moeca.app.synthetic, not measurements"},
-                  "reference": {"accuracy": 0.95, "fd": 1.0, "fd_floor": 0.5, "samples": 16},
-                  "skipped": {}, "pending": []}
-    columns = None
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    command = "moeca bench pareto --model demo"
     try:
-        from dataclasses import asdict
         from moeca.bench import pareto as bp
     except ImportError:
-        bp = None
-    if bp is not None:
-        table = bp.at_speedups(rows, methods)
-        meta.update(settings=asdict(bp.ParetoSettings()), grid={m: [r["value"] for r in rows if r["method"] == m]
-                                                                 for m in methods},
-                    at_speedup=table, verdict=bp.verdict(table))
-        columns = bp.COLUMNS
-    paths = write_results("pareto", rows, out_dir, meta=meta, columns=columns,
-                          title="Pareto (synthetic rows for app tests)",
-                          notes="Synthetic numbers written by moeca.app.synthetic, not measurements.",
-                          command="moeca bench pareto --model demo")
-    if bp is not None:
-        bp.validate(json.loads(paths["json"].read_text()))
+        from moeca.bench.results import write_results
+        return write_results("pareto", rows, out_dir, meta={"synthetic": True}, command=command,
+                             title="Pareto (synthetic rows for app tests)")["json"]
+    import tempfile
+    settings = bp.ParetoSettings()
+    grid: dict[str, tuple[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="moeca-synthetic-pareto-") as tmp:
+        state = bp.SweepState(Path(tmp) / bp.STATE_FILE, settings, resume=False)
+        state.set_calibration("reference_metrics", {"accuracy": 0.95, "fd": 1.0, "fd_floor": 0.5, "samples": 16})
+        state.set_calibration("synthetic", "made-up rows written by moeca.app.synthetic, not measurements")
+        for r in rows:
+            grid.setdefault(r["method"], (r["knob"], []))[1].append(r["value"])
+            state.record(bp.Point(r["method"], r["knob"], r["value"]), r)
+        paths = bp.write(settings, state, rows, methods, out_dir, command,
+                         {m: (knob, tuple(values)) for m, (knob, values) in grid.items()})
+    bp.validate(json.loads(paths["json"].read_text()))
     return paths["json"]
 
 
