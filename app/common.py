@@ -15,6 +15,7 @@ import streamlit as st
 
 from moeca.app import inventory as inv
 from moeca.app import trace_data as td
+from moeca.app import uploads
 from moeca.app.paths import resolve_root, resolve_under
 
 ROOT_ENV = "MOECA_APP_ROOT"
@@ -129,3 +130,17 @@ def show_how_to_produce(root_dir: Path, what: str, needs: tuple[str, ...]) -> No
 def pick(label: str, options: tuple[str, ...], key: str, help: str | None = None) -> str:
     """A selectbox over root-relative paths (first = default)."""
     return st.selectbox(label, options, key=key, help=help)
+
+
+def table_upload(label: str, key: str) -> None:
+    """A JSON/Parquet upload shown as a table; a bad file shows why it was rejected (never unpickled)."""
+    up = st.file_uploader(label, type=["json", "parquet"], key=key)
+    if up is None:
+        return
+    try:
+        table = uploads.parse_table(up.getvalue(), up.name)
+    except uploads.UploadError as exc:
+        st.error(f"Upload rejected: {exc}")
+    else:
+        st.success(f"{up.name}: {len(table)} rows, {len(table.columns)} columns")
+        st.dataframe(table, hide_index=True)

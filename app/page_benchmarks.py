@@ -7,7 +7,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from moeca.app import common, results_data as rd, uploads
+from moeca.app import common, results_data as rd
 
 root = common.root()
 st.title("Benchmarks")
@@ -75,13 +75,5 @@ else:
 
 st.divider()
 st.subheader("Inspect a result file")
-up = st.file_uploader("Upload a benchmark result (.json) or a table (.parquet)", type=["json", "parquet"],
-                      key="bench_upload")
-if up is not None:
-    try:
-        table = uploads.parse_table(up.getvalue(), up.name)
-    except uploads.UploadError as exc:
-        st.error(f"Upload rejected: {exc}")
-    else:
-        st.success(f"{up.name}: {len(table)} rows, {len(table.columns)} columns")
-        st.dataframe(table, hide_index=True)
+common.table_upload("Upload a benchmark result (.json) or a table (.parquet)", key="bench_upload")
+

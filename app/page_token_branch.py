@@ -7,7 +7,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from moeca.app import common, results_data as rd, uploads
+from moeca.app import common, results_data as rd
 
 root = common.root()
 st.title("Token vs branch")
@@ -148,13 +148,4 @@ else:
             st.dataframe(summary, hide_index=True)
 
 st.divider()
-up = st.file_uploader("Inspect a summary or curve table (.parquet or .json rows)", type=["parquet", "json"],
-                      key="tvb_upload")
-if up is not None:
-    try:
-        table = uploads.parse_table(up.getvalue(), up.name)
-    except uploads.UploadError as exc:
-        st.error(f"Upload rejected: {exc}")
-    else:
-        st.success(f"{up.name}: {len(table)} rows, {len(table.columns)} columns")
-        st.dataframe(table, hide_index=True)
+common.table_upload("Inspect a summary or curve table (.parquet or .json rows)", key="tvb_upload")
