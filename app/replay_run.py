@@ -1,16 +1,13 @@
 """Run a schedule on a model from the Replay page: full vs cached samples from the same noise.
 
-Measures, in the same process and with the conventions of :func:`moeca.replay.driver.replay_compare`
-(optionally one untimed warm-up run of each variant, then ``repeats`` alternating timed runs; the
-samples of the first run of each variant are the ones compared): wall-clock seconds of full compute and of the replay (medians), their ratio (speedup), PSNR and
-SSIM of each cached sample against its full-compute twin, class accuracy of both sets with the shipped
-digits classifier (demo model), the FLOPs ratio actually computed (replay counters) and the peak cache
-memory. Unlike the driver it reports progress through a callback, for the page's progress bar.
+A thin adapter over :func:`moeca.replay.driver.replay_compare` (the same measurement as ``moeca
+replay``): wall-clock medians of full compute and of the replay, PSNR and SSIM of each cached sample
+against its full-compute twin, class accuracy of both sets with the shipped digits classifier (demo
+model), the FLOPs ratio actually computed and the peak cache memory, as numpy arrays for the page,
+with progress reported through the driver's ``on_step`` callback.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -95,70 +92,22 @@ def run_replay(model, schedule, settings: ReplaySettings, on_step: Callable[[int
     """
     import torch
 
-    from moeca.models.checkpoint import weights_hash
     from moeca.models.metrics import psnr, ssim
-    from moeca.models.samplers import sample
-    from moeca.policy.cost import UnitCosts
-    from moeca.replay.runtime import ReplayRuntime
+    from moeca.replay.driver import replay_compare
 
     sampler_cfg = sampler_for(schedule, settings.cfg_scale)
-    schedule.check_compatible(model.config, sampler_cfg,
-                              weights_hash(model) if schedule.model.weights_hash else None)
     device = next(model.parameters()).device
-    labels = torch.arange(settings.samples, device=device) % model.config.num_classes
-    total = 2 * (settings.repeats + int(settings.warmup)) * sampler_cfg.num_steps
-    done = [0]
-
-    def tick(_step: int) -> None:
-        done[0] += 1
-        if on_step:
-            on_step(done[0], total)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    runtimes = []
-
-    def run_full():
-        return sample(model, sampler_cfg, labels, seed=settings.seed, on_step=tick)
-
-    def run_cached():
-        runtimes.append(ReplayRuntime(schedule))
-        with model.use_runtime(runtimes[-1]):
-            return sample(model, sampler_cfg, labels, seed=settings.seed, on_step=tick)
-
-    def timed(fn) -> tuple[float, torch.Tensor]:
-        sync()
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        return time.perf_counter() - start, out
-
-    outputs: dict[str, torch.Tensor] = {}
-    if settings.warmup:
-        outputs["full"], outputs["cached"] = run_full(), run_cached()
-    full_times, cached_times = [], []
-    for _ in range(settings.repeats):
-        t, out = timed(run_full)
-        full_times.append(t)
-        outputs.setdefault("full", out)
-        t, out = timed(run_cached)
-        cached_times.append(t)
-        outputs.setdefault("cached", out)
-    full, cached = outputs["full"], outputs["cached"]
-    runtime = runtimes[-1]
-    done_flops, full_flops = runtime.counters.flops(UnitCosts.of(model.config))
+    labels = torch.arange(settings.samples) % model.config.num_classes
+    result = replay_compare(model, schedule, sampler_cfg, labels, seed=settings.seed, repeats=settings.repeats,
+                            warmup=settings.warmup, progress=False, on_step=on_step)
+    report, full, cached = result.report, result.full.float(), result.cached.float()
     acc_full = acc_cached = None
     if classifier is not None:
-        acc_full = float((classifier.predict(full.float().cpu()) == labels.cpu()).float().mean())
-        acc_cached = float((classifier.predict(cached.float().cpu()) == labels.cpu()).float().mean())
+        acc_full = float((classifier.predict(full) == labels).float().mean())
+        acc_cached = float((classifier.predict(cached) == labels).float().mean())
     return ReplayOutcome(
-        full=full.float().cpu().numpy(), cached=cached.float().cpu().numpy(), labels=labels.cpu().numpy(),
-        full_seconds=statistics.median(full_times), cached_seconds=statistics.median(cached_times),
-        psnr=psnr(cached.float().cpu(), full.float().cpu(), max_db=100.0).numpy(),
-        ssim_mean=float(ssim(cached.float().cpu(), full.float().cpu()).mean()),
-        accuracy_full=acc_full, accuracy_cached=acc_cached,
-        flops_ratio=done_flops / full_flops if full_flops else float("nan"),
-        reuse={k: float(v) for k, v in runtime.counters.reuse_fractions().items()},
-        cache_bytes=int(runtime.peak_cache_bytes), device=str(device))
+        full=full.numpy(), cached=cached.numpy(), labels=labels.numpy(),
+        full_seconds=report.time_full_s, cached_seconds=report.time_cached_s,
+        psnr=psnr(cached, full, max_db=100.0).numpy(), ssim_mean=float(ssim(cached, full).mean()),
+        accuracy_full=acc_full, accuracy_cached=acc_cached, flops_ratio=report.flops_ratio,
+        reuse=dict(report.reuse), cache_bytes=report.cache_bytes, device=str(device))

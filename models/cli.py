@@ -5,6 +5,8 @@ Heavy imports happen inside the command functions so ``moeca --help`` stays fast
 from __future__ import annotations
 
 import argparse
+
+from moeca.models.model_args import add_model_arguments
 from pathlib import Path
 
 
@@ -25,10 +27,7 @@ def _register_sample(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n  moeca sample --model demo --num-per-class 4 --out grid.png\n"
                "  moeca sample --model S/2-8E2A --random-init --steps 10 --labels 1,2 --out latents.png",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="'demo' (shipped weights) or a preset name (default: demo; with only "
-                                   "--checkpoint, the config stored in a moeca-written .safetensors)")
-    p.add_argument("--checkpoint", help="weights file (.safetensors or .pt) to load into --model")
-    p.add_argument("--random-init", action="store_true", help="random weights (shape and speed studies)")
+    add_model_arguments(p, model_seed=False)
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's reference sampler)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; 1 disables guidance")
     group = p.add_mutually_exclusive_group()
@@ -79,7 +78,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .card import image_grid, save_png
-    from .registry import load_model
+    from .model_args import load_model_from_args
     from .samplers import default_sampler
 
     out = Path(args.out)
@@ -89,13 +88,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"output folder {out.parent} does not exist; create it first")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist")
-    if args.random_init and args.checkpoint:
-        raise ValueError("--random-init and --checkpoint exclude each other; pick one")
-    name = args.model or (None if args.checkpoint else "demo")
-    model = load_model(name, checkpoint=args.checkpoint, random_init=args.random_init, seed=args.seed,
-                       device=args.device)
+    _, model = load_model_from_args(args, args.device, seed=args.seed)
     mc = model.config
     labels, per_row = resolve_labels(args, mc.num_classes)
     overrides = {k: v for k, v in (("kind", args.sampler), ("num_steps", args.steps), ("cfg_scale", args.cfg_scale),

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from moeca.models.model_args import add_model_arguments
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -14,10 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "model with --quality-samples, class accuracy and Frechet distance of both sample sets.",
         epilog="example:\n  moeca replay --schedule out/schedule.json --model demo --samples 16 --out out/replay")
     p.add_argument("--schedule", required=True, help="schedule JSON (from `moeca schedule derive`)")
-    p.add_argument("--model", default=None, help="demo or a preset name (default demo unless --checkpoint)")
-    p.add_argument("--checkpoint", default=None, help="weights file; without --model a moeca .safetensors")
-    p.add_argument("--random-init", action="store_true", help="random weights for a preset (speed studies)")
-    p.add_argument("--model-seed", type=int, default=0, help="seed of --random-init weights")
+    add_model_arguments(p)
     p.add_argument("--samples", type=int, default=16, help="samples in the timed batch (default 16)")
     p.add_argument("--quality-samples", type=int, default=0,
                    help="extra samples (classes cycled) for accuracy / Frechet distance / PSNR (default 0)")
@@ -34,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_replay(args: argparse.Namespace) -> int:
     import torch
 
-    from moeca.models.registry import load_model
+    from moeca.models.model_args import load_model_from_args
     from moeca.models.samplers import SamplerConfig, default_sampler
     from moeca.policy.schedule import Schedule
 
@@ -47,8 +46,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     schedule = Schedule.load(args.schedule)
-    name = args.model if args.model is not None else (None if args.checkpoint else "demo")
-    model = load_model(name, args.checkpoint, random_init=args.random_init, seed=args.model_seed, device=args.device)
+    name, model = load_model_from_args(args, args.device)
     base = default_sampler(model.config.objective)
     smp = schedule.sampler
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else (base.cfg_scale if smp.guided else 1.0)

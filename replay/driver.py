@@ -178,7 +178,8 @@ def replay_compare(model: torch.nn.Module, schedule: Schedule, sampler_cfg: Samp
                    evaluate: bool | None = None, check_weights: bool = True, progress: bool = True,
                    model_name: str | None = None, warmup: bool = True,
                    runtime_factory: Callable[[Schedule], ReplayRuntime] | None = None,
-                   quality_reference: torch.Tensor | None = None) -> ReplayResult:
+                   quality_reference: torch.Tensor | None = None,
+                   on_step: Callable[[int, int], None] | None = None) -> ReplayResult:
     """Measure ``schedule`` against full compute on ``model``.
 
     labels: the timed batch (e.g. 16 labels); both runtimes sample it ``repeats`` times (after a
@@ -190,7 +191,8 @@ def replay_compare(model: torch.nn.Module, schedule: Schedule, sampler_cfg: Samp
     (else the first timed runs provide the compared samples). runtime_factory: builds the replay
     runtime from the schedule (default :class:`ReplayRuntime`; baselines pass their own).
     quality_reference: full-compute samples of ``quality_labels`` computed earlier with the same
-    seeds, to skip recomputing them (several schedules, one reference).
+    seeds, to skip recomputing them (several schedules, one reference). on_step(done, total): progress
+    over every sampling step this call runs (e.g. a UI progress bar), besides the tqdm bar.
     """
     from tqdm import tqdm
     from moeca.models.checkpoint import weights_hash
@@ -217,8 +219,13 @@ def replay_compare(model: torch.nn.Module, schedule: Schedule, sampler_cfg: Samp
         total += n_steps * batches * (1 if quality_reference is not None else 2)
     bar = tqdm(total=total, desc=f"replay {schedule.method}", unit="step", disable=not progress, leave=False)
 
+    done_steps = [0]
+
     def tick(_step: int) -> None:
         bar.update(1)
+        if on_step:
+            done_steps[0] += 1
+            on_step(done_steps[0], total)
 
     def run_full() -> torch.Tensor:
         with torch.inference_mode():

@@ -2,7 +2,7 @@
 
 Under torchrun (``WORLD_SIZE`` > 1) a process group is initialised (NCCL when the device is CUDA,
 gloo otherwise); rank 0 prepares the output directory, every rank traces the shards
-``s % WORLD_SIZE == RANK`` and writes its own files (``<table>/shard-XXXXX.parquet``).
+``s % WORLD_SIZE == RANK`` and writes its own files (``<table>/shard-NNNNN.parquet``).
 """
 from __future__ import annotations
 

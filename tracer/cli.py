@@ -6,6 +6,8 @@ same options; each rank traces the shards ``s % N == rank`` and writes its own s
 from __future__ import annotations
 
 import argparse
+
+from moeca.models.model_args import add_model_arguments
 import json
 import os
 
@@ -20,13 +22,7 @@ def _int_list(text: str) -> list[int]:
 def add_trace_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``moeca trace`` (shared with ``python -m moeca.tracer``)."""
     m = p.add_argument_group("model")
-    m.add_argument("--model", default=None,
-                   help="'demo' (the shipped model, default) or a preset name (S/2-8E2A, ...) with --checkpoint "
-                        "or --random-init")
-    m.add_argument("--checkpoint", default=None, help="weights file (.pt/.safetensors); without --model it must be "
-                                                       "a moeca-written .safetensors")
-    m.add_argument("--random-init", action="store_true", help="random weights for a preset (shape/speed studies)")
-    m.add_argument("--model-seed", type=int, default=0, help="seed of --random-init weights (default 0)")
+    add_model_arguments(m)
     m.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     s = p.add_argument_group("sampling")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sampler default)")
@@ -94,15 +90,13 @@ def _device(name: str):
 
 
 def run_trace(args: argparse.Namespace) -> int:
-    from ..models.registry import load_model
+    from ..models.model_args import load_model_from_args
     from .run import TraceConfig, resolve_labels, trace_run
     from .schema import DEFAULT_LAGS
 
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    name = args.model if args.model is not None else (None if args.checkpoint else "demo")
-    model = load_model(name, args.checkpoint, random_init=args.random_init, seed=args.model_seed,
-                       device=_device(args.device))
+    name, model = load_model_from_args(args, _device(args.device))
     sampler = _sampler(args, model, name)
     labels = resolve_labels(model.config.num_classes, samples=args.samples, labels=args.labels,
                             num_per_class=args.num_per_class)

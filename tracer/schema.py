@@ -10,7 +10,7 @@ A trace is a directory::
 
 Shards are numbered globally (shard ``s`` holds samples ``s*batch_size .. (s+1)*batch_size - 1``), so
 ranks of a distributed run never collide: each rank writes the shards it owns. A shard file is
-written as ``shard-XXXXX.parquet.tmp`` and renamed when complete; a shard counts as complete when
+written as ``shard-NNNNN.parquet.tmp`` and renamed when complete; a shard counts as complete when
 every table it needs has its final file (``tracer.store.complete_shards``). Rows inside a file are
 grouped by step and, within one model call, ordered by (block, cfg_branch, sample, token, slot); with
 separate CFG calls the conditional call's rows of a step come before the unconditional call's.

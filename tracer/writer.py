@@ -1,6 +1,6 @@
 """Streaming Parquet writer for one sample shard: StepRecords -> Arrow -> row groups (zstd).
 
-Each table goes to ``<table>/shard-XXXXX.parquet.tmp`` while the shard runs; :meth:`ShardWriter.commit`
+Each table goes to ``<table>/shard-NNNNN.parquet.tmp`` while the shard runs; :meth:`ShardWriter.commit`
 closes the files and renames them to their final names, so a partial file is never visible under a
 final name. :class:`BackgroundWriter` does the Arrow conversion and compression on a thread with a
 bounded queue, so memory stays bounded and the sampling loop does not wait for the disk.
