@@ -125,9 +125,14 @@ with tab_derive:
                     budget = k1.select_slider("Error budget (relative L2 staleness)",
                                               [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0],
                                               value=0.2, key="sched_budget")
-                sync = k2.slider("Sync refresh interval (steps; 0 = none)", 0, 25, 10, key="sched_sync")
-                warmup = k2.slider("Warm-up steps computed in full", 1, 10, 3, key="sched_warmup")
-                final = k3.slider("Final steps computed in full", 0, 5, 1, key="sched_final")
+                refresh = k2.radio("Refresh rule", ("sync", "budget"), key="sched_refresh", horizontal=True,
+                                   help="sync: evenly spaced full refreshes, everything forecast in between; "
+                                        "budget: per-expert token budgets between fixed sync steps")
+                forecast = k3.radio("Forecast of reused outputs", ("linear", "none"), key="sched_forecast",
+                                    horizontal=True)
+                sync = k2.slider("Sync refresh interval (budget rule; steps, 0 = none)", 0, 25, 10, key="sched_sync")
+                warmup = k2.slider("Warm-up steps computed in full", 1, 10, 1, key="sched_warmup")
+                final = k3.slider("Final steps computed in full", 0, 5, 0, key="sched_final")
                 staleness = k3.slider("Staleness weight of the online score", 0.0, 0.2, 0.02, 0.01,
                                       key="sched_staleness")
                 bias: list[float] = []
@@ -138,6 +143,7 @@ with tab_derive:
                         bias.append(cols[e % len(cols)].slider(f"expert {e}", 0.0, 4.0, 1.0, 0.25,
                                                                key=f"sched_bias_{e}"))
                 knobs = sv.Knobs(mode=mode, target_speedup=float(target), error_budget=float(budget),
+                                 refresh=str(refresh), forecast=str(forecast),
                                  sync_interval=int(sync), warmup_steps=int(warmup), final_steps=int(final),
                                  expert_bias=tuple(float(b) for b in bias), staleness_weight=float(staleness))
                 try:

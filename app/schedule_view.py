@@ -20,7 +20,8 @@ class Knobs:
     """The Schedule page's sliders.
 
     mode: "target speedup" or "error budget"; target_speedup: predicted FLOPs speedup; error_budget:
-    the staleness error budget tau (relative L2); sync_interval, warmup_steps, final_steps: full-refresh
+    the staleness error budget tau (relative L2); refresh: the derivation rule ("sync" or "budget");
+    forecast: "linear" or "none"; sync_interval (budget rule), warmup_steps, final_steps: full-refresh
     steps; expert_bias: per-expert multiplier on that expert's measured drift (>1 refreshes it more,
     <1 less; empty = all 1); attn_weight, shared_weight, staleness_weight: see ``DeriveConfig``.
     """
@@ -28,9 +29,11 @@ class Knobs:
     mode: str = "target speedup"
     target_speedup: float = 3.0
     error_budget: float = 0.2
+    refresh: str = "sync"
+    forecast: str = "linear"
     sync_interval: int = 10
-    warmup_steps: int = 3
-    final_steps: int = 1
+    warmup_steps: int = 1
+    final_steps: int = 0
     expert_bias: tuple[float, ...] = ()
     attn_weight: float = 1.0
     shared_weight: float = 1.0
@@ -41,7 +44,8 @@ def derive_config(knobs: Knobs):
     from moeca.policy.derive import DeriveConfig
     target = knobs.target_speedup if knobs.mode == "target speedup" else None
     budget = knobs.error_budget if knobs.mode != "target speedup" else None
-    return DeriveConfig(target_speedup=target, error_budget=budget, warmup_steps=knobs.warmup_steps,
+    return DeriveConfig(target_speedup=target, error_budget=budget, refresh=knobs.refresh, forecast=knobs.forecast,
+                        warmup_steps=knobs.warmup_steps,
                         final_steps=knobs.final_steps, sync_interval=knobs.sync_interval,
                         attn_weight=knobs.attn_weight, shared_weight=knobs.shared_weight,
                         staleness_weight=knobs.staleness_weight)

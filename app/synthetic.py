@@ -302,7 +302,7 @@ def write_example_root(root: str | os.PathLike, trace: SyntheticTraceConfig | No
             from moeca.analysis.api import drift_summary
             summary = drift_summary([paths["trace"]], threads=1)
         meta = json.loads((paths["trace"] / "run.json").read_text())
-        sched = derive_schedule(summary, meta, DeriveConfig(target_speedup=None, error_budget=0.2, sync_interval=5))
+        sched = derive_schedule(summary, meta, DeriveConfig(target_speedup=3.0))
         paths["schedule"] = sched.save(root / "out" / "schedule.json")
     if pareto:
         paths["pareto"] = write_synthetic_pareto(root / "bench" / "results")

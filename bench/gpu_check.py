@@ -8,10 +8,14 @@ batch 8 with batched CFG (16 rows per call), 50 rectified-flow steps, and each t
 - ``fora``: interval ``N``;
 - ``toca``: the published ToCa schedule with the ``fresh_threshold`` whose predicted FLOPs ratio is
   closest to FORA's;
-- ``moeca``: a branch-level MoECa-shaped schedule (3 warm-up steps, last step and a sync refresh every
-  10 steps computed; elsewhere attention reused and every routed expert and the shared expert refresh
-  the same fraction ``f`` of their cached tokens, ``f`` bisected so the predicted FLOPs ratio equals
-  FORA's). Random weights have no meaningful drift, so this checks speed, not quality.
+- ``moeca``: the shape of a derived MoECa schedule (``moeca schedule derive``, sync rule) with FORA's
+  refresh steps: every ``N``-th step recomputes every unit; on the others the router runs in every
+  block, newly routed (token, expert) pairs are computed and every other branch, the shared expert and
+  attention are forecast linearly and combined with the current gate weights (its FLOPs ratio is
+  FORA's plus the router and the new pairs, measured);
+- ``fora-forecast`` (ablation): FORA with the same linear forecast of reused outputs.
+
+Random weights have no meaningful drift, so this checks speed, not quality.
 
 Every schedule runs through the replay runtime; timings are medians of ``repeats`` runs after one
 warm-up, CUDA-synchronised, full compute measured in the same process. Prints ms per step and
@@ -30,7 +34,6 @@ from dataclasses import replace
 SHAPES = ("S/2-8E2A", "XL/2-8E2A")
 INTERVALS = (2, 3, 4)
 """FORA intervals; reuse fractions 1/2, 2/3, 3/4."""
-MOECA_WARMUP, MOECA_FINAL, MOECA_SYNC = 3, 1, 10
 COLUMNS = ["shape", "method", "target_reuse", "knob", "predicted_flops_ratio", "flops_ratio", "ms_per_step",
            "speedup", "reuse_attn", "reuse_expert", "cache_mb"]
 
@@ -55,47 +58,37 @@ def sampler_config(num_steps: int = 50):
     return SamplerConfig(kind="rectified_flow", num_steps=num_steps, cfg_scale=1.5, cfg_mode="batched")
 
 
-def moeca_shaped(config, sampler, fraction: float):
-    """A MoECa-shaped branch-level schedule: full warm-up/final/sync steps; elsewhere attention ``never``
-    and every expert and the shared expert ``fraction`` of their cached tokens."""
+def moeca_shaped(config, sampler, interval: int):
+    """A MoECa schedule of the sync rule with refreshes every ``interval`` steps: those steps compute
+    every unit; the others forecast every unit linearly (the router and newly routed pairs computed)."""
     from moeca.policy.baselines.common import assemble
-    from moeca.policy.schedule import NEVER, BlockRule, Rule, ScoreConfig, StepRule
+    from moeca.policy.schedule import NEVER, BlockRule, StepRule
     S, L, E = sampler.num_steps, config.depth, config.num_experts
-    sync = set(range(min(MOECA_WARMUP, S))) | set(range(max(S - MOECA_FINAL, 0), S))
-    sync |= set(range(MOECA_WARMUP, S, MOECA_SYNC))
-    rule = Rule.fraction(fraction)
-    body = tuple(BlockRule(attn=NEVER, shared=rule, experts=(rule,) * E) for _ in range(L))
+    sync = set(range(0, S, interval))
+    body = tuple(BlockRule(attn=NEVER, shared=NEVER, experts=(NEVER,) * E) for _ in range(L))
     full = tuple(BlockRule.full(E) for _ in range(L))
     steps = [StepRule("compute", full if s in sync else body) for s in range(S)]
-    score = ScoreConfig(drift_weight=1.0, staleness_weight=0.02)
-    return assemble("moeca", config, sampler, steps, sync=sync,
-                    scores={"attn": score, "moe": score, "shared": score, "expert": score},
-                    provenance={"gpu_check": "MoECa-shaped schedule with a uniform refresh fraction",
-                                "fraction": fraction})
+    from dataclasses import replace
+    return replace(assemble("moeca", config, sampler, steps, sync=sync,
+                            provenance={"gpu_check": f"MoECa sync rule, refresh every {interval} steps"}),
+                   forecast="linear")
 
 
 def matched_schedules(config, sampler, interval: int) -> dict:
-    """``{method: (schedule, knob)}`` for FORA ``interval`` and ToCa / MoECa matched to its FLOPs ratio."""
+    """``{method: (schedule, knob)}``: FORA ``interval``, FORA + forecast and MoECa with the same refresh
+    steps, and ToCa with the fresh threshold whose predicted FLOPs ratio is closest to FORA's."""
+    from dataclasses import replace
+
     from moeca.policy.baselines import fora, toca
     f_sched = fora.build_schedule(fora.ForaConfig(interval=interval), config, sampler)
     goal = f_sched.predicted_flops_ratio
     best = min(range(2, 25), key=lambda n: abs(toca.build_schedule(
         toca.TocaConfig(fresh_threshold=n), config, sampler).predicted_flops_ratio - goal))
     t_sched = toca.build_schedule(toca.TocaConfig(fresh_threshold=best), config, sampler)
-    lo, hi = 0.0, 1.0
-    if moeca_shaped(config, sampler, 0.0).predicted_flops_ratio > goal:
-        frac = 0.0
-    else:
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            if moeca_shaped(config, sampler, mid).predicted_flops_ratio > goal:
-                hi = mid
-            else:
-                lo = mid
-        frac = lo
-    m_sched = moeca_shaped(config, sampler, frac)
-    return {"fora": (f_sched, f"interval={interval}"), "toca": (t_sched, f"fresh_threshold={best}"),
-            "moeca": (m_sched, f"fraction={frac:.4f}")}
+    ff_sched = replace(f_sched, method="custom", forecast="linear")
+    return {"fora": (f_sched, f"interval={interval}"), "fora-forecast": (ff_sched, f"interval={interval}"),
+            "toca": (t_sched, f"fresh_threshold={best}"),
+            "moeca": (moeca_shaped(config, sampler, interval), f"interval={interval}")}
 
 
 # ----------------------------------------------------------------------------- GPU part

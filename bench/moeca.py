@@ -33,10 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="demo-shaped moeca .safetensors to use instead of the shipped demo weights")
     p.add_argument("--trace", default=None, help="existing demo trace (default: trace into OUT/moeca_trace)")
     p.add_argument("--trace-samples", type=int, default=40, help="samples traced for the drift summary")
-    p.add_argument("--targets", default="2,2.5,3,3.5,4,5",
+    p.add_argument("--targets", default="2.5,3.5,4.5,5.5,7",
                    help="predicted FLOPs speedups, one schedule each (comma-separated)")
-    p.add_argument("--warmup-steps", type=int, default=3)
-    p.add_argument("--sync-interval", type=int, default=10)
+    p.add_argument("--refresh", choices=("sync", "budget"), default="sync", help="derivation rule (schedule derive)")
+    p.add_argument("--forecast", choices=("linear", "none"), default="linear", help="forecast of reused outputs")
+    p.add_argument("--warmup-steps", type=int, default=1)
+    p.add_argument("--sync-interval", type=int, default=10, help="--refresh budget only")
     p.add_argument("--timing-samples", type=int, default=16)
     p.add_argument("--quality-samples", type=int, default=500)
     p.add_argument("--repeats", type=int, default=3)
@@ -120,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     reference = sample_batches(model, sampler, quality_labels, args.seed + 1, 100) if args.quality_samples else None
     rows, schedules = [], {}
     for target in targets:
-        cfg = DeriveConfig(target_speedup=target, warmup_steps=args.warmup_steps, sync_interval=args.sync_interval)
+        cfg = DeriveConfig(target_speedup=target, refresh=args.refresh, forecast=args.forecast,
+                           warmup_steps=args.warmup_steps, sync_interval=args.sync_interval)
         try:
             schedule = derive_schedule(summary, meta, cfg)
         except ValueError as exc:
@@ -157,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in shape.items()})
 
     notes = _notes(rows, passing, shape, args)
-    cmd = (f"moeca bench moeca --targets {args.targets} --quality-samples {args.quality_samples} "
+    cmd = (f"moeca bench moeca --targets {args.targets} --refresh {args.refresh} --forecast {args.forecast} "
+           f"--quality-samples {args.quality_samples} "
            f"--timing-samples {args.timing_samples} --repeats {args.repeats} --threads {args.threads}")
     meta_out = {"trace": str(trace_dir), "trace_samples": meta.get("num_samples"), "sampler": sampler.to_dict(),
                 "targets": targets, "passing_settings": [r["setting"] for r in passing],

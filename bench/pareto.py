@@ -38,7 +38,14 @@ STATE_FILE = "pareto_state.json"
 STATE_VERSION = 1
 TARGET_SPEEDUPS = (2.0, 2.5, 3.0)
 PSNR_CAP_DB = 100.0
-METHODS = ("none", "moeca", "fora", "toca", "teacache", "l2c")
+METHODS = ("none", "moeca", "fora", "toca", "teacache", "l2c", "moeca-plain", "moeca-budget", "fora-forecast")
+ABLATIONS = {
+    "moeca-plain": "MoECa's sync rule with plain reuse (forecast none): what forecasting adds",
+    "moeca-budget": "MoECa's expert-aware token-budget rule (refresh budget, sync every 10 steps, forecast linear)",
+    "fora-forecast": "FORA with MoECa's linear forecast of reused outputs (block level, TaylorSeer-like): what "
+                     "branch granularity adds over forecasting alone",
+}
+"""Ablations: not baselines from the literature, variants that separate MoECa's ingredients."""
 
 DEFAULT_GRID: dict[str, tuple[str, tuple[float, ...]]] = {
     "none": ("full", (1,)),
@@ -47,7 +54,10 @@ DEFAULT_GRID: dict[str, tuple[str, tuple[float, ...]]] = {
     # thresholds in units of the mean rescaled change per step (the fit gives the unit; see teacache.py)
     "teacache": ("thresh_x_mean_change", (1.5, 6.0, 3.0, 0.6)),
     "l2c": ("reuse_fraction", (0.55, 0.9, 0.75, 0.3)),
-    "moeca": ("target_speedup", (2.0, 3.0, 4.0, 2.5, 1.5)),
+    "moeca": ("target_speedup", (2.0, 3.5, 5.0, 7.0, 2.5, 1.5)),
+    "moeca-plain": ("target_speedup", (2.0, 3.5, 5.0, 7.0)),
+    "moeca-budget": ("target_speedup", (2.0, 3.0, 4.0)),
+    "fora-forecast": ("interval", (2, 3, 4, 6)),
 }
 """Per method: (knob, values). Each value is one point of the sweep; the order only decides what a sweep
 stopped early has measured (points are visited round-robin over methods, in this order)."""
@@ -310,8 +320,13 @@ class ParetoSweep:
         mc, sampler, wh = self.model.config, ctx.sampler, ctx.weights_hash
         if point.method == "none":
             return none.build_schedule(none.NoneConfig(), mc, sampler, wh), {}
-        if point.method == "fora":
-            return fora.build_schedule(fora.ForaConfig(interval=int(point.value)), mc, sampler, wh), {}
+        if point.method in ("fora", "fora-forecast"):
+            schedule = fora.build_schedule(fora.ForaConfig(interval=int(point.value)), mc, sampler, wh)
+            if point.method == "fora-forecast":
+                from dataclasses import replace
+                schedule = replace(schedule, method="custom", forecast="linear",
+                                   provenance={**schedule.provenance, "ablation": ABLATIONS["fora-forecast"]})
+            return schedule, {}
         if point.method == "toca":
             return toca.build_schedule(toca.TocaConfig(fresh_threshold=int(point.value)), mc, sampler, wh), {}
         if point.method == "teacache":
@@ -324,11 +339,13 @@ class ParetoSweep:
             from dataclasses import replace
             cfg = replace(cfg, reuse_fraction=point.value)
             return l2c.build_schedule(router, cfg, mc, sampler, wh), {}
-        if point.method == "moeca":
+        if point.method in ("moeca", "moeca-plain", "moeca-budget"):
             from moeca.policy.derive import DeriveConfig, derive_schedule
             summary, run_meta = self.moeca_inputs()
+            variant = {"moeca": {}, "moeca-plain": {"forecast": "none"}, "moeca-budget": {"refresh": "budget"}}
             try:
-                return derive_schedule(summary, run_meta, DeriveConfig(target_speedup=point.value)), {}
+                return derive_schedule(summary, run_meta, DeriveConfig(target_speedup=point.value,
+                                                                       **variant[point.method])), {}
             except ValueError as exc:
                 raise SkipPoint(str(exc)) from None
         raise ValueError(f"unknown method {point.method!r}")
@@ -495,6 +512,10 @@ def notes_markdown(meta: dict) -> str:
         for v in meta[key]:
             lines.append(f"- {v['speedup']}: PSNR {v['psnr']} ({', '.join(f'{k} {_fmt(x)}' for k, x in v['psnr_values'].items())}); "
                          f"FD {v['fd']} ({', '.join(f'{k} {_fmt(x)}' for k, x in v['fd_values'].items())})")
+    present = [m for m in ABLATIONS if m in meta["at_speedup"]]
+    if present:
+        lines += ["", "Ablations (dashed in the plot; not part of the target): "
+                  + "; ".join(f"`{m}`: {ABLATIONS[m]}" for m in present) + "."]
     if meta.get("pending"):
         lines += ["", f"**Partial sweep**: {len(meta['pending'])} points not measured yet "
                       f"(rerun with `--resume`): {', '.join(meta['pending'])}"]
@@ -521,6 +542,8 @@ def plot(rows: Sequence[dict], reference: dict, path: Path) -> None:
                 continue
             xs, ys = zip(*pts)
             style = dict(marker="o", lw=2.2) if method == "moeca" else dict(marker=".", lw=1.2)
+            if method in ABLATIONS:
+                style["ls"] = "--"
             ax.plot(xs, ys, label=method, **style)
         if metric == "fd" and reference.get("fd") is not None:
             ax.axhline(reference["fd"], color="k", ls="--", lw=0.8, label="full compute")

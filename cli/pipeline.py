@@ -29,7 +29,7 @@ class PipelineConfig:
     quality_samples: int = 200
     timing_samples: int = 16
     repeats: int = 3
-    target_speedups: tuple[float, ...] = (2.5, 3.5, 4.5)
+    target_speedups: tuple[float, ...] = (2.5, 4.0, 6.0)
     seed: int = 0
     device: str = "auto"
 
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quality-samples", type=int, default=200, help="samples for quality metrics (default 200)")
     p.add_argument("--timing-samples", type=int, default=16, help="timed batch size (default 16)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats, medians reported (default 3)")
-    p.add_argument("--target-speedups", default="2.5,3.5,4.5", help="comma-separated FLOPs speedup targets")
+    p.add_argument("--target-speedups", default="2.5,4,6", help="comma-separated FLOPs speedup targets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder made by moeca run")

@@ -18,11 +18,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "derive", help="derive the MoECa schedule from traces",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Derive a MoECa schedule from the drift of each unit in one or more traces of the same "
-                    "model and sampler.\n\nRule: warm-up, final and every --sync-interval-th step compute "
-                    "everything; otherwise each expert (and the shared expert) recomputes the fraction of its\n"
-                    "cached tokens that keeps the staleness error under a budget tau (faster-drifting experts "
-                    "refresh more), and attention is recomputed whole when its accumulated drift exceeds tau.\n"
-                    "tau is searched to reach --target-speedup (predicted FLOPs) or given as --error-budget.",
+                    "model and sampler.\n\nRule --refresh sync (default): evenly spaced steps recompute every "
+                    "unit of every block together; on the other steps the router runs, newly routed\n"
+                    "(token, expert) pairs are computed and every other branch, the shared expert and attention "
+                    "are forecast linearly from their last two computed outputs\n(--forecast linear) and combined "
+                    "with the current gate weights. The number of refresh steps is the most that reaches "
+                    "--target-speedup\n(predicted FLOPs, using the traces' share of newly routed pairs), or "
+                    "follows from --error-budget.\n\nRule --refresh budget: warm-up, final and every "
+                    "--sync-interval-th step compute everything; otherwise each expert (and the shared expert)\n"
+                    "recomputes the fraction of its cached tokens that keeps the staleness error under a budget "
+                    "tau (faster-drifting experts refresh more),\nand attention is recomputed whole when its "
+                    "accumulated drift exceeds tau; tau is searched to reach --target-speedup or given as "
+                    "--error-budget.",
         epilog="example:\n  moeca schedule derive out/trace --target-speedup 3 --out out/schedule.json")
     d.add_argument("traces", nargs="+", metavar="TRACE_DIR", help="trace directories (same model and sampler)")
     goal = d.add_mutually_exclusive_group()
@@ -31,10 +38,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     goal.add_argument("--error-budget", type=float, default=None,
                       help="staleness error budget tau (relative L2 of a reused output) instead of a target")
     d.add_argument("--out", required=True, help="schedule JSON to write")
-    d.add_argument("--warmup-steps", type=int, default=3, help="first steps computed in full (default 3)")
-    d.add_argument("--final-steps", type=int, default=1, help="last steps computed in full (default 1)")
+    d.add_argument("--refresh", choices=("sync", "budget"), default="sync",
+                   help="refresh rule: sync = evenly spaced synchronized full refreshes, everything forecast in "
+                        "between (default); budget = per-expert token budgets between --sync-interval refreshes")
+    d.add_argument("--forecast", choices=("linear", "none"), default="linear",
+                   help="reused outputs: linear = extrapolated from their last two computations (default); "
+                        "none = the cached output as is")
+    d.add_argument("--warmup-steps", type=int, default=1, help="first steps computed in full (default 1)")
+    d.add_argument("--final-steps", type=int, default=0, help="last steps computed in full (default 0)")
     d.add_argument("--sync-interval", type=int, default=10,
-                   help="synchronized full refresh every N steps after warm-up; 0 = none (default 10)")
+                   help="--refresh budget only: synchronized full refresh every N steps after warm-up; 0 = none "
+                        "(default 10)")
     d.add_argument("--staleness-weight", type=float, default=0.02,
                    help="online score = accumulated input drift + W * age in steps (default 0.02)")
     d.add_argument("--min-fraction", type=float, default=0.0,
@@ -82,7 +96,8 @@ def cmd_derive(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     target = args.target_speedup if args.target_speedup is not None or args.error_budget is not None else 3.0
-    cfg = DeriveConfig(target_speedup=target, error_budget=args.error_budget, warmup_steps=args.warmup_steps,
+    cfg = DeriveConfig(target_speedup=target, error_budget=args.error_budget, refresh=args.refresh,
+                       forecast=args.forecast, warmup_steps=args.warmup_steps,
                        final_steps=args.final_steps, sync_interval=args.sync_interval,
                        staleness_weight=args.staleness_weight, min_fraction=args.min_fraction,
                        attn_weight=args.attn_weight)
@@ -91,7 +106,9 @@ def cmd_derive(args: argparse.Namespace) -> int:
     schedule.save(out)
     head = describe(schedule).split("\n\n")[0]
     print(head)
-    print(f"error budget tau: {schedule.provenance['tau']:.4g}; lag exponents: {schedule.provenance['alpha']}")
+    print(f"refresh rule: {args.refresh}; forecast: {schedule.forecast}; {len(schedule.sync_refresh_steps)} full "
+          f"refresh steps; error budget tau: {schedule.provenance['tau']:.4g}; lag exponents: "
+          f"{schedule.provenance['alpha']}")
     print(f"predicted FLOPs ratio: {schedule.predicted_flops_ratio:.3f} "
           f"({1 / schedule.predicted_flops_ratio:.2f}x fewer FLOPs)")
     print(f"wrote {out}")

@@ -4,7 +4,27 @@ Input: the analysis summary (``moeca.analysis.drift_summary``): one row per (uni
 lag) with ``mean_rel_l2`` (relative L2 change of the unit's output against ``lag`` steps back),
 ``mean_gate_weight``, ``persist_frac`` (share of routed pairs also routed ``lag`` steps back) and ``n``.
 
-The rule (one error budget ``tau`` for every unit):
+Two refresh rules (``DeriveConfig.refresh``); both forecast reused outputs linearly by default
+(``forecast="linear"``: a reused branch is extrapolated from its last two computed outputs, see
+:mod:`moeca.policy.schedule`) and combine routed branches with the *current* gate weights.
+
+``refresh="sync"`` (default), synchronized refresh with branch-level forecasting:
+
+1. Step 0 (``warmup_steps``) and the last ``final_steps`` steps, and ``n`` evenly spaced steps
+   (``round(i * S / n)``) recompute every unit of every block together.
+2. Every other step runs the router in every block, computes the newly routed (token, expert) pairs
+   (they have no cache entry) and forecasts every other branch, the shared expert and attention.
+3. ``n`` is the largest count whose predicted FLOPs ratio (router + the traces' newly routed share of
+   pairs on forecast steps) reaches ``target_speedup``; with ``error_budget`` ``tau`` the spacing is
+   the largest ``j`` with ``d * j**alpha <= tau`` for the drift ``d`` of every step (the FLOPs-weighted
+   mean lag-1 drift of attention, shared and routed experts).
+
+Why not refresh single branches between those steps: replaying the demo model shows that recomputing
+experts (even every expert of a block) while the block's attention stays cached *raises* image error,
+because the cached attention and MoE updates of a block are correlated and partly cancel; a whole
+synchronized refresh keeps them consistent. The per-expert budget rule below stays available.
+
+``refresh="budget"`` (one error budget ``tau`` for every unit), expert-aware token budgets:
 
 1. **Full steps.** The first ``warmup_steps`` and the last ``final_steps`` steps, and a synchronized
    refresh every ``sync_interval`` steps in between, recompute every unit of every block
@@ -46,8 +66,12 @@ class DeriveConfig:
 
     target_speedup: predicted FLOPs speedup (full / cached) to reach; the error budget is searched.
     error_budget: the budget ``tau`` (max staleness error, relative L2) instead of a target speedup.
+    refresh: ``sync`` (evenly spaced synchronized full refreshes, everything forecast in between) or
+    ``budget`` (fixed ``sync_interval`` plus per-expert token budgets); see the module docstring.
+    forecast: ``linear`` (extrapolate reused outputs from their last two computations) or ``none``.
     warmup_steps / final_steps: steps computed in full at the start / end of sampling.
-    sync_interval: a synchronized full refresh every this many steps after warm-up (0 = none).
+    sync_interval: ``budget`` rule only: a synchronized full refresh every this many steps after
+    warm-up (0 = none); the ``sync`` rule derives its spacing.
     attn_weight / shared_weight / expert_weight: importance multipliers on each unit kind's drift.
     gate_weighting: weight an expert's drift by its mean gate weight relative to the block mean.
     min_fraction: lower bound of the per-token refresh fraction of experts and shared expert.
@@ -57,8 +81,10 @@ class DeriveConfig:
 
     target_speedup: float | None = 3.0
     error_budget: float | None = None
-    warmup_steps: int = 3
-    final_steps: int = 1
+    refresh: str = "sync"
+    forecast: str = "linear"
+    warmup_steps: int = 1
+    final_steps: int = 0
     sync_interval: int = 10
     attn_weight: float = 1.0
     shared_weight: float = 1.0
@@ -77,6 +103,10 @@ class DeriveConfig:
             raise ValueError(f"error_budget must be > 0, got {self.error_budget}")
         if self.warmup_steps < 1:
             raise ValueError(f"warmup_steps must be >= 1 (the first step has nothing cached), got {self.warmup_steps}")
+        if self.refresh not in ("sync", "budget"):
+            raise ValueError(f"refresh must be 'sync' or 'budget', got {self.refresh!r}")
+        if self.forecast not in ("none", "linear"):
+            raise ValueError(f"forecast must be 'none' or 'linear', got {self.forecast!r}")
         if self.final_steps < 0 or self.sync_interval < 0:
             raise ValueError("final_steps and sync_interval must be >= 0")
         if not 0 <= self.min_fraction <= 1:
@@ -242,6 +272,64 @@ def _plan(tables: DriftTables, tau: float, cfg: DeriveConfig, sync: frozenset[in
     return _Plan(tuple(steps), done / full)
 
 
+def _plan_sync(tables: DriftTables, sync: frozenset[int], costs: UnitCosts) -> _Plan:
+    """The ``sync`` rule's plan: full blocks on ``sync`` steps, everything forecast elsewhere (router and
+    newly routed pairs computed)."""
+    S, L, E = tables.expert.shape
+    full_token = costs.block_per_token()
+    fixed = costs.fixed_per_sample() / costs.num_tokens / costs.depth
+    body = tuple(BlockRule(attn=NEVER, moe=ALWAYS, shared=NEVER, experts=(NEVER,) * E) for _ in range(L))
+    full_blocks = tuple(BlockRule.full(E) for _ in range(L))
+    new_pairs = costs.top_k * np.sum(tables.share * (1 - tables.persist), axis=2)     # [S, L] per token
+    steps, done = [], 0.0
+    for s in range(S):
+        if s in sync:
+            steps.append(StepRule("compute", full_blocks))
+            done += L * (full_token + fixed)
+        else:
+            steps.append(StepRule("compute", body))
+            done += float(np.sum(fixed + costs.router + new_pairs[s] * costs.expert))
+    return _Plan(tuple(steps), done / (S * L * (full_token + fixed)))
+
+
+def even_sync_steps(num_steps: int, count: int, cfg: DeriveConfig) -> frozenset[int]:
+    """Warm-up and final steps plus ``count`` evenly spaced steps ``round(i * S / count)``."""
+    steps = set(range(min(cfg.warmup_steps, num_steps))) | set(range(max(num_steps - cfg.final_steps, 0), num_steps))
+    steps |= {min(round(i * num_steps / count), num_steps - 1) for i in range(count)}
+    return frozenset(steps)
+
+
+def _derive_sync(tables: DriftTables, cfg: DeriveConfig, S: int, costs: UnitCosts) -> tuple[_Plan, frozenset, float]:
+    """``(plan, sync steps, tau)`` of the ``sync`` rule (tau: the predicted staleness error)."""
+    unit = np.array([costs.attn, costs.shared, costs.top_k * costs.expert])
+    drift = (tables.attn * unit[0] + tables.shared * unit[1]
+             + np.sum(tables.expert * tables.share, axis=2) * unit[2]) / unit.sum()           # [S, L]
+    d = drift.mean(axis=1)                                                                   # [S]
+    alpha = (tables.alpha["attn"] + tables.alpha["shared"] + tables.alpha["expert"]) / 3
+
+    def tau_of(count: int) -> float:
+        return float(np.max(d) * (S / count) ** alpha)
+
+    if cfg.error_budget is not None:
+        count = next((n for n in range(1, S + 1) if tau_of(n) <= cfg.error_budget), S)
+        sync = even_sync_steps(S, count, cfg)
+        return _plan_sync(tables, sync, costs), sync, cfg.error_budget
+    goal = 1.0 / cfg.target_speedup
+    best = None
+    for count in range(1, S + 1):  # more refreshes = better quality; keep the most that fit the target
+        sync = even_sync_steps(S, count, cfg)
+        plan = _plan_sync(tables, sync, costs)
+        if plan.ratio <= goal:
+            best = (plan, sync, tau_of(count))
+    if best is None:
+        floor = _plan_sync(tables, even_sync_steps(S, 1, cfg), costs).ratio
+        raise ValueError(
+            f"target speedup {cfg.target_speedup:g}x is out of reach: with warm-up {cfg.warmup_steps} and final "
+            f"{cfg.final_steps} steps in full and the router plus newly routed pairs computed on every other step, "
+            f"the predicted FLOPs speedup is at most {1 / floor:.2f}x; lower the target or --warmup-steps")
+    return best
+
+
 def derive_schedule(summary, run_meta: dict, cfg: DeriveConfig) -> Schedule:
     """The MoECa schedule for the model and sampler in ``run_meta`` (a trace's run.json) from ``summary``.
 
@@ -257,9 +345,11 @@ def derive_schedule(summary, run_meta: dict, cfg: DeriveConfig) -> Schedule:
         raise ValueError(f"run metadata lacks the model config or sampler ({exc}); pass a trace's run.json") from None
     S, L, E = sampler.num_steps, config.depth, config.num_experts
     tables = drift_tables(summary, S, L, E, cfg.fit_alpha)
-    sync = frozenset(sync_steps(S, cfg))
     costs = UnitCosts.of(config)
-    if cfg.error_budget is not None:
+    sync = frozenset(sync_steps(S, cfg))
+    if cfg.refresh == "sync":
+        plan, sync, tau = _derive_sync(tables, cfg, S, costs)
+    elif cfg.error_budget is not None:
         tau = cfg.error_budget
         plan = _plan(tables, tau, cfg, sync, costs)
     else:
@@ -288,7 +378,7 @@ def derive_schedule(summary, run_meta: dict, cfg: DeriveConfig) -> Schedule:
     return Schedule(
         method="moeca", model=identity, sampler=SamplerIdentity.of(sampler), steps=plan.steps,
         sync_refresh_steps=tuple(sorted(sync)),
-        scores={"attn": score, "moe": score, "shared": score, "expert": score},
+        scores={"attn": score, "moe": score, "shared": score, "expert": score}, forecast=cfg.forecast,
         predicted_flops_ratio=round(plan.ratio, 6),
         provenance={"derived_by": "moeca.policy.derive", "config": asdict(cfg), "tau": tau,
                     "alpha": tables.alpha, "trace_run": run_meta.get("run_name"),

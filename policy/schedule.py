@@ -7,7 +7,8 @@ dataclasses:
 - :class:`Schedule` -- identity (``method``, :class:`ModelIdentity`, :class:`SamplerIdentity`), the
   per-step rules ``steps[s]`` (:class:`StepRule`), ``sync_refresh_steps`` (steps where every block
   recomputes everything), the token scores (:class:`ScoreConfig` per unit kind), an optional
-  whole-model skip rule (:class:`ModelSkip`, TeaCache-like) and the predicted FLOPs ratio;
+  whole-model skip rule (:class:`ModelSkip`, TeaCache-like), the ``forecast`` mode of reused outputs
+  and the predicted FLOPs ratio;
 - :class:`StepRule` -- ``model`` (``compute`` | ``reuse`` | ``adaptive``) and one :class:`BlockRule`
   per transformer block;
 - :class:`BlockRule` -- one :class:`Rule` for each unit of a block: ``attn`` (attention output per
@@ -21,6 +22,14 @@ dataclasses:
 
 JSON encoding of a rule: the strings ``"always"`` / ``"never"`` or ``{"fraction": f}`` /
 ``{"threshold": x}``.
+
+``forecast`` says what a reused output is: ``none`` -- the cached output as last computed (plain
+reuse); ``linear`` -- the first-order extrapolation from the unit's last two computed outputs,
+``y1 + (y1 - y0) * (s - s1) / (s1 - s0)`` per token (or per (token, expert) pair), where ``s1``/``s0``
+are the steps at which they were computed and ``s`` is the current step (uniformly spaced steps, as
+in every shipped sampler). A unit computed only once so far is reused plainly.
+
+Format versions: 2 added ``forecast``; version-1 files are read as ``forecast: none``.
 """
 from __future__ import annotations
 
@@ -32,7 +41,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+FORECASTS = ("none", "linear")
 SCHEMA_FILE = "schedule.schema.json"
 METHODS = ("moeca", "fora", "toca", "teacache", "l2c", "none", "custom")
 RuleMode = Literal["always", "never", "fraction", "threshold"]
@@ -264,6 +275,7 @@ class Schedule:
     sync_refresh_steps: tuple[int, ...] = ()
     scores: Mapping[str, ScoreConfig] = field(default_factory=lambda: {k: ScoreConfig() for k in UNIT_KINDS})
     model_skip: ModelSkip | None = None
+    forecast: str = "none"
     predicted_flops_ratio: float | None = None
     provenance: Mapping[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -314,6 +326,7 @@ class Schedule:
             "sync_refresh_steps": list(self.sync_refresh_steps),
             "scores": {k: v.to_json() for k, v in self.scores.items()},
             "model_skip": None if self.model_skip is None else self.model_skip.to_json(),
+            "forecast": self.forecast,
             "predicted_flops_ratio": self.predicted_flops_ratio,
             "provenance": dict(self.provenance),
             "steps": [s.to_json() for s in self.steps],
@@ -355,9 +368,10 @@ class Schedule:
                 scores={k: ScoreConfig(**v) for k, v in data["scores"].items()},
                 model_skip=None if data["model_skip"] is None else ModelSkip(
                     float(data["model_skip"]["threshold"]), tuple(data["model_skip"]["poly"])),
+                forecast=data.get("forecast", "none"),
                 predicted_flops_ratio=data["predicted_flops_ratio"],
                 provenance=data.get("provenance", {}),
-                format_version=data["format_version"],
+                format_version=FORMAT_VERSION,  # older readable versions are a subset of this one
             )
         except ScheduleError as exc:
             raise ScheduleError(f"{where}: {exc}") from None
@@ -414,10 +428,11 @@ def validate_json(data: Any, where: str = "schedule") -> None:
     """Validate parsed JSON against the schema; raise :class:`ScheduleError` naming the bad field."""
     import jsonschema
 
-    if isinstance(data, dict) and data.get("format_version") not in (None, FORMAT_VERSION) \
+    if isinstance(data, dict) and data.get("format_version") not in (None, *READABLE_VERSIONS) \
             and isinstance(data.get("format_version"), int):
-        raise ScheduleError(f"{where}: field format_version: this moeca reads schedule format version "
-                            f"{FORMAT_VERSION}, the file has {data['format_version']}; re-derive the schedule")
+        raise ScheduleError(f"{where}: field format_version: this moeca reads schedule format versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}, the file has {data['format_version']}; "
+                            "re-derive the schedule with this moeca")
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(data), key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
     if errors:
@@ -431,6 +446,8 @@ def check_structure(s: Schedule) -> None:
     m, n = s.model, len(s.steps)
     if s.format_version != FORMAT_VERSION:
         raise ScheduleError(f"field format_version: expected {FORMAT_VERSION}, got {s.format_version}")
+    if s.forecast not in FORECASTS:
+        raise ScheduleError(f"field forecast: {s.forecast!r} is not one of {', '.join(FORECASTS)}")
     if s.method not in METHODS:
         raise ScheduleError(f"field method: {s.method!r} is not one of {', '.join(METHODS)}")
     if n != s.sampler.num_steps:

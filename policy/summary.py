@@ -52,6 +52,7 @@ def describe(schedule: Schedule) -> str:
         f"{m.num_experts} experts, top-{m.top_k}, {m.num_tokens} tokens)",
         f"sampler: {smp.kind}, {smp.num_steps} steps, cfg_mode {smp.cfg_mode}, guided {smp.guided}",
         f"sync_refresh_steps ({len(schedule.sync_refresh_steps)}): {list(schedule.sync_refresh_steps)}",
+        f"forecast of reused outputs: {schedule.forecast}",
     ]
     if schedule.model_skip is not None:
         lines.append(f"model_skip: threshold {schedule.model_skip.threshold}, poly {list(schedule.model_skip.poly)}")

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from moeca.models.dit_moe import DiTMoEBlock, modulate
+from moeca.models.dit_moe import DiTMoEBlock, SwiGLU, modulate
 from moeca.models.runtime import ForwardContext, Runtime, combine_slots, group_slots_by_expert
 from moeca.policy.cost import UnitCosts
 from moeca.policy.schedule import BlockRule, Rule, Schedule, ScheduleMismatch
@@ -79,20 +80,62 @@ class ReplayCounters:
 
 
 # ----------------------------------------------------------------------------- cache state
+def forecast(out: torch.Tensor, vel: torch.Tensor, t_out: torch.Tensor, step: int) -> torch.Tensor:
+    """Linear forecast ``out + vel * (step - t_out)``: ``out/vel [n, D]``, ``t_out [n]`` float32 steps."""
+    return torch.addcmul(out, vel, (step - t_out).to(out.dtype).unsqueeze(-1))
+
+
 @dataclass
 class _TokenCache:
-    """One unit's per-token cache: output ``[N, D]``, age and accumulated input drift ``[N]``."""
+    """One unit's per-token cache: output ``[N, D]`` (or ``[B, T, D]``), age and accumulated input drift ``[N]``.
+
+    With forecasting, also per row the step at which ``out`` was computed (``t_out [N]`` float32) and the
+    velocity ``vel`` (same shape as ``out``): the change per step between the row's last two computed
+    outputs (None until a second computation; zero for rows without one).
+    """
 
     out: torch.Tensor | None = None
     age: torch.Tensor | None = None
     acc: torch.Tensor | None = None
+    vel: torch.Tensor | None = None
+    t_out: torch.Tensor | None = None
 
-    def store(self, out: torch.Tensor, track: bool) -> None:
+    def store(self, out: torch.Tensor, track: bool, step: int | None = None) -> None:
+        """Every row computed now (``step`` given = keep the forecast history)."""
+        n = out.numel() // out.shape[-1]
+        if step is not None:
+            if self.out is not None and self.out.shape == out.shape and self.t_out is not None:
+                span = (step - self.t_out).clamp_min(1.0).to(out.dtype)
+                self.vel = ((out - self.out).view(n, -1) / span.unsqueeze(-1)).view(out.shape)
+            else:
+                self.vel = None
+            self.t_out = torch.full((n,), float(step), device=out.device)
         self.out = out
         if track:
-            n = out.numel() // out.shape[-1]
             self.age = out.new_zeros(n, dtype=torch.float32)
             self.acc = out.new_zeros(n, dtype=torch.float32)
+
+    def refresh(self, rows: torch.Tensor, values: torch.Tensor, step: int | None = None) -> None:
+        """Rows ``[m]`` of the (flattened) output recomputed now as ``values [m, D]``; in place."""
+        D = self.out.shape[-1]
+        flat = self.out.view(-1, D)
+        if step is not None and self.t_out is not None:
+            if self.vel is None:
+                self.vel = torch.zeros_like(self.out)
+            span = (step - self.t_out.index_select(0, rows)).clamp_min(1.0).to(values.dtype).unsqueeze(-1)
+            self.vel.view(-1, D).index_copy_(0, rows, (values - flat.index_select(0, rows)) / span)
+            self.t_out.index_fill_(0, rows, float(step))
+        flat.index_copy_(0, rows, values)
+        if self.age is not None:
+            self.age.index_fill_(0, rows, 0.0)
+            self.acc.index_fill_(0, rows, 0.0)
+
+    def reused(self, step: int | None = None) -> torch.Tensor:
+        """The output to use now: the cache, or (``step`` given) its linear forecast to ``step``."""
+        if step is None or self.vel is None:
+            return self.out
+        D = self.out.shape[-1]
+        return forecast(self.out.view(-1, D), self.vel.view(-1, D), self.t_out, step).view(self.out.shape)
 
     def bump(self, drift: torch.Tensor | None) -> None:
         """One more step without recompute: age + 1, accumulated drift + this step's input drift."""
@@ -104,26 +147,29 @@ class _TokenCache:
     def score(self, cfg) -> torch.Tensor:
         return self.acc * cfg.drift_weight + self.age * cfg.staleness_weight
 
-    def refreshed(self, rows: torch.Tensor) -> None:
-        if self.age is not None:
-            self.age.index_fill_(0, rows, 0.0)
-            self.acc.index_fill_(0, rows, 0.0)
-
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.out, self.age, self.acc) if t is not None)
+        return _nbytes(self.out, self.age, self.acc, self.vel, self.t_out)
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 @dataclass
 class _ExpertCache:
-    """Routed experts: ids ``[N, k]``, unweighted outputs ``[N*k, D]``, age/acc ``[N*k]``."""
+    """Routed experts: ids ``[N, k]``, unweighted outputs ``[N*k, D]``, age/acc ``[N*k]``; with
+    forecasting also ``vel [N*k, D]`` and ``t_out [N*k]`` (as in :class:`_TokenCache`; a newly routed
+    pair has zero velocity)."""
 
     ids: torch.Tensor | None = None
     out: torch.Tensor | None = None
     age: torch.Tensor | None = None
     acc: torch.Tensor | None = None
+    vel: torch.Tensor | None = None
+    t_out: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.ids, self.out, self.age, self.acc) if t is not None)
+        return _nbytes(self.ids, self.out, self.age, self.acc, self.vel, self.t_out)
 
 
 @dataclass
@@ -159,6 +205,30 @@ class _ContextState:
         return sum(b.nbytes() for b in self.blocks) + extra
 
 
+def _expert_plan(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list]:
+    """All pairs of ``topk_idx [N, k]`` grouped by expert: ``(order [N*k] slots sorted by expert, plan)``
+    with ``plan = [(expert, start, count)]`` for the experts with pairs (one host sync)."""
+    flat_idx = topk_idx.reshape(-1)
+    order = torch.argsort(flat_idx, stable=True)
+    plan, start = [], 0
+    for e, n_e in enumerate(torch.bincount(flat_idx, minlength=num_experts).tolist()):
+        if n_e:
+            plan.append((e, start, n_e))
+        start += n_e
+    return order, plan
+
+
+def _plan_slots(order: torch.Tensor, plan: list, total: int) -> torch.Tensor:
+    """The slots ``order[start:start + m]`` of every ``(expert, start, m)`` in ``plan``, concatenated
+    ``[total]`` (built on the device, no host round trip)."""
+    if not plan:
+        return order[:0]
+    pm = torch.tensor([[p, m] for _, p, m in plan], device=order.device)
+    offset = pm[:, 0] - (torch.cumsum(pm[:, 1], 0) - pm[:, 1])                     # start - (slots before)
+    pos = torch.repeat_interleave(offset, pm[:, 1], output_size=total) + torch.arange(total, device=order.device)
+    return order.index_select(0, pos)
+
+
 _MODE_CODE = {"always": 0, "never": 1, "fraction": 2, "threshold": 3}
 _SCORE_CAP = 1e5       # scores are clamped here for the sort key
 _FORCED = 2e5          # priority of a newly routed pair (always computed first)
@@ -172,6 +242,12 @@ class ReplayRuntime(Runtime):
     Use ``with model.use_runtime(ReplayRuntime(schedule)): sample(model, sampler_cfg, labels)``.
     ``counters`` holds the executed rows; ``peak_cache_bytes`` the largest cache footprint seen.
     """
+
+    grouped_gemm: bool = True
+    """Compute the recomputed (token, expert) pairs of a block in one padded batched GEMM over its experts
+    (stacked copies of the expert weights, at most ``STACK_LIMIT_BYTES`` in all); False = one call per expert."""
+    STACK_LIMIT_BYTES: int | None = None
+    """Bound on the stacked copies (None: a quarter of the GPU's memory on CUDA, 512 MiB elsewhere)."""
 
     def __init__(self, schedule: Schedule):
         self.schedule = schedule
@@ -187,11 +263,14 @@ class ReplayRuntime(Runtime):
         self._keep_moe = [any(schedule.steps[s].blocks[b].moe.mode != "always"
                               for s in range(schedule.num_steps) if not schedule.is_sync(s)) for b in range(depth)]
         self._uses_model_skip = schedule.uses_model_skip
+        self._forecast = schedule.forecast == "linear"
         self._expert_rule_tensors: dict[tuple[int, int, torch.device], tuple] = {}
         self._row_bases: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self._cs: _ContextState | None = None
         self._ctx: ForwardContext | None = None
         self._reused: list[tuple[str, int, torch.Tensor]] = []
+        self._stacks: dict[int, tuple] = {}   # block -> ((weight ptr, dtype), bytes, stacked weights)
+        self._stack_bytes = 0
 
     def _scored(self, block: int, kind: str) -> bool:
         cfg = self.schedule.score(kind)
@@ -273,6 +352,11 @@ class ReplayRuntime(Runtime):
             return None
         return (cur - prev).float().norm(dim=-1).reshape(-1) / (prev_norm + EPS)
 
+    @property
+    def _fc(self) -> int | None:
+        """The current step when reused outputs are forecast, else None (plain reuse)."""
+        return self._ctx.step if self._forecast else None
+
     def _count(self, name: str, block: int, n: int) -> None:
         getattr(self.counters, name)[self._ctx.step, block] += n
 
@@ -318,11 +402,12 @@ class ReplayRuntime(Runtime):
         :meth:`DiTMoEBlock.forward` with the cached attention output, minus the dead work."""
         for block in model.blocks:
             bi = block.index
-            cached = self._cs.blocks[bi].attn.out
-            if (not self._track_attn[bi] and cached is not None and cached.shape == x.shape
+            cache = self._cs.blocks[bi].attn
+            if (not self._track_attn[bi] and cache.out is not None and cache.out.shape == x.shape
                     and isinstance(block, DiTMoEBlock) and self._rule(bi).attn.mode == "never"):
                 shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
                 self._count("tokens", bi, x.shape[0] * x.shape[1])
+                cached = cache.reused(self._fc)
                 self._reused.append(("attention", bi, cached))
                 x = x + gate_msa.unsqueeze(1) * cached
                 x = x + gate_mlp.unsqueeze(1) * self.moe(block, modulate(block.norm2(x), shift_mlp, scale_mlp))
@@ -346,7 +431,7 @@ class ReplayRuntime(Runtime):
             out = block.attn(x_mod)
             self._count("attn_q", bi, N)
             self._count("attn_kv", bi, N)
-            cache.store(out, track)
+            cache.store(out, track, self._fc)
             return out
         cache.bump(drift)
         n = 0
@@ -356,20 +441,20 @@ class ReplayRuntime(Runtime):
             score = cache.score(self.schedule.score("attn")).view(B, T)
             n = int((score > rule.value).sum(dim=1).max())
         if n == 0:
-            self._reused.append(("attention", bi, cache.out))
-            return cache.out
+            out = cache.reused(self._fc)
+            self._reused.append(("attention", bi, out))
+            return out
         score = cache.score(self.schedule.score("attn")).view(B, T)
         idx = torch.topk(score, n, dim=1).indices                                  # [B, n]
         sub = partial_attention(block.attn, x_mod, idx)                            # [B, n, D]
         rows = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * T).reshape(-1)
-        out = cache.out.view(N, D)
-        out.index_copy_(0, rows, sub.reshape(-1, D))
-        cache.refreshed(rows)
+        cache.refresh(rows, sub.reshape(-1, D), self._fc)
         self._count("attn_q", bi, B * n)
         self._count("attn_kv", bi, N)
+        out = cache.reused(self._fc)
         if n < T:
-            self._reused.append(("attention", bi, cache.out))
-        return cache.out
+            self._reused.append(("attention", bi, out))
+        return out
 
     # -- MoE -------------------------------------------------------------------------------------
     def moe(self, block, h: torch.Tensor) -> torch.Tensor:
@@ -391,7 +476,7 @@ class ReplayRuntime(Runtime):
         if block.moe.shared_experts is not None:
             out = out + self._shared(block, st, flat, rule.shared, drift)
         if self._keep_moe[bi]:
-            st.moe.store(out, self._track_moe[bi])
+            st.moe.store(out, self._track_moe[bi], self._fc)
         return out.view(B, T, D)
 
     def _full_moe_rows(self, block, rows: torch.Tensor) -> torch.Tensor:
@@ -399,8 +484,7 @@ class ReplayRuntime(Runtime):
         bi, k = block.index, block.moe.top_k
         topk_idx, topk_weight = self.route(block, rows)
         slot_out = rows.new_empty(rows.shape[0] * k, rows.shape[1])
-        for e, slots in group_slots_by_expert(topk_idx, block.moe.num_experts):
-            slot_out.index_copy_(0, slots, self.expert(block, e, rows.index_select(0, slots // k)))
+        self._compute_groups(block, rows, *_expert_plan(topk_idx, block.moe.num_experts), slot_out)
         out = combine_slots(slot_out.view(rows.shape[0], k, -1), topk_weight)
         m = rows.shape[0]
         self._count("router", bi, m)
@@ -419,14 +503,12 @@ class ReplayRuntime(Runtime):
         # branch caches would be stale after a token-level step: drop them (next branch step recomputes)
         st.experts, st.shared = _ExpertCache(), _TokenCache()
         rows = self._select_rows(cache, rule, N, "moe")
-        if rows is None:
-            self._reused.append(("MoE", bi, cache.out))
-            return cache.out
-        cache.out.index_copy_(0, rows, self._full_moe_rows(block, flat.index_select(0, rows)))
-        cache.refreshed(rows)
-        if rows.numel() < N:
-            self._reused.append(("MoE", bi, cache.out))
-        return cache.out
+        if rows is not None:
+            cache.refresh(rows, self._full_moe_rows(block, flat.index_select(0, rows)), self._fc)
+        out = cache.reused(self._fc)
+        if rows is None or rows.numel() < N:
+            self._reused.append(("MoE", bi, out))
+        return out
 
     def _select_rows(self, cache: _TokenCache, rule: Rule, N: int, kind: str) -> torch.Tensor | None:
         """Rows to recompute under a ``never``/``fraction``/``threshold`` rule (None = reuse all)."""
@@ -447,19 +529,17 @@ class ReplayRuntime(Runtime):
         if rule.mode == "always" or cache.out is None or cache.out.shape != flat.shape:
             out = self.shared_expert(block, flat)
             self._count("shared", bi, N)
-            cache.store(out, track)
+            cache.store(out, track, self._fc)
             return out
         cache.bump(drift)
         rows = self._select_rows(cache, rule, N, "shared")
-        if rows is None:
-            self._reused.append(("shared expert", bi, cache.out))
-            return cache.out
-        cache.out.index_copy_(0, rows, self.shared_expert(block, flat.index_select(0, rows)))
-        cache.refreshed(rows)
-        self._count("shared", bi, int(rows.numel()))
-        if rows.numel() < N:
-            self._reused.append(("shared expert", bi, cache.out))
-        return cache.out
+        if rows is not None:
+            cache.refresh(rows, self.shared_expert(block, flat.index_select(0, rows)), self._fc)
+            self._count("shared", bi, int(rows.numel()))
+        out = cache.reused(self._fc)
+        if rows is None or rows.numel() < N:
+            self._reused.append(("shared expert", bi, out))
+        return out
 
     # -- routed experts ----------------------------------------------------------------------------
     def _expert_rules(self, bi: int, rules: tuple[Rule, ...], device: torch.device) -> tuple:
@@ -483,12 +563,24 @@ class ReplayRuntime(Runtime):
         cache = st.experts
         track = self._track_moe[bi]
         codes, values, any_fraction, any_scored, all_always = self._expert_rules(bi, rules, flat.device)
-        if all_always or cache.ids is None or cache.ids.shape != topk_idx.shape:
-            # plain grouped dispatch, the same operations as the default runtime
+        fresh = cache.ids is None or cache.ids.shape != topk_idx.shape
+        if fresh or all_always:
             slot_out = flat.new_empty(N * k, D)
-            for e, slots in group_slots_by_expert(topk_idx, E):
-                slot_out.index_copy_(0, slots, self.expert(block, e, flat.index_select(0, slots // k)))
+            if flat.is_cuda and self.grouped_gemm and self._stacked_experts(block) is not None:
+                # on CUDA one padded batched GEMM instead of 3 launches per expert (equal up to rounding)
+                self._compute_groups(block, flat, *_expert_plan(topk_idx, E), slot_out)
+            else:  # the same operations as the default runtime (bit-identical full compute)
+                for e, slots in group_slots_by_expert(topk_idx, E):
+                    slot_out.index_copy_(0, slots, self.expert(block, e, flat.index_select(0, slots // k)))
             self._count("expert", bi, N * k)
+            if self._forecast:  # velocity of persisting pairs from their last computed output
+                cache.vel = None
+                if not fresh:
+                    src, has = self._match(cache.ids, topk_idx)
+                    span = (self._ctx.step - cache.t_out.index_select(0, src)).clamp_min(1.0)
+                    inv = torch.where(has, 1.0 / span, 0.0).to(slot_out.dtype).unsqueeze(-1)
+                    cache.vel = (slot_out - cache.out.index_select(0, src)) * inv
+                cache.t_out = torch.full((N * k,), float(self._ctx.step), device=flat.device)
             cache.ids, cache.out = topk_idx, slot_out
             if track:
                 cache.age = flat.new_zeros(N * k, dtype=torch.float32)
@@ -496,16 +588,7 @@ class ReplayRuntime(Runtime):
             return slot_out.view(N, k, D)
 
         flat_idx = topk_idx.reshape(-1)                                             # [N*k]
-        # for each new (row, slot): is its expert among the row's cached experts, and in which old slot?
-        # (a row's experts are distinct, so at most one old slot matches)
-        src = self._row_base(N, k, flat.device)                                    # [N, k]: row * k
-        has = torch.zeros_like(topk_idx, dtype=torch.bool)
-        for j in range(k):
-            m = cache.ids[:, j:j + 1] == topk_idx                                  # [N, k]
-            has |= m
-            if j:
-                src = src + m * j
-        src, has = src.reshape(-1), has.reshape(-1)                                # [N*k]
+        src, has = self._match(cache.ids, topk_idx)
         age = acc = None
         score = torch.zeros(N * k, device=flat.device)
         if track:
@@ -531,26 +614,107 @@ class ReplayRuntime(Runtime):
             extra = torch.where(codes == 3, n_above, extra)
         counts, budget = torch.stack([per_e.double(), n_new + extra]).tolist()    # the one host sync
         slot_out = cache.out.index_select(0, src)
-        compute = torch.zeros(N * k, dtype=torch.bool, device=flat.device) if track else None
-        start, computed = 0, 0
+        plan, start = [], 0                    # (expert, first position in order, pairs computed now)
         for e in range(E):
             n_e, m_e = int(counts[e]), int(budget[e])
             if m_e:
-                slots = order[start:start + m_e]
-                slot_out.index_copy_(0, slots, self.expert(block, e, flat.index_select(0, slots // k)))
-                if compute is not None:
-                    compute.index_fill_(0, slots, True)
+                plan.append((e, start, m_e))
             start += n_e
-            computed += m_e
+        computed = sum(m for _, _, m in plan)
+        all_slots = _plan_slots(order, plan, computed)                              # [computed]
+        old = slot_out.index_select(0, all_slots) if self._forecast and computed else None
+        self._compute_groups(block, flat, order, plan, slot_out)
         self._count("expert", bi, computed)
+        used = slot_out
+        if self._forecast:
+            step = self._ctx.step
+            t_out = cache.t_out.index_select(0, src)
+            vel = cache.vel.index_select(0, src) if cache.vel is not None else torch.zeros_like(slot_out)
+            if computed:  # new velocity of recomputed pairs; newly routed pairs get none
+                span = (step - t_out.index_select(0, all_slots)).clamp_min(1.0)
+                inv = torch.where(has.index_select(0, all_slots), 1.0 / span, 0.0).to(old.dtype).unsqueeze(-1)
+                vel.index_copy_(0, all_slots, (slot_out.index_select(0, all_slots) - old) * inv)
+                t_out.index_fill_(0, all_slots, float(step))
+            cache.vel, cache.t_out = vel, t_out
+        if self._forecast:
+            used = forecast(slot_out, cache.vel, cache.t_out, self._ctx.step)
         if computed < N * k:
-            self._reused.append(("routed-expert", bi, cache.out))
+            self._reused.append(("routed-expert", bi, used))
         if track:
+            compute = torch.zeros(N * k, dtype=torch.bool, device=flat.device).index_fill_(0, all_slots, True)
             zero = torch.zeros((), device=flat.device)
             cache.age = torch.where(compute, zero, age)
             cache.acc = torch.where(compute, zero, acc)
         cache.ids, cache.out = topk_idx, slot_out
-        return slot_out.view(N, k, D)
+        return used.view(N, k, D)
+
+    def _compute_groups(self, block, flat: torch.Tensor, order: torch.Tensor, plan: list, dest: torch.Tensor) -> None:
+        """Compute the planned (token, expert) pairs into ``dest [N*k, D]``: ``plan`` lists ``(expert, start,
+        m_e)``, the slots ``order[start:start + m_e]`` of each expert (rows ``slot // k`` of ``flat``). One
+        padded batched GEMM over the experts when :attr:`grouped_gemm` allows (few rows per expert, or many
+        experts on a GPU, make per-expert calls launch-bound), else one call per expert."""
+        k = block.moe.top_k
+        if not plan:
+            return
+        stack = self._stacked_experts(block) if self.grouped_gemm and len(plan) > 1 else None
+        if stack is None:
+            for e, p, m in plan:
+                slots = order[p:p + m]
+                dest.index_copy_(0, slots, self.expert(block, e, flat.index_select(0, slots // k)))
+            return
+        m_max = max(m for _, _, m in plan)
+        pem = torch.tensor([[p, m, e] for e, p, m in plan], device=flat.device)      # [G, 3]
+        # padded positions in ``order`` [G, m_max]; short groups repeat their last pair (same value written)
+        pos = pem[:, :1] + torch.minimum(torch.arange(m_max, device=flat.device).unsqueeze(0), pem[:, 1:2] - 1)
+        slots = order.index_select(0, pos.view(-1))                                 # [G*m_max]
+        h = flat.index_select(0, slots // k).view(len(plan), m_max, -1)            # [G, m_max, D]
+        w_gate, w_up, w_down = stack                                               # [E, D, H], [E, D, H], [E, H, D]
+        if len(plan) < w_gate.shape[0]:
+            w_gate, w_up, w_down = (w.index_select(0, pem[:, 2]) for w in stack)
+        y = torch.bmm(F.silu(torch.bmm(h, w_gate)) * torch.bmm(h, w_up), w_down)      # [G, m_max, D]
+        dest.index_copy_(0, slots, y.view(-1, y.shape[-1]))
+
+    def _stacked_experts(self, block) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Routed SwiGLU expert weights of ``block`` stacked for :meth:`_compute_groups` (built once per
+        block; None for other expert types or when all stacks would exceed ``STACK_LIMIT_BYTES``)."""
+        experts = block.moe.experts
+        if not all(isinstance(e, SwiGLU) for e in experts):
+            return None
+        key = (experts[0].gate_proj.weight.data_ptr(), experts[0].gate_proj.weight.dtype)
+        got = self._stacks.pop(block.index, None)
+        if got is not None:
+            if got[0] == key:
+                self._stacks[block.index] = got
+                return got[2]
+            self._stack_bytes -= got[1]        # the weights moved or changed dtype: rebuild
+        size = sum(p.numel() * p.element_size() for p in experts.parameters())
+        limit = self.STACK_LIMIT_BYTES
+        if limit is None:
+            w = experts[0].gate_proj.weight
+            limit = (torch.cuda.get_device_properties(w.device).total_memory // 4 if w.is_cuda else 512 * 2 ** 20)
+        if self._stack_bytes + size > limit:
+            return None
+        with torch.no_grad():
+            stack = (torch.stack([e.gate_proj.weight.t() for e in experts]).contiguous(),
+                     torch.stack([e.up_proj.weight.t() for e in experts]).contiguous(),
+                     torch.stack([e.down_proj.weight.t() for e in experts]).contiguous())
+        self._stack_bytes += size
+        self._stacks[block.index] = (key, size, stack)
+        return stack
+
+    def _match(self, old_ids: torch.Tensor, topk_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each new (row, slot) of ``topk_idx [N, k]``: is its expert among the row's cached experts
+        ``old_ids [N, k]`` (``has [N*k]`` bool), and the flat old slot holding it (``src [N*k]``, ``row * k``
+        where none). A row's experts are distinct, so at most one old slot matches."""
+        N, k = topk_idx.shape
+        src = self._row_base(N, k, topk_idx.device)                               # [N, k]: row * k
+        has = torch.zeros_like(topk_idx, dtype=torch.bool)
+        for j in range(k):
+            m = old_ids[:, j:j + 1] == topk_idx                                    # [N, k]
+            has |= m
+            if j:
+                src = src + m * j
+        return src.reshape(-1), has.reshape(-1)
 
     def _row_base(self, N: int, k: int, device: torch.device) -> torch.Tensor:
         """``[N, k]`` int64 with ``row * k`` in every slot (cached per shape and device)."""

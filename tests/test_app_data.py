@@ -243,7 +243,8 @@ def derived(tmp_path_factory):
 
 def test_reuse_map_and_bias(derived):
     summary, meta = derived
-    knobs = schedule_view.Knobs(mode="error budget", error_budget=0.3, sync_interval=4, warmup_steps=2)
+    knobs = schedule_view.Knobs(mode="error budget", error_budget=0.3, refresh="budget", sync_interval=4,
+                                warmup_steps=2, final_steps=1)
     sched = schedule_view.derive(summary, meta, knobs)
     rmap = schedule_view.reuse_map(sched)
     assert len(rmap) == 12 * 2 * (3 + 4)
@@ -255,7 +256,8 @@ def test_reuse_map_and_bias(derived):
     assert free["refresh"].between(0, 1).all() and free["refresh"].mean() < 1.0
     # biasing expert 3 up makes it refresh at least as much, everywhere; the others are unchanged
     biased = schedule_view.derive(summary, meta, schedule_view.Knobs(
-        mode="error budget", error_budget=0.3, sync_interval=4, warmup_steps=2, expert_bias=(1, 1, 1, 4.0)))
+        mode="error budget", error_budget=0.3, refresh="budget", sync_interval=4, warmup_steps=2, final_steps=1,
+        expert_bias=(1, 1, 1, 4.0)))
     bmap = schedule_view.reuse_map(biased)
     e3 = (rmap["unit"] == "expert") & (rmap["expert"] == 3)
     assert (bmap.loc[e3, "refresh"].to_numpy() >= rmap.loc[e3, "refresh"].to_numpy()).all()

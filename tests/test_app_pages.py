@@ -150,6 +150,8 @@ def test_schedule_page(example_root, monkeypatch):
     for unit in ("attention", "shared expert", "routed experts"):
         at.radio(key="derived_unit").set_value(unit).run()
         assert_ok(at)
+    assert at.session_state["derived_schedule"]["schedule"].forecast == "linear"
+    at.radio(key="sched_refresh").set_value("budget").run()
     before = at.session_state["derived_schedule"]["schedule"].to_json()
     at.slider(key="sched_sync").set_value(4).run()
     at.slider(key="sched_bias_7").set_value(3.0).run()
@@ -157,7 +159,7 @@ def test_schedule_page(example_root, monkeypatch):
     after = at.session_state["derived_schedule"]["schedule"].to_json()
     assert after != before and after["provenance"]["app_expert_bias"][7] == 3.0
     from moeca.policy.derive import DeriveConfig, sync_steps
-    cfg = DeriveConfig(target_speedup=None, error_budget=0.3, sync_interval=4)
+    cfg = DeriveConfig(target_speedup=None, error_budget=0.3, refresh="budget", sync_interval=4)
     assert after["provenance"]["config"]["sync_interval"] == 4
     assert tuple(after["sync_refresh_steps"]) == sync_steps(50, cfg)
     at.button(key="sched_use_derived").click().run()

@@ -31,19 +31,20 @@ def test_script_fails_fast_without_cuda(tmp_path):
 def test_schedules_are_matched_on_the_checked_shapes(interval):
     config, sampler = get_preset("S/2-8E2A"), gpu_check.sampler_config(50)
     schedules = gpu_check.matched_schedules(config, sampler, interval)
-    assert set(schedules) == {"fora", "toca", "moeca"}
+    assert set(schedules) == {"fora", "fora-forecast", "toca", "moeca"}
     goal = schedules["fora"][0].predicted_flops_ratio
     assert goal == pytest.approx(1 / interval, abs=0.02)
     for method, (schedule, _) in schedules.items():
         validate_json(schedule.to_json())
-        assert schedule.method == method
+        assert schedule.method == (method if method != "fora-forecast" else "custom")
+        assert schedule.forecast == ("linear" if method in ("moeca", "fora-forecast") else "none")
         assert schedule.predicted_flops_ratio == pytest.approx(goal, abs=0.04), method
 
 
 def test_moeca_shaped_schedule_replays_with_attention_reused_off_sync():
     from moeca.models.samplers import SamplerConfig
     sampler = SamplerConfig(kind="rectified_flow", num_steps=16, cfg_scale=1.5, cfg_mode="batched")
-    schedule = gpu_check.moeca_shaped(TINY, sampler, 0.3)
+    schedule = gpu_check.moeca_shaped(TINY, sampler, 4)
     model = make_tiny()
     runtime = make_runtime(schedule)
     with model.use_runtime(runtime):
@@ -53,4 +54,5 @@ def test_moeca_shaped_schedule_replays_with_attention_reused_off_sync():
     off_sync = [s for s in range(16) if not schedule.is_sync(s)]
     assert off_sync and (c.attn_q[off_sync] == 0).all()
     assert (c.expert[off_sync] < c.pairs[off_sync]).all()
-    assert sorted(set(range(16)) - set(off_sync)) == [0, 1, 2, 3, 13, 15]
+    assert sorted(set(range(16)) - set(off_sync)) == [0, 4, 8, 12]
+    assert (c.shared[off_sync] == 0).all()

@@ -13,7 +13,7 @@ from moeca.models.samplers import SamplerConfig, sample
 from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, ModelSkip, Rule, SamplerIdentity,
                                    Schedule, ScheduleMismatch, ScoreConfig, StepRule, full_schedule)
 from moeca.replay.partial_attention import partial_attention
-from moeca.replay.runtime import ReplayRuntime
+from moeca.replay.runtime import ReplayRuntime, _TokenCache
 
 STEPS = 6
 LABELS = torch.tensor([0, 1, 2, 1])
@@ -24,16 +24,19 @@ def sampler(mode: str = "batched", scale: float = 1.5, steps: int = STEPS) -> Sa
 
 
 def make_schedule(block: BlockRule, cfg: SamplerConfig, sync=(0,), config: DiTMoEConfig = TINY, model="compute",
-                  model_skip=None, scores=None) -> Schedule:
+                  model_skip=None, scores=None, forecast="none") -> Schedule:
     steps = tuple(StepRule(model if s not in sync else "compute", (block,) * config.depth)
                   for s in range(cfg.num_steps))
     return Schedule("custom", ModelIdentity.of(config), SamplerIdentity.of(cfg), steps, tuple(sync),
                     scores=scores or {k: ScoreConfig(1.0, 0.01) for k in ("attn", "moe", "shared", "expert")},
-                    model_skip=model_skip)
+                    model_skip=model_skip, forecast=forecast)
 
 
 class CountingReplay(ReplayRuntime):
-    """Counts rows that really reach each routed expert and records the routing per step."""
+    """Counts rows that really reach each routed expert and records the routing per step (one call per
+    expert, so every computed row passes the ``expert`` seam)."""
+
+    grouped_gemm = False
 
     def __init__(self, schedule):
         super().__init__(schedule)
@@ -73,6 +76,15 @@ def test_reuse_nothing_is_bit_exact(tiny_model, mode, scale):
     assert torch.equal(out2, ref)
 
 
+def test_forecast_schedule_that_reuses_nothing_is_bit_exact(tiny_model):
+    cfg = sampler()
+    ref = sample(tiny_model, cfg, LABELS, seed=3)
+    out, _ = replay(tiny_model, dataclasses.replace(full_schedule(TINY, cfg), forecast="linear"), cfg)
+    assert torch.equal(out, ref)
+    busy = make_schedule(BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * 4), cfg, sync=tuple(range(STEPS)), forecast="linear")
+    assert torch.equal(replay(tiny_model, busy, cfg)[0], ref)
+
+
 def test_reuse_changes_output_but_stays_close(tiny_model):
     cfg = sampler()
     ref = sample(tiny_model, cfg, LABELS, seed=3)
@@ -82,6 +94,64 @@ def test_reuse_changes_output_but_stays_close(tiny_model):
     assert not torch.equal(out, ref)
     assert float((out - ref).norm() / ref.norm()) < 0.2
     assert rt.peak_cache_bytes > 0
+
+
+# ----------------------------------------------------------------------------- forecasting
+def test_token_cache_forecast_follows_each_rows_last_two_computations():
+    y0, y1, z = torch.randn(3, 2, 4).unbind(0)
+    c = _TokenCache()
+    c.store(y0.clone(), track=False, step=0)                  # the cache updates its tensors in place
+    assert torch.equal(c.reused(1), y0)                       # one computation: plain reuse
+    c.store(y1.clone(), track=False, step=2)
+    c.refresh(torch.tensor([1]), z[1:], step=3)               # row 1 recomputed at step 3
+    got = c.reused(5)
+    torch.testing.assert_close(got[0], y1[0] + (y1[0] - y0[0]) * (5 - 2) / (2 - 0))
+    torch.testing.assert_close(got[1], z[1] + (z[1] - y1[1]) * (5 - 3) / (3 - 2))
+    assert torch.equal(c.reused(None), c.out) and torch.equal(c.out[1], z[1])
+
+
+class RecordingReplay(ReplayRuntime):
+    """Records the routing and the unweighted expert / shared outputs the MoE combines, per (step, block)."""
+
+    def __init__(self, schedule):
+        super().__init__(schedule)
+        self.routes, self.slots, self.shared_out = {}, {}, {}
+
+    def _routed(self, block, st, flat, topk_idx, rules, drift):
+        out = super()._routed(block, st, flat, topk_idx, rules, drift)
+        key = (self._ctx.step, self._ctx.cfg_branch, block.index)
+        self.routes[key], self.slots[key] = topk_idx.clone(), out.clone()
+        return out
+
+    def _shared(self, block, st, flat, rule, drift):
+        out = super()._shared(block, st, flat, rule, drift)
+        self.shared_out[(self._ctx.step, self._ctx.cfg_branch, block.index)] = out.clone()
+        return out
+
+
+def test_linear_forecast_of_reused_branches_and_shared_expert(tiny_model):
+    """Steps 0 and 1 compute everything; at step 2 a persisting (token, expert) branch is reused as
+    ``2 v1 - v0`` (its outputs at steps 1 and 0, wherever its slot was), newly routed pairs are computed."""
+    cfg = sampler()
+    s = make_schedule(BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * 4), cfg, sync=(0, 1, STEPS - 1), forecast="linear")
+    rt = RecordingReplay(s)
+    replay(tiny_model, s, cfg, runtime=rt)
+    checked = 0
+    for b in range(TINY.depth):
+        key = lambda step: (step, "batched", b)  # noqa: E731
+        torch.testing.assert_close(rt.shared_out[key(2)], 2 * rt.shared_out[key(1)] - rt.shared_out[key(0)])
+        ids = [rt.routes[key(t)] for t in (0, 1, 2)]
+        vals = [rt.slots[key(t)] for t in (0, 1, 2)]
+        for row in range(ids[2].shape[0]):
+            for slot, e in enumerate(ids[2][row].tolist()):
+                where = [(ids[t][row] == e).nonzero() for t in (0, 1)]
+                if all(w.numel() for w in where):
+                    v0, v1 = (vals[t][row, int(w[0, 0])] for t, w in zip((0, 1), where))
+                    torch.testing.assert_close(vals[2][row, slot], 2 * v1 - v0)
+                    checked += 1
+    assert checked > 0
+    plain = make_schedule(BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * 4), cfg, sync=(0, 1, STEPS - 1))
+    assert not torch.equal(replay(tiny_model, plain, cfg)[0], replay(tiny_model, s, cfg)[0])
 
 
 # ----------------------------------------------------------------------------- real skipping
@@ -107,6 +177,18 @@ def test_expert_marked_never_runs_only_on_new_pairs(tiny_model):
             assert rt.expert_rows.get((step, b, 2), 0) == n2 - cand2 + -(-cand2 // 2)
     assert sum(rt.expert_rows.values()) == rt.counters.totals()["expert"]
     assert rt.counters.totals()["expert"] < rt.counters.totals()["pairs"]
+
+
+def test_grouped_gemm_computes_the_same_rows_as_per_expert_calls(tiny_model):
+    cfg = sampler()
+    rule = BlockRule(NEVER, ALWAYS, Rule("fraction", 0.4), (NEVER, ALWAYS, Rule("fraction", 0.5), Rule("threshold", 0.01)))
+    s = make_schedule(rule, cfg, sync=(0, 3), forecast="linear")
+    grouped, rt_g = replay(tiny_model, s, cfg)
+    per_expert, rt_p = replay(tiny_model, s, cfg, runtime=CountingReplay(s))
+    assert rt_g._stacks and not rt_p._stacks
+    torch.testing.assert_close(grouped, per_expert, rtol=1e-4, atol=1e-5)
+    assert rt_g.counters.totals() == rt_p.counters.totals()
+    assert sum(rt_p.expert_rows.values()) == rt_p.counters.totals()["expert"] < rt_p.counters.totals()["pairs"]
 
 
 def test_attention_and_shared_marked_never_are_not_executed(tiny_model):
