@@ -4,6 +4,8 @@ Generates (once, cached under --work-dir) a synthetic trace of at least --rows b
 tracer's exact Parquet schemas: S/2-like shape (12 blocks, 256 tokens, 8 experts top-2, CFG, 50 steps,
 4 lags), random routing and log-normal drift, shards of 4 samples. Then times, in this process:
 
+- ``decode only``: reading and decoding the columns the analysis uses (pyarrow on all cores, nothing
+  reduced), the floor under the other two;
 - ``reduce``: the out-of-core pass (``moeca.analysis.collect.collect``) that every product reads;
 - ``full analyze``: the whole ``moeca analyze`` (pass + summary table + sweep + figures + report).
 
@@ -116,6 +118,23 @@ def _load() -> float:
         return float("nan")
 
 
+def decode_only(trace: Path) -> None:
+    """Read and decode every shard's analysed columns (pyarrow, all cores) and drop them."""
+    import pyarrow.parquet as pq
+
+    from moeca.analysis.trace import branch_columns, open_trace, token_columns
+    info = open_trace(trace)
+    for shard in info.shards:
+        pq.read_table(shard.tokens, columns=token_columns(info.lags), use_threads=True)
+        pq.read_table(shard.branches, columns=branch_columns(info.lags), use_threads=True)
+
+
+def _row(stage: str, n_branch: int, n_token: int, seconds: float, cpu: float, peak: int) -> dict:
+    return {"stage": stage, "branch_rows": n_branch, "token_rows": n_token, "seconds": seconds,
+            "branch_rows_per_s": n_branch / seconds, "cpu_seconds": cpu, "branch_rows_per_cpu_s": n_branch / cpu,
+            "peak_rss_gb": peak / 1e9}
+
+
 def run(args: argparse.Namespace) -> int:
     from moeca.analysis.collect import collect
     from moeca.analysis.report import analyze
@@ -131,6 +150,11 @@ def run(args: argparse.Namespace) -> int:
     size = sum(p.stat().st_size for p in trace.rglob("*.parquet"))
     rows = []
     load_start = _load()
+    # 0) reading and decoding alone
+    with PeakRSS() as mem:
+        t, c = time.perf_counter(), _cpu_seconds()
+        decode_only(trace)
+        decode_s, decode_cpu, decode_peak = time.perf_counter() - t, _cpu_seconds() - c, mem.peak
     # 1) the out-of-core pass alone
     with PeakRSS() as mem:
         t, c = time.perf_counter(), _cpu_seconds()
@@ -138,18 +162,15 @@ def run(args: argparse.Namespace) -> int:
         reduce_s, reduce_cpu = time.perf_counter() - t, _cpu_seconds() - c
     n_branch, n_token = col.partials.branch_rows, col.partials.token_rows
     del col
-    rows.append({"stage": "reduce", "branch_rows": n_branch, "token_rows": n_token, "seconds": reduce_s,
-                 "branch_rows_per_s": n_branch / reduce_s, "cpu_seconds": reduce_cpu,
-                 "branch_rows_per_cpu_s": n_branch / reduce_cpu, "peak_rss_gb": mem.peak / 1e9})
+    rows.append(_row("decode only", n_branch, n_token, decode_s, decode_cpu, decode_peak))
+    rows.append(_row("reduce", n_branch, n_token, reduce_s, reduce_cpu, mem.peak))
     # 2) the whole command: pass + summary + sweep + figures + report
     report = work / "report"
     with PeakRSS() as mem:
         t, c = time.perf_counter(), _cpu_seconds()
         analyze([trace], report, memory_limit=memory, threads=args.threads, progress=True)
         full_s, full_cpu = time.perf_counter() - t, _cpu_seconds() - c
-    rows.append({"stage": "full analyze", "branch_rows": n_branch, "token_rows": n_token, "seconds": full_s,
-                 "branch_rows_per_s": n_branch / full_s, "cpu_seconds": full_cpu,
-                 "branch_rows_per_cpu_s": n_branch / full_cpu, "peak_rss_gb": mem.peak / 1e9})
+    rows.append(_row("full analyze", n_branch, n_token, full_s, full_cpu, mem.peak))
     load_end = _load()
     for r in rows:
         r["meets_rows_target"] = r["branch_rows_per_s"] >= TARGET_ROWS_PER_S
@@ -160,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
             "targets": {"branch_rows_per_s": TARGET_ROWS_PER_S, "peak_rss_gb": TARGET_PEAK_GB}}
     notes = (f"Synthetic trace with the tracer's schema: {n_branch:,} branch rows + {n_token:,} token rows, "
              f"{size / 1e9:.2f} GB of zstd Parquet. Throughput counts branch rows; the token table is read and "
-             f"reduced in the same pass. 1-minute load average {load_start:.1f} at start, {load_end:.1f} at end on "
+             f"reduced in the same pass; `decode only` just reads and decodes the same columns (pyarrow on all "
+             f"cores). 1-minute load average {load_start:.1f} at start, {load_end:.1f} at end on "
              f"{os.cpu_count()} cores (a shared machine lowers the wall-clock numbers). `branch_rows_per_cpu_s` divides "
              f"by the CPU seconds of this process and its worker processes, a load-insensitive measure of the work per "
              f"row (on {args.threads} otherwise idle cores the wall-clock rate could at best be {args.threads}x it). "

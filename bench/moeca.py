@@ -160,8 +160,9 @@ def run(args: argparse.Namespace) -> int:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in shape.items()})
 
     notes = _notes(rows, passing, shape, args)
-    cmd = (f"moeca bench moeca --targets {args.targets} --refresh {args.refresh} --forecast {args.forecast} "
-           f"--quality-samples {args.quality_samples} "
+    cmd = (f"moeca bench moeca {'--trace ' + args.trace + ' ' if args.trace else ''}--targets {args.targets} "
+           f"--refresh {args.refresh} --forecast {args.forecast} --quality-samples {args.quality_samples} "
+           f"--shape-steps {args.shape_steps} --shape-repeats {args.shape_repeats} "
            f"--timing-samples {args.timing_samples} --repeats {args.repeats} --threads {args.threads}")
     meta_out = {"trace": str(trace_dir), "trace_samples": meta.get("num_samples"), "sampler": sampler.to_dict(),
                 "targets": targets, "passing_settings": [r["setting"] for r in passing],

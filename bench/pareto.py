@@ -50,7 +50,7 @@ ABLATIONS = {
 DEFAULT_GRID: dict[str, tuple[str, tuple[float, ...]]] = {
     "none": ("full", (1,)),
     "fora": ("interval", (2, 3, 4, 6)),
-    "toca": ("fresh_threshold", (2, 4, 3, 8)),
+    "toca": ("fresh_threshold", (2, 4, 3, 8, 16, 32)),
     # thresholds in units of the mean rescaled change per step (the fit gives the unit; see teacache.py)
     "teacache": ("thresh_x_mean_change", (1.5, 6.0, 3.0, 0.6)),
     "l2c": ("reuse_fraction", (0.55, 0.9, 0.75, 0.3)),

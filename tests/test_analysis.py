@@ -219,6 +219,18 @@ def test_chunked_and_threaded_reads_agree(noisy):
     assert np.array_equal(whole.br_cnt, chunked.br_cnt) and np.array_equal(whole.tok_cnt, chunked.tok_cnt)
 
 
+def test_row_blocks_agree(noisy, monkeypatch):
+    """Reducing a chunk in blocks of a few rows gives the counts of one block and the same sums."""
+    from moeca.analysis import engine
+    whole = trace_partials(noisy, threads=1)
+    monkeypatch.setattr(engine, "BLOCK_ROWS", 37)
+    blocked = trace_partials(noisy, threads=1)
+    for name in ("tu_hist", "ex_hist", "ex_routed", "gw_cnt", "tok_cnt", "br_cnt", "sh_cnt", "tok_total", "fl_br"):
+        assert np.array_equal(getattr(whole, name), getattr(blocked, name)), name
+    for name in ("tu_sum_rel", "tu_sum_cos", "ex_sum_rel", "ex_sum_gate", "tok_err", "br_err", "sh_err"):
+        np.testing.assert_allclose(getattr(whole, name), getattr(blocked, name), rtol=1e-12, err_msg=name)
+
+
 def test_dask_matches_local(known, noisy, tmp_path):
     distributed = pytest.importorskip("distributed")
     from moeca.analysis.report import analyze
