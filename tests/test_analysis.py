@@ -419,3 +419,35 @@ def test_cli_report(tmp_path, known, capsys):
     assert main(["analyze", str(tmp_path / "missing"), "--out", str(tmp_path / "r2"), "--quiet"]) == 2
     with pytest.raises(FileNotFoundError, match="summary.parquet"):
         load_summary(tmp_path)
+
+
+def test_spawned_workers_do_not_rerun_the_callers_script(monkeypatch):
+    """The pass's worker processes import moeca only: while they start, ``__main__``'s path is hidden from
+    multiprocessing (a caller's script without a ``__main__`` guard would otherwise run again in them)."""
+    import sys
+    import types
+
+    from moeca.analysis.engine import _main_not_reimported
+
+    fake = types.ModuleType("__main__")
+    fake.__file__, fake.__spec__ = "/somewhere/user_script.py", None
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    with _main_not_reimported():
+        assert not hasattr(sys.modules["__main__"], "__file__")
+    assert fake.__file__ == "/somewhere/user_script.py"
+
+
+def test_figure_worker_failure_is_reported(tmp_path):
+    from moeca.analysis.report import _draw_figures
+
+    done = tmp_path / "done"
+    _draw_figures([lambda: done.write_text("a"), lambda: (tmp_path / "child").write_text("b")])
+    assert done.read_text() == "a" and (tmp_path / "child").read_text() == "b"
+
+    def boom():
+        raise ValueError("figure failed")
+
+    with pytest.raises(RuntimeError, match="worker process"):      # the child's half (jobs[1::2]) fails
+        _draw_figures([lambda: None, boom])
+    with pytest.raises(ValueError, match="figure failed"):          # this process's half fails
+        _draw_figures([boom, lambda: None])
