@@ -18,6 +18,22 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    """Lay out, write the PNG (110 dpi) and free the figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
+def _line_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, grid, legend and title of a line plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+
+
 def _mean(sum_: np.ndarray, n: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n > 0, sum_ / np.maximum(n, 1), np.nan)
@@ -40,9 +56,7 @@ def drift_heatmaps(p: Partials, path: Path, lag: int = 1) -> None:
         ax.set_title(f"{name}: mean rel. L2 change vs {lag} step(s) back", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.03)
     axes[-1].set_xlabel("sampling step (0 = noisiest)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def reuse_vs_error(curves: pd.DataFrame, path: Path, lags: int) -> None:
@@ -68,9 +82,7 @@ def reuse_vs_error(curves: pd.DataFrame, path: Path, lags: int) -> None:
         ax.legend(fontsize=7, ncol=2)
     axes[0].set_ylabel("fraction of MoE FLOPs reusable")
     fig.suptitle("token-level (dashed) vs expert-branch-level (solid) reuse", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def expert_violins(p: Partials, path: Path, lag: int = 1, max_points: int = 4000) -> None:
@@ -97,9 +109,7 @@ def expert_violins(p: Partials, path: Path, lag: int = 1, max_points: int = 4000
     ax.set_xlabel("expert")
     ax.set_ylabel(f"log10 rel. L2 change vs {lag} step(s) back")
     ax.set_title("per-expert drift distributions (all blocks and steps)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def persistence(p: Partials) -> np.ndarray:
@@ -135,9 +145,7 @@ def routing_stability(p: Partials, path: Path) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def accumulated_drift(p: Partials, path: Path) -> None:
@@ -151,15 +159,10 @@ def accumulated_drift(p: Partials, path: Path) -> None:
         ax.plot(lags, _mean(p.tu_sum_rel[u].sum(axis=(1, 2)), n), "o-", label=unit)
     n = p.ex_hist[..., :NB].sum(axis=(1, 2, 3, 4))
     ax.plot(lags, _mean(p.ex_sum_rel.sum(axis=(1, 2, 3)), n), "s-", color="k", label="routed expert (unweighted)")
-    ax.set_xlabel("cache age L (steps since last refresh)")
-    ax.set_ylabel("mean relative L2 change")
     ax.set_xticks(lags)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("accumulated drift over reuse runs", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _line_axes(ax, "cache age L (steps since last refresh)", "mean relative L2 change",
+               "accumulated drift over reuse runs")
+    _save(fig, path)
 
 
 def gate_dependence(p: Partials, path: Path) -> None:
@@ -172,11 +175,6 @@ def gate_dependence(p: Partials, path: Path) -> None:
         ok = p.gw_cnt[li] > 0
         if ok.any():
             ax.plot(centers[ok], m[ok], "o-", label=f"lag {li + 1}")
-    ax.set_xlabel("gate weight (raw softmax probability)")
-    ax.set_ylabel("mean rel. L2 change of the unweighted expert output")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("expert drift vs gate weight", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _line_axes(ax, "gate weight (raw softmax probability)", "mean rel. L2 change of the unweighted expert output",
+               "expert drift vs gate weight")
+    _save(fig, path)

@@ -25,6 +25,19 @@ def _get(config: Any, name: str) -> Any:
     return getattr(config, name)
 
 
+def block_unit_flops(hidden: int, expert_hidden: int, shared_hidden: int, tokens: int, num_experts: int
+                     ) -> dict[str, float]:
+    """The per-unit FLOPs of one block from its shapes (the module docstring's formulas): ``expert`` (per
+    (token, expert) pair), ``shared``, ``router`` and ``attn`` per token, with ``attn`` split into
+    ``attn_q`` (Q and output projections plus scores and weighted values, per query token) and
+    ``attn_kv`` (K and V projections, per key token)."""
+    d = float(hidden)
+    attn_q = 2.0 * 2 * d * d + 2.0 * 2 * tokens * d
+    attn_kv = 2.0 * 2 * d * d
+    return {"expert": 2.0 * 3 * d * expert_hidden, "shared": 2.0 * 3 * d * shared_hidden,
+            "router": 2.0 * d * num_experts, "attn": attn_q + attn_kv, "attn_q": attn_q, "attn_kv": attn_kv}
+
+
 def unit_flops(config: Mapping | Any) -> dict[str, float]:
     """FLOPs per unit for a DiT-MoE configuration (a ``DiTMoEConfig`` or its ``to_dict()``).
 
@@ -40,10 +53,8 @@ def unit_flops(config: Mapping | Any) -> dict[str, float]:
     tokens = (int(_get(config, "input_size")) // int(_get(config, "patch_size"))) ** 2
     e = int(_get(config, "num_experts"))
     k = int(_get(config, "top_k"))
-    expert = 2.0 * 3 * d * h_e
-    shared = 2.0 * 3 * d * h_s
-    attn = 2.0 * 4 * d * d + 2.0 * 2 * tokens * d
-    router = 2.0 * d * e
+    unit = block_unit_flops(d, h_e, h_s, tokens, e)
+    expert, shared, attn, router = unit["expert"], unit["shared"], unit["attn"], unit["router"]
     moe_total = k * expert + shared
     return {"expert": expert, "shared": shared, "attn": attn, "router": router,
             "moe_total_per_token": moe_total, "block_per_token": attn + router + moe_total,

@@ -171,6 +171,12 @@ class DiTMoEBlock(nn.Module):
         self.moe = SparseMoE(D, config.num_experts, config.top_k, config.expert_hidden, config.shared_hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D, bias=True))
 
+    def attention_input(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The modulated attention input ``modulate(norm1(x), shift_msa, scale_msa)`` -> ``[B, T, D]``
+        (what :meth:`forward` passes to the attention seam; used as a cheap change indicator)."""
+        shift_msa, scale_msa = self.adaLN_modulation(c).chunk(6, dim=1)[:2]
+        return modulate(self.norm1(x), shift_msa, scale_msa)
+
     def forward(self, x: torch.Tensor, c: torch.Tensor, rt: Runtime) -> torch.Tensor:
         """x ``[B, T, D]``, condition c ``[B, D]`` -> ``[B, T, D]``."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
@@ -272,7 +278,7 @@ class DiTMoE(nn.Module):
         if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
             raise ValueError(f"t and y must have shape [{x.shape[0]}]; got t {tuple(t.shape)}, y {tuple(y.shape)}")
         if not torch.compiler.is_compiling() and y.numel():
-            lo, hi = int(y.min()), int(y.max())
+            lo, hi = torch.stack(torch.aminmax(y)).tolist()   # one host sync per forward
             if lo < 0 or hi > self.y_embedder.embedding_table.num_embeddings - 1:
                 raise ValueError(f"labels must lie in 0..{cfg.num_classes - 1} (or {cfg.num_classes} for the null "
                                  f"class); got values in {lo}..{hi}")

@@ -93,7 +93,7 @@ def _train(out_dir: str | Path, cfg: TrainConfig, model_config: DiTMoEConfig | N
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    losses, aux_losses = [], []
+    losses = []
     start = time.time()
     bar = tqdm(range(cfg.steps), desc="train-demo", disable=not progress)
     run_loss = run_aux = 0.0

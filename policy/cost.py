@@ -32,17 +32,16 @@ class UnitCosts:
 
     @classmethod
     def of(cls, config) -> "UnitCosts":
-        D, T, E = config.hidden_size, config.num_tokens, config.num_experts
+        from moeca.analysis.flops import block_unit_flops
+        D = config.hidden_size
         patch = config.patch_size ** 2
+        unit = block_unit_flops(D, config.expert_hidden, config.shared_hidden, config.num_tokens, config.num_experts)
         return cls(
-            attn_q=2 * (D * D + 2 * T * D + D * D),
-            attn_kv=2 * (2 * D * D),
-            expert=2 * 3 * D * config.expert_hidden,
-            shared=2 * 3 * D * config.shared_hidden,
-            router=2 * D * E,
+            attn_q=unit["attn_q"], attn_kv=unit["attn_kv"], expert=unit["expert"], shared=unit["shared"],
+            router=unit["router"],
             per_sample=2 * (config.depth * 6 * D * D + 2 * D * D + 256 * D + D * D),
             per_token_fixed=2 * (patch * config.in_channels * D + D * patch * config.out_channels),
-            num_tokens=T, top_k=config.top_k, depth=config.depth,
+            num_tokens=config.num_tokens, top_k=config.top_k, depth=config.depth,
         )
 
     @property

@@ -132,10 +132,14 @@ class DriftTables:
     alpha: dict
 
 
+def _edge_steps(num_steps: int, cfg: DeriveConfig) -> set[int]:
+    """The first ``warmup_steps`` and the last ``final_steps`` steps (always computed in full)."""
+    return set(range(min(cfg.warmup_steps, num_steps))) | set(range(max(num_steps - cfg.final_steps, 0), num_steps))
+
+
 def sync_steps(num_steps: int, cfg: DeriveConfig) -> tuple[int, ...]:
     """Warm-up steps, final steps and every ``sync_interval``-th step in between."""
-    steps = set(range(min(cfg.warmup_steps, num_steps)))
-    steps |= set(range(max(num_steps - cfg.final_steps, 0), num_steps))
+    steps = _edge_steps(num_steps, cfg)
     if cfg.sync_interval > 0:  # the last warm-up step counts as the first refresh
         steps |= set(range(cfg.warmup_steps - 1 + cfg.sync_interval, num_steps, cfg.sync_interval))
     return tuple(sorted(steps))
@@ -294,7 +298,7 @@ def _plan_sync(tables: DriftTables, sync: frozenset[int], costs: UnitCosts) -> _
 
 def even_sync_steps(num_steps: int, count: int, cfg: DeriveConfig) -> frozenset[int]:
     """Warm-up and final steps plus ``count`` evenly spaced steps ``round(i * S / count)``."""
-    steps = set(range(min(cfg.warmup_steps, num_steps))) | set(range(max(num_steps - cfg.final_steps, 0), num_steps))
+    steps = _edge_steps(num_steps, cfg)
     steps |= {min(round(i * num_steps / count), num_steps - 1) for i in range(count)}
     return frozenset(steps)
 

@@ -234,9 +234,10 @@ class ModelIdentity:
 
     def unit_flops(self) -> dict[str, float]:
         """FLOPs per token of attention, shared expert and router, and per (token, expert) pair."""
-        D, T = self.hidden_size, self.num_tokens
-        return {"attn": 2.0 * (4 * D * D + 2 * T * D), "shared": 6.0 * D * self.shared_hidden,
-                "expert": 6.0 * D * self.expert_hidden, "router": 2.0 * D * self.num_experts}
+        from moeca.analysis.flops import block_unit_flops
+        unit = block_unit_flops(self.hidden_size, self.expert_hidden, self.shared_hidden, self.num_tokens,
+                                self.num_experts)
+        return {k: unit[k] for k in ("attn", "shared", "expert", "router")}
 
     def to_json(self) -> dict:
         return {"name": self.name, "fingerprint": self.fingerprint, "weights_hash": self.weights_hash,
@@ -282,7 +283,8 @@ class Schedule:
 
     def __post_init__(self) -> None:
         check_structure(self)
-        object.__setattr__(self, "_sync", frozenset(self.sync_refresh_steps))  # fast lookups, not a field
+        object.__setattr__(self, "_sync", frozenset(self.sync_refresh_steps))  # fast lookups, not fields
+        object.__setattr__(self, "_full", BlockRule.full(self.model.num_experts))
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -295,7 +297,7 @@ class Schedule:
     def rule(self, step: int, block: int) -> BlockRule:
         """The effective rule of ``block`` at ``step`` (a sync step computes everything)."""
         if self.is_sync(step):
-            return BlockRule.full(self.model.num_experts)
+            return self._full
         return self.steps[step].blocks[block]
 
     def score(self, kind: str) -> ScoreConfig:

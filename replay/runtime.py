@@ -255,7 +255,7 @@ class ReplayRuntime(Runtime):
         self.counters = ReplayCounters(schedule.num_steps, depth)
         self.peak_cache_bytes = 0
         self._contexts: dict[str, _ContextState] = {}
-        self._checked_fingerprint: str | None = None
+        self._checked_config = None
         # which blocks need drift tracking / a whole-MoE cache (decided once from the schedule)
         self._track_attn = [self._scored(b, "attn") for b in range(depth)]
         self._track_moe = [self._scored(b, "moe") or self._scored(b, "shared") or self._scored(b, "expert")
@@ -269,7 +269,7 @@ class ReplayRuntime(Runtime):
         self._cs: _ContextState | None = None
         self._ctx: ForwardContext | None = None
         self._reused: list[tuple[str, int, torch.Tensor]] = []
-        self._stacks: dict[int, tuple] = {}   # block -> ((weight ptr, dtype), bytes, stacked weights)
+        self._stacks: dict[int, tuple] = {}   # block -> ((weight ptr, dtype), bytes, stack or None)
         self._stack_bytes = 0
 
     def _scored(self, block: int, kind: str) -> bool:
@@ -296,10 +296,9 @@ class ReplayRuntime(Runtime):
                                    f"steps but the sampler runs {ctx.num_steps}; derive a schedule for this step count")
         if not 0 <= ctx.step < ctx.num_steps:
             raise ValueError(f"ForwardContext.step {ctx.step} is outside 0..{ctx.num_steps - 1}")
-        fp = model.config.fingerprint()
-        if fp != self._checked_fingerprint:
+        if model.config is not self._checked_config:  # configs are frozen: check each one once
             self.schedule.check_compatible(model.config)
-            self._checked_fingerprint = fp
+            self._checked_config = model.config
         B = x_tokens.shape[0]
         cs = self._contexts.get(ctx.cfg_branch)
         if cs is None or cs.batch != B or ctx.step <= cs.last_step:
@@ -369,10 +368,8 @@ class ReplayRuntime(Runtime):
             return out
         mode = "compute" if self.schedule.is_sync(step) else self.schedule.steps[step].model
         skip = False
-        if self.schedule.model_skip is not None:  # TeaCache indicator, tracked on every forward
-            b0 = model.blocks[0]
-            shift, scale = b0.adaLN_modulation(c).chunk(6, dim=1)[:2]
-            m = modulate(b0.norm1(x), shift, scale)
+        if self.schedule.model_skip is not None:  # change indicator, tracked on every forward (computed or not)
+            m = model.blocks[0].attention_input(x, c)
             prev, cs.model_prev = cs.model_prev, m
             if mode == "adaptive" and prev is not None and prev.shape == m.shape and cs.residual is not None \
                     and cs.residual.shape == x.shape:
@@ -678,20 +675,20 @@ class ReplayRuntime(Runtime):
         """Routed SwiGLU expert weights of ``block`` stacked for :meth:`_compute_groups` (built once per
         block; None for other expert types or when all stacks would exceed ``STACK_LIMIT_BYTES``)."""
         experts = block.moe.experts
-        if not all(isinstance(e, SwiGLU) for e in experts):
-            return None
-        key = (experts[0].gate_proj.weight.data_ptr(), experts[0].gate_proj.weight.dtype)
-        got = self._stacks.pop(block.index, None)
+        w = experts[0].gate_proj.weight if isinstance(experts[0], SwiGLU) else None
+        key = None if w is None else (w.data_ptr(), w.dtype)
+        got = self._stacks.get(block.index)
+        if got is not None and got[0] == key:
+            return got[2]                      # decided before for these weights: the stack, or None
         if got is not None:
-            if got[0] == key:
-                self._stacks[block.index] = got
-                return got[2]
-            self._stack_bytes -= got[1]        # the weights moved or changed dtype: rebuild
+            self._stack_bytes -= got[1]        # the weights moved or changed dtype: decide again
+        self._stacks[block.index] = (key, 0, None)
+        if w is None or not all(isinstance(e, SwiGLU) for e in experts):
+            return None
         size = sum(p.numel() * p.element_size() for p in experts.parameters())
         limit = self.STACK_LIMIT_BYTES
         if limit is None:
-            w = experts[0].gate_proj.weight
-            limit = (torch.cuda.get_device_properties(w.device).total_memory // 4 if w.is_cuda else 512 * 2 ** 20)
+            limit = torch.cuda.get_device_properties(w.device).total_memory // 4 if w.is_cuda else 512 * 2 ** 20
         if self._stack_bytes + size > limit:
             return None
         with torch.no_grad():

@@ -19,6 +19,13 @@ from moeca.analysis.trace import open_trace, parse_memory_limit
 from moeca.models.config import get_preset
 
 
+def copy_trace(trace: Path, dest: Path) -> Path:
+    """A copy of ``trace`` at ``dest`` to damage or edit."""
+    import shutil
+    shutil.copytree(trace, dest)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def known(tmp_path_factory) -> Path:
     """Alternating routing, experts 0 and 2 constant, exact values: 2 samples, CFG, 6 steps, 2 blocks."""
@@ -275,9 +282,7 @@ def test_mixed_traces_refused(known, noisy):
 
 
 def test_sampler_difference_named(tmp_path, known):
-    other = tmp_path / "other"
-    import shutil
-    shutil.copytree(known, other)
+    other = copy_trace(known, tmp_path / "other")
     meta = json.loads((other / "run.json").read_text())
     meta["sampler"]["cfg_scale"] = 3.0
     (other / "run.json").write_text(json.dumps(meta))
@@ -293,9 +298,7 @@ def test_not_a_trace_dir(tmp_path):
 
 
 def test_unknown_schema_version(tmp_path, known):
-    import shutil
-    bad = tmp_path / "v99"
-    shutil.copytree(known, bad)
+    bad = copy_trace(known, tmp_path / "v99")
     meta = json.loads((bad / "run.json").read_text())
     meta["schema_version"] = 99
     (bad / "run.json").write_text(json.dumps(meta))
@@ -304,9 +307,7 @@ def test_unknown_schema_version(tmp_path, known):
 
 
 def test_truncated_parquet_named(tmp_path, known):
-    import shutil
-    bad = tmp_path / "trunc"
-    shutil.copytree(known, bad)
+    bad = copy_trace(known, tmp_path / "trunc")
     victim = bad / "branches" / "shard-00001.parquet"
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])
@@ -319,16 +320,13 @@ def test_truncated_parquet_named(tmp_path, known):
 
 
 def test_zero_steps(tmp_path, known):
-    import shutil
-    bad = tmp_path / "zero"
-    shutil.copytree(known, bad)
+    bad = copy_trace(known, tmp_path / "zero")
     meta = json.loads((bad / "run.json").read_text())
     meta["sampler"]["num_steps"] = 0
     (bad / "run.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="zero steps"):
         open_trace(bad)
-    empty = tmp_path / "empty"
-    shutil.copytree(known, empty)
+    empty = copy_trace(known, tmp_path / "empty")
     for p in (empty / "branches").glob("*.parquet"):
         p.unlink()
     for p in (empty / "tokens").glob("*.parquet"):
@@ -338,9 +336,7 @@ def test_zero_steps(tmp_path, known):
 
 
 def test_incomplete_trace_refused(tmp_path, known):
-    import shutil
-    bad = tmp_path / "partial"
-    shutil.copytree(known, bad)
+    bad = copy_trace(known, tmp_path / "partial")
     meta = json.loads((bad / "run.json").read_text())
     meta["num_shards"] = 3
     (bad / "run.json").write_text(json.dumps(meta))
@@ -354,12 +350,9 @@ def test_incomplete_trace_refused(tmp_path, known):
 
 
 def test_branch_rows_without_token_rows(tmp_path, known):
-    import shutil
-
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    bad = tmp_path / "missing_tokens"
-    shutil.copytree(known, bad)
+    bad = copy_trace(known, tmp_path / "missing_tokens")
     path = bad / "tokens" / "shard-00000.parquet"
     table = pq.read_table(path)
     pq.write_table(table.filter(pc.not_equal(table["step"], 3)), path)

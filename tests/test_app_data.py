@@ -11,8 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
-
+from conftest import make_tiny
 from moeca.app import inventory, replay_run, schedule_view, trace_data as td, uploads
 from moeca.app.paths import resolve_root
 from moeca.app.synthetic import SyntheticTraceConfig, write_example_root, write_synthetic_trace
@@ -127,19 +126,10 @@ def test_trace_errors(tmp_path):
 
 def test_real_tracer_output_is_readable(tmp_path):
     """A trace written by the real tracer (tiny model) aggregates to its row count with correct keys."""
-    from moeca.models.config import DiTMoEConfig
-    from moeca.models.dit_moe import DiTMoE
-    from moeca.models.registry import randomize_zero_init
     from moeca.models.samplers import SamplerConfig
     from moeca.tracer.run import TraceConfig, trace_run
 
-    cfg = DiTMoEConfig(name="tiny", input_size=4, patch_size=1, in_channels=1, hidden_size=32, depth=2,
-                       num_heads=2, num_experts=4, top_k=2, num_classes=3, learn_sigma=False,
-                       objective="rectified_flow")
-    torch.manual_seed(0)
-    model = DiTMoE(cfg)
-    randomize_zero_init(model, 0)
-    model.eval()
+    model = make_tiny()
     sampler = SamplerConfig(kind="rectified_flow", num_steps=4, cfg_scale=1.5, cfg_mode="batched")
     trace_run(model, tmp_path / "tr", TraceConfig(sampler=sampler, labels=(0, 1, 2), batch_size=2, lags=2),
               progress=False, background=False)
@@ -299,18 +289,10 @@ def test_grid():
 
 
 def test_run_replay_no_reuse_is_exact_and_reuse_skips_work():
-    from moeca.models.config import DiTMoEConfig
-    from moeca.models.dit_moe import DiTMoE
-    from moeca.models.registry import randomize_zero_init
     from moeca.policy.schedule import NEVER, BlockRule, StepRule, full_schedule
 
-    cfg = DiTMoEConfig(name="tiny", input_size=4, patch_size=1, in_channels=1, hidden_size=32, depth=2,
-                       num_heads=2, num_experts=4, top_k=2, num_classes=3, learn_sigma=False,
-                       objective="rectified_flow")
-    torch.manual_seed(0)
-    model = DiTMoE(cfg)
-    randomize_zero_init(model, 0)
-    model.eval()
+    model = make_tiny()
+    cfg = model.config
     from moeca.models.samplers import SamplerConfig
     sc = SamplerConfig(kind="rectified_flow", num_steps=6, cfg_scale=1.5, cfg_mode="batched")
     full = full_schedule(cfg, sc)

@@ -13,8 +13,9 @@ import torch
 from moeca.models.samplers import SamplerConfig, sample
 from moeca.policy.baselines import fora, l2c, none, teacache, toca
 from moeca.policy.baselines.common import predicted_flops_ratio
-from moeca.policy.baselines.runtimes import TeaCacheReplayRuntime, TocaReplayRuntime, make_runtime
+from moeca.policy.baselines.runtimes import TocaReplayRuntime, make_runtime
 from moeca.policy.schedule import Schedule
+from moeca.replay.runtime import ReplayRuntime
 
 from conftest import TINY, make_tiny
 
@@ -157,7 +158,7 @@ def test_toca_published_schedule_shape():
     assert all(p.refresh for p in toca.plan(toca.TocaConfig(fresh_threshold=1), 50, 6, 64))
 
 
-class _RecordingTeaCache(TeaCacheReplayRuntime):
+class _RecordingTeaCache(ReplayRuntime):
     """Records block 0's modulated input of every call, to re-derive the skip decisions independently."""
 
     def __init__(self, schedule):
@@ -165,7 +166,7 @@ class _RecordingTeaCache(TeaCacheReplayRuntime):
         self.inputs: list[torch.Tensor] = []
 
     def run_blocks(self, model, x, c):
-        self.inputs.append(teacache.first_block_modulated_input(model, x, c).clone())
+        self.inputs.append(model.blocks[0].attention_input(x, c).clone())
         return super().run_blocks(model, x, c)
 
 

@@ -160,7 +160,6 @@ def test_expert_marked_never_runs_only_on_new_pairs(tiny_model):
     rule = BlockRule(ALWAYS, ALWAYS, ALWAYS, (NEVER, ALWAYS, Rule("fraction", 0.5), ALWAYS))
     rt = CountingReplay(make_schedule(rule, cfg, sync=(0, 3)))
     replay(tiny_model, rt.schedule, cfg, runtime=rt)
-    k = TINY.top_k
     for step in range(STEPS):
         for b in range(TINY.depth):
             idx = rt.routes[(step, b)]

@@ -13,7 +13,7 @@ from moeca.models.config import get_preset
 from moeca.models.samplers import SamplerConfig
 from moeca.policy.derive import DeriveConfig, derive_schedule, even_sync_steps, sync_steps
 from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
-                                   ScheduleError, ScheduleMismatch, ScoreConfig, StepRule, full_schedule, schema)
+                                   ScheduleError, ScheduleMismatch, ScoreConfig, StepRule, schema)
 from moeca.policy.summary import reuse_grid
 from moeca.policy.transfer import retarget
 

@@ -4,10 +4,8 @@ method selects tokens differently from MoECa's online score.
 - ToCa: :class:`TocaReplayRuntime` -- the same caches, gathers and counters as
   :class:`~moeca.replay.runtime.ReplayRuntime`, but the whole-MoE ``fraction`` rule picks tokens the
   ToCa way (per sample, normalised score, staleness, spatial bonus).
-- TeaCache: :class:`TeaCacheReplayRuntime` -- the replay runtime's whole-model skip, plus the published
-  detail that block 0's modulated input is remembered on computed calls too (the base runtime only
-  remembers it on ``adaptive`` steps, so the first adaptive step after a computed one always computes).
-- FORA, L2C, none: the plain replay runtime follows their schedules as they are.
+- FORA, TeaCache, L2C, none: the plain replay runtime follows their schedules as they are (TeaCache's
+  whole-model skip is the schedule format's ``model_skip``).
 
 :func:`make_runtime` picks the right one from a schedule's ``method`` and ``provenance``.
 """
@@ -19,7 +17,6 @@ import torch.nn.functional as F
 from moeca.policy.schedule import Schedule
 from moeca.replay.runtime import ReplayRuntime
 
-from .teacache import first_block_modulated_input
 from .toca import TocaConfig, select_tokens, spatial_bonus
 
 
@@ -52,21 +49,6 @@ class TocaReplayRuntime(ReplayRuntime):
         return (idx + torch.arange(B, device=idx.device).unsqueeze(1) * T).reshape(-1)
 
 
-class TeaCacheReplayRuntime(ReplayRuntime):
-    """Replay whose whole-model skip compares every call with the previous *call*, computed or skipped.
-
-    After a ``compute`` (or sync) step the block-0 modulated input of that step becomes the reference
-    for the next ``adaptive`` step, as in TeaCache (``previous_modulated_input`` is updated every call).
-    """
-
-    def run_blocks(self, model, x, c):
-        out = super().run_blocks(model, x, c)
-        step = self._ctx.step
-        if self.schedule.uses_model_skip and (self.schedule.is_sync(step) or self.schedule.steps[step].model == "compute"):
-            self._cs.model_prev = first_block_modulated_input(model, x, c)
-        return out
-
-
 def toca_config_from(schedule: Schedule) -> TocaConfig:
     """The :class:`TocaConfig` recorded in a ToCa schedule's provenance."""
     raw = dict(schedule.provenance.get("config", {}))
@@ -83,6 +65,4 @@ def make_runtime(schedule: Schedule) -> ReplayRuntime:
     """The runtime that replays ``schedule`` as its method intends."""
     if schedule.method == "toca" and schedule.provenance.get("baseline") == "toca":
         return TocaReplayRuntime(schedule, toca_config_from(schedule))
-    if schedule.method == "teacache":
-        return TeaCacheReplayRuntime(schedule)
     return ReplayRuntime(schedule)

@@ -12,7 +12,8 @@ reset to 0. The first step(s) and the last step are always computed.
 This module holds the knobs (:class:`TeaCacheConfig`), the polynomial fit on full-compute calibration
 runs (:func:`fit_rescale_polynomial`) and the schedule builder (:func:`build_schedule`): the rule is the
 schedule format's whole-model skip (:class:`~moeca.policy.schedule.ModelSkip`), executed by the replay
-runtime (see :class:`moeca.policy.baselines.runtimes.TeaCacheReplayRuntime`).
+runtime (:meth:`moeca.replay.runtime.ReplayRuntime.run_blocks`, which compares every call with the
+previous call, computed or skipped).
 
 Units: relative L1 changes are dimensionless ratios; the accumulator is in the same units.
 """
@@ -25,7 +26,6 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from moeca.models.dit_moe import modulate
 from moeca.models.runtime import ForwardContext, Runtime
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -77,13 +77,6 @@ class TeaCacheConfig:
                 "compute_first_steps": self.compute_first_steps, "compute_last_steps": self.compute_last_steps}
 
 
-def first_block_modulated_input(model: "DiTMoE", x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Block 0's attention input ``modulate(norm1(x), shift_msa, scale_msa)``: x ``[B,T,D]``, c ``[B,D]``."""
-    block = model.blocks[0]
-    shift, scale = block.adaLN_modulation(c).chunk(6, dim=1)[:2]
-    return modulate(block.norm1(x), shift, scale)
-
-
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     """``mean|current - previous| / mean|previous|`` over all elements (one host sync)."""
     denom = previous.abs().mean().clamp_min(1e-12)
@@ -106,7 +99,7 @@ class _ChangeRecorder(Runtime):
         self._ctx = ctx
 
     def run_blocks(self, model, x, c):
-        mod = first_block_modulated_input(model, x, c)
+        mod = model.blocks[0].attention_input(x, c)
         out = super().run_blocks(model, x, c)
         model_out = model.final_layer(out, c)
         key = self._ctx.cfg_branch if self._ctx is not None else "none"
