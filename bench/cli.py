@@ -10,6 +10,7 @@ BENCH_MODULES = (
     "moeca.bench.analyze",    # analysis throughput on a large synthetic trace
     "moeca.bench.moeca",      # MoECa speed/quality targets
     "moeca.bench.pareto",     # MoECa vs baselines Pareto sweep
+    "moeca.bench.refresh",    # replays behind MoECa's refresh rule
     "moeca.bench.app",        # explorer page render times
 )
 

@@ -173,6 +173,46 @@ def run(shapes=SHAPES, intervals=INTERVALS, batch: int = 8, num_steps: int = 50,
     return rows, meta
 
 
+def profile(shape: str, batch: int = 8, num_steps: int = 12, interval: int = 2, log=print) -> None:
+    """Where a MoECa replay spends its time on the GPU: per-step wall time of refresh and forecast steps
+    (CUDA-synchronised), then ``torch.profiler`` tables (host and device time per op) of one run."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from moeca.models.samplers import sample
+    from moeca.policy.baselines.runtimes import make_runtime
+    model = build_model(shape, require_cuda(), torch.bfloat16)
+    sampler = sampler_config(num_steps)
+    schedule = moeca_shaped(model.config, sampler, interval)
+    labels = torch.arange(batch) % model.config.num_classes
+    runtime = make_runtime(schedule)
+    per_step: dict[int, list[float]] = {}
+    forward = model.forward
+
+    def timed_forward(x, t, y, ctx=None):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = forward(x, t, y, ctx)
+        torch.cuda.synchronize()
+        per_step.setdefault(ctx.step, []).append(time.perf_counter() - start)
+        return out
+
+    model.forward = timed_forward
+    for _ in range(2):
+        with model.use_runtime(runtime):
+            sample(model, sampler, labels, seed=0)
+    model.forward = forward
+    ms = {s: 1000 * statistics.median(v) for s, v in sorted(per_step.items())}
+    log(f"{shape}: refresh steps ms {[round(v, 1) for s, v in ms.items() if schedule.is_sync(s)]}")
+    log(f"{shape}: forecast steps ms {[round(v, 1) for s, v in ms.items() if not schedule.is_sync(s)]}")
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with model.use_runtime(runtime):
+            sample(model, sampler, labels, seed=0)
+        torch.cuda.synchronize()
+    log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    log(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=10))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/gpu_check.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/results", help="folder for gpu_check.json / .md")
@@ -182,12 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-seconds", type=float, default=420.0, help="start no measurement after this many seconds")
+    p.add_argument("--profile", metavar="SHAPE", default=None,
+                   help="instead of the sweep: profile a 12-step MoECa replay of SHAPE (refresh every 2 steps)")
     args = p.parse_args(argv)
     try:
         require_cuda()
     except NoCuda as exc:
         print(f"gpu_check: error: {exc}", file=sys.stderr)
         return 2
+    if args.profile:
+        profile(args.profile, args.batch)
+        return 0
     from moeca.bench.results import write_results
     rows, meta = run([s for s in args.shapes.split(",") if s], [int(v) for v in args.intervals.split(",") if v],
                      args.batch, args.steps, args.repeats, args.max_seconds)

@@ -109,7 +109,5 @@ def cmd_derive(args: argparse.Namespace) -> int:
     print(f"refresh rule: {args.refresh}; forecast: {schedule.forecast}; {len(schedule.sync_refresh_steps)} full "
           f"refresh steps; error budget tau: {schedule.provenance['tau']:.4g}; lag exponents: "
           f"{schedule.provenance['alpha']}")
-    print(f"predicted FLOPs ratio: {schedule.predicted_flops_ratio:.3f} "
-          f"({1 / schedule.predicted_flops_ratio:.2f}x fewer FLOPs)")
     print(f"wrote {out}")
     return 0

@@ -97,3 +97,21 @@ def test_settings_reject_bad_values():
         pareto.ParetoSettings(eval_samples=4, timing_batch=8)
     with pytest.raises(ValueError, match="unknown method"):
         pareto.grid_points(["fora", "deepcache"])
+
+
+def test_refresh_bench_schedules_are_valid_and_paired():
+    """`moeca bench refresh`: every replay is a valid schedule; each forecast pair shares its refresh steps."""
+    from conftest import TINY
+    from moeca.bench import refresh
+    from moeca.models.samplers import SamplerConfig
+    from moeca.policy.schedule import validate_json
+
+    sampler = SamplerConfig(kind="rectified_flow", num_steps=12, cfg_scale=1.5, cfg_mode="batched")
+    rows = refresh.schedules(TINY, sampler)
+    assert [g for g, _, _ in rows].count("sync") == 5 and {g for g, _, _ in rows} == {"forecast", "sync", "granularity"}
+    for _, _, schedule in rows:
+        validate_json(schedule.to_json())
+    pairs = [r for r in rows if r[0] != "sync"]
+    for (_, a_name, a), (_, b_name, b) in zip(pairs[::2], pairs[1::2]):
+        assert a.sync_refresh_steps == b.sync_refresh_steps, (a_name, b_name)
+        assert b.forecast == "linear"
