@@ -34,4 +34,8 @@ def __getattr__(name: str):
     if name == "analyze":
         from .report import analyze
         return analyze
-    raise AttributeError(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

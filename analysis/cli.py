@@ -25,14 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "and write REPORT_DIR with report.md (headline first), figures, summary.parquet/"
                                    ".csv, comparison.csv and headline.json.")
     p.add_argument("traces", nargs="+", metavar="TRACE_DIR", help="trace directories to pool")
-    p.add_argument("--out", required=True, metavar="REPORT_DIR", help="report folder (replaced atomically)")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR", help="report folder: built aside and renamed into place; an existing one is replaced only where "
+                        "its .moeca-manifest.json says moeca wrote it (other files stay)")
     p.add_argument("--allow-mixed", action="store_true",
                    help="pool traces of different models or samplers (refused by default)")
     p.add_argument("--memory-limit", default="2GB", help="working-set bound, e.g. 2GB or 512MB (default 2GB)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="Dask distributed scheduler address (tcp://host:8786): one task per trace")
     p.add_argument("--threads", type=int, default=2,
-                   help="worker processes per trace (default 2; traces under 2M branch rows run in-process)")
+                   help="worker processes per trace, 1..256 (default 2; traces under 2M branch rows run in-process)")
     p.add_argument("--headline-error", type=float, default=None,
                    help="mean relative MoE-output error at which the headline compares (default: the error at "
                         "which token-level reuse saves half of the MoE FLOPs, taken from the data)")

@@ -1,4 +1,5 @@
-"""Report figures (matplotlib, Agg backend). Each function saves one PNG and returns nothing."""
+"""Report figures (matplotlib, Agg backend; seaborn for the statistical ones: the drift heatmaps and the
+per-expert violins). Each function saves one PNG and returns nothing."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +17,14 @@ def _plt():
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     return plt
+
+
+def _sns():
+    """seaborn, imported on first use (it loads scipy.stats); its styles are applied per figure with
+    ``sns.axes_style``, never globally, so the matplotlib figures keep their look."""
+    _plt()
+    import seaborn as sns
+    return sns
 
 
 def _save(fig, path: Path) -> None:
@@ -40,7 +49,9 @@ def _mean(sum_: np.ndarray, n: np.ndarray) -> np.ndarray:
 
 
 def drift_heatmaps(p: Partials, path: Path, lag: int = 1) -> None:
-    """Mean rel_l2 at ``lag`` over steps (x) x blocks (y) for each token unit and the routed experts."""
+    """Mean rel_l2 at ``lag`` over steps (x) x blocks (y) for each token unit and the routed experts
+    (seaborn heatmaps, one colour scale per panel, block 0 at the bottom)."""
+    sns = _sns()
     plt = _plt()
     li = lag - 1
     panels = []
@@ -49,12 +60,20 @@ def drift_heatmaps(p: Partials, path: Path, lag: int = 1) -> None:
         panels.append((unit, _mean(p.tu_sum_rel[u, li], n)))
     n = p.ex_hist[li, ..., :NB].sum(-1).sum(-1)                       # [B, S]
     panels.append(("routed experts (pooled)", _mean(p.ex_sum_rel[li].sum(-1), n)))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1.6 * len(panels) + 1), sharex=True)
+    steps, blocks = panels[0][1].shape[1], panels[0][1].shape[0]
+    xticks, yticks = np.arange(0, steps, max(1, steps // 10)), np.arange(0, blocks, max(1, blocks // 6))
+    with sns.axes_style("white"):
+        fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1.7 * len(panels) + 1), sharex=True)
     for ax, (name, m) in zip(axes, panels):
-        im = ax.imshow(m, aspect="auto", origin="lower", cmap="magma", interpolation="nearest")
+        frame = pd.DataFrame(m, index=pd.RangeIndex(m.shape[0], name="block"))
+        # tick labels set afterwards: seaborn redraws the whole figure per heatmap to rotate its own
+        sns.heatmap(frame, ax=ax, cmap="magma", mask=np.isnan(m), xticklabels=False, yticklabels=False,
+                    cbar_kws={"fraction": 0.03, "label": "rel. L2"})
+        ax.set_xticks(xticks + 0.5, [str(v) for v in xticks])
+        ax.set_yticks(yticks + 0.5, [str(v) for v in yticks])
+        ax.invert_yaxis()
         ax.set_ylabel("block")
         ax.set_title(f"{name}: mean rel. L2 change vs {lag} step(s) back", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.03)
     axes[-1].set_xlabel("sampling step (0 = noisiest)")
     _save(fig, path)
 
@@ -86,12 +105,15 @@ def reuse_vs_error(curves: pd.DataFrame, path: Path, lags: int) -> None:
 
 
 def expert_violins(p: Partials, path: Path, lag: int = 1, max_points: int = 4000) -> None:
-    """Per-expert distributions of rel_l2 at ``lag`` (pooled over blocks and steps), from histograms."""
+    """Per-expert distributions of log10 rel_l2 at ``lag`` (pooled over blocks and steps), as seaborn
+    violins with quartiles. The distributions come from the pass's histograms: each expert contributes
+    ``max_points`` bin centres repeated in proportion to its bin counts."""
+    sns = _sns()
     plt = _plt()
     edges = metric_bin_lower_edges()
     centers = np.append((edges[:-1] + edges[1:]) / 2, edges[-1])
     hist = p.ex_hist[lag - 1, ..., :NB].sum(axis=(0, 1))              # [E, NB]
-    data, labels = [], []
+    parts = []
     for e in range(hist.shape[0]):
         h = hist[e]
         if h.sum() == 0:
@@ -100,12 +122,13 @@ def expert_violins(p: Partials, path: Path, lag: int = 1, max_points: int = 4000
         vals = np.repeat(centers, reps)
         if len(vals) < 2:
             vals = np.repeat(centers[np.argmax(h)], 2)
-        data.append(np.log10(np.maximum(vals, 1e-7)))
-        labels.append(str(e))
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels) + 2), 4))
-    if data:
-        ax.violinplot(data, showmedians=True)
-        ax.set_xticks(range(1, len(labels) + 1), labels)
+        parts.append(pd.DataFrame({"expert": str(e), "value": np.log10(np.maximum(vals, 1e-7))}))
+    with sns.axes_style("whitegrid"):
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(parts) + 2), 4))
+    if parts:
+        sns.violinplot(data=pd.concat(parts, ignore_index=True), x="expert", y="value", hue="expert",
+                       palette="viridis", inner="quart", cut=0, density_norm="width", linewidth=0.8, ax=ax,
+                       legend=False)
     ax.set_xlabel("expert")
     ax.set_ylabel(f"log10 rel. L2 change vs {lag} step(s) back")
     ax.set_title("per-expert drift distributions (all blocks and steps)", fontsize=10)

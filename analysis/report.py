@@ -8,14 +8,15 @@ REPORT_DIR/
   figures/*.png
 
 Everything is written into a temporary sibling folder that is renamed into place at the end, so a
-reader never sees a half-written report.
+reader never sees a half-written report (:func:`moeca.common.outputs.output_dir`: the folder carries a
+``.moeca-manifest.json``, and an existing REPORT_DIR is replaced only where that manifest says moeca
+wrote it). The traces are validated first (:func:`moeca.tracer.store.validate_trace`), given once each,
+and REPORT_DIR may not contain or lie inside one of them.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +24,9 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from moeca.common.outputs import check_output_dir, output_dir
 from moeca.tracer.schema import TOKEN_UNITS
+from moeca.tracer.store import check_distinct_traces, validate_trace
 
 from . import compare, figures
 from .collect import Collected, collect
@@ -31,17 +34,24 @@ from .engine import BIN_BAD, NB
 from .flops import unit_flops
 from .summary import summary_frame
 
-REPORT_MARKERS = ("headline.json", "summary.parquet", "report.md")
+def _model_name(t) -> str:
+    return str(t.meta["model"].get("name") or t.config.get("name", "model"))
 
 
 def _label(traces) -> str:
-    t = traces[0]
-    model = t.meta["model"].get("name") or t.config.get("name", "model")
-    samp = t.meta["sampler"]
+    """What the headline is about; pooled traces of different models or samplers name every one."""
     n_samples = sum(len(x.meta.get("labels", []) or []) for x in traces)
     extra = f" over {len(traces)} traces" if len(traces) > 1 else ""
-    return (f"the {model} model ({samp.get('kind', '?')}, {t.num_steps} steps, CFG {samp.get('cfg_scale', '?')}, "
-            f"{n_samples} samples{extra})")
+    runs = list(dict.fromkeys((_model_name(t), str(t.meta["model"].get("weights_hash", "?")),
+                               t.meta["sampler"].get("kind", "?"), t.num_steps, t.meta["sampler"].get("cfg_scale", "?"))
+                              for t in traces))
+    if len(runs) == 1:
+        model, _, kind, steps, cfg = runs[0]
+        return f"the {model} model ({kind}, {steps} steps, CFG {cfg}, {n_samples} samples{extra})"
+    names = [n for n, *_ in runs]
+    parts = [f"{n}" + (f" weights {w}" if names.count(n) > 1 else "") + f" ({k}, {s} steps, CFG {c})"
+             for n, w, k, s, c in runs]
+    return f"{len(runs)} pooled models/samplers: {'; '.join(parts)} ({n_samples} samples{extra}, --allow-mixed)"
 
 
 def _md_table(df: pd.DataFrame, floatfmt: str = ".3g") -> str:
@@ -153,12 +163,16 @@ def build_report(col: Collected, out_tmp: Path, headline_error: float | None = N
                   f"NaN error is never counted as reusable.", ""]
     if col.mixed:
         lines += ["> **Mixed traces pooled (--allow-mixed):** " + "; ".join(col.mixed[:5]), ""]
+    models = list(dict.fromkeys((_model_name(t), t.fingerprint, str(t.meta["model"].get("weights_hash", "?")))
+                                for t in col.traces))
+    samplers = list(dict.fromkeys(json.dumps(t.meta["sampler"], sort_keys=True) for t in col.traces))
     lines += ["## Setup", "",
               f"- traces: {', '.join(str(t.path) for t in col.traces)}",
-              f"- model: `{t0.meta['model'].get('name', '?')}` fingerprint `{t0.fingerprint}`, weights "
-              f"`{t0.meta['model'].get('weights_hash', '?')}`; depth {t0.depth}, {t0.num_experts} experts top-{t0.top_k}, "
+              f"- model{'s' if len(models) > 1 else ''}: "
+              + "; ".join(f"`{n}` fingerprint `{f}`, weights `{w}`" for n, f, w in models)
+              + f"; depth {t0.depth}, {t0.num_experts} experts top-{t0.top_k}, "
               f"{t0.tokens} tokens, shared expert: {'yes' if t0.has_shared else 'no'}",
-              f"- sampler: `{json.dumps(t0.meta['sampler'], sort_keys=True)}`",
+              f"- sampler{'s' if len(samplers) > 1 else ''}: " + "; ".join(f"`{x}`" for x in samplers),
               f"- rows: {p.branch_rows:,} branch rows, {p.token_rows:,} token rows; lags 1..{K}",
               f"- FLOPs per block (2 per multiply-add): routed expert {fl['expert']:.3g} per (token, expert), shared "
               f"{fl['shared']:.3g} per token, attention {fl['attn']:.3g} per token, router {fl['router']:.3g} per "
@@ -225,22 +239,6 @@ def _atomic_df(df: pd.DataFrame, parquet: Path, csv: Path) -> None:
     df.to_csv(csv, index=False)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
-        contents = list(out.iterdir())
-        if contents and not any((out / m).exists() for m in REPORT_MARKERS):
-            raise FileExistsError(f"{out} exists and is not a moeca report folder; refusing to replace it "
-                                  f"(choose another --out or empty it)")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def analyze(trace_dirs: Sequence[str | Path], out: str | Path, allow_mixed: bool = False,
             memory_limit: str | int | None = None, scheduler: Any = None, threads: int = 2,
             headline_error: float | None = None, progress: bool = False, command: str = "",
@@ -255,17 +253,15 @@ def analyze(trace_dirs: Sequence[str | Path], out: str | Path, allow_mixed: bool
         trace_dirs = [trace_dirs]
     if headline_error is not None and not 0 < headline_error < 1:
         raise ValueError(f"headline error {headline_error} must be in (0, 1) (a relative error, e.g. 0.05)")
-    out = Path(out)
-    if out.exists() and out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in REPORT_MARKERS):
-        raise FileExistsError(f"{out} exists and is not a moeca report folder; refusing to replace it")
+    if not isinstance(threads, int) or not 1 <= threads <= 256:
+        raise ValueError(f"--threads {threads} must be an integer in 1..256")
+    trace_dirs = check_distinct_traces(trace_dirs)
+    inputs = [("trace", t) for t in trace_dirs]
+    check_output_dir(out, inputs)                    # refuse before the reduction, not after it
+    for t in trace_dirs:
+        validate_trace(t)
     col = collect(list(trace_dirs), allow_mixed=allow_mixed, memory_limit=memory_limit, scheduler=scheduler,
                   threads=threads, progress=progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with output_dir(out, what="analysis report", inputs=inputs, command=command) as tmp:
         head = build_report(col, tmp, headline_error, command, make_figures)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return head

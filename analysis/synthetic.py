@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -78,6 +79,7 @@ def write_synthetic_trace(out: str | Path, *, depth: int = 2, num_steps: int = 6
     """Write a synthetic trace directory (see module docstring); returns its path. top_k is 2."""
     out = Path(out)
     if out.exists():
+        _check_synthetic(out)   # only ever replace an earlier synthetic trace, never a real one or user files
         shutil.rmtree(out)
     (out / "branches").mkdir(parents=True)
     (out / "tokens").mkdir()
@@ -181,6 +183,23 @@ def write_synthetic_trace(out: str | Path, *, depth: int = 2, num_steps: int = 6
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, out / "run.json")
     return out
+
+
+def _check_synthetic(out: Path) -> None:
+    """Refuse to replace ``out`` unless it is a synthetic trace this module wrote (run.json ``synthetic``)."""
+    try:
+        synthetic = out.is_dir() and "synthetic" in json.loads((out / "run.json").read_text())
+    except (OSError, ValueError, TypeError):
+        synthetic = False
+    if not synthetic:
+        raise FileExistsError(f"{out} exists and is not a synthetic trace written by moeca.analysis.synthetic; "
+                              "refusing to replace it. Choose another folder (e.g. another --work-dir)")
+    ours = re.compile(r"run\.json(\.tmp)?|(branches|tokens)(/\.?shard-\d{5}\.parquet(\.tmp)?)?")
+    foreign = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                     if p.is_symlink() or not ours.fullmatch(p.relative_to(out).as_posix()))
+    if foreign:                 # the folder is replaced whole: nothing the writer did not make may be in it
+        raise FileExistsError(f"{out} is a synthetic trace but also holds {', '.join(foreign[:5])}, which "
+                              "moeca did not write; move them out or choose another folder (e.g. another --work-dir)")
 
 
 def _write(path: Path, cols: dict, schema: pa.Schema, row_group_rows: int) -> None:

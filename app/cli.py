@@ -35,11 +35,29 @@ def check_args(args: argparse.Namespace) -> Path:
     return root
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another program listens on, before anything says the explorer is serving."""
+    import errno
+    import socket
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ValueError(f"--port {port} on {host} is already in use by another program (an explorer "
+                                 f"started earlier?); stop it or choose a free port, e.g. --port {port + 1}") from None
+            raise ValueError(f"cannot listen on --host {host} --port {port}: {exc.strerror or exc}; choose another "
+                             "--host or --port") from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         root = check_args(args)
     except NotADirectoryError as exc:
         raise ValueError(str(exc)) from None
+    check_port_free(args.host, args.port)
     host = args.host
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"moeca app: warning: binding {host} exposes the explorer beyond this machine", file=sys.stderr)

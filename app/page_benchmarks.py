@@ -16,7 +16,7 @@ found = common.inventory(str(root))
 if not found.benchmarks:
     common.show_how_to_produce(root, "benchmark results (bench/results/*.json)", ("pareto",))
 else:
-    options = sorted(found.benchmarks, key=lambda p: (Path(p).name != "pareto.json", p))
+    options = sorted(found.benchmarks, key=lambda p: (not Path(p).name.startswith("pareto_"), p))  # pareto_<model>.json first
     rel = common.pick("Result", tuple(options), key="bench_result",
                       help="`moeca bench NAME` writes NAME.json, NAME.md and NAME.png")
     try:

@@ -148,8 +148,8 @@ m[3].metric("accuracy (full)", "n/a" if out.accuracy_full is None else f"{out.ac
 m[4].metric("accuracy (cached)", "n/a" if out.accuracy_cached is None else f"{out.accuracy_cached:.1%}",
             delta=None if out.accuracy_full is None else f"{(out.accuracy_cached - out.accuracy_full) * 100:+.1f} pt")
 g1, g2 = st.columns(2)
-g1.image(rr.grid(out.full), caption="full compute")
-g2.image(rr.grid(out.cached), caption=f"cached ({schedule.method})")
+g1.image(rr.grid(out.full, out.labels), caption="full compute")
+g2.image(rr.grid(out.cached, out.labels), caption=f"cached ({schedule.method})")
 st.caption("Reused share of rows: " + ", ".join(f"{k} {v:.1%}" for k, v in out.reuse.items())
            + f"; peak cache memory {out.cache_bytes / 2**20:.2f} MiB; labels: "
            + " ".join(str(int(v)) for v in out.labels))

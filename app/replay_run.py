@@ -57,12 +57,11 @@ class ReplayOutcome:
         return self.full_seconds / self.cached_seconds if self.cached_seconds > 0 else float("nan")
 
 
-def grid(images: np.ndarray, columns: int = 8, scale: int = 12) -> np.ndarray:
-    """``[N, C, H, W]`` images in [-1, 1] -> a uint8 RGB picture (``models.card.image_grid``)."""
-    import torch
-
-    from moeca.models.card import image_grid
-    return image_grid(torch.from_numpy(np.asarray(images, dtype=np.float32)), nrow=columns, scale=scale)
+def grid(images: np.ndarray, labels: np.ndarray | None = None, columns: int = 8, scale: int | None = None) -> np.ndarray:
+    """``[N, C, H, W]`` images in [-1, 1] -> a uint8 RGB picture, each image upscaled (None: 64-pixel cells)
+    and captioned with its label ``[N]`` when given (``models.grid.label_grid``)."""
+    from moeca.models.grid import label_grid
+    return label_grid(images, labels, columns=columns, scale=scale)
 
 
 def replay_unavailable() -> str | None:

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import sys
 import tempfile
 import threading
@@ -89,15 +88,28 @@ def ensure_trace(work: Path, rows: float, regenerate: bool = False) -> Path:
     params = {"depth": 12, "num_steps": 50, "num_experts": 8, "side": 16, "samples": samples,
               "samples_per_shard": 4, "lags": 4, "routing": "random", "noise": 0.5, "seed": 0,
               "row_group_rows": 1 << 19, "format": 1}
+    from moeca.common.outputs import OutputError, atomic_write_text, check_replace_file, os_errors
     trace = work / "trace"
     marker = work / "trace.params.json"
-    if not regenerate and marker.is_file() and json.loads(marker.read_text()) == params and (trace / "run.json").is_file():
+    if work.exists() and not work.is_dir():
+        raise OutputError(f"--work-dir {work} is a file, not a folder; give a folder (it is created if absent)")
+    if not regenerate and _cached_params(marker) == params and (trace / "run.json").is_file():
         return trace
-    work.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
-    write_synthetic_trace(trace, progress=True, **params_for_writer(params))
-    marker.write_text(json.dumps(params))
+    check_replace_file(marker, "benchmark cache marker", overwrite=_cached_params(marker) is not None, flag=None)
+    with os_errors(f"--work-dir {work}"):
+        work.mkdir(parents=True, exist_ok=True)
+    write_synthetic_trace(trace, progress=True, **params_for_writer(params))  # replaces only a synthetic trace
+    atomic_write_text(marker, json.dumps(params), what="benchmark cache marker", overwrite=True)
     return trace
+
+
+def _cached_params(marker: Path) -> dict | None:
+    """The parameters recorded by :func:`ensure_trace` in ``marker``; None when absent or not such a file."""
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == 1 and "samples_per_shard" in data else None
 
 
 def params_for_writer(params: dict) -> dict:
@@ -135,13 +147,24 @@ def _row(stage: str, n_branch: int, n_token: int, seconds: float, cpu: float, pe
             "peak_rss_gb": peak / 1e9}
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse --rows and --threads outside their ranges, naming the option."""
+    if not math.isfinite(args.rows) or not 1 <= args.rows <= 1e12:
+        raise ValueError(f"--rows must be a number of branch rows between 1 and 1e12, got {args.rows}")
+    if not 1 <= args.threads <= 256:
+        raise ValueError(f"--threads must be between 1 and 256 worker processes, got {args.threads}")
+
+
 def run(args: argparse.Namespace) -> int:
     from moeca.analysis.collect import collect
     from moeca.analysis.report import analyze
     from moeca.analysis.trace import parse_memory_limit
+    from moeca.common.outputs import check_output_dir, remove_listed
 
-    from .results import write_results
+    from .results import check_results_out, write_results
 
+    check_options(args)
+    check_results_out("analyze", args.out, with_plot=True)          # before minutes of work, not after
     memory = parse_memory_limit(args.memory_limit)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.gettempdir()) / "moeca-bench-analyze"
     t0 = time.perf_counter()
@@ -166,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
     rows.append(_row("reduce", n_branch, n_token, reduce_s, reduce_cpu, mem.peak))
     # 2) the whole command: pass + summary + sweep + figures + report
     report = work / "report"
+    check_output_dir(report, [("trace", trace)], option="the report folder under --work-dir")
     with PeakRSS() as mem:
         t, c = time.perf_counter(), _cpu_seconds()
         analyze([trace], report, memory_limit=memory, threads=args.threads, progress=True)
@@ -218,5 +242,7 @@ def run(args: argparse.Namespace) -> int:
               f"{r['branch_rows_per_s'] / 1e6:.2f}M rows/s ({r['branch_rows_per_cpu_s'] / 1e6:.2f}M rows per CPU-s), "
               f"peak RSS {r['peak_rss_gb']:.2f} GB")
     print(f"results: {paths['md']}")
-    shutil.rmtree(report, ignore_errors=True)
+    remove_listed(report, option="the report folder under --work-dir")   # only what analyze wrote there
+    if not any(report.iterdir()):
+        report.rmdir()
     return 0

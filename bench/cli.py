@@ -11,6 +11,7 @@ BENCH_MODULES = (
     "moeca.bench.moeca",      # MoECa speed/quality targets
     "moeca.bench.pareto",     # MoECa vs baselines Pareto sweep
     "moeca.bench.refresh",    # replays behind MoECa's refresh rule
+    "moeca.bench.ablation",   # MoECa's default rule with and without each component, equal wall-clock speed
     "moeca.bench.app",        # explorer page render times
 )
 

@@ -6,6 +6,8 @@ A step is one guided model call for the batch: batched CFG, so ``batch`` samples
 in the routed experts (grouped dispatch: gather, expert MLPs, scatter), the shared expert, attention
 and the router; "other" is the rest (adaLN, norms, embedders, slot combine, final layer, guidance).
 The timing runtime synchronises CUDA around every seam, so its own step time is reported too.
+With ``--compile`` the same model is then compiled (:func:`moeca.models.compile.compile_model`, once per
+process) and each batch size is timed again after a warm-up that compiles it: ``compiled_ms_per_step``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from functools import lru_cache
 SEAMS = ("routed_experts", "shared_expert", "attention", "route")
 COLUMNS = ["model", "batch", "rows_per_call", "tokens_per_row", "device", "ms_per_step", "ms_per_sample_step",
            "pct_routed_experts", "pct_shared_expert", "pct_attention", "pct_router", "pct_other",
-           "timed_ms_per_step", "repeats"]
+           "timed_ms_per_step", "compiled_ms_per_step", "compile_speedup", "repeats"]
 
 
 @lru_cache(maxsize=None)
@@ -70,16 +72,14 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def measure(model, batch: int, repeats: int, seed: int = 0) -> dict:
-    """One row: median ms per guided step (plain) and seam shares (timing runtime) for ``batch`` samples."""
+def step_fn(model, batch: int, seed: int = 0):
+    """A full-compute guided step of ``batch`` samples (one batched-CFG call) as a no-argument function."""
     import torch
 
-    from moeca.bench.results import median_time
     from moeca.models.samplers import GuidedDenoiser, SamplerConfig, default_sampler, initial_noise
 
     mc = model.config
     device = next(model.parameters()).device
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
     kind = default_sampler(mc.objective).kind
     cfg = SamplerConfig(kind=kind, num_steps=50, cfg_scale=1.5, cfg_mode="batched")
     denoise = GuidedDenoiser(model, cfg)
@@ -91,7 +91,19 @@ def measure(model, batch: int, repeats: int, seed: int = 0) -> dict:
     def step() -> None:
         with torch.no_grad():
             denoise(x, t, y, 25)
+    return step
 
+
+def measure(model, batch: int, repeats: int, seed: int = 0) -> dict:
+    """One row: median ms per guided step (plain) and seam shares (timing runtime) for ``batch`` samples."""
+    import torch
+
+    from moeca.bench.results import median_time
+
+    mc = model.config
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    step = step_fn(model, batch, seed)
     median_s, _ = median_time(step, repeats, warmup=1, sync=sync)
     timer = _timing_runtime_class()(sync)
     timed = []
@@ -113,7 +125,20 @@ def measure(model, batch: int, repeats: int, seed: int = 0) -> dict:
             "pct_routed_experts": 100 * shares["routed_experts"], "pct_shared_expert": 100 * shares["shared_expert"],
             "pct_attention": 100 * shares["attention"], "pct_router": 100 * shares["route"],
             "pct_other": 100 * max(0.0, 1 - sum(shares.values())),
-            "timed_ms_per_step": statistics.median(timed) * 1e3, "repeats": repeats}
+            "timed_ms_per_step": statistics.median(timed) * 1e3, "compiled_ms_per_step": None,
+            "compile_speedup": None, "repeats": repeats}
+
+
+def measure_compiled(model, row: dict, repeats: int, seed: int = 0) -> None:
+    """Add the compiled model's median ms per step to ``row`` (``model`` compiled already; the warm-up compiles)."""
+    import torch
+
+    from moeca.bench.results import median_time
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    median_s, _ = median_time(step_fn(model, row["batch"], seed), repeats, warmup=2, sync=sync)
+    row["compiled_ms_per_step"] = median_s * 1e3
+    row["compile_speedup"] = row["ms_per_step"] / row["compiled_ms_per_step"]
 
 
 def plot_shares(rows: list[dict]):
@@ -144,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from moeca.bench.results import write_results
+    from moeca.models.compile import compile_model
     from moeca.models.registry import load_model, pick_device
 
     if args.repeats < 1:
@@ -162,24 +188,35 @@ def run(args: argparse.Namespace) -> int:
     for name in models:
         model = (load_model("demo", device=device) if name == "demo"
                  else load_model(name, random_init=True, seed=0, device=device))
+        model_rows = []
         for batch in batches:
             row = measure(model, batch, args.repeats)
             print(f"{name} batch {batch}: {row['ms_per_step']:.1f} ms/step; routed experts "
                   f"{row['pct_routed_experts']:.0f}%, shared {row['pct_shared_expert']:.0f}%, attention "
                   f"{row['pct_attention']:.0f}%, router {row['pct_router']:.1f}%", flush=True)
-            rows.append(row)
+            model_rows.append(row)
+        if args.compile:
+            compile_model(model)
+            for row in model_rows:
+                measure_compiled(model, row, args.repeats)
+                print(f"{name} batch {row['batch']}: compiled {row['compiled_ms_per_step']:.1f} ms/step "
+                      f"({row['compile_speedup']:.2f}x eager)", flush=True)
+        rows.extend(model_rows)
         del model
     command = "moeca bench full" + "".join(
         f" --{flag} {value}" for flag, value, default in (("repeats", args.repeats, 5),
                                                           ("batch-sizes", args.batch_sizes, "2,8"),
                                                           ("models", args.models, "demo,S/2-8E2A"))
-        if value != default)
+        if value != default) + (" --compile" if args.compile else "")
     notes = (f"Full-compute sampling step = one batched-CFG model call for the batch (rows = 2 x batch), fp32, "
              f"{device}, {torch.get_num_threads()} torch threads; median of {args.repeats} repeats after a warm-up. "
              "The demo model uses its trained weights; the S/2-8E2A shape uses random weights (256 tokens, "
              "12 blocks, D=384, 8 experts top-2 + shared expert). Shares come from separate runs through a "
              "timing runtime that brackets each seam with perf_counter (and CUDA syncs); `timed_ms_per_step` "
-             "is that runtime's own step time. Routed experts include the grouped dispatch (gather/scatter).")
+             "is that runtime's own step time. Routed experts include the dispatch (sort, gather, scatter; "
+             "moeca.models.dispatch, the per-expert loop on the CPU, grouped_mm on CUDA in bf16). With --compile, "
+             "`compiled_ms_per_step` is the same step after torch.compile (inductor; CUDA graphs on CUDA), timed "
+             "after warm-up calls that compile it; the shares are from the eager runs.")
     import os
     load = [round(x, 2) for x in os.getloadavg()]
     notes += (f" System load average (1/5/15 min) at the end of the run: {load[0]}/{load[1]}/{load[2]} on "
@@ -196,16 +233,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _reformat_table(md_path, rows: list[dict]) -> None:
-    """Rewrite the Markdown table with one decimal (the generic 3-significant-digit format prints
+    """Rewrite the Markdown table with two decimals (the generic 3-significant-digit format prints
     thousands of ms in exponent notation); the JSON keeps full precision."""
-    import os
-
     from moeca.bench.results import markdown_table
+    from moeca.common.outputs import atomic_write_text
     text = md_path.read_text()
-    text = text.replace(markdown_table(rows, COLUMNS), markdown_table(rows, COLUMNS, floatfmt=".1f"))
-    tmp = md_path.with_name(md_path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, md_path)
+    text = text.replace(markdown_table(rows, COLUMNS), markdown_table(rows, COLUMNS, floatfmt=".2f"))
+    atomic_write_text(md_path, text, what="benchmark results")       # just written by write_results: moeca's
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -219,5 +253,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", default="demo,S/2-8E2A", help="comma-separated: demo and/or presets "
                                                               "(random weights) (default demo,S/2-8E2A)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each step compiled with torch.compile (compiles once per shape: minutes on a CPU)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
     p.set_defaults(func=run)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# GPU speed check (issue 6): full vs MoECa vs ToCa vs FORA on S/2-8E2A and XL/2-8E2A shapes (random
-# weights, bf16, batch 8, 50 rectified-flow steps). Needs one CUDA GPU; about 5-7 minutes on an H100.
-# Not part of the tests or CI. Options are passed to bench/gpu_check.py (see --help), e.g.
+# GPU speed check (issues 6, 11): full compute vs FORA, TaylorSeer and MoECa refreshing every 2/3/4 steps on
+# the S/2-8E2A and XL/2-8E2A shapes (random weights, bf16, batch 8, 50 rectified-flow steps), full and cached
+# runs interleaved, eager and compiled. Needs one CUDA GPU; bounded by --max-seconds (default 420: under 8
+# minutes with the final writes). Not part of the tests or CI. Options go to bench/gpu_check.py (see --help):
 #   bench/gpu_check.sh --out bench/results --repeats 3
+#   bench/gpu_check.sh --dry-run --out /tmp/gpu_check     # tiny shape, 2 steps, on the CPU (the script works)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -11,7 +13,7 @@ if ! "$PY" -c "import importlib.util as u; assert u.find_spec('moeca.policy.base
   shim="$(mktemp -d)"
   trap 'rm -rf "$shim"' EXIT
   mkdir -p "$shim/moeca"
-  for d in models tracer analysis policy replay bench data cli; do ln -s "$PWD/$d" "$shim/moeca/$d"; done
+  for d in models tracer analysis policy replay bench data cli common; do ln -s "$PWD/$d" "$shim/moeca/$d"; done
   export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$PY" -m moeca.bench.gpu_check "$@"

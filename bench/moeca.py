@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 NAME = "moeca"
@@ -84,6 +85,21 @@ def _passes(row: dict) -> bool:
             and abs(row["accuracy_cached"] - row["accuracy_full"]) <= 0.01)
 
 
+def _rectified_flow_preset(name: str, seed: int):
+    """Random-weight CPU model of preset ``name`` declared a rectified-flow model, so the Euler sampler and
+    the schedule's ``sampler.kind`` match its objective (S/B presets are DDPM-trained; with random weights
+    only the shape and the cost matter, as in ``bench/gpu_check.py``)."""
+    import torch
+
+    from moeca.models.config import get_preset
+    from moeca.models.dit_moe import DiTMoE
+    from moeca.models.registry import randomize_zero_init
+    torch.manual_seed(seed)
+    model = DiTMoE(replace(get_preset(name), objective="rectified_flow"))
+    randomize_zero_init(model, seed)
+    return model.eval()
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -148,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
             max(passing, key=lambda r: r["speedup"])["target"] if passing else max(rows, key=lambda r: r["speedup"])["target"])
         if pick not in schedules:
             raise ValueError(f"--shape-from {pick} is not one of the derived targets {sorted(schedules)}")
-        big = load_model("S/2-8E2A", random_init=True, seed=0, device="cpu")
+        big = _rectified_flow_preset("S/2-8E2A", seed=0)
         big_sampler = SamplerConfig(kind="rectified_flow", num_steps=args.shape_steps, cfg_scale=1.5, cfg_mode="batched")
         big_schedule = resample_steps(retarget(schedules[pick], big.config), args.shape_steps)
         big_schedule.save(out / "moeca_schedule_S2-8E2A.json")

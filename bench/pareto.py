@@ -1,26 +1,36 @@
-"""``moeca bench pareto``: MoECa against step-, token- and model-level caching on one model.
+"""``moeca bench pareto --model NAME``: MoECa against step-, token- and model-level caching on one model.
 
-Every method runs as a schedule through the same replay runtime (:mod:`moeca.policy.baselines`), on the
-same model, noise and labels. The sweep varies each method's main knob (:data:`DEFAULT_GRID`) and, per
-point, records:
+Every method runs as a schedule through the same replay engine (:mod:`moeca.policy.baselines`), on the
+same model, noise and labels, each tuned over the knobs its authors tune (:data:`DEFAULT_GRID`). The
+protocol (issue 12), per sweep point:
 
-- ``speedup``: wall-clock of full compute (default runtime) over the cached run, both sampling the same
-  ``timing_batch`` samples in this process, medians of ``repeats`` interleaved runs
-  (:func:`moeca.replay.driver.replay_compare`, the measurement ``moeca replay`` reports; the process is
-  warmed up once with a full-compute run of the timed batch);
-- ``flops_ratio``: FLOPs actually computed (rows counted by the replay runtime) over full compute;
-- ``psnr`` / ``ssim`` / ``rel_l2``: fidelity of the ``eval_samples`` cached samples against the
-  full-compute samples from the same noise and labels (PSNR capped at 100 dB = identical);
-- ``accuracy`` / ``fd``: class accuracy and Frechet distance of classifier features to the real test
-  digits (the demo model only; ``None`` for other shapes).
+- ``speedup``: wall-clock of full compute (default runtime) over the cached run on ``timing_batch``
+  samples in this process: every point warms both runtimes up once (untimed), then times them
+  interleaved (full, cached, full, cached, ...) ``repeats`` times; the ratio of the medians
+  (:func:`moeca.replay.driver.replay_compare`). ``speedup_spread`` is half the range of the per-pair
+  ratios;
+- ``flops_ratio``: FLOPs actually computed (rows counted by the replay engine) over full compute;
+- quality on ``eval_samples`` samples for each of two noise seeds (``seeds``), against the
+  full-compute samples from the same noise and labels: ``psnr`` / ``ssim`` / ``rel_l2`` and, on the
+  digits models, class ``accuracy`` and Frechet distance ``fd`` of classifier features to the real
+  test digits. Each figure is the mean of the two seeds; ``<metric>_spread`` is half the seed-to-seed
+  difference ``|seed0 - seed1| / 2`` (the two seeds lie at value +- spread); ``per_seed`` keeps both.
+
+Per method and measured speed the results keep the best point: the method's Pareto front (points no
+other point of the same method beats on both speed and the metric) is interpolated at 2x, 2.5x, 3x
+and 4x (:func:`at_speedups`), with the seed spread, and :func:`comparison` states per speed and metric
+whether MoECa beats the best baseline by more than the two spreads together.
 
 Calibration never uses the evaluation noise: TeaCache's polynomial and L2C's routers are fitted on
-their own seeds, MoECa's schedule is derived from a trace of its own seeds.
+their own seeds, MoECa's schedule is derived from a trace of its own seeds. Every cached artefact
+(full-compute references, traces, TeaCache fit, L2C router) is keyed by the settings that change it
+*and the model's weights hash*, so a retrained checkpoint at the same path never reuses stale results.
 
-The sweep is resumable: ``WORK/pareto_state.json`` holds the settings and every finished point (written
-atomically after each point); ``--resume`` continues a sweep with the same settings. Outputs go to
-``OUT/pareto.{json,md,png}`` via :func:`moeca.bench.results.write_results`; :data:`PARETO_SCHEMA` is the
-JSON Schema of ``pareto.json`` (:func:`validate`).
+The sweep is resumable: ``WORK/pareto_state.json`` holds the settings, weights hash, sampler and every
+finished point (written atomically after each point); ``--resume`` continues a sweep with the same
+settings and weights. Outputs go to ``OUT/pareto_<model>.{json,md,png}`` via
+:func:`moeca.bench.results.write_results`; :data:`PARETO_SCHEMA` is the JSON Schema of that JSON
+(:func:`validate`).
 """
 from __future__ import annotations
 
@@ -29,53 +39,68 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 NAME = "pareto"
 STATE_FILE = "pareto_state.json"
-STATE_VERSION = 1
-TARGET_SPEEDUPS = (2.0, 2.5, 3.0)
+STATE_VERSION = 2
+TARGET_SPEEDUPS = (2.0, 2.5, 3.0, 4.0)
 PSNR_CAP_DB = 100.0
-METHODS = ("none", "moeca", "fora", "toca", "teacache", "l2c", "moeca-plain", "moeca-budget", "fora-forecast")
+SEED_STRIDE = 1_000_000
+"""Quality noise of seed ``j``: the batch starting at sample ``i`` uses seed ``j * SEED_STRIDE + 1 + i``."""
+CALIBRATION_SEED = 900_000_000
+"""Base seed of all calibration noise (TeaCache fit, L2C routers, MoECa trace); apart from evaluation."""
+METRICS = ("psnr", "ssim", "rel_l2", "accuracy", "fd")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "rel_l2": False, "accuracy": True, "fd": False}
+BASELINES = ("taylorseer", "fora", "toca", "teacache", "l2c")
+"""Published methods MoECa is compared with (:func:`comparison`)."""
 ABLATIONS = {
     "moeca-plain": "MoECa's sync rule with plain reuse (forecast none): what forecasting adds",
     "moeca-budget": "MoECa's expert-aware token-budget rule (refresh budget, sync every 10 steps, forecast linear)",
-    "fora-forecast": "FORA with MoECa's linear forecast of reused outputs (block level, TaylorSeer-like): what "
-                     "branch granularity adds over forecasting alone",
 }
-"""Ablations: not baselines from the literature, variants that separate MoECa's ingredients."""
+"""Ablations: not baselines from the literature, variants that separate MoECa's ingredients. TaylorSeer
+of order 1 is the former ``fora-forecast`` ablation (FORA with MoECa's linear forecast)."""
+METHODS = ("none", "moeca", *BASELINES, *ABLATIONS)
+DEFAULT_METHODS = ("none", "moeca", *BASELINES)
 
-DEFAULT_GRID: dict[str, tuple[str, tuple[float, ...]]] = {
-    "none": ("full", (1,)),
-    "fora": ("interval", (2, 3, 4, 6)),
-    "toca": ("fresh_threshold", (2, 4, 3, 8, 16, 32)),
+DEFAULT_GRID: dict[str, tuple[dict[str, float], ...]] = {
+    "none": ({},),
+    "moeca": tuple({"target_speedup": v} for v in (5.0, 3.0, 8.0, 12.0)),
+    # N x m; order 1 is the linear forecast (the former fora-forecast ablation)
+    "taylorseer": tuple({"interval": n, "order": m} for n, m in ((4, 2), (6, 2), (4, 1), (3, 2), (6, 1))),
+    "fora": tuple({"interval": v} for v in (3, 5)),
+    # fresh_ratio x fresh_threshold (published 0.07 x 4), out to 3x+ measured
+    "toca": tuple({"fresh_ratio": r, "fresh_threshold": t} for r, t in ((0.07, 4), (0.03, 8), (0.02, 16))),
     # thresholds in units of the mean rescaled change per step (the fit gives the unit; see teacache.py)
-    "teacache": ("thresh_x_mean_change", (1.5, 6.0, 3.0, 0.6)),
-    "l2c": ("reuse_fraction", (0.55, 0.9, 0.75, 0.3)),
-    "moeca": ("target_speedup", (2.0, 3.5, 5.0, 7.0, 2.5, 1.5)),
-    "moeca-plain": ("target_speedup", (2.0, 3.5, 5.0, 7.0)),
-    "moeca-budget": ("target_speedup", (2.0, 3.0, 4.0)),
-    "fora-forecast": ("interval", (2, 3, 4, 6)),
+    "teacache": tuple({"thresh_x_mean_change": v} for v in (3.0, 6.0, 1.5)),
+    # reuse where the learned router value beta < threshold (the paper's export rule)
+    "l2c": tuple({"threshold": v} for v in (0.5, 0.2, 0.8)),
+    "moeca-plain": tuple({"target_speedup": v} for v in (5.0, 8.0, 3.0)),
+    "moeca-budget": tuple({"target_speedup": v} for v in (2.0, 3.0, 4.0)),
 }
-"""Per method: (knob, values). Each value is one point of the sweep; the order only decides what a sweep
-stopped early has measured (points are visited round-robin over methods, in this order)."""
+"""Per method: its points, each a dict of knob values. The order only decides what a sweep stopped early
+has measured (points are visited round-robin over methods, in this order)."""
 
-COLUMNS = ["method", "knob", "value", "speedup", "flops_ratio", "psnr", "ssim", "rel_l2", "accuracy", "fd",
-           "ms_full", "ms_cached", "reuse_attn", "reuse_expert", "skipped_forwards"]
+COLUMNS = ["method", "setting", "speedup", "speedup_spread", "flops_ratio", "psnr", "psnr_spread", "ssim",
+           "ssim_spread", "accuracy", "accuracy_spread", "fd", "fd_spread", "ms_full", "ms_cached", "reuse_attn",
+           "reuse_expert", "skipped_forwards"]
 
 
 @dataclass(frozen=True)
 class ParetoSettings:
-    """Everything that changes the numbers; a resumed sweep must use the same settings.
+    """Everything that changes the numbers; a resumed sweep must use the same settings (and weights).
 
-    model / checkpoint: what to load (``demo`` = the shipped model). num_steps, cfg_scale, cfg_mode: the
-    sampler (rectified flow). eval_samples: samples for PSNR/SSIM/accuracy/FD, sampled ``eval_batch`` at
-    a time. timing_batch / repeats: samples per timed run and timed repeats per side. seed: evaluation
-    noise seed. trace_samples: samples traced for MoECa's derivation. calibration_samples: samples for
-    TeaCache's fit and L2C's training. l2c_sparsity / l2c_iterations: L2C's sparsity penalty and Adam
-    iterations per step. device: torch device name.
+    model / checkpoint: what to load (``demo``, ``demo-ddpm`` = the shipped models). num_steps, cfg_scale,
+    cfg_mode: the sampler (the model objective's reference sampler: Euler for rectified flow, respaced
+    DDPM for epsilon prediction). eval_samples: quality samples *per noise seed* (150 x 2 seeds = 300
+    per point), sampled ``eval_batch`` at a time. seeds: the two evaluation noise seeds. timing_batch / repeats: samples per timed run and
+    timed repeats per side. trace_samples: samples traced for MoECa's derivation.
+    calibration_samples: samples for TeaCache's fit and L2C's training. l2c_sparsity /
+    l2c_max_iterations: L2C's sparsity penalty and iteration cap (training stops when the loss
+    converges). device: torch device name.
     """
 
     model: str = "demo"
@@ -83,15 +108,15 @@ class ParetoSettings:
     num_steps: int = 50
     cfg_scale: float = 1.5
     cfg_mode: str = "batched"
-    eval_samples: int = 100
-    eval_batch: int = 50
-    timing_batch: int = 16
+    eval_samples: int = 150
+    eval_batch: int = 75
+    seeds: tuple[int, ...] = (0, 1)
+    timing_batch: int = 8
     repeats: int = 3
-    seed: int = 0
     trace_samples: int = 16
-    calibration_samples: int = 2
+    calibration_samples: int = 16
     l2c_sparsity: float = 0.02
-    l2c_iterations: int = 10
+    l2c_max_iterations: int = 200
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -99,46 +124,69 @@ class ParetoSettings:
                      "calibration_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pareto {name} must be >= 1, got {getattr(self, name)}")
-        if self.timing_batch > self.eval_samples:
-            raise ValueError(f"pareto timing_batch ({self.timing_batch}) must not exceed eval_samples "
-                             f"({self.eval_samples}): timing reuses the first evaluation samples")
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if len(self.seeds) != 2 or self.seeds[0] == self.seeds[1] or min(self.seeds) < 0:
+            raise ValueError(f"pareto seeds must be two different seeds >= 0 (the seed spread needs two), got "
+                             f"{list(self.seeds)}")
+        if self.eval_samples >= SEED_STRIDE:
+            raise ValueError(f"pareto eval_samples must be < {SEED_STRIDE} (the seeds' noise would overlap)")
 
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+    def as_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
 
-    def reference_key(self) -> str:
-        """Key of the full-compute reference samples: only the settings that change them."""
-        keep = ("model", "checkpoint", "num_steps", "cfg_scale", "cfg_mode", "eval_samples", "eval_batch", "seed",
-                "device")
-        return hashlib.sha256(json.dumps({k: getattr(self, k) for k in keep}, sort_keys=True).encode()).hexdigest()[:16]
+    def key(self, weights_hash: str | None = None) -> str:
+        """Key of the whole sweep: every setting and the weights hash."""
+        return _hash({**self.as_json(), "weights_hash": weights_hash})
+
+    def reference_key(self, seed: int, weights_hash: str | None) -> str:
+        """Key of the full-compute reference samples of one seed: only what changes them."""
+        keep = ("model", "checkpoint", "num_steps", "cfg_scale", "cfg_mode", "eval_samples", "eval_batch", "device")
+        return _hash({**{k: getattr(self, k) for k in keep}, "seed": seed, "weights_hash": weights_hash})
+
+
+def _hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class Point:
-    """One sweep point: a method and one value of its main knob."""
+    """One sweep point: a method and a value for each of its knobs (``params``: (name, value) pairs)."""
 
     method: str
-    knob: str
-    value: float
+    params: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def setting(self) -> str:
+        return ",".join(f"{k}={v:g}" for k, v in self.params) or "full"
 
     @property
     def key(self) -> str:
-        return f"{self.method}:{self.knob}={self.value:g}"
+        return f"{self.method}:{self.setting}"
+
+    def __getitem__(self, name: str) -> float:
+        return dict(self.params)[name]
 
 
 class SkipPoint(Exception):
     """A point that cannot be built (e.g. a target speedup out of reach); recorded, not fatal."""
 
 
-def grid_points(methods: Sequence[str], grid: dict[str, tuple[str, tuple[float, ...]]] | None = None) -> list[Point]:
+def grid_points(methods: Sequence[str], grid: Mapping[str, Sequence[Mapping[str, float]]] | None = None) -> list[Point]:
     """The sweep points, round-robin over methods (every method's first point, then every second, ...),
-    so a sweep stopped early still covers each method's range."""
+    so a sweep stopped early still covers each method's range. Full compute (``none``) comes last: its
+    row only shows the timing noise at 1x and that replaying it reproduces the reference."""
     grid = grid or DEFAULT_GRID
     unknown = [m for m in methods if m not in grid]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(grid)}")
-    per = [[Point(m, grid[m][0], float(v)) for v in grid[m][1]] for m in methods]
-    return [p[i] for i in range(max(map(len, per), default=0)) for p in per if i < len(p)]
+    per = [[Point(m, tuple((k, float(v)) for k, v in p.items())) for p in grid[m]] for m in methods]
+    points = [p[i] for i in range(max(map(len, per), default=0)) for p in per if i < len(p)]
+    return [p for p in points if p.method != "none"] + [p for p in points if p.method == "none"]
+
+
+def results_name(model: str) -> str:
+    """``pareto_<model>``: the results file stem of one model (characters outside ``[A-Za-z0-9_.-]`` -> ``_``)."""
+    return f"{NAME}_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}"
 
 
 # ----------------------------------------------------------------------------- state
@@ -162,23 +210,28 @@ def _clean(value: Any) -> Any:
 
 
 class SweepState:
-    """``pareto_state.json``: settings, calibration results and finished points, saved after each change."""
+    """``pareto_state.json``: settings, weights hash, sampler, calibration summaries and finished points,
+    saved after each change. ``resume`` continues only a sweep of the same settings and weights."""
 
-    def __init__(self, path: Path, settings: ParetoSettings, resume: bool):
+    def __init__(self, path: Path, settings: ParetoSettings, weights_hash: str | None, sampler: dict, resume: bool):
         self.path = path
         self.settings = settings
-        self.data: dict = {"version": STATE_VERSION, "settings": asdict(settings), "key": settings.key(),
+        ident = {"settings": settings.as_json(), "weights_hash": weights_hash, "sampler": _clean(sampler)}
+        self.data: dict = {"version": STATE_VERSION, **ident, "key": settings.key(weights_hash),
                            "calibration": {}, "points": {}, "skipped": {}}
         if resume and path.is_file():
             old = json.loads(path.read_text())
             if old.get("version") != STATE_VERSION:
                 raise ValueError(f"{path}: sweep state version {old.get('version')} is not {STATE_VERSION}; "
                                  "rerun without --resume")
-            if old.get("key") != settings.key():
-                diff = [f"{k}: {old['settings'].get(k)!r} -> {v!r}" for k, v in asdict(settings).items()
-                        if old.get("settings", {}).get(k) != v]
-                raise ValueError(f"{path}: cannot resume, the settings differ ({'; '.join(diff)}); rerun without "
-                                 "--resume or with the same options")
+            diff = [f"{k}: {old.get('settings', {}).get(k)!r} -> {v!r}" for k, v in ident["settings"].items()
+                    if old.get("settings", {}).get(k) != v]
+            for name in ("weights_hash", "sampler"):
+                if old.get(name) != ident[name]:
+                    diff.append(f"{name}: {old.get(name)!r} -> {ident[name]!r}")
+            if diff:
+                raise ValueError(f"{path}: cannot resume, the sweep was run with other settings or weights "
+                                 f"({'; '.join(diff)}); rerun without --resume (or with the same options and weights)")
             self.data = old
         path.parent.mkdir(parents=True, exist_ok=True)
         self.save()
@@ -207,31 +260,118 @@ class SweepState:
         _atomic_json(self.path, self.data)
 
 
+# ----------------------------------------------------------------------------- quality
+def quality(images, reference, labels, classifier) -> dict[str, float | None]:
+    """PSNR (capped), SSIM, relative L2 of ``images`` against ``reference`` (both ``[N, C, H, W]``, means
+    over samples) and, with a ``classifier``, class accuracy and Frechet distance to the real digits."""
+    from moeca.models.metrics import psnr, relative_l2, ssim
+    out: dict[str, float | None] = {
+        "psnr": float(psnr(images, reference, max_db=PSNR_CAP_DB).mean()),
+        "ssim": float(ssim(images, reference).mean()),
+        "rel_l2": float(relative_l2(images, reference).mean()),
+        "accuracy": None, "fd": None}
+    if classifier is not None:
+        from moeca.models.evaluator import evaluate_samples
+        ev = evaluate_samples(images, labels, classifier)
+        out.update(accuracy=float(ev["accuracy"]), fd=float(ev["fd"]))
+    return out
+
+
+def with_spread(per_seed: Sequence[Mapping[str, float | None]], names: Iterable[str]) -> dict:
+    """``{name: mean, name_spread: |a - b| / 2}`` over the two seeds' values (None when missing)."""
+    out: dict[str, float | None] = {}
+    for name in names:
+        a, b = (s.get(name) for s in per_seed)
+        both = a is not None and b is not None
+        out[name] = (a + b) / 2 if both else None
+        out[f"{name}_spread"] = abs(a - b) / 2 if both else None
+    return out
+
+
+def timing_spread(times_full: Sequence[float], times_cached: Sequence[float]) -> float:
+    """Half the range of the per-pair speedups ``full_i / cached_i`` of the interleaved timed runs."""
+    ratios = [f / c for f, c in zip(times_full, times_cached)]
+    return (max(ratios) - min(ratios)) / 2
+
+
 # ----------------------------------------------------------------------------- the sweep
 @dataclass
 class SweepContext:
-    """The model, sampler and evaluation set shared by all points (built once per process)."""
+    """The model, sampler and evaluation sets shared by all points (built once per process)."""
 
     model: Any
     sampler: Any
-    labels: Any            # [eval_samples] int64
-    reference: Any         # full-compute samples [eval_samples, C, H, W] (CPU)
+    labels: Any              # [eval_samples] int64
+    references: list         # per seed: full-compute samples [eval_samples, C, H, W] (CPU)
     weights_hash: str | None
     classifier: Any = None
     extra: dict = field(default_factory=dict)
 
 
+def sampler_for(model_config, settings: ParetoSettings):
+    """The sampler of the sweep: the model objective's reference sampler at the settings' steps and CFG."""
+    from moeca.models.samplers import default_sampler
+    return default_sampler(model_config.objective, num_steps=settings.num_steps, cfg_scale=settings.cfg_scale,
+                           cfg_mode=settings.cfg_mode)
+
+
+def code_version() -> dict:
+    """What code produced the numbers: git commit and changed files of the working tree (if a git
+    checkout), and the schedule format version the engine reads."""
+    import subprocess
+
+    from moeca.policy.schedule import FORMAT_VERSION
+    root = Path(__file__).resolve().parents[1]
+    out: dict[str, Any] = {"schedule_format": FORMAT_VERSION, "git_commit": None, "git_changed_files": None}
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                           check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.splitlines()
+        out["git_changed_files"] = len(status)
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return out
+
+
+@dataclass(frozen=True)
+class SweepInfo:
+    """What the results files say about a sweep besides its rows: settings, state (calibrations, skipped
+    and pending points), model name, weights hash and sampler (``SamplerConfig.to_dict()``)."""
+
+    settings: ParetoSettings
+    state: SweepState
+    model_name: str
+    weights_hash: str
+    sampler: dict
+
+
 class ParetoSweep:
-    """Runs the sweep; ``log(msg)`` receives progress notes, ``progress`` toggles the tqdm bar."""
+    """Runs the sweep; ``log(msg)`` receives progress notes, ``progress`` toggles the tqdm bars."""
 
     def __init__(self, model, settings: ParetoSettings, work_dir: str | os.PathLike, *, resume: bool = False,
                  progress: bool = True, log: Callable[[str], None] = print, model_name: str | None = None):
+        from moeca.models.checkpoint import weights_hash
         self.model, self.settings, self.work = model, settings, Path(work_dir)
         self.work.mkdir(parents=True, exist_ok=True)
-        self.state = SweepState(self.work / STATE_FILE, settings, resume)
+        self.weights_hash = weights_hash(model)
+        self.sampler = sampler_for(model.config, settings)
+        self.state = SweepState(self.work / STATE_FILE, settings, self.weights_hash, self.sampler.to_dict(), resume)
         self.progress, self.log = progress, log
         self.model_name = model_name or settings.model
         self._ctx: SweepContext | None = None
+
+    @property
+    def info(self) -> SweepInfo:
+        return SweepInfo(self.settings, self.state, self.model_name, self.weights_hash, self.sampler.to_dict())
+
+    def quality_seed(self, j: int) -> int:
+        """Base noise seed of evaluation seed ``j`` (see :data:`SEED_STRIDE`)."""
+        return self.settings.seeds[j] * SEED_STRIDE + 1
+
+    def cache_key(self, name: str, **extra: Any) -> str:
+        """Key of a cached artefact: its own knobs, the sampler and the weights hash."""
+        return _hash({"artefact": name, "weights_hash": self.weights_hash, "sampler": self.sampler.to_dict(), **extra})
 
     # -- shared setup ----------------------------------------------------------------------------
     def context(self) -> SweepContext:
@@ -239,71 +379,89 @@ class ParetoSweep:
             return self._ctx
         import torch
 
-        from moeca.models.checkpoint import weights_hash
-        from moeca.models.samplers import SamplerConfig
-        from moeca.replay.driver import sample_batches
+        from moeca.replay.driver import is_digits_demo, sample_batches
         s, model = self.settings, self.model
         mc = model.config
-        sampler = SamplerConfig(kind="rectified_flow", num_steps=s.num_steps, cfg_scale=s.cfg_scale, cfg_mode=s.cfg_mode)
         labels = torch.arange(s.eval_samples) % mc.num_classes
-        ref_path = self.work / f"reference-{s.reference_key()}.pt"
-        if ref_path.is_file():
-            reference = torch.load(ref_path, weights_only=True)
-        else:
-            self.log(f"pareto: full-compute reference for {s.eval_samples} samples")
-            # the seeds replay_compare uses for its quality samples (batch at index i: seed + 1 + i)
-            reference = sample_batches(model, sampler, labels, s.seed + 1, s.eval_batch)
-            tmp = ref_path.with_name(f".{ref_path.name}.tmp")
-            torch.save(reference, tmp)
-            os.replace(tmp, ref_path)
+        references = []
+        for j, seed in enumerate(s.seeds):
+            path = self.work / f"reference-{s.reference_key(seed, self.weights_hash)}.pt"
+            if path.is_file():
+                references.append(torch.load(path, weights_only=True))
+                continue
+            self.log(f"pareto: full-compute reference, seed {seed}, {s.eval_samples} samples")
+            ref = sample_batches(model, self.sampler, labels, self.quality_seed(j), s.eval_batch)
+            tmp = path.with_name(f".{path.name}.tmp")
+            torch.save(ref, tmp)
+            os.replace(tmp, path)
+            references.append(ref)
         classifier = None
-        if (mc.in_channels, mc.input_size) == (1, 8):
+        if is_digits_demo(mc):
             from moeca.models.evaluator import DigitsClassifier
             classifier = DigitsClassifier.load_shipped("cpu")
-        self._ctx = SweepContext(model, sampler, labels, reference, weights_hash(model), classifier)
+        self._ctx = SweepContext(model, self.sampler, labels, references, self.weights_hash, classifier)
         return self._ctx
 
     # -- calibrations ------------------------------------------------------------------------------
     def teacache_fit(self) -> dict:
-        got = self.state.calibration("teacache_fit")
-        if got is None:
-            import torch
+        """TeaCache's polynomial on ``calibration_samples`` full-compute samples (own noise), cached in
+        ``teacache-fit-<key>.json`` (key: samples, sampler, weights hash)."""
+        import torch
 
-            from moeca.policy.baselines.teacache import fit_rescale_polynomial
-            ctx = self.context()
-            n = self.settings.calibration_samples
+        from moeca.policy.baselines.teacache import fit_rescale_polynomial
+        n = self.settings.calibration_samples
+        path = self.work / f"teacache-fit-{self.cache_key('teacache-fit', samples=n)}.json"
+        if path.is_file():
+            got = json.loads(path.read_text())
+        else:
             labels = torch.arange(n) % self.model.config.num_classes
-            self.log("pareto: fitting the TeaCache rescaling polynomial")
-            fit = fit_rescale_polynomial(self.model, ctx.sampler, labels, seeds=(self.settings.seed + 10_001,))
-            got = {"coefficients": list(fit.coefficients), "r2": fit.r2, "mean_change": fit.mean_output_change(),
-                   "pairs": len(fit.input_changes)}
+            self.log(f"pareto: fitting the TeaCache rescaling polynomial on {n} samples")
+            fit = fit_rescale_polynomial(self.model, self.sampler, labels, seeds=(CALIBRATION_SEED + 1,))
+            got = _clean({"coefficients": list(fit.coefficients), "r2": fit.r2, "mean_change": fit.mean_output_change(),
+                          "pairs": len(fit.input_changes), "samples": n, "weights_hash": self.weights_hash})
+            _atomic_json(path, got)
+        if self.state.calibration("teacache_fit") != got:
             self.state.set_calibration("teacache_fit", got)
         return got
 
+    def l2c_config(self):
+        from moeca.policy.baselines.l2c import L2CConfig
+        s = self.settings
+        return L2CConfig(sparsity=s.l2c_sparsity, max_iterations=s.l2c_max_iterations,
+                         batch_samples=min(L2CConfig.batch_samples, s.calibration_samples),
+                         calibration_samples=s.calibration_samples, calibration_seed=CALIBRATION_SEED + 2)
+
     def l2c_router(self):
-        from moeca.policy.baselines.l2c import L2CConfig, L2CRouter, train_router
-        cfg = L2CConfig(sparsity=self.settings.l2c_sparsity, iterations=self.settings.l2c_iterations,
-                        calibration_samples=self.settings.calibration_samples, calibration_seed=self.settings.seed + 1000)
-        path = self.work / f"l2c-router-{self.settings.key()}.json"
+        """L2C's routers trained to convergence, cached in ``l2c-router-<key>.json`` with their loss
+        curves (key: training knobs, sampler, weights hash)."""
+        from moeca.policy.baselines.l2c import L2CRouter, train_router
+        cfg = self.l2c_config()
+        path = self.work / f"l2c-router-{self.cache_key('l2c-router', **cfg.training_key())}.json"
         if path.is_file():
-            return L2CRouter.load(path), cfg
-        ctx = self.context()
-        self.log("pareto: training the L2C routers")
-        bar = self._bar(ctx.sampler.num_steps - 1, "l2c routers")
-        router = train_router(self.model, ctx.sampler, cfg, progress=lambda done, total: bar.update(1))
-        bar.close()
-        router.save(path)
+            router = L2CRouter.load(path)
+        else:
+            self.log(f"pareto: training the L2C routers on {cfg.calibration_samples} samples until the loss converges")
+            bar = self._bar(self.sampler.num_steps - 1, "l2c routers")
+            router = train_router(self.model, self.sampler, cfg, progress=lambda done, total: bar.update(1),
+                                  weights_hash=self.weights_hash)
+            bar.close()
+            router.save(path)
+        summary = _clean({"file": path.name, **router.meta})
+        if self.state.calibration("l2c_router") != summary:
+            self.state.set_calibration("l2c_router", summary)
         return router, cfg
 
     def moeca_inputs(self) -> tuple[Any, dict]:
-        if "moeca" not in (ctx := self.context()).extra:
+        ctx = self.context()
+        if "moeca" not in ctx.extra:
             from moeca.analysis import drift_summary
             from moeca.tracer.run import TraceConfig, trace_run
             from moeca.tracer.store import complete_shards, read_run_meta
             s = self.settings
-            trace_dir = self.work / f"trace-{s.key()}"
+            trace_dir = self.work / f"trace-{self.cache_key('trace', samples=s.trace_samples)}"
             labels = tuple(i % self.model.config.num_classes for i in range(s.trace_samples))
-            config = TraceConfig(sampler=ctx.sampler, labels=labels, seed=s.seed + 2000, batch_size=min(8, s.trace_samples))
+            config = TraceConfig(sampler=self.sampler, labels=labels, seed=CALIBRATION_SEED + 3,
+                                 batch_size=min(8, s.trace_samples))
             exists = trace_dir.is_dir() and any(trace_dir.iterdir())
             if not exists or len(complete_shards(trace_dir)) < config.num_shards:
                 self.log(f"pareto: tracing {s.trace_samples} samples for MoECa")
@@ -315,36 +473,36 @@ class ParetoSweep:
 
     # -- schedules -------------------------------------------------------------------------------------
     def schedule_for(self, point: Point):
-        from moeca.policy.baselines import fora, l2c, none, teacache, toca
-        ctx = self.context()
-        mc, sampler, wh = self.model.config, ctx.sampler, ctx.weights_hash
+        """``(schedule, detail)`` of a point; ``detail`` holds derived knob values worth recording."""
+        from dataclasses import replace
+
+        from moeca.policy.baselines import fora, l2c, none, taylorseer, teacache, toca
+        mc, sampler, wh = self.model.config, self.sampler, self.weights_hash
         if point.method == "none":
             return none.build_schedule(none.NoneConfig(), mc, sampler, wh), {}
-        if point.method in ("fora", "fora-forecast"):
-            schedule = fora.build_schedule(fora.ForaConfig(interval=int(point.value)), mc, sampler, wh)
-            if point.method == "fora-forecast":
-                from dataclasses import replace
-                schedule = replace(schedule, method="custom", forecast="linear",
-                                   provenance={**schedule.provenance, "ablation": ABLATIONS["fora-forecast"]})
-            return schedule, {}
+        if point.method == "fora":
+            return fora.build_schedule(fora.ForaConfig(interval=int(point["interval"])), mc, sampler, wh), {}
+        if point.method == "taylorseer":
+            cfg = taylorseer.TaylorSeerConfig(interval=int(point["interval"]), order=int(point["order"]))
+            return taylorseer.build_schedule(cfg, mc, sampler, wh), {}
         if point.method == "toca":
-            return toca.build_schedule(toca.TocaConfig(fresh_threshold=int(point.value)), mc, sampler, wh), {}
+            cfg = toca.TocaConfig(fresh_ratio=point["fresh_ratio"], fresh_threshold=int(point["fresh_threshold"]))
+            return toca.build_schedule(cfg, mc, sampler, wh), {}
         if point.method == "teacache":
             fit = self.teacache_fit()
-            thresh = point.value * fit["mean_change"]
+            thresh = point["thresh_x_mean_change"] * fit["mean_change"]
             cfg = teacache.TeaCacheConfig(rel_l1_thresh=thresh, coefficients=tuple(fit["coefficients"]))
             return teacache.build_schedule(cfg, mc, sampler, wh), {"rel_l1_thresh": thresh}
         if point.method == "l2c":
             router, cfg = self.l2c_router()
-            from dataclasses import replace
-            cfg = replace(cfg, reuse_fraction=point.value)
-            return l2c.build_schedule(router, cfg, mc, sampler, wh), {}
+            schedule = l2c.build_schedule(router, replace(cfg, threshold=point["threshold"]), mc, sampler, wh)
+            return schedule, {"reused_decisions": schedule.provenance["reused_decisions"]}
         if point.method in ("moeca", "moeca-plain", "moeca-budget"):
             from moeca.policy.derive import DeriveConfig, derive_schedule
             summary, run_meta = self.moeca_inputs()
             variant = {"moeca": {}, "moeca-plain": {"forecast": "none"}, "moeca-budget": {"refresh": "budget"}}
             try:
-                return derive_schedule(summary, run_meta, DeriveConfig(target_speedup=point.value,
+                return derive_schedule(summary, run_meta, DeriveConfig(target_speedup=point["target_speedup"],
                                                                        **variant[point.method])), {}
             except ValueError as exc:
                 raise SkipPoint(str(exc)) from None
@@ -352,32 +510,29 @@ class ParetoSweep:
 
     # -- measurement ------------------------------------------------------------------------------------
     def measure(self, point: Point) -> dict:
-        """One row: :func:`moeca.replay.driver.replay_compare` (the measurement ``moeca replay`` uses) with
-        the baseline's runtime, against the cached full-compute reference of the evaluation set."""
-        from moeca.models.metrics import psnr, relative_l2, ssim
-        from moeca.policy.baselines.runtimes import make_runtime
-        from moeca.replay.driver import replay_compare
+        """One row: timing by :func:`moeca.replay.driver.replay_compare` (warm-up of both runtimes, then
+        interleaved timed runs) and quality of the two seeds' evaluation sets against their references."""
+        from moeca.replay.runtime import ReplayRuntime
+        from moeca.replay.driver import replay_compare, sample_batches
         ctx = self.context()
         schedule, detail = self.schedule_for(point)
         s = self.settings
-        if not ctx.extra.get("warm"):  # one warm-up of the timed batch per process, not one per point
-            from moeca.models.samplers import sample
-            sample(self.model, ctx.sampler, ctx.labels[:s.timing_batch], seed=s.seed)
-            ctx.extra["warm"] = True
-        result = replay_compare(self.model, schedule, ctx.sampler, ctx.labels[:s.timing_batch], seed=s.seed,
-                                repeats=s.repeats, quality_labels=ctx.labels, quality_batch=s.eval_batch,
-                                evaluate=False, progress=self.progress, model_name=self.model_name,
-                                runtime_factory=make_runtime, quality_reference=ctx.reference, warmup=False)
-        rep, images = result.report, result.quality_cached
+        result = replay_compare(self.model, schedule, ctx.sampler, ctx.labels[:s.timing_batch], seed=s.seeds[0],
+                                repeats=s.repeats, evaluate=False, progress=self.progress, model_name=self.model_name,
+                                runtime_factory=ReplayRuntime, warmup=True)
+        rep = result.report
+        per_seed = []
+        for j, ref in enumerate(ctx.references):
+            images = sample_batches(self.model, ctx.sampler, ctx.labels, self.quality_seed(j), s.eval_batch,
+                                    ReplayRuntime(schedule))
+            per_seed.append(quality(images, ref, ctx.labels, ctx.classifier))
         counters = rep.counters
-        row = {
-            "method": point.method, "knob": point.knob, "value": point.value, "point": point.key,
-            "speedup": rep.speedup, "flops_ratio": rep.flops_ratio,
-            "predicted_flops_ratio": schedule.predicted_flops_ratio,
-            "psnr": float(psnr(images, ctx.reference, max_db=PSNR_CAP_DB).mean()),
-            "ssim": float(ssim(images, ctx.reference).mean()),
-            "rel_l2": float(relative_l2(images, ctx.reference).mean()),
-            "accuracy": None, "fd": None,
+        return {
+            "method": point.method, "setting": point.setting, "params": dict(point.params), "point": point.key,
+            "speedup": rep.speedup, "speedup_spread": timing_spread(rep.times_full_s, rep.times_cached_s),
+            "flops_ratio": rep.flops_ratio, "predicted_flops_ratio": schedule.predicted_flops_ratio,
+            **with_spread(per_seed, METRICS),
+            "per_seed": {m: [q[m] for q in per_seed] for m in METRICS},
             "ms_full": 1000 * rep.time_full_s, "ms_cached": 1000 * rep.time_cached_s,
             "times_full_s": list(rep.times_full_s), "times_cached_s": list(rep.times_cached_s),
             "reuse_attn": float(rep.reuse["attn"]), "reuse_expert": float(rep.reuse["expert"]),
@@ -385,21 +540,19 @@ class ParetoSweep:
             "cache_mb": rep.cache_bytes / 2 ** 20,
             "detail": detail,
         }
-        if ctx.classifier is not None:
-            from moeca.models.evaluator import evaluate_samples
-            ev = evaluate_samples(images, ctx.labels, ctx.classifier)
-            row["accuracy"], row["fd"] = ev["accuracy"], ev["fd"]
-        return row
 
     def reference_metrics(self) -> dict:
+        """Full compute's own accuracy and FD per seed (mean and seed spread) and the real-vs-real floor."""
         got = self.state.calibration("reference_metrics")
         if got is None:
             ctx = self.context()
-            got = {"accuracy": None, "fd": None, "fd_floor": None, "samples": int(ctx.labels.shape[0])}
+            got = {"accuracy": None, "accuracy_spread": None, "fd": None, "fd_spread": None, "fd_floor": None,
+                   "samples": int(ctx.labels.shape[0]), "seeds": list(self.settings.seeds)}
             if ctx.classifier is not None:
                 from moeca.models.evaluator import evaluate_samples
-                ev = evaluate_samples(ctx.reference, ctx.labels, ctx.classifier)
-                got.update(accuracy=ev["accuracy"], fd=ev["fd"], fd_floor=ev["fd_floor"])
+                evs = [evaluate_samples(ref, ctx.labels, ctx.classifier) for ref in ctx.references]
+                got.update(with_spread([{k: float(e[k]) for k in ("accuracy", "fd")} for e in evs], ("accuracy", "fd")))
+                got["fd_floor"] = float(evs[0]["fd_floor"])
             self.state.set_calibration("reference_metrics", got)
         return got
 
@@ -433,89 +586,157 @@ class ParetoSweep:
 
 
 # ----------------------------------------------------------------------------- analysis of the curves
-def _x(row: dict, axis: str) -> float | None:
+def _x(row: Mapping, axis: str) -> float | None:
     if axis == "flops":
         return 1.0 / row["flops_ratio"] if row.get("flops_ratio") else None
     return row.get("speedup")
 
 
-def interpolate(rows: Sequence[dict], method: str, metric: str, target: float, axis: str = "speedup") -> float | None:
-    """``metric`` of ``method`` at speedup ``target``: linear between the two points that bracket it
-    (sorted by speedup); None when the curve does not reach ``target``. ``axis``: ``speedup`` (measured
-    wall clock) or ``flops`` (FLOPs speedup ``1 / flops_ratio``, free of timing noise)."""
-    pts = sorted((_x(r, axis), r[metric]) for r in rows
-                 if r["method"] == method and r.get(metric) is not None and _x(r, axis) is not None)
-    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+def front(rows: Sequence[Mapping], method: str, metric: str, axis: str = "speedup") -> list[Mapping]:
+    """The method's Pareto front for ``metric``: its points that no other of its points beats on both the
+    speed (``axis``) and the metric (ties on both: the first is kept), sorted by speed."""
+    better = HIGHER_IS_BETTER[metric]
+    pts = [r for r in rows if r["method"] == method and r.get(metric) is not None and _x(r, axis) is not None]
+
+    def beats(a, b) -> bool:
+        xa, xb, ya, yb = _x(a, axis), _x(b, axis), a[metric], b[metric]
+        ge = xa >= xb and (ya >= yb if better else ya <= yb)
+        return ge and (xa > xb or ya != yb)
+
+    kept = [p for p in pts if not any(beats(q, p) for q in pts if q is not p)]
+    unique = {(_x(p, axis), p[metric]): p for p in reversed(kept)}
+    return sorted(unique.values(), key=lambda r: _x(r, axis))
+
+
+def interpolate(rows: Sequence[Mapping], method: str, metric: str, target: float, axis: str = "speedup"
+                ) -> tuple[float, float | None] | None:
+    """``(value, spread)`` of ``metric`` for ``method`` at speed ``target``, linear between the two points
+    of its Pareto front (:func:`front`) that bracket it; None when the front does not reach ``target``.
+    ``axis``: ``speedup`` (measured wall clock) or ``flops`` (``1 / flops_ratio``, no timing noise). The
+    spread (``<metric>_spread``, None when the rows have none) is interpolated the same way."""
+    pts = front(rows, method, metric, axis)
+
+    def at(r: Mapping) -> tuple[float, float | None]:
+        return r[metric], r.get(f"{metric}_spread")
+
+    for a, b in zip(pts, pts[1:]):
+        s0, s1 = _x(a, axis), _x(b, axis)
         if s0 <= target <= s1:
-            return v0 if s1 == s0 else v0 + (v1 - v0) * (target - s0) / (s1 - s0)
-    if pts and any(abs(s - target) < 1e-12 for s, _ in pts):
-        return next(v for s, v in pts if abs(s - target) < 1e-12)
-    return None
+            w = 0.0 if s1 == s0 else (target - s0) / (s1 - s0)
+            (v0, e0), (v1, e1) = at(a), at(b)
+            spread = None if e0 is None or e1 is None else e0 + (e1 - e0) * w
+            return v0 + (v1 - v0) * w, spread
+    exact = [r for r in pts if abs(_x(r, axis) - target) < 1e-12]
+    return at(exact[0]) if exact else None
 
 
-def at_speedups(rows: Sequence[dict], methods: Sequence[str], targets: Sequence[float] = TARGET_SPEEDUPS,
+TABLE_METRICS = ("psnr", "ssim", "accuracy", "fd")
+
+
+def at_speedups(rows: Sequence[Mapping], methods: Sequence[str], targets: Sequence[float] = TARGET_SPEEDUPS,
                 axis: str = "speedup") -> dict:
-    """``{method: {"2x": {"psnr": .., "fd": ..}, ...}}`` by interpolation along each curve."""
-    return {m: {f"{t:g}x": {"psnr": interpolate(rows, m, "psnr", t, axis), "fd": interpolate(rows, m, "fd", t, axis)}
-                for t in targets} for m in methods if m != "none"}
-
-
-def verdict(table: dict, targets: Sequence[float] = TARGET_SPEEDUPS) -> list[dict]:
-    """Issue 6's target per speedup: MoECa's PSNR higher and FD lower than both ToCa and FORA."""
-    out = []
-    for t in targets:
-        key = f"{t:g}x"
-        row: dict[str, Any] = {"speedup": key}
-        ours = table.get("moeca", {}).get(key, {})
-        for metric, better in (("psnr", lambda a, b: a > b), ("fd", lambda a, b: a < b)):
-            mine = ours.get(metric)
-            others = {m: table.get(m, {}).get(key, {}).get(metric) for m in ("toca", "fora")}
-            if mine is None:
-                row[metric] = "moeca has no point at this speedup"
-            elif any(v is None for v in others.values()):
-                missing = [m for m, v in others.items() if v is None]
-                row[metric] = f"moeca beats {'/'.join(m for m, v in others.items() if v is not None and better(mine, v)) or 'none'}; " \
-                              f"{', '.join(missing)} not reached"
-            else:
-                row[metric] = "met" if all(better(mine, v) for v in others.values()) else "not met"
-            row[f"{metric}_values"] = {"moeca": mine, **others}
-        out.append(row)
+    """``{method: {"2x": {"psnr": v, "psnr_spread": s, "fd": ..., ...}}}`` along each method's fronts."""
+    out: dict = {}
+    for m in methods:
+        if m == "none":
+            continue
+        out[m] = {}
+        for t in targets:
+            cell: dict[str, float | None] = {}
+            for metric in TABLE_METRICS:
+                got = interpolate(rows, m, metric, t, axis)
+                cell[metric], cell[f"{metric}_spread"] = got if got is not None else (None, None)
+            out[m][f"{t:g}x"] = cell
     return out
 
 
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+def comparison(table: Mapping, targets: Sequence[float] = TARGET_SPEEDUPS,
+               metrics: Sequence[str] = ("psnr", "fd")) -> list[dict]:
+    """Per speed and metric: MoECa against the best baseline (:data:`BASELINES`) reaching that speed.
+
+    ``verdict``: ``wins`` / ``loses`` when the difference exceeds the sum of the two seed spreads,
+    ``within noise`` otherwise; ``moeca not reached`` / ``no baseline reached`` when a side has no value.
+    """
+    out = []
+    for t in targets:
+        key = f"{t:g}x"
+        for metric in metrics:
+            higher = HIGHER_IS_BETTER[metric]
+            ours = table.get("moeca", {}).get(key, {})
+            others = {m: table[m][key] for m in BASELINES if m in table and table[m][key].get(metric) is not None}
+            row: dict[str, Any] = {"speedup": key, "metric": metric, "moeca": ours.get(metric),
+                                   "moeca_spread": ours.get(f"{metric}_spread"), "best": None, "best_value": None,
+                                   "best_spread": None, "delta": None}
+            if others:
+                best = (max if higher else min)(others, key=lambda m: others[m][metric])
+                row.update(best=best, best_value=others[best][metric], best_spread=others[best].get(f"{metric}_spread"))
+            if row["moeca"] is None:
+                row["verdict"] = "moeca not reached"
+            elif row["best"] is None:
+                row["verdict"] = "no baseline reached"
+            else:
+                delta = row["moeca"] - row["best_value"]
+                noise = (row["moeca_spread"] or 0.0) + (row["best_spread"] or 0.0)
+                gain = delta if higher else -delta
+                row.update(delta=delta, verdict="within noise" if abs(delta) <= noise else "wins" if gain > 0 else "loses")
+            out.append(row)
+    return out
+
+
+def _fmt(v: Any, spread: Any = None) -> str:
+    if v is None:
+        return "n/a"
+    text = f"{v:.3g}" if isinstance(v, float) else str(v)
+    return text if spread is None else f"{text} ± {spread:.2g}"
 
 
 def notes_markdown(meta: dict) -> str:
-    ref = meta["reference"]
-    lines = [f"Model `{meta['settings']['model']}`, {meta['settings']['num_steps']} rectified-flow steps, CFG "
-             f"{meta['settings']['cfg_scale']} ({meta['settings']['cfg_mode']}); timing on "
-             f"{meta['settings']['timing_batch']} samples, median of {meta['settings']['repeats']} interleaved "
-             f"runs per side; quality on {meta['settings']['eval_samples']} samples (same noise and labels as full "
-             f"compute). Full compute: accuracy {_fmt(ref.get('accuracy'))}, FD {_fmt(ref.get('fd'))} "
-             f"(real-vs-real floor {_fmt(ref.get('fd_floor'))}). PSNR is capped at {PSNR_CAP_DB:g} dB (identical).",
-             "", "Interpolated at measured speedups (PSNR dB / FD):", "",
-             "| method | " + " | ".join(f"{t:g}x" for t in TARGET_SPEEDUPS) + " |",
-             "|---|" + "---|" * len(TARGET_SPEEDUPS)]
-    for m, per in meta["at_speedup"].items():
-        cells = [f"{_fmt(v['psnr'])} / {_fmt(v['fd'])}" for v in per.values()]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "The same at FLOPs speedups (``1 / flops_ratio``; counted rows, no timing noise):", "",
-              "| method | " + " | ".join(f"{t:g}x" for t in TARGET_SPEEDUPS) + " |",
-              "|---|" + "---|" * len(TARGET_SPEEDUPS)]
-    for m, per in meta["at_flops_speedup"].items():
-        cells = [f"{_fmt(v['psnr'])} / {_fmt(v['fd'])}" for v in per.values()]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    for title, key in (("measured", "verdict"), ("FLOPs", "verdict_flops")):
-        lines += ["", f"Target (MoECa better than both ToCa and FORA on PSNR and on FD), at {title} speedups:", ""]
-        for v in meta[key]:
-            lines.append(f"- {v['speedup']}: PSNR {v['psnr']} ({', '.join(f'{k} {_fmt(x)}' for k, x in v['psnr_values'].items())}); "
-                         f"FD {v['fd']} ({', '.join(f'{k} {_fmt(x)}' for k, x in v['fd_values'].items())})")
+    st, ref = meta["settings"], meta["reference"]
+    sampler = meta["sampler"]
+    lines = [f"Model `{st['model']}` (weights `{meta['weights_hash']}`), {sampler['kind']} sampler, "
+             f"{sampler['num_steps']} steps, CFG {sampler['cfg_scale']} ({sampler['cfg_mode']}). Timing: "
+             f"{st['timing_batch']} samples, every method warmed up once, median of {st['repeats']} interleaved "
+             f"runs per side. Quality: {st['eval_samples']} samples for each of the noise seeds {st['seeds']} "
+             "against full compute from the same noise and labels; every figure is the mean of the two seeds "
+             "± half their difference (the seed spread). Full compute: accuracy "
+             f"{_fmt(ref.get('accuracy'), ref.get('accuracy_spread'))}, FD {_fmt(ref.get('fd'), ref.get('fd_spread'))} "
+             f"(real-vs-real floor {_fmt(ref.get('fd_floor'))}). PSNR is capped at {PSNR_CAP_DB:g} dB (identical). "
+             f"Code: git {str(meta['code'].get('git_commit'))[:10]} with {meta['code'].get('git_changed_files')} "
+             f"changed files, schedule format {meta['code'].get('schedule_format')}."]
+    for title, key in (("measured wall-clock speedups", "at_speedup"), ("FLOPs speedups (1 / FLOPs ratio; counted "
+                                                                         "rows, no timing noise)", "at_flops_speedup")):
+        targets = list(next(iter(meta[key].values()), {}).keys())
+        lines += ["", f"Best point of each method along its Pareto front at {title}: PSNR dB / FD "
+                      "(each ± seed spread):", "",
+                  "| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+        for m, per in meta[key].items():
+            cells = [f"{_fmt(v['psnr'], v['psnr_spread'])} / {_fmt(v['fd'], v['fd_spread'])}" for v in per.values()]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for title, key in (("measured", "comparison"), ("FLOPs", "comparison_flops")):
+        lines += ["", f"MoECa against the best baseline at each {title} speedup (wins / loses: by more than the "
+                      "two seed spreads together):", ""]
+        for c in meta[key]:
+            if c["moeca"] is None or c["best"] is None:
+                lines.append(f"- {c['speedup']} {c['metric']}: {c['verdict']}")
+                continue
+            lines.append(f"- {c['speedup']} {c['metric']}: **{c['verdict']}**, moeca {_fmt(c['moeca'], c['moeca_spread'])} "
+                         f"vs {c['best']} {_fmt(c['best_value'], c['best_spread'])} (difference {c['delta']:+.3g})")
     present = [m for m in ABLATIONS if m in meta["at_speedup"]]
     if present:
-        lines += ["", "Ablations (dashed in the plot; not part of the target): "
+        lines += ["", "Ablations (dashed in the plot; not compared): "
                   + "; ".join(f"`{m}`: {ABLATIONS[m]}" for m in present) + "."]
+    if meta.get("calibration"):
+        cal = meta["calibration"]
+        if "l2c_router" in cal:
+            r = cal["l2c_router"]
+            lines += ["", f"L2C routers: {r['training']['calibration_samples']} calibration samples, "
+                          f"{r['converged_steps']} of {r['num_steps'] - 1} steps converged, "
+                          f"{r['iterations']['min']}-{r['iterations']['max']} iterations per step "
+                          f"(loss curves in `{r['file']}`)."]
+        if "teacache_fit" in cal:
+            f = cal["teacache_fit"]
+            lines += ["", f"TeaCache polynomial: fitted on {f['samples']} samples ({f['pairs']} call pairs, "
+                          f"predicted channels only), R^2 {_fmt(f['r2'])}."]
     if meta.get("pending"):
         lines += ["", f"**Partial sweep**: {len(meta['pending'])} points not measured yet "
                       f"(rerun with `--resume`): {', '.join(meta['pending'])}"]
@@ -525,7 +746,8 @@ def notes_markdown(meta: dict) -> str:
 
 
 def plot(rows: Sequence[dict], reference: dict, path: Path) -> None:
-    """Panels: PSNR and FD against measured speedup (the issue's Pareto plots), PSNR against FLOPs speedup."""
+    """Panels: PSNR and FD against measured speedup (points with seed-spread bars, each method's front as a
+    line), PSNR against FLOPs speedup."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -534,17 +756,20 @@ def plot(rows: Sequence[dict], reference: dict, path: Path) -> None:
         panels.append(("fd", "speedup", "Frechet distance to real digits (lower is better)"))
     panels.append(("psnr", "flops", "PSNR vs full compute (dB)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     for ax, (metric, axis, label) in zip(axes[0], panels):
         for method in METHODS:
-            pts = sorted((_x(r, axis), r[metric]) for r in rows
-                         if r["method"] == method and r.get(metric) is not None and _x(r, axis) is not None)
+            pts = [r for r in rows if r["method"] == method and r.get(metric) is not None and _x(r, axis) is not None]
             if not pts:
                 continue
-            xs, ys = zip(*pts)
-            style = dict(marker="o", lw=2.2) if method == "moeca" else dict(marker=".", lw=1.2)
+            ax.errorbar([_x(r, axis) for r in pts], [r[metric] for r in pts],
+                        yerr=[r.get(f"{metric}_spread") or 0.0 for r in pts], fmt="o" if method == "moeca" else ".",
+                        color=colors[method], alpha=0.45, ms=4, lw=0.8)
+            line = front(rows, method, metric, axis)
+            style = dict(lw=2.2) if method == "moeca" else dict(lw=1.2)
             if method in ABLATIONS:
                 style["ls"] = "--"
-            ax.plot(xs, ys, label=method, **style)
+            ax.plot([_x(r, axis) for r in line], [r[metric] for r in line], color=colors[method], label=method, **style)
         if metric == "fd" and reference.get("fd") is not None:
             ax.axhline(reference["fd"], color="k", ls="--", lw=0.8, label="full compute")
         for t in TARGET_SPEEDUPS:
@@ -558,113 +783,131 @@ def plot(rows: Sequence[dict], reference: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def build_meta(settings: ParetoSettings, state: SweepState, rows: Sequence[dict], methods: Sequence[str],
-               grid: dict | None = None) -> dict:
+def build_meta(sweep: SweepInfo, rows: Sequence[dict], methods: Sequence[str],
+               grid: Mapping[str, Sequence[Mapping[str, float]]] | None = None) -> dict:
     grid = grid or DEFAULT_GRID
+    state = sweep.state
     table = at_speedups(rows, methods)
+    flops_table = at_speedups(rows, methods, axis="flops")
     pending = [p.key for p in grid_points(methods, grid) if p.key not in state.points and p.key not in state.data["skipped"]]
-    return _clean({"settings": asdict(settings), "grid": {m: list(grid[m][1]) for m in methods},
+    return _clean({"settings": sweep.settings.as_json(), "model": sweep.model_name, "weights_hash": sweep.weights_hash,
+                   "sampler": sweep.sampler, "code": code_version(),
+                   "grid": {m: [dict(p) for p in grid[m]] for m in methods},
                    "reference": state.calibration("reference_metrics") or {},
                    "calibration": {k: v for k, v in state.data["calibration"].items() if k != "reference_metrics"},
-                   "at_speedup": table, "verdict": verdict(table),
-                   "at_flops_speedup": at_speedups(rows, methods, axis="flops"),
-                   "verdict_flops": verdict(at_speedups(rows, methods, axis="flops")),
-                   "skipped": dict(state.data["skipped"]),
-                   "pending": pending})
+                   "at_speedup": table, "comparison": comparison(table),
+                   "at_flops_speedup": flops_table, "comparison_flops": comparison(flops_table),
+                   "skipped": dict(state.data["skipped"]), "pending": pending})
 
 
-def write(settings: ParetoSettings, state: SweepState, rows: Sequence[dict], methods: Sequence[str],
-          out_dir: str | os.PathLike, command: str, grid: dict | None = None) -> dict[str, Path]:
-    """Write pareto.json/.md/.png for the rows so far (a partial sweep lists its pending points)."""
+def write(sweep: SweepInfo, rows: Sequence[dict], methods: Sequence[str], out_dir: str | os.PathLike, command: str,
+          grid: Mapping[str, Sequence[Mapping[str, float]]] | None = None) -> dict[str, Path]:
+    """Write ``pareto_<model>.json/.md/.png`` for the rows so far (a partial sweep lists its pending points)."""
     from moeca.bench.results import write_results
-    meta = build_meta(settings, state, rows, methods, grid)
-    return write_results(NAME, [_clean(r) for r in rows], out_dir, meta=meta, columns=COLUMNS,
-                         title="Pareto: MoECa vs FORA, ToCa, TeaCache, L2C", notes=notes_markdown(meta),
+    meta = build_meta(sweep, rows, methods, grid)
+    return write_results(results_name(sweep.model_name), [_clean(r) for r in rows], out_dir, meta=meta,
+                         columns=COLUMNS, title=f"Pareto on `{sweep.model_name}`: MoECa vs TaylorSeer, FORA, ToCa, "
+                                                "TeaCache, L2C", notes=notes_markdown(meta),
                          plot=lambda p: plot(rows, meta["reference"], p), command=command)
 
 
 _NUM = {"type": "number"}
 _NUM_OR_NULL = {"type": ["number", "null"]}
-_AT = {"type": "object", "required": ["psnr", "fd"], "additionalProperties": False,
-       "properties": {"psnr": _NUM_OR_NULL, "fd": _NUM_OR_NULL}}
+_SPREAD = {"type": ["number", "null"], "minimum": 0}
+_CELL = {"type": "object", "required": [x for m in TABLE_METRICS for x in (m, f"{m}_spread")],
+         "additionalProperties": False,
+         "properties": {x: (_NUM_OR_NULL if not x.endswith("_spread") else _SPREAD)
+                        for m in TABLE_METRICS for x in (m, f"{m}_spread")}}
+_TABLE = {"type": "object", "propertyNames": {"enum": list(METHODS)},
+          "additionalProperties": {"type": "object", "additionalProperties": _CELL}}
+_COMPARISON = {"type": "array", "items": {
+    "type": "object", "required": ["speedup", "metric", "moeca", "moeca_spread", "best", "best_value", "best_spread",
+                                   "delta", "verdict"],
+    "properties": {"verdict": {"enum": ["wins", "loses", "within noise", "moeca not reached", "no baseline reached"]},
+                   "best": {"enum": [*BASELINES, None]}}}}
+_ROW_NUMBERS = {
+    "speedup": {"type": "number", "exclusiveMinimum": 0}, "speedup_spread": {"type": "number", "minimum": 0},
+    "flops_ratio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1.5},
+    "predicted_flops_ratio": _NUM_OR_NULL,
+    "psnr": {"type": "number", "maximum": PSNR_CAP_DB}, "ssim": {"type": "number", "minimum": -1, "maximum": 1},
+    "rel_l2": {"type": "number", "minimum": 0},
+    "accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    "fd": {"type": ["number", "null"], "minimum": 0},
+    **{f"{m}_spread": _SPREAD for m in METRICS},
+    "ms_full": {"type": "number", "exclusiveMinimum": 0}, "ms_cached": {"type": "number", "exclusiveMinimum": 0},
+    "reuse_attn": {"type": "number", "minimum": 0, "maximum": 1},
+    "reuse_expert": {"type": "number", "minimum": 0, "maximum": 1},
+    "skipped_forwards": {"type": "number", "minimum": 0, "maximum": 1},
+    "cache_mb": {"type": "number", "minimum": 0},
+}
 
 PARETO_SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": "https://moeca.invalid/schemas/pareto-v1.json",
-    "title": "moeca bench pareto results",
-    "description": "Written by `moeca bench pareto` (moeca/bench/pareto.py); one row per sweep point.",
+    "$id": "https://moeca.invalid/schemas/pareto-v2.json",
+    "title": "moeca bench pareto results (one model)",
+    "description": "Written by `moeca bench pareto --model NAME` (moeca/bench/pareto.py); one row per sweep point.",
     "type": "object",
-    "$defs": {"verdict": {"type": "array", "items": {
-        "type": "object", "required": ["speedup", "psnr", "fd", "psnr_values", "fd_values"],
-        "properties": {"speedup": {"type": "string"}, "psnr": {"type": "string"}, "fd": {"type": "string"}}}}},
     "required": ["name", "command", "meta", "environment", "rows"],
     "additionalProperties": False,
     "properties": {
-        "name": {"const": NAME},
+        "name": {"type": "string", "pattern": f"^{NAME}_"},
         "command": {"type": ["string", "null"]},
         "environment": {"type": "object", "required": ["python", "torch"]},
         "meta": {
             "type": "object",
-            "required": ["settings", "grid", "reference", "calibration", "at_speedup", "verdict",
-                         "at_flops_speedup", "verdict_flops", "skipped", "pending"],
+            "required": ["settings", "model", "weights_hash", "sampler", "code", "grid", "reference", "calibration",
+                         "at_speedup", "comparison", "at_flops_speedup", "comparison_flops", "skipped", "pending"],
             "additionalProperties": False,
             "properties": {
                 "settings": {"type": "object", "required": [f.name for f in fields(ParetoSettings)],
                              "additionalProperties": False,
                              "properties": {f.name: {} for f in fields(ParetoSettings)}},
+                "model": {"type": "string"},
+                "weights_hash": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+                "sampler": {"type": "object", "required": ["kind", "num_steps", "cfg_scale", "cfg_mode"]},
+                "code": {"type": "object", "required": ["schedule_format", "git_commit", "git_changed_files"]},
                 "grid": {"type": "object", "propertyNames": {"enum": list(METHODS)},
-                         "additionalProperties": {"type": "array", "items": _NUM}},
-                "reference": {"type": "object", "required": ["accuracy", "fd", "fd_floor", "samples"],
-                              "properties": {"accuracy": _NUM_OR_NULL, "fd": _NUM_OR_NULL,
-                                             "fd_floor": _NUM_OR_NULL, "samples": {"type": "integer", "minimum": 1}}},
+                         "additionalProperties": {"type": "array", "items": {
+                             "type": "object", "additionalProperties": _NUM}}},
+                "reference": {"type": "object",
+                              "required": ["accuracy", "accuracy_spread", "fd", "fd_spread", "fd_floor", "samples", "seeds"],
+                              "properties": {"accuracy": _NUM_OR_NULL, "fd": _NUM_OR_NULL, "fd_floor": _NUM_OR_NULL,
+                                             "accuracy_spread": _SPREAD, "fd_spread": _SPREAD,
+                                             "samples": {"type": "integer", "minimum": 1}}},
                 "calibration": {"type": "object"},
-                "at_speedup": {"type": "object", "propertyNames": {"enum": list(METHODS)},
-                               "additionalProperties": {"type": "object", "additionalProperties": _AT}},
-                "verdict": {"$ref": "#/$defs/verdict"},
-                "at_flops_speedup": {"type": "object", "propertyNames": {"enum": list(METHODS)},
-                                     "additionalProperties": {"type": "object", "additionalProperties": _AT}},
-                "verdict_flops": {"$ref": "#/$defs/verdict"},
+                "at_speedup": _TABLE,
+                "comparison": _COMPARISON,
+                "at_flops_speedup": _TABLE,
+                "comparison_flops": _COMPARISON,
                 "skipped": {"type": "object", "additionalProperties": {"type": "string"}},
                 "pending": {"type": "array", "items": {"type": "string"}},
             },
         },
         "rows": {"type": "array", "items": {
             "type": "object",
-            "required": ["method", "knob", "value", "point", "speedup", "flops_ratio", "predicted_flops_ratio",
-                         "psnr", "ssim", "rel_l2", "accuracy", "fd", "ms_full", "ms_cached", "times_full_s",
-                         "times_cached_s", "reuse_attn", "reuse_expert", "skipped_forwards", "cache_mb", "detail"],
+            "required": ["method", "setting", "params", "point", *_ROW_NUMBERS, "per_seed", "times_full_s",
+                         "times_cached_s", "detail"],
             "additionalProperties": False,
             "properties": {
                 "method": {"enum": list(METHODS)},
-                "knob": {"type": "string"},
-                "value": _NUM,
+                "setting": {"type": "string"},
+                "params": {"type": "object", "additionalProperties": _NUM},
                 "point": {"type": "string"},
-                "speedup": {"type": "number", "exclusiveMinimum": 0},
-                "flops_ratio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1.5},
-                "predicted_flops_ratio": _NUM_OR_NULL,
-                "psnr": {"type": "number", "maximum": PSNR_CAP_DB},
-                "ssim": {"type": "number", "minimum": -1, "maximum": 1},
-                "rel_l2": {"type": "number", "minimum": 0},
-                "accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
-                "fd": {"type": ["number", "null"], "minimum": 0},
-                "ms_full": {"type": "number", "exclusiveMinimum": 0},
-                "ms_cached": {"type": "number", "exclusiveMinimum": 0},
+                **_ROW_NUMBERS,
+                "per_seed": {"type": "object", "required": list(METRICS), "additionalProperties": {
+                    "type": "array", "minItems": 2, "maxItems": 2, "items": _NUM_OR_NULL}},
                 "times_full_s": {"type": "array", "minItems": 1, "items": {"type": "number", "exclusiveMinimum": 0}},
                 "times_cached_s": {"type": "array", "minItems": 1, "items": {"type": "number", "exclusiveMinimum": 0}},
-                "reuse_attn": {"type": "number", "minimum": 0, "maximum": 1},
-                "reuse_expert": {"type": "number", "minimum": 0, "maximum": 1},
-                "skipped_forwards": {"type": "number", "minimum": 0, "maximum": 1},
-                "cache_mb": {"type": "number", "minimum": 0},
                 "detail": {"type": "object"},
             },
         }},
     },
 }
-"""JSON Schema (draft 2020-12) of ``pareto.json``."""
+"""JSON Schema (draft 2020-12) of ``pareto_<model>.json``."""
 
 
 def validate(payload: dict) -> None:
-    """Raise ``jsonschema.ValidationError`` when ``payload`` (a parsed pareto.json) breaks the schema."""
+    """Raise ``jsonschema.ValidationError`` when ``payload`` (a parsed pareto_<model>.json) breaks the schema."""
     import jsonschema
     jsonschema.Draft202012Validator(PARETO_SCHEMA).validate(payload)
 
@@ -672,27 +915,39 @@ def validate(payload: dict) -> None:
 # ----------------------------------------------------------------------------- CLI
 def register(sub: argparse._SubParsersAction) -> None:
     d = ParetoSettings()
-    p = sub.add_parser(NAME, help="MoECa vs baselines: speedup/quality Pareto sweep",
-                       description="Sweep each method's main knob; record measured speedup, FLOPs ratio, PSNR/SSIM "
-                                   "vs full compute, class accuracy and FD; write pareto.json/.md/.png.")
-    p.add_argument("--model", default=d.model, help="model name: 'demo' (shipped) or a preset with --checkpoint")
+    p = sub.add_parser(NAME, help="MoECa vs baselines: speedup/quality Pareto sweep on one model",
+                       description="Sweep each method's knobs on one model; record measured speedup (medians of "
+                                   "interleaved runs after a warm-up), FLOPs ratio, PSNR/SSIM vs full compute, class "
+                                   "accuracy and FD on two noise seeds with their spread; write "
+                                   "pareto_<model>.json/.md/.png.")
+    p.add_argument("--model", default=d.model, help="model name: 'demo' or 'demo-ddpm' (shipped), or a preset with "
+                                                    "--checkpoint")
     p.add_argument("--checkpoint", default=None, help="checkpoint for a preset model")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--out", default="bench/results", help="results folder (pareto.json/.md/.png)")
-    p.add_argument("--work", default="out/pareto", help="sweep state, reference samples, traces, routers")
-    p.add_argument("--resume", action="store_true", help="continue the sweep in --work (same settings)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--out", default="bench/results", help="results folder (pareto_<model>.json/.md/.png)")
+    p.add_argument("--work", default=None, help="sweep state, reference samples, traces, routers "
+                                                "(default out/pareto/<model>)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep in --work (same settings and weights)")
     p.add_argument("--steps", type=int, default=d.num_steps)
     p.add_argument("--cfg-scale", type=float, default=d.cfg_scale)
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="samples for PSNR/SSIM/accuracy/FD")
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="quality samples per noise seed")
     p.add_argument("--eval-batch", type=int, default=d.eval_batch)
+    p.add_argument("--seeds", default=",".join(map(str, d.seeds)), help="the two evaluation noise seeds")
     p.add_argument("--timing-batch", type=int, default=d.timing_batch, help="samples per timed run")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs per side (median)")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="interleaved timed runs per side (median)")
     p.add_argument("--trace-samples", type=int, default=d.trace_samples)
     p.add_argument("--calibration-samples", type=int, default=d.calibration_samples)
-    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_cli)
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected two comma-separated integers, e.g. 0,1") from None
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -708,20 +963,17 @@ def run_cli(args: argparse.Namespace) -> int:
         methods.insert(0, "none")
     settings = ParetoSettings(model=args.model, checkpoint=args.checkpoint, num_steps=args.steps,
                               cfg_scale=args.cfg_scale, eval_samples=args.eval_samples, eval_batch=args.eval_batch,
-                              timing_batch=args.timing_batch, repeats=args.repeats, seed=args.seed,
+                              seeds=_seeds(args.seeds), timing_batch=args.timing_batch, repeats=args.repeats,
                               trace_samples=args.trace_samples, calibration_samples=args.calibration_samples,
                               device=args.device)
     model = load_model(args.model, args.checkpoint, device=args.device)
-    if model.config.objective != "rectified_flow":
-        raise ValueError(f"model {args.model!r} is trained for {model.config.objective}; the Pareto sweep samples "
-                         "with rectified flow (use the demo model or an XL/G checkpoint)")
-    sweep = ParetoSweep(model, settings, args.work, resume=args.resume, progress=not args.no_progress,
+    work = args.work or str(Path("out") / "pareto" / re.sub(r"[^A-Za-z0-9_.-]", "_", args.model))
+    sweep = ParetoSweep(model, settings, work, resume=args.resume, progress=not args.no_progress,
                         model_name=args.model)
     command = "moeca " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "moeca bench pareto"
-    rows = sweep.run(grid_points(methods),
-                     on_point=lambda done: write(settings, sweep.state, done, methods, args.out, command))
-    paths = write(settings, sweep.state, rows, methods, args.out, command)
+    rows = sweep.run(grid_points(methods), on_point=lambda done: write(sweep.info, done, methods, args.out, command))
+    paths = write(sweep.info, rows, methods, args.out, command)
     validate(json.loads(paths["json"].read_text()))
-    print(notes_markdown(build_meta(settings, sweep.state, rows, methods)))
+    print(notes_markdown(build_meta(sweep.info, rows, methods)))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

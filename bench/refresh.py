@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from moeca.models.metrics import psnr
     from moeca.models.registry import load_model
     from moeca.models.samplers import SamplerConfig
-    from moeca.policy.baselines.runtimes import make_runtime
+    from moeca.replay.runtime import ReplayRuntime
     from moeca.policy.cost import UnitCosts
     from moeca.replay.driver import sample_batches
 
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     costs = UnitCosts.of(model.config)
     rows = []
     for group, setting, schedule in schedules(model.config, sampler):
-        runtime = make_runtime(schedule)
+        runtime = ReplayRuntime(schedule)
         cached = sample_batches(model, sampler, labels, args.seed, 64, runtime=runtime)
         done, total = runtime.counters.flops(costs)
         rows.append({"group": group, "setting": setting, "flops_ratio": done / total, "flops_speedup": total / done,

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from moeca.common.outputs import OutputError, atomic_file, atomic_write_text, check_replace_file, os_errors
+
 DEFAULT_OUT = Path("bench/results")
 
 
@@ -55,25 +57,56 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, f
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def is_bench_result(path: Path, name: str) -> bool:
+    """True when ``path`` is a results JSON that :func:`write_results` wrote for the benchmark ``name``
+    (fields ``name``, ``environment``, ``rows``): such a file and its ``.md``/``.png`` siblings are moeca's,
+    also where no ``.moeca-files.json`` records them (e.g. results committed to the repository)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("name") == name and isinstance(data.get("rows"), list) \
+        and isinstance(data.get("environment"), dict)
+
+
+def result_paths(name: str, out_dir: Path, with_plot: bool) -> dict[str, Path]:
+    """``{"json", "md"[, "png"]}`` -> the files :func:`write_results` writes for ``name`` in ``out_dir``."""
+    names = {"json": f"{name}.json", "md": f"{name}.md", **({"png": f"{name}.png"} if with_plot else {})}
+    return {k: Path(out_dir) / v for k, v in names.items()}
+
+
+def check_results_out(name: str, out_dir: str | Path, with_plot: bool, overwrite: bool = False) -> bool:
+    """Refuse (before a benchmark runs, and again before it writes) a results folder that is a file or holds a
+    ``NAME.json/.md/.png`` moeca did not write. Returns whether existing result files may be replaced."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"benchmark results folder --out {out_dir} is a file, not a folder; choose another --out")
+    paths = result_paths(name, out_dir, with_plot)
+    overwrite = overwrite or is_bench_result(paths["json"], name)
+    for p in paths.values():                    # all three before writing any: never half a refused result
+        check_replace_file(p, "benchmark results", overwrite, flag=None)
+    return overwrite
 
 
 def write_results(name: str, rows: Sequence[dict], out_dir: str | Path = DEFAULT_OUT, *, meta: dict | None = None,
                   columns: Sequence[str] | None = None, title: str | None = None, notes: str = "",
-                  plot: Callable[[Path], None] | None = None, command: str | None = None) -> dict[str, Path]:
+                  plot: Callable[[Path], None] | None = None, command: str | None = None,
+                  overwrite: bool = False) -> dict[str, Path]:
     """Write ``NAME.json`` ({meta, environment, command, rows}), ``NAME.md`` and, with ``plot``, ``NAME.png``.
 
-    ``plot(path)`` must save a figure to ``path``. Returns the written paths.
+    ``plot(path)`` must save a figure to ``path``. Returns the written paths. Existing files are replaced
+    only when they are this benchmark's earlier results (:func:`is_bench_result`, or recorded by moeca) or
+    ``overwrite``; otherwise nothing is written and the message names the file.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    overwrite = check_results_out(name, out_dir, plot is not None, overwrite)
+    with os_errors(f"benchmark results folder {out_dir}"):
+        out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"name": name, "command": command, "meta": meta or {}, "environment": environment(),
                "rows": list(rows)}
-    paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md"}
-    _atomic_write(paths["json"], json.dumps(payload, indent=1, default=float))
+    paths = result_paths(name, out_dir, plot is not None)
+    atomic_write_text(paths["json"], json.dumps(payload, indent=1, default=float), what="benchmark results",
+                      overwrite=overwrite)
     md = [f"# {title or name}", ""]
     if command:
         md += [f"Regenerate: `{command}`", ""]
@@ -81,10 +114,8 @@ def write_results(name: str, rows: Sequence[dict], out_dir: str | Path = DEFAULT
         md += [notes.strip(), ""]
     md.append(markdown_table(rows, columns))
     if plot is not None:
-        paths["png"] = out_dir / f"{name}.png"
-        tmp = out_dir / f".{name}.tmp.png"
-        plot(tmp)
-        os.replace(tmp, paths["png"])
+        with atomic_file(paths["png"], what="benchmark plot", overwrite=overwrite, flag=None) as tmp:
+            plot(tmp)
         md += ["", f"![{name}]({name}.png)"]
-    _atomic_write(paths["md"], "\n".join(md) + "\n")
+    atomic_write_text(paths["md"], "\n".join(md) + "\n", what="benchmark results", overwrite=overwrite)
     return paths

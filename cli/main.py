@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "moeca.analysis.cli",   # analyze
     "moeca.policy.cli",     # schedule show|derive|...
     "moeca.replay.cli",     # replay
+    "moeca.replay.calibrate_cli",  # calibrate: wall-clock unit costs for --target-speedup
     "moeca.bench.cli",      # bench NAME
     "moeca.app.cli",        # app
 )
@@ -51,8 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, FloatingPointError) as exc:
+    except (ValueError, FloatingPointError) as exc:
         print(f"moeca {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno is None:  # raised by moeca with its own message (FileNotFoundError("... does not exist"))
+            print(f"moeca {args.command}: error: {exc}", file=sys.stderr)
+        else:                  # raised by the OS (full or read-only disk, permissions) outside the writers
+            from moeca.common.outputs import describe_os_error
+            print(f"moeca {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

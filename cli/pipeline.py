@@ -7,10 +7,12 @@ single-stage commands run; this module only wires them together.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from moeca.common.outputs import (OutputError, atomic_write_text, check_no_overlap, os_errors, record_manifest,
+                                  remove_listed)
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,12 @@ class PipelineConfig:
 
     trace_samples: samples traced to measure drift; quality_samples: samples compared full vs cached
     for PSNR/SSIM and (demo) class accuracy / Frechet distance; timing_samples: the timed batch;
-    target_speedups: one MoECa schedule is derived and replayed per target (FLOPs speedup).
+    target_speedups: one MoECa schedule is derived and replayed per target: the wall-clock speedup on
+    this device at ``timing_samples``, predicted from calibrated unit costs (``moeca calibrate``;
+    measured on first use); a target the prediction says is out of reach is reported, not replayed.
+    target_kind: ``wallclock`` (above) or ``flops`` (the targets are analytic FLOPs speedups; no calibration).
+    compile: replay with the model compiled (torch.compile, once, before the replay warm-ups; tracing
+    and calibration stay eager).
     """
 
     model: str = "demo"
@@ -29,9 +36,11 @@ class PipelineConfig:
     quality_samples: int = 200
     timing_samples: int = 16
     repeats: int = 3
-    target_speedups: tuple[float, ...] = (2.5, 4.0, 6.0)
+    target_speedups: tuple[float, ...] = (1.5, 2.0, 2.5)
+    target_kind: str = "wallclock"
     seed: int = 0
     device: str = "auto"
+    compile: bool = False
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,24 +56,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quality-samples", type=int, default=200, help="samples for quality metrics (default 200)")
     p.add_argument("--timing-samples", type=int, default=16, help="timed batch size (default 16)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats, medians reported (default 3)")
-    p.add_argument("--target-speedups", default="2.5,4,6", help="comma-separated FLOPs speedup targets")
+    p.add_argument("--target-speedups", default="1.5,2,2.5",
+                   help="comma-separated wall-clock speedup targets on this device (default 1.5,2,2.5)")
+    p.add_argument("--target-flops-speedups", default=None,
+                   help="comma-separated analytic FLOPs speedup targets instead (no calibration)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder made by moeca run")
+    p.add_argument("--compile", action="store_true",
+                   help="replay with the model compiled by torch.compile (compiles once; minutes on a CPU)")
     p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    flops = args.target_flops_speedups is not None
+    option, text = ("--target-flops-speedups", args.target_flops_speedups) if flops else \
+        ("--target-speedups", args.target_speedups)
     try:
-        targets = tuple(float(v) for v in args.target_speedups.split(",") if v.strip())
+        targets = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"--target-speedups must be numbers separated by commas, got {args.target_speedups!r}")
-    if not targets or min(targets) <= 1:
-        raise ValueError("--target-speedups needs at least one value above 1")
+        raise ValueError(f"{option} must be numbers separated by commas, got {text!r}")
+    if not targets or min(targets) <= 1 or not all(t < float("inf") for t in targets):
+        raise ValueError(f"{option} needs at least one value above 1, all finite")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"{option} {text} names a target twice; give each once")
+    for name, value, low in (("--steps", args.steps, 1), ("--trace-samples", args.trace_samples, 1),
+                             ("--quality-samples", args.quality_samples, 0),
+                             ("--timing-samples", args.timing_samples, 1), ("--repeats", args.repeats, 1),
+                             ("--seed", args.seed, 0)):
+        if value < low:
+            raise ValueError(f"{name} {value} must be >= {low}")
+    if not 0 <= args.cfg_scale < float("inf"):
+        raise ValueError(f"--cfg-scale {args.cfg_scale} must be a finite number >= 0 (1 disables guidance)")
     cfg = PipelineConfig(model=args.model, steps=args.steps, cfg_scale=args.cfg_scale,
                          trace_samples=args.trace_samples, quality_samples=args.quality_samples,
                          timing_samples=args.timing_samples, repeats=args.repeats, target_speedups=targets,
-                         seed=args.seed, device=args.device)
+                         target_kind="flops" if flops else "wallclock", seed=args.seed, device=args.device,
+                         compile=args.compile)
     table = run_pipeline(Path(args.out), cfg, checkpoint=args.checkpoint, overwrite=args.overwrite)
     print(table)
     return 0
@@ -73,8 +101,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 MARKER = ".moeca-run"
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse to touch a folder that ``moeca run`` did not make; replace one it made only with --overwrite."""
+def prepare_out(out: Path, overwrite: bool, inputs: tuple[tuple[str, str | None], ...] = ()) -> None:
+    """Refuse to touch a folder that ``moeca run`` did not make; with --overwrite, remove from one it made
+    only what its manifest lists (the user's own files there stay). ``inputs``: (label, path) pairs the
+    folder must not overlap."""
+    check_no_overlap(out, inputs)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"--out {out} exists and is not a folder; choose another --out")
     if out.exists():
         if not (out / MARKER).is_file():
             if any(out.iterdir()):
@@ -82,21 +115,45 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         elif not overwrite:
             raise FileExistsError(f"{out} holds an earlier run; pass --overwrite to replace it")
         else:
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by moeca run\n")
+            remove_listed(out)
+    with os_errors(f"the run folder {out}"):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text("written by moeca run\n")
+    record_manifest(out, [MARKER], command="moeca run")
+
+
+def run_entries(cfg: PipelineConfig) -> list[str]:
+    """The top-level entries ``moeca run`` writes under OUT (what its manifest may list)."""
+    return [MARKER, "trace", "report", "summary.md"] + [f"schedule-{t:g}x.json" for t in cfg.target_speedups] + [
+        f"replay-{t:g}x" for t in cfg.target_speedups]
 
 
 def run_pipeline(out: Path, cfg: PipelineConfig, checkpoint: str | None = None, overwrite: bool = False) -> str:
-    """Run every stage; returns the Markdown table (also written to ``OUT/summary.md``)."""
+    """Run every stage; returns the Markdown table (also written to ``OUT/summary.md``).
+
+    Whatever the stages wrote is added to OUT's manifest even when a stage fails, so a later
+    ``--overwrite`` removes it (and only it).
+    """
+    prepare_out(out, overwrite, (("--checkpoint", checkpoint),))
+    try:
+        return _stages(out, cfg, checkpoint)
+    finally:
+        try:
+            record_manifest(out, run_entries(cfg), command="moeca run")
+        except OutputError:
+            if sys.exc_info()[0] is None:    # a failing stage's own error matters more than this one
+                raise
+
+
+def _stages(out: Path, cfg: PipelineConfig, checkpoint: str | None) -> str:
     from moeca.analysis import analyze, drift_summary
     from moeca.models.registry import load_model
     from moeca.models.samplers import SamplerConfig
     from moeca.policy.derive import DeriveConfig, derive_schedule
+    from moeca.replay.calibrate import ensure_costs
     from moeca.replay.driver import replay_compare, write_replay_outputs
     from moeca.tracer import TraceConfig, read_run_meta, resolve_labels, trace_run
 
-    prepare_out(out, overwrite)
     model = load_model(cfg.model, checkpoint, device=cfg.device)
     num_classes = model.config.num_classes
     sampler = SamplerConfig(kind="rectified_flow" if model.config.objective == "rectified_flow" else "ddpm",
@@ -111,10 +168,17 @@ def run_pipeline(out: Path, cfg: PipelineConfig, checkpoint: str | None = None, 
     print("  " + headline["sentence"])
     print("[3/4] schedule: derive MoECa schedules for targets " + ", ".join(f"{t:g}x" for t in cfg.target_speedups))
     summary, meta = drift_summary([trace_dir]), read_run_meta(trace_dir)
-    schedules = []
+    costs = ensure_costs(model, sampler, cfg.timing_samples, progress=lambda msg: print("  " + msg, flush=True)) \
+        if cfg.target_kind == "wallclock" else None
+    schedules, unreachable = [], []
     for target in cfg.target_speedups:
-        schedule = derive_schedule(summary, meta, DeriveConfig(target_speedup=target)).with_provenance(
-            traces=[str(trace_dir)])
+        try:
+            schedule = derive_schedule(summary, meta, DeriveConfig(target_speedup=target, target=cfg.target_kind),
+                                       costs).with_provenance(traces=[str(trace_dir)])
+        except ValueError as exc:   # out of reach on this device: reported in the table, not replayed
+            print(f"  {target:g}x: {exc}")
+            unreachable.append(target)
+            continue
         path = out / f"schedule-{target:g}x.json"
         schedule.save(path)
         schedules.append((target, path, schedule))
@@ -124,20 +188,22 @@ def run_pipeline(out: Path, cfg: PipelineConfig, checkpoint: str | None = None, 
     rows, reference = [], None
     for target, path, schedule in schedules:
         result = replay_compare(model, schedule, sampler, timing_labels, seed=cfg.seed, repeats=cfg.repeats,
-                                quality_labels=quality_labels, quality_reference=reference, model_name=cfg.model)
+                                quality_labels=quality_labels, quality_reference=reference, model_name=cfg.model,
+                                compile=cfg.compile)
         reference = result.quality_full if quality_labels is not None else None
         write_replay_outputs(result, out / f"replay-{target:g}x", schedule_path=str(path))
-        rows.append(_row(target, result.report))
+        predicted = schedule.provenance["predicted_speedup"] if costs else 1 / schedule.predicted_flops_ratio
+        rows.append(_row(target, predicted, result.report))
+    rows += [{"target": f"{t:g}x", "predicted speedup": "out of reach"} for t in unreachable]
     table = _table(rows, cfg)
-    tmp = out / "summary.md.tmp"
-    tmp.write_text(table)
-    os.replace(tmp, out / "summary.md")
+    atomic_write_text(out / "summary.md", table, what="run summary")
     return table
 
 
-def _row(target: float, r) -> dict:
+def _row(target: float, predicted: float, r) -> dict:
     get = lambda name: getattr(r, name, None)  # noqa: E731 - optional quality fields
-    return {"target": f"{target:g}x", "measured speedup": r.speedup, "FLOPs ratio": r.flops_ratio,
+    return {"target": f"{target:g}x", "predicted speedup": predicted, "measured speedup": r.speedup,
+            "FLOPs ratio": r.flops_ratio,
             "PSNR dB": get("psnr_quality_mean") or r.psnr_mean, "SSIM": get("ssim_quality_mean") or r.ssim_mean,
             "acc full": get("accuracy_full"), "acc cached": get("accuracy_cached"),
             "FD full": get("fd_full"), "FD cached": get("fd_cached")}
@@ -145,9 +211,13 @@ def _row(target: float, r) -> dict:
 
 def _table(rows: list[dict], cfg: PipelineConfig) -> str:
     from moeca.bench.results import markdown_table
+    kind = ("wall-clock, predicted from this device's calibrated unit costs (`moeca calibrate`)"
+            if cfg.target_kind == "wallclock" else "analytic FLOPs")
     head = (f"# moeca run: {cfg.model}, {cfg.steps} steps, CFG {cfg.cfg_scale}\n\n"
             f"MoECa schedules vs full compute. Speedup: median wall clock of {cfg.repeats} repeats on "
-            f"{cfg.timing_samples} samples, same process. Quality: {cfg.quality_samples} samples from the same "
-            "noise as full compute (PSNR/SSIM against full compute; accuracy and Frechet distance from the "
-            "shipped digits classifier). Analysis report: report/report.md.\n\n")
-    return head + markdown_table(rows, floatfmt=".3f")
+            f"{cfg.timing_samples} samples, same process; targets and predicted speedup: {kind}. Quality: "
+            f"{cfg.quality_samples} samples from the same noise as full compute (PSNR/SSIM against full "
+            "compute; accuracy and Frechet distance from the shipped digits classifier). Analysis report: report/report.md.\n\n")
+    columns = ["target", "predicted speedup", "measured speedup", "FLOPs ratio", "PSNR dB", "SSIM", "acc full",
+               "acc cached", "FD full", "FD cached"]
+    return head + markdown_table(rows, columns=columns, floatfmt=".3f")

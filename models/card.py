@@ -1,6 +1,8 @@
-"""The demo model's card: config, training, loss curve, samples, routing statistics and evaluation.
+"""The card of a shipped digits model (``demo``, ``demo-ddpm``): config, training, loss curve, samples,
+routing statistics and evaluation.
 
-``build_card`` samples the model (rectified flow, batched CFG) at each evaluation CFG scale while a
+``build_card`` samples the model with its objective's sampler (rectified-flow Euler or respaced DDPM
+with learned-range variance; batched CFG) at each evaluation CFG scale while a
 :class:`RoutingStatsRuntime` observes the router, scores the samples with the shipped digits
 classifier, and writes ``MODEL_CARD.md``, ``card.json`` and the PNGs next to the weights, each file
 atomically (temporary name, then rename).
@@ -25,6 +27,9 @@ SAMPLES_PNG = "samples.png"
 LOAD_PNG = "expert_load.png"
 MIN_EXPERT_LOAD = 0.02
 BAR = {3.0: 0.95, 1.5: 0.85}  # issue 2: class accuracy at CFG 3 >= 95%, at CFG 1.5 >= 85%
+# How each objective's card names its main loss term and its extra terms in the training log.
+LOSS_LABELS = {"rectified_flow": "flow-matching (velocity) MSE", "ddpm_eps": "epsilon MSE"}
+EXTRA_LOSS_LABELS = {"vb": "variational bound L_vb (variance)", "aux": "load-balancing loss"}
 
 
 # ----------------------------------------------------------------------------- routing statistics
@@ -104,26 +109,29 @@ def image_grid(images: torch.Tensor, nrow: int, scale: int = 4, pad: int = 2) ->
     return grid
 
 
-def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write a uint8 ``[H, W, 3]`` array as PNG atomically (Pillow)."""
+def save_png(array: np.ndarray, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a uint8 ``[H, W, 3]`` array as PNG atomically (Pillow); an existing file moeca did not write is
+    replaced only with ``overwrite`` (:func:`moeca.common.outputs.atomic_file`)."""
     from PIL import Image
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"output {path} must end in .png")
     if not path.parent.exists():
         raise FileNotFoundError(f"output folder {path.parent} does not exist; create it first")
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    from moeca.common.outputs import atomic_file
+    with atomic_file(path, "PNG image", overwrite=overwrite) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
     return path
 
 
 def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    from moeca.common.outputs import atomic_file
+    try:
+        with atomic_file(path, "figure") as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def plot_loss_curve(log: dict, path: Path) -> None:
@@ -134,14 +142,16 @@ def plot_loss_curve(log: dict, path: Path) -> None:
     if not curve:
         raise ValueError("the training log has an empty loss_curve; retrain with `moeca train-demo`")
     steps = [p["step"] for p in curve]
+    objective = (log.get("model_config") or {}).get("objective", "rectified_flow")
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.plot(steps, [p["loss"] for p in curve], label="flow-matching MSE")
-    if "aux" in curve[0]:
-        ax.plot(steps, [p["aux"] for p in curve], label="load-balancing loss", alpha=0.7)
+    ax.plot(steps, [p["loss"] for p in curve], label=LOSS_LABELS.get(objective, "loss"))
+    for key, label in EXTRA_LOSS_LABELS.items():
+        if key in curve[0]:
+            ax.plot(steps, [p[key] for p in curve], label=label, alpha=0.7)
     ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("loss (mean over log interval)")
-    ax.set_title("demo DiT-MoE training")
+    ax.set_title(f"{log.get('model', 'demo')} DiT-MoE training")
     ax.grid(alpha=0.3)
     ax.legend()
     _save_figure(fig, path)
@@ -167,9 +177,10 @@ def plot_expert_load(routing: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- evaluation
 @dataclass(frozen=True)
 class CardConfig:
-    """What ``moeca evaluate-demo`` measures: ``samples_per_class`` x 10 samples, ``steps`` rectified
-    flow steps, batched CFG at each of ``cfg_scales``, in chunks of ``chunk`` samples. Every scale
-    starts from the same seeded noise."""
+    """What ``moeca evaluate-demo`` measures: ``samples_per_class`` x 10 samples, ``steps`` sampling
+    steps of the model's own sampler (rectified-flow Euler, or DDPM respaced from 1000 steps), batched
+    CFG at each of ``cfg_scales``, in chunks of ``chunk`` samples. Every scale starts from the same
+    seeded noise."""
 
     samples_per_class: int = 100
     steps: int = 50
@@ -189,17 +200,18 @@ class CardConfig:
 
 def sample_with_stats(model, labels: torch.Tensor, cfg_scale: float, steps: int, seed: int, chunk: int,
                       runtime: Runtime | None = None, progress: bool = True, desc: str = "sample") -> torch.Tensor:
-    """Rectified-flow samples ``[N, C, H, W]`` for ``labels [N]`` with batched CFG, in chunks of
-    ``chunk`` from one seeded noise tensor (so results do not depend on the chunk size beyond
-    rounding), through ``runtime`` if given. One tqdm tick per step per chunk."""
+    """Samples ``[N, C, H, W]`` for ``labels [N]`` with the model's own sampler
+    (:func:`card_sampler`), in chunks of ``chunk`` from one seeded noise tensor, through ``runtime``
+    if given. The DDPM step noise of the chunk starting at sample ``i`` is seeded with ``seed + i``, so
+    chunks do not share it. One tqdm tick per step per chunk."""
     from tqdm import tqdm
 
-    from .samplers import SamplerConfig, initial_noise, sample
+    from .samplers import initial_noise, sample
 
     mc = model.config
     device = next(model.parameters()).device
     noise = initial_noise((labels.shape[0], mc.in_channels, mc.input_size, mc.input_size), seed, device)
-    cfg = SamplerConfig(kind="rectified_flow", num_steps=steps, cfg_scale=cfg_scale, cfg_mode="batched")
+    cfg = card_sampler(mc.objective, steps, cfg_scale)
     chunks = range(0, labels.shape[0], chunk)
     out = []
     with tqdm(total=len(chunks) * steps, desc=desc, unit="step", disable=not progress) as bar:
@@ -208,39 +220,53 @@ def sample_with_stats(model, labels: torch.Tensor, cfg_scale: float, steps: int,
                 bar.update(1)
             if runtime is not None:
                 with model.use_runtime(runtime):
-                    x = sample(model, cfg, labels[i:i + chunk], seed=seed, noise=noise[i:i + chunk], on_step=tick)
+                    x = sample(model, cfg, labels[i:i + chunk], seed=seed + i, noise=noise[i:i + chunk],
+                               on_step=tick)
             else:
-                x = sample(model, cfg, labels[i:i + chunk], seed=seed, noise=noise[i:i + chunk], on_step=tick)
+                x = sample(model, cfg, labels[i:i + chunk], seed=seed + i, noise=noise[i:i + chunk], on_step=tick)
             out.append(x.cpu())
     return torch.cat(out)
 
 
+def card_sampler(objective: str, steps: int, cfg_scale: float):
+    """The sampler a card evaluates with: the objective's reference sampler (rectified-flow Euler, or
+    DDPM with learned-range variance guiding the predicted channels) at ``steps``, batched CFG."""
+    from .samplers import default_sampler
+    return default_sampler(objective, num_steps=steps, cfg_scale=cfg_scale, cfg_mode="batched")
+
+
 def build_card(weights: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
                training_log: str | os.PathLike | None = None, config: CardConfig = CardConfig(),
-               device: str | None = "auto", progress: bool = True) -> dict:
-    """Evaluate the demo model and write its card into ``out_dir`` (default: next to the weights).
+               device: str | None = "auto", progress: bool = True, model_name: str = "demo") -> dict:
+    """Evaluate a shipped digits model and write its card into ``out_dir`` (default: next to the weights).
 
-    weights: a moeca-written ``.safetensors`` (default: the shipped demo model); training_log:
-    ``training_log.json`` (default: next to the weights). Returns the card dict (also ``card.json``).
+    model_name: ``demo`` or ``demo-ddpm``; weights: a moeca-written ``.safetensors`` of that model
+    (default: the shipped weights); training_log: ``training_log.json`` (default: next to the weights).
+    Returns the card dict (also ``card.json``).
     """
     from .checkpoint import weights_hash
     from .evaluator import DigitsClassifier, evaluate_samples
-    from .registry import demo_weights_path, load_model, pick_device
+    from .registry import load_model, pick_device, shipped_model
 
-    weights = Path(weights) if weights is not None else demo_weights_path()
+    shipped = shipped_model(model_name)
+    flag = "" if model_name == "demo" else f" --model {model_name}"
+    weights = Path(weights) if weights is not None else shipped.weights_path
     if not weights.is_file():
-        raise FileNotFoundError(f"demo model weights not found at {weights}; train them with `moeca train-demo` "
-                                "(or pass --checkpoint PATH)")
+        raise FileNotFoundError(f"{model_name} model weights not found at {weights}; train them with "
+                                f"`moeca train-demo{flag}` (or pass --checkpoint PATH)")
     log_path = Path(training_log) if training_log is not None else weights.with_name("training_log.json")
     if not log_path.is_file():
-        raise FileNotFoundError(f"training log not found at {log_path}; `moeca train-demo` writes it next to "
-                                "the weights (or pass --training-log PATH)")
+        raise FileNotFoundError(f"training log not found at {log_path}; `moeca train-demo{flag}` writes it next "
+                                "to the weights (or pass --training-log PATH)")
     out_dir = Path(out_dir) if out_dir is not None else weights.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     log = json.loads(log_path.read_text())
     dev = pick_device(device)
     model = load_model(None, checkpoint=weights, device=dev)
     mc = model.config
+    if (mc.objective, mc.learn_sigma) != (shipped.config.objective, shipped.config.learn_sigma):
+        raise ValueError(f"{weights} is not a {model_name} model (its config says objective {mc.objective}, "
+                         f"learn_sigma {mc.learn_sigma}); pass the matching --model")
     classifier = DigitsClassifier.load_shipped(dev)
 
     labels = torch.arange(mc.num_classes).repeat_interleave(config.samples_per_class)
@@ -249,7 +275,7 @@ def build_card(weights: str | os.PathLike | None = None, out_dir: str | os.PathL
         stats = RoutingStatsRuntime()
         start = time.time()
         images = sample_with_stats(model, labels, scale, config.steps, config.seed, config.chunk, stats,
-                                   progress, desc=f"evaluate-demo cfg {scale:g}")
+                                   progress, desc=f"evaluate {model_name} cfg {scale:g}")
         seconds = time.time() - start
         scores = evaluate_samples(images, labels, classifier)
         bar = BAR.get(float(scale))
@@ -270,20 +296,22 @@ def build_card(weights: str | os.PathLike | None = None, out_dir: str | os.PathL
              paths[SAMPLES_PNG])
     plot_expert_load(routing, paths[LOAD_PNG])
     card = {
-        "model": {"weights": weights.name, "weights_hash": weights_hash(model),
+        "model": {"name": model_name, "weights": weights.name, "weights_hash": weights_hash(model),
                   "weights_bytes": weights.stat().st_size,
                   "parameters": sum(p.numel() for p in model.parameters()), "config": mc.to_dict()},
-        "training": {k: log.get(k) for k in ("seconds", "threads", "torch", "train_samples", "train_config")}
+        "training": {k: log.get(k) for k in ("seconds", "threads", "torch", "train_samples", "train_config",
+                                             "steps_done", "complete")}
         | {"final_loss": log["loss_curve"][-1]["loss"] if log.get("loss_curve") else None,
            "steps_logged": len(log.get("loss_curve") or [])},
-        "evaluation_config": asdict(config) | {"sampler": "rectified_flow", "cfg_mode": "batched"},
+        "evaluation_config": asdict(config) | {"sampler": card_sampler(mc.objective, config.steps, 1.0).kind,
+                                               "cfg_mode": "batched", "bench_steps": shipped.bench_steps},
         "classifier": {k: classifier.info.get(k) for k in ("test_accuracy", "seed", "feature_dim")},
         "evaluations": evaluations,
         "routing": routing,
         "min_expert_load_required": MIN_EXPERT_LOAD,
         "device": str(dev),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": "moeca evaluate-demo" + (f" --samples-per-class {config.samples_per_class}"
+        "command": f"moeca evaluate-demo{flag}" + (f" --samples-per-class {config.samples_per_class}"
                                             if config.samples_per_class != 100 else "")
         + (f" --steps {config.steps}" if config.steps != 50 else ""),
     }
@@ -293,9 +321,8 @@ def build_card(weights: str | os.PathLike | None = None, out_dir: str | os.PathL
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from moeca.common.outputs import atomic_write_text
+    atomic_write_text(path, text, what="model card")
 
 
 def render_markdown(card: dict) -> str:
@@ -303,11 +330,29 @@ def render_markdown(card: dict) -> str:
     mc, tr, rt = card["model"]["config"], card["training"], card["routing"]
     tc = tr.get("train_config") or {}
     ev_cfg = card["evaluation_config"]
+    name = card["model"].get("name", "demo")
+    flag = "" if name == "demo" else f" --model {name}"
+    ddpm = mc["objective"] == "ddpm_eps"
+    sampler_text = (f"DDPM respaced from 1000 to {ev_cfg['steps']} steps with learned-range variance, CFG on the "
+                    "predicted (epsilon) channel" if ev_cfg["sampler"] == "ddpm" else
+                    f"rectified flow, Euler, {ev_cfg['steps']} steps")
     lines = [
-        "# moeca demo model card", "",
+        f"# moeca {name} model card", "",
         "A class-conditional DiT-MoE trained by moeca on scikit-learn's 8x8 handwritten digits "
         "(1797 real scans, 10 classes; fixed 80/20 stratified split, trained on the 80%). "
-        f"Regenerate this card with `{card['command']}`; the weights with `moeca train-demo`.", "",
+        f"Regenerate this card with `{card['command']}`; the weights with `moeca train-demo{flag}`.", "",
+    ]
+    if ddpm:
+        lines += [
+            "The recipe of the public DiT-MoE S/B checkpoints: DDPM with linear betas 1e-4..0.02 over 1000 "
+            "steps, epsilon prediction plus learned-range variance (`learn_sigma=True`, 2 output channels), "
+            "loss = epsilon MSE + the variational bound L_vb with the mean's gradient stopped (improved DDPM, "
+            "`LEARNED_RANGE`), classifier-free label dropout, the demo model's load-balancing loss and EMA. "
+            f"Sample it with `moeca sample --model {name}` (the reference sampler: DDPM respaced to 250 steps, "
+            f"batched CFG); the benchmarks use {ev_cfg.get('bench_steps', ev_cfg['steps'])} respaced steps "
+            f"(`--steps {ev_cfg.get('bench_steps', ev_cfg['steps'])}`), as this card's evaluation does.", "",
+        ]
+    lines += [
         "## Model", "",
         "| field | value |", "|---|---|",
         f"| tokens | {(mc['input_size'] // mc['patch_size']) ** 2} ({mc['input_size']}x{mc['input_size']}x"
@@ -325,14 +370,16 @@ def render_markdown(card: dict) -> str:
         f"seed {tc.get('seed', '?')}, EMA {tc.get('ema_decay', '?')}, load-balancing alpha "
         f"{tc.get('balance_alpha', '?')}; {tr['seconds'] / 60 if tr.get('seconds') else float('nan'):.1f} minutes "
         f"on {tr.get('threads', '?')} CPU threads (torch {tr.get('torch', '?')}). Final logged "
-        f"flow-matching loss {tr['final_loss']:.4f}." if tr.get("final_loss") is not None else "No loss logged.",
+        f"{LOSS_LABELS.get(mc['objective'], 'loss')} {tr['final_loss']:.4f}."
+        + ("" if tr.get("complete", True) else f" **Unfinished run: {tr.get('steps_done')} steps done.**")
+        if tr.get("final_loss") is not None else "No loss logged.",
         "", f"![loss curve]({LOSS_PNG})", "",
         "## Samples", "",
-        f"Rows are classes 0-9; rectified flow, {ev_cfg['steps']} steps, batched CFG scale {rt['cfg_scale']:g}.",
+        f"Rows are classes 0-9; {sampler_text}, batched CFG scale {rt['cfg_scale']:g}.",
         "", f"![samples]({SAMPLES_PNG})", "",
         "## Evaluation", "",
         f"{ev_cfg['samples_per_class']} samples per class ({ev_cfg['samples_per_class'] * mc['num_classes']} in "
-        f"all), {ev_cfg['steps']} steps, seed {ev_cfg['seed']}, scored by the shipped digits classifier "
+        f"all) at each CFG scale, {sampler_text}, seed {ev_cfg['seed']}, scored by the shipped digits classifier "
         f"(held-out accuracy {card['classifier']['test_accuracy']:.2%}). FD: Frechet distance of the "
         "classifier's penultimate features to the real held-out test digits; the floor is real train vs "
         "real test digits.", "",
@@ -344,6 +391,11 @@ def render_markdown(card: dict) -> str:
         meets = "-" if ev["meets_bar"] is None else ("yes" if ev["meets_bar"] else "**no**")
         lines.append(f"| {ev['cfg_scale']:g} | {ev['accuracy']:.1%} | {bar} | {meets} | {ev['fd']:.2f} | "
                      f"{ev['fd_floor']:.2f} | {ev['sampling_seconds']:.0f} s |")
+    chance = 1.0 / mc["num_classes"]
+    if all(ev["accuracy"] < 2 * chance for ev in card["evaluations"]):
+        lines += ["", f"**Not usable for quality measurements: class accuracy is within 2x of chance "
+                      f"({chance:.0%}) at every CFG scale, so the samples are not yet digits. Train longer "
+                      f"(`moeca train-demo{flag} --steps N`) and rebuild this card.**"]
     lines += ["", "Per-class accuracy:", "", "| CFG | " + " | ".join(str(c) for c in range(mc["num_classes"]))
               + " |", "|---|" + "---|" * mc["num_classes"]]
     for ev in card["evaluations"]:

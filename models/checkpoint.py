@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from moeca.common.outputs import atomic_file
+
 from .config import DiTMoEConfig
 from .dit_moe import DiTMoE
 
@@ -26,9 +28,8 @@ class CheckpointError(ValueError):
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or ``.pt``/``.pth``/``.bin`` without executing code."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    from moeca.common.inputs import require_file
+    path = require_file(path, "checkpoint", "give the weights file (.safetensors or .pt)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
@@ -45,6 +46,23 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as exc:
         raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint: {exc}") from exc
     return unwrap_state_dict(obj, str(path))
+
+
+def safetensors_config(path: str | os.PathLike) -> DiTMoEConfig:
+    """The model config a moeca-written ``.safetensors`` carries in its metadata (``moeca_config``)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise CheckpointError(f"{path} is not a valid safetensors file ({exc}); it is truncated or damaged") from None
+    if "moeca_config" not in meta:
+        raise CheckpointError(f"{path} carries no moeca config in its metadata; name the preset with --model")
+    try:
+        return DiTMoEConfig.from_dict(json.loads(meta["moeca_config"]))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: metadata field moeca_config is not a valid model config ({exc}); name the "
+                              "preset with --model") from None
 
 
 def unwrap_state_dict(obj: object, where: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -80,9 +98,21 @@ def load_state_dict_strict(model: DiTMoE, state: dict[str, torch.Tensor], where:
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                    for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+
+    def _fmt(items: list[str]) -> str:
+        return ", ".join(items[:12]) + (f" ... (+{len(items) - 12} more)" if len(items) > 12 else "")
+    common = sorted(set(state) & set(expected))
+    not_float = [f"{k} ({str(state[k].dtype).replace('torch.', '')})" for k in common
+                 if expected[k].is_floating_point() and not state[k].is_floating_point()]
+    if not_float:
+        raise CheckpointError(f"{where}: {len(not_float)} tensors are not floating point: {_fmt(not_float)}. Weights "
+                              "of a DiT-MoE are floating point; an integer (e.g. quantised) checkpoint would load "
+                              "silently and sample noise. Convert it to float16/bfloat16/float32 first")
+    not_finite = [k for k in common if state[k].shape == expected[k].shape and not torch.isfinite(state[k]).all()]
+    if not_finite:
+        raise CheckpointError(f"{where}: {len(not_finite)} tensors hold NaN or Inf values: {_fmt(not_finite)}. The "
+                              "checkpoint is damaged or diverged; use another one")
     if missing or unexpected or wrong_shape:
-        def _fmt(items: list[str]) -> str:
-            return ", ".join(items[:12]) + (f" ... (+{len(items) - 12} more)" if len(items) > 12 else "")
         parts = [f"{where} does not match config {model.config.name!r}:"]
         if missing:
             parts.append(f"missing keys ({len(missing)}): {_fmt(missing)}")
@@ -103,9 +133,8 @@ def save_safetensors(model: DiTMoE, path: str | os.PathLike, dtype: torch.dtype 
     state = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
              for k, v in model.state_dict().items()}
     meta = {"moeca_config": json.dumps(model.config.to_dict()), **(metadata or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_file(path, "checkpoint") as tmp:
+        save_file(state, str(tmp), metadata=meta)
 
 
 def weights_hash(model: torch.nn.Module) -> str:

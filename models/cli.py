@@ -5,6 +5,7 @@ Heavy imports happen inside the command functions so ``moeca --help`` stays fast
 from __future__ import annotations
 
 import argparse
+import math
 
 from moeca.models.model_args import add_model_arguments
 from pathlib import Path
@@ -40,8 +41,13 @@ def _register_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", required=True, help="output PNG path")
-    p.add_argument("--scale", type=int, default=4, help="pixel upscale factor of the grid (default 4)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file moeca did not write (a PNG it wrote is replaced anyway)")
+    p.add_argument("--scale", type=int, default=None,
+                   help="nearest-neighbour upscale factor of the grid (default: cells of 64 pixels, 8x for the digits)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the model with torch.compile first (pays off for many steps; minutes on a CPU)")
     p.set_defaults(func=cmd_sample)
 
 
@@ -73,13 +79,31 @@ def resolve_labels(args: argparse.Namespace, num_classes: int) -> tuple[list[int
     return [c for c in range(num_classes) for _ in range(k)], k
 
 
+MAX_GRID_SAMPLES = 10_000
+MAX_SCALE = 64
+
+
+def check_sample_options(args: argparse.Namespace) -> None:
+    """Numeric options of ``moeca sample`` within their valid ranges (before any model is loaded)."""
+    if args.scale is not None and not 1 <= args.scale <= MAX_SCALE:
+        raise ValueError(f"--scale {args.scale} must be in 1..{MAX_SCALE} (pixels per sample pixel); omit it for "
+                         "readable cells")
+    if args.seed < 0:
+        raise ValueError(f"--seed {args.seed} must be >= 0")
+    if args.cfg_scale is not None and not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+        raise ValueError(f"--cfg-scale {args.cfg_scale} must be a finite number >= 0 (1 disables guidance)")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .card import image_grid, save_png
+    from .card import save_png
+    from .grid import label_grid
+    from moeca.common.outputs import check_no_overlap, check_replace_file
+
     from .model_args import load_model_from_args
-    from .samplers import default_sampler
+    from .samplers import check_sampler_objective, default_sampler
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -88,17 +112,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"output folder {out.parent} does not exist; create it first")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    check_sample_options(args)
+    check_no_overlap(out, [("--checkpoint", args.checkpoint)])
+    check_replace_file(out, "PNG image", args.overwrite)   # before sampling, not after
     _, model = load_model_from_args(args, args.device, seed=args.seed)
     mc = model.config
     labels, per_row = resolve_labels(args, mc.num_classes)
+    if len(labels) > MAX_GRID_SAMPLES:
+        raise ValueError(f"{len(labels)} samples do not fit one PNG grid (at most {MAX_GRID_SAMPLES}); lower "
+                         "--num-per-class or give fewer --labels")
     overrides = {k: v for k, v in (("kind", args.sampler), ("num_steps", args.steps), ("cfg_scale", args.cfg_scale),
                                    ("cfg_mode", args.cfg_mode)) if v is not None}
     cfg = default_sampler(mc.objective, **overrides)
+    check_sampler_objective(cfg.kind, mc.objective, "--sampler" if args.sampler else "the default sampler")
     from .samplers import sample
+    if args.compile:
+        from .compile import compile_model
+        compile_model(model)
     y = torch.tensor(labels, dtype=torch.long)
     with tqdm(total=cfg.num_steps, desc=f"sample {mc.name}", unit="step", disable=args.no_progress) as bar:
         images = sample(model, cfg, y, seed=args.seed, on_step=lambda _s: bar.update(1))
-    save_png(image_grid(images.cpu(), nrow=per_row, scale=args.scale), out)
+    save_png(label_grid(images.cpu(), labels, columns=per_row, scale=args.scale), out,  # atomic, OS errors named
+             overwrite=args.overwrite)
     note = "" if mc.in_channels in (1, 3) else " (raw latents, first 3 channels as RGB; no VAE decoder)"
     print(f"wrote {len(labels)} samples to {out}{note}: {cfg.kind}, {cfg.num_steps} steps, CFG {cfg.cfg_scale:g} "
           f"({cfg.cfg_mode}), seed {args.seed}")
@@ -107,14 +142,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- training
 def _register_train_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-demo", help="train the demo DiT-MoE on the scikit-learn digits (CPU, ~1 hour)",
-                       description="Reproduce the shipped demo model from a seed: rectified flow on the 8x8 "
-                                   "digits with a load-balancing loss; writes demo_model.safetensors and "
-                                   "training_log.json. Afterwards run `moeca evaluate-demo` to rebuild its card.")
-    p.add_argument("--out", help="output folder (default: the shipped data/demo folder)")
-    p.add_argument("--steps", type=int, help="training steps (default: the shipped recipe, TrainConfig.steps)")
+    p = sub.add_parser("train-demo", help="train a shipped digits DiT-MoE (demo or demo-ddpm; CPU, ~1 hour)",
+                       description="Reproduce a shipped model from a seed on the 8x8 digits with a load-balancing "
+                                   "loss: demo = rectified flow, demo-ddpm = DDPM epsilon + learned-range variance "
+                                   "(L_vb). Writes the weights and training_log.json (also every few hundred steps, "
+                                   "so an interrupted run is usable). Afterwards run `moeca evaluate-demo "
+                                   "[--model demo-ddpm]` to rebuild its card.")
+    p.add_argument("--model", default="demo", choices=("demo", "demo-ddpm"),
+                   help="which shipped model: demo (rectified flow) or demo-ddpm (DDPM epsilon + learned variance)")
+    p.add_argument("--out", help="output folder (default: the model's shipped data folder)")
+    p.add_argument("--steps", type=int, help="training steps (default: the shipped recipe, train_demo.RECIPES)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0, the shipped model's)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the recipe's, TrainConfig.threads)")
     p.add_argument("--overwrite", action="store_true", help="replace existing weights in --out")
     p.set_defaults(func=cmd_train_demo)
 
@@ -125,22 +164,35 @@ def _default_dir(sub: str) -> Path:
 
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
-    from .train_demo import TrainConfig, train_demo
+    from dataclasses import replace
 
-    out = Path(args.out) if args.out else _default_dir("demo")
-    steps = args.steps if args.steps is not None else TrainConfig().steps
+    from .registry import shipped_model
+    from .train_demo import RECIPES, train_demo
+
+    shipped = shipped_model(args.model)
+    recipe = RECIPES[shipped.name]
+    out = Path(args.out) if args.out else _default_dir(shipped.folder)
+    steps = args.steps if args.steps is not None else recipe.steps
+    threads = args.threads if args.threads is not None else recipe.threads
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if (out / "demo_model.safetensors").exists() and not args.overwrite:
-        raise FileExistsError(f"{out / 'demo_model.safetensors'} already exists; pass --overwrite to replace it "
-                              "or --out DIR to train elsewhere")
-    log = train_demo(out, TrainConfig(steps=steps, seed=args.seed, threads=args.threads))
-    print(f"wrote {out / 'demo_model.safetensors'} and {out / 'training_log.json'} "
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    weights = out / shipped.weights
+    if weights.exists() and not args.overwrite:
+        raise FileExistsError(f"{weights} already exists; pass --overwrite to replace it or --out DIR to train "
+                              "elsewhere")
+    if args.overwrite:                           # the user allows replacing these two, whoever wrote them
+        from moeca.common.outputs import adopt_file
+        from .train_demo import TRAINING_LOG
+        adopt_file(weights)
+        adopt_file(out / TRAINING_LOG)
+    log = train_demo(out, replace(recipe, steps=steps, seed=args.seed, threads=threads), shipped=shipped)
+    print(f"wrote {weights} and {out / 'training_log.json'} "
           f"({log['seconds'] / 60:.1f} min, final loss {log['loss_curve'][-1]['loss']:.4f})"
           if log.get("loss_curve") else f"wrote {out}")
-    extra = "" if not args.out else f" --checkpoint {out / 'demo_model.safetensors'} --out {out}"
+    extra = (f" --model {shipped.name}" if shipped.name != "demo" else "") + (
+        "" if not args.out else f" --checkpoint {weights} --out {out}")
     print(f"next: run `moeca evaluate-demo{extra}` to rebuild the model card")
     return 0
 
@@ -166,6 +218,12 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     if (out / CLASSIFIER_WEIGHTS).exists() and not args.overwrite:
         raise FileExistsError(f"{out / CLASSIFIER_WEIGHTS} already exists; pass --overwrite to replace it or "
                               "--out DIR to train elsewhere")
+    if args.overwrite:                           # the user allows replacing these two, whoever wrote them
+        from moeca.common.outputs import adopt_file
+
+        from .evaluator import CLASSIFIER_CARD
+        adopt_file(out / CLASSIFIER_WEIGHTS)
+        adopt_file(out / CLASSIFIER_CARD)
     card = train_classifier(out, seed=args.seed, config=ClassifierTrainConfig(epochs=epochs), progress=True)
     print(f"wrote {out / CLASSIFIER_WEIGHTS}: held-out accuracy {card['test_accuracy']:.2%}, "
           f"FD floor {card['fd_floor_train_vs_test']:.2f}, {card['train_seconds']:.0f} s")
@@ -174,11 +232,14 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- evaluation
 def _register_evaluate_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate-demo", help="evaluate the demo model and write its model card",
-                       description="Sample N per class at CFG 3 and 1.5 (rectified flow, batched CFG), score "
+    p = sub.add_parser("evaluate-demo", help="evaluate a shipped digits model and write its model card",
+                       description="Sample N per class at CFG 3 and 1.5 (the model's sampler: rectified flow "
+                                   "for demo, respaced DDPM for demo-ddpm; batched CFG), score "
                                    "them with the shipped classifier (class accuracy, Frechet distance vs the "
                                    "real-vs-real floor), measure expert load and router sharpness, and write "
                                    "MODEL_CARD.md, card.json and PNGs next to the weights.")
+    p.add_argument("--model", default="demo", choices=("demo", "demo-ddpm"),
+                   help="which shipped model (default demo); its sampler follows its objective")
     p.add_argument("--samples-per-class", type=int, default=100, help="samples per class (default 100)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
@@ -193,10 +254,11 @@ def _register_evaluate_demo(sub: argparse._SubParsersAction) -> None:
 
 def cmd_evaluate_demo(args: argparse.Namespace) -> int:
     from .card import CARD_MD, CardConfig, build_card
+    from .registry import shipped_model
 
     config = CardConfig(samples_per_class=args.samples_per_class, steps=args.steps, seed=args.seed, chunk=args.chunk)
     card = build_card(args.checkpoint, args.out, args.training_log, config, device=args.device,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, model_name=args.model)
     for ev in card["evaluations"]:
         bar = "" if ev["bar"] is None else f" (bar {ev['bar']:.0%}: {'met' if ev['meets_bar'] else 'MISSED'})"
         print(f"CFG {ev['cfg_scale']:g}: class accuracy {ev['accuracy']:.1%}{bar}, FD {ev['fd']:.2f} "
@@ -204,6 +266,7 @@ def cmd_evaluate_demo(args: argparse.Namespace) -> int:
     rt = card["routing"]
     print(f"expert load min {rt['min_load']:.1%} / max {rt['max_load']:.1%}; mean top-1 weight "
           f"{rt['mean_top1']:.3f}, top-2 {rt['mean_top2']:.3f}")
-    out = Path(args.out) if args.out else (Path(args.checkpoint).parent if args.checkpoint else _default_dir("demo"))
+    out = Path(args.out) if args.out else (Path(args.checkpoint).parent if args.checkpoint
+                                           else _default_dir(shipped_model(args.model).folder))
     print(f"wrote {out / CARD_MD}")
     return 0

@@ -154,6 +154,9 @@ class SparseMoE(nn.Module):
         self.gate = MoEGate(dim, num_experts, top_k)
         self.experts = nn.ModuleList(SwiGLU(dim, expert_hidden) for _ in range(num_experts))
         self.shared_experts = SwiGLU(dim, shared_hidden) if shared_hidden > 0 else None
+        self.expert_stack = None
+        """:class:`~moeca.models.dispatch.ExpertStack` of the routed experts (their weights become views of it);
+        built by the first inference dispatch, not part of the state dict."""
 
 
 # ----------------------------------------------------------------------------- block
@@ -277,8 +280,9 @@ class DiTMoE(nn.Module):
                              f"{expected[1]}, {expected[2]}]")
         if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
             raise ValueError(f"t and y must have shape [{x.shape[0]}]; got t {tuple(t.shape)}, y {tuple(y.shape)}")
-        if not torch.compiler.is_compiling() and y.numel():
-            lo, hi = torch.stack(torch.aminmax(y)).tolist()   # one host sync per forward
+        # labels are read on the host only where that is free: a forward on a GPU never waits for the device
+        if y.device.type == "cpu" and not torch.compiler.is_compiling() and y.numel():
+            lo, hi = torch.stack(torch.aminmax(y)).tolist()
             if lo < 0 or hi > self.y_embedder.embedding_table.num_embeddings - 1:
                 raise ValueError(f"labels must lie in 0..{cfg.num_classes - 1} (or {cfg.num_classes} for the null "
                                  f"class); got values in {lo}..{hi}")

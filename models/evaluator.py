@@ -220,14 +220,11 @@ def train_classifier(out_dir: str | os.PathLike, seed: int = 0, config: Classifi
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     finally:
         torch.set_num_threads(prev_threads)
-    weights = out_dir / CLASSIFIER_WEIGHTS
-    tmp = out_dir / (CLASSIFIER_WEIGHTS + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp),
-              metadata={"moeca_classifier": json.dumps({"seed": cfg.seed, "test_accuracy": test_acc})})
-    os.replace(tmp, weights)
-    tmp_card = out_dir / (CLASSIFIER_CARD + ".tmp")
-    tmp_card.write_text(json.dumps(card, indent=1) + "\n")
-    os.replace(tmp_card, out_dir / CLASSIFIER_CARD)
+    from moeca.common.outputs import atomic_file, atomic_write_text
+    with atomic_file(out_dir / CLASSIFIER_WEIGHTS, "classifier weights") as tmp:
+        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp),
+                  metadata={"moeca_classifier": json.dumps({"seed": cfg.seed, "test_accuracy": test_acc})})
+    atomic_write_text(out_dir / CLASSIFIER_CARD, json.dumps(card, indent=1) + "\n", what="classifier card")
     return card
 
 

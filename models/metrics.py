@@ -5,6 +5,8 @@ compute): :func:`psnr`, :func:`ssim`, :func:`relative_l2`, each per sample ``[B]
 distance of classifier features: :func:`frechet_distance`.
 
 Images are ``[B, C, H, W]`` float tensors; the default ``data_range=2.0`` matches images in [-1, 1].
+PSNR and SSIM are computed in torch on the samples' device and pinned against scikit-image in the tests;
+the Frechet distance takes its matrix square root from ``scipy.linalg.sqrtm``.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, max_db: float | None = None) -> torch.Tensor:
-    """Peak signal-to-noise ratio per sample in dB: ``10 log10(data_range^2 / mse)`` -> ``[B]`` float32.
+    """Peak signal-to-noise ratio per sample in dB: ``10 log10(data_range^2 / mse)`` -> ``[B]`` float32,
+    scikit-image's ``peak_signal_noise_ratio`` per sample (pinned to 1e-4 in tests/test_metrics.py).
 
     a, b: ``[B, ...]`` (any trailing shape). Identical samples have zero error and give ``+inf``;
     pass ``max_db`` (e.g. 100) to cap the result instead, which keeps averages finite.
@@ -76,6 +79,12 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, window: int 
     images) applied per channel without padding ("valid"), with ``K1=0.01, K2=0.03`` and
     ``L=data_range``. The SSIM map is averaged over channels and positions. On 8x8 images the valid
     map is 2x2, so the score weights the image centre more than its border.
+
+    This is scikit-image's ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=sigma,
+    use_sample_covariance=False, data_range=data_range)`` whenever ``window`` equals its window
+    ``2 * int(3.5 * sigma + 0.5) + 1`` (pinned to 1e-4 in tests/test_metrics.py); it runs on the
+    samples' device in float64. The default 7-pixel window truncates the sigma-1.5 Gaussian earlier than
+    scikit-image (11 pixels), which could not score 8x8 images at all.
     """
     _check_pair(a, b, "ssim")
     if a.dim() != 4:

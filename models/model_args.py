@@ -8,8 +8,8 @@ from pathlib import Path
 def add_model_arguments(parser, *, model_seed: bool = True) -> None:
     """Add ``--model``, ``--checkpoint``, ``--random-init`` (and ``--model-seed``) to a parser or group."""
     parser.add_argument("--model", default=None,
-                        help="'demo' (the shipped model, default) or a preset name (S/2-8E2A, ...) with --checkpoint "
-                             "or --random-init")
+                        help="a shipped model: 'demo' (rectified flow, default) or 'demo-ddpm' (DDPM, learned "
+                             "variance); or a preset name (S/2-8E2A, ...) with --checkpoint or --random-init")
     parser.add_argument("--checkpoint", default=None,
                         help="weights file (.pt/.safetensors) to load into --model; without --model it must be a "
                              "moeca-written .safetensors")
@@ -25,8 +25,9 @@ def load_model_from_args(args: argparse.Namespace, device, seed: int | None = No
     """
     from .registry import load_model
 
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist")
+    if args.checkpoint:
+        from moeca.common.inputs import require_file
+        require_file(args.checkpoint, "--checkpoint", "give the weights file (.safetensors or .pt)")
     if args.random_init and args.checkpoint:
         raise ValueError("--random-init and --checkpoint exclude each other; pick one")
     name = args.model if args.model is not None else (None if args.checkpoint else "demo")

@@ -1,17 +1,56 @@
-"""Resolve a model by name: the shipped demo model, a preset with a checkpoint, or random weights."""
+"""Resolve a model by name: a shipped model (``demo``, ``demo-ddpm``), a preset with a checkpoint, or
+random weights."""
 from __future__ import annotations
 
-import json
+import dataclasses
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, read_state_dict, load_state_dict_strict
+from .checkpoint import CheckpointError, load_checkpoint, read_state_dict, load_state_dict_strict, safetensors_config
 from .config import DiTMoEConfig, get_preset, PRESETS
 from .dit_moe import DiTMoE
+from .samplers import SamplerConfig, default_sampler
 
-DEMO_WEIGHTS_NAME = "demo_model.safetensors"
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """A model the project trains and ships under ``data/<folder>/``.
+
+    config: the architecture and objective it is trained with (the weights' metadata carries it too);
+    bench_steps: the sampling steps the benchmarks use for it (its reference sampler may use more).
+    """
+
+    name: str
+    folder: str
+    weights: str
+    config: DiTMoEConfig
+    bench_steps: int
+    summary: str
+
+    @property
+    def weights_path(self) -> Path:
+        return data_dir() / self.folder / self.weights
+
+    def bench_sampler(self, **overrides) -> SamplerConfig:
+        """The sampler the benchmarks use: the objective's reference sampler at ``bench_steps``, CFG 1.5,
+        batched CFG (``overrides`` replace any field)."""
+        settings = {"num_steps": self.bench_steps, "cfg_scale": 1.5, "cfg_mode": "batched", **overrides}
+        return default_sampler(self.config.objective, **settings)
+
+
+_DEMO = get_preset("demo")
+SHIPPED_MODELS: dict[str, ShippedModel] = {
+    "demo": ShippedModel("demo", "demo", "demo_model.safetensors", _DEMO, 50,
+                         "rectified flow (velocity), Euler sampler"),
+    # Same architecture, the public S/B recipe: epsilon prediction + learned-range variance, DDPM sampler.
+    "demo-ddpm": ShippedModel("demo-ddpm", "demo_ddpm", "demo_ddpm_model.safetensors",
+                              dataclasses.replace(_DEMO, name="demo-ddpm", learn_sigma=True, objective="ddpm_eps"),
+                              50, "DDPM epsilon prediction with learned-range variance, respaced DDPM sampler"),
+}
+DEMO_WEIGHTS_NAME = SHIPPED_MODELS["demo"].weights
 
 
 def data_dir() -> Path:
@@ -20,14 +59,36 @@ def data_dir() -> Path:
 
 
 def demo_weights_path() -> Path:
-    return data_dir() / "demo" / DEMO_WEIGHTS_NAME
+    return SHIPPED_MODELS["demo"].weights_path
+
+
+def shipped_model(name: str) -> ShippedModel:
+    """The shipped model called ``name``; an unknown name lists the shipped ones."""
+    try:
+        return SHIPPED_MODELS[name]
+    except KeyError:
+        raise ValueError(f"no shipped model {name!r}; shipped models: {', '.join(SHIPPED_MODELS)}") from None
+
+
+def model_config(name: str) -> DiTMoEConfig:
+    """The architecture of a shipped model or a preset, by name."""
+    if name in SHIPPED_MODELS:
+        return SHIPPED_MODELS[name].config
+    if name not in PRESETS:
+        presets = ", ".join(p for p in PRESETS if p not in SHIPPED_MODELS)
+        raise ValueError(f"unknown model preset {name!r}; choose a shipped model ({', '.join(SHIPPED_MODELS)}) "
+                         f"or a preset ({presets})")
+    return get_preset(name)
 
 
 def pick_device(name: str | None = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} was requested but CUDA is not available; use --device cpu")
     return device
@@ -38,20 +99,27 @@ def load_model(name: str | None = "demo", checkpoint: str | Path | None = None, 
                dtype: torch.dtype = torch.float32) -> DiTMoE:
     """Return an eval-mode model.
 
-    - ``name="demo"``: the shipped trained demo model (config read from the weights' metadata);
-    - ``name=PRESET, checkpoint=PATH``: a public checkpoint loaded strictly into that preset;
-    - ``name=PRESET, random_init=True``: random weights from ``seed`` (shape benchmarks, tests).
+    - ``name="demo"`` / ``"demo-ddpm"``: a shipped trained model (config read from the weights' metadata);
+    - ``name=PRESET`` or a shipped name, ``checkpoint=PATH``: weights loaded strictly into that architecture;
+    - ``name=PRESET`` or a shipped name, ``random_init=True``: random weights from ``seed`` (shape
+      benchmarks, tests).
     """
     device = pick_device(device) if not isinstance(device, torch.device) else device
-    if name == "demo" and checkpoint is None:
-        path = demo_weights_path()
+    if name in SHIPPED_MODELS and checkpoint is None and not random_init:
+        shipped = SHIPPED_MODELS[name]
+        path = shipped.weights_path
         if not path.is_file():
-            raise FileNotFoundError(f"the demo model weights are missing at {path}; run `moeca train-demo` to "
-                                    "rebuild them")
-        return load_demo_like(path, device, dtype)
+            flag = "" if name == "demo" else f" --model {name}"
+            raise FileNotFoundError(f"the {name} model weights are missing at {path}; run `moeca train-demo{flag}` "
+                                    "to rebuild them")
+        model = load_demo_like(path, device, dtype)
+        if model.config.fingerprint() != shipped.config.fingerprint():
+            raise CheckpointError(f"{path} does not hold the {name!r} architecture ({shipped.summary}); "
+                                  f"rebuild it with `moeca train-demo --model {name}`")
+        return model
     if name is None and checkpoint is not None:
         return load_demo_like(Path(checkpoint), device, dtype)
-    config = get_preset(name or "demo")
+    config = model_config(name or "demo")
     if checkpoint is not None:
         return load_checkpoint(checkpoint, config, device=device, dtype=dtype)
     if not random_init:
@@ -66,18 +134,12 @@ def load_model(name: str | None = "demo", checkpoint: str | Path | None = None, 
 
 def load_demo_like(path: Path, device: torch.device, dtype: torch.dtype) -> DiTMoE:
     """Load a safetensors file written by moeca (its config lives in the metadata)."""
-    from safetensors import safe_open
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    from moeca.common.inputs import require_file
+    require_file(path, "checkpoint", "give the weights file (.safetensors)")
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: without --model PRESET only moeca-written .safetensors files are "
                               "self-describing; name the preset with --model")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "moeca_config" not in meta:
-        raise CheckpointError(f"{path} carries no moeca config in its metadata; name the preset with --model")
-    config = DiTMoEConfig.from_dict(json.loads(meta["moeca_config"]))
-    model = DiTMoE(config)
+    model = DiTMoE(safetensors_config(path))
     load_state_dict_strict(model, read_state_dict(path), str(path))
     return model.to(device=device, dtype=dtype).eval()
 

@@ -8,10 +8,13 @@ Shapes: ``B`` batch, ``T`` tokens, ``D`` hidden size, ``N = B*T`` flattened rows
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from .dispatch import PATHS, DispatchPath, expert_forward, run_routed
 
 if TYPE_CHECKING:  # pragma: no cover
     from .dit_moe import DiTMoE, DiTMoEBlock
@@ -32,7 +35,18 @@ class ForwardContext:
 
 
 class Runtime:
-    """Computes every seam in full. Subclasses override seams to record or to reuse work."""
+    """Computes every seam in full. Subclasses override seams to record or to reuse work.
+
+    dispatch: the routed-expert path (:mod:`~moeca.models.dispatch`): ``"auto"`` (the fastest for the
+    device), ``"loop"`` or ``"grouped"`` (the device path; forced on CPU tensors to test it).
+    """
+
+    dispatch: DispatchPath = "auto"
+
+    def __init__(self, dispatch: DispatchPath = "auto"):
+        if dispatch not in PATHS:
+            raise ValueError(f"Runtime(dispatch={dispatch!r}): use one of {', '.join(PATHS)}")
+        self.dispatch = dispatch
 
     def begin_forward(self, model: "DiTMoE", ctx: ForwardContext | None, x_tokens: torch.Tensor) -> None:
         """Called once per forward before the blocks; ``x_tokens`` is ``[B, T, D]``."""
@@ -58,8 +72,9 @@ class Runtime:
         return block.moe.gate(h)
 
     def expert(self, block: "DiTMoEBlock", e: int, h_rows: torch.Tensor) -> torch.Tensor:
-        """Routed expert ``e`` on rows ``[n, D]`` -> unweighted output ``[n, D]``."""
-        return block.moe.experts[e](h_rows)
+        """Routed expert ``e`` on rows ``[n, D]`` -> unweighted output ``[n, D]``. A subclass that overrides
+        this seam sees every computed row: the dispatch then calls it once per expert with rows."""
+        return expert_forward(block, e, h_rows)
 
     def shared_expert(self, block: "DiTMoEBlock", h: torch.Tensor) -> torch.Tensor:
         """Shared expert on rows ``[N, D]`` -> ``[N, D]``."""
@@ -68,7 +83,7 @@ class Runtime:
     def moe(self, block: "DiTMoEBlock", h: torch.Tensor) -> torch.Tensor:
         """MoE on the modulated input ``[B, T, D]`` -> ``[B, T, D]`` (before ``gate_mlp``).
 
-        route -> grouped expert dispatch (unweighted rows per (token, slot)) -> combine with the
+        route -> routed-expert dispatch (unweighted rows per (token, slot)) -> combine with the
         current gate weights -> plus the shared expert.
         """
         B, T, D = h.shape
@@ -81,15 +96,12 @@ class Runtime:
         return out.view(B, T, D)
 
     def routed_experts(self, block: "DiTMoEBlock", flat: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
-        """Grouped dispatch: each expert runs once on exactly the rows routed to it.
+        """Each expert runs once on exactly the rows routed to it (:func:`~moeca.models.dispatch.run_routed`).
 
         flat ``[N, D]``, topk_idx ``[N, k]`` -> unweighted outputs per (row, slot) ``[N, k, D]``.
         """
-        N, k = topk_idx.shape
-        slot_out = flat.new_empty(N * k, flat.shape[1])
-        for e, slots in group_slots_by_expert(topk_idx, block.moe.num_experts):
-            slot_out[slots] = self.expert(block, e, flat[slots // k])
-        return slot_out.view(N, k, -1)
+        seam = None if type(self).expert is Runtime.expert else functools.partial(self.expert, block)
+        return run_routed(block, flat, topk_idx, path=self.dispatch, expert=seam)
 
 
 def group_slots_by_expert(topk_idx: torch.Tensor, num_experts: int) -> list[tuple[int, torch.Tensor]]:

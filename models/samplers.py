@@ -48,6 +48,10 @@ class SamplerConfig:
             raise ValueError(f"num_steps={self.num_steps} must be in 1..{self.train_timesteps} for {self.kind}")
         if not np.isfinite(self.cfg_scale) or self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale}")
+        if not np.isfinite(self.eta) or self.eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
+        if self.cfg_channels is not None and self.cfg_channels < 1:
+            raise ValueError(f"cfg_channels must be >= 1 (or None for all predicted channels), got {self.cfg_channels}")
 
     @property
     def guided(self) -> bool:
@@ -55,6 +59,24 @@ class SamplerConfig:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+SAMPLERS_FOR_OBJECTIVE = {"ddpm_eps": ("ddpm", "ddim"), "rectified_flow": ("rectified_flow",)}
+"""Samplers that read a model's output the way it was trained: DDPM/DDIM read noise (epsilon), the
+Euler sampler reads a rectified-flow velocity. Any other pairing samples noise without an error."""
+
+
+def check_sampler_objective(kind: str, objective: str, what: str = "--sampler") -> None:
+    """Refuse a sampler that cannot use a model trained for ``objective``; ``what`` names the input."""
+    allowed = SAMPLERS_FOR_OBJECTIVE.get(objective)
+    if allowed is None:
+        raise ValueError(f"model objective {objective!r} is unknown; expected one of "
+                         f"{', '.join(SAMPLERS_FOR_OBJECTIVE)}")
+    if kind not in allowed:
+        reads = "a velocity" if objective == "rectified_flow" else "the noise epsilon"
+        raise ValueError(f"{what} {kind!r} does not match the model: it was trained for the {objective} objective "
+                         f"(its output is {reads}), which the {kind} sampler would misread and return noise as if it "
+                         f"were a valid sample; use {' or '.join(allowed)}")
 
 
 def default_sampler(objective: str, **overrides) -> SamplerConfig:
@@ -92,7 +114,8 @@ class GuidedDenoiser:
 
     def guide(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         pred_channels = self.model.config.in_channels
-        m = self.cfg.cfg_channels or pred_channels
+        # never guide the variance channels: a 1-channel model guides its one predicted channel
+        m = min(self.cfg.cfg_channels or pred_channels, pred_channels)
         guided = uncond[:, :m] + self.cfg.cfg_scale * (cond[:, :m] - uncond[:, :m])
         return torch.cat([guided, cond[:, m:]], dim=1)
 

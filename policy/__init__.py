@@ -1,11 +1,42 @@
 """moeca.policy: schedule format, MoECa derivation, schedule summaries.
 
-- :mod:`moeca.policy.schedule` -- ``Schedule`` (``load``/``save``/``from_json``/``check_compatible``),
+Public API (imported lazily, so ``import moeca.policy`` stays cheap):
+
+- ``Schedule`` (``load``/``save``/``from_json``/``check_compatible``), ``ScheduleError``,
+  ``ScheduleMismatch``, ``full_schedule(config, sampler_cfg)`` (:mod:`moeca.policy.schedule`; also
   ``StepRule``, ``BlockRule``, ``Rule``, ``ScoreConfig``, ``ModelSkip``, ``ModelIdentity``,
-  ``SamplerIdentity``, ``full_schedule``; JSON Schema ``schedule.schema.json`` (``schema()``);
-- :mod:`moeca.policy.derive` -- ``DeriveConfig``, ``derive_schedule(summary_df, run_meta, cfg)``;
-- :mod:`moeca.policy.cost` -- ``UnitCosts`` (analytic FLOPs per unit row);
-- :mod:`moeca.policy.summary` -- ``reuse_grid``, ``describe``;
-- :mod:`moeca.policy.transfer` -- ``retarget`` (another model shape), ``resample_steps``;
+  ``SamplerIdentity``; JSON Schema ``schedule.schema.json`` via ``schema()``);
+- ``DeriveConfig``, ``derive_schedule(summary_df, run_meta, cfg) -> Schedule`` (:mod:`moeca.policy.derive`);
+- ``UnitCosts`` (analytic FLOPs per unit row, :mod:`moeca.policy.cost`);
+- ``reuse_grid``, ``describe`` (:mod:`moeca.policy.summary`);
+- ``retarget`` (another model shape), ``resample_steps`` (:mod:`moeca.policy.transfer`);
+- baselines as schedules: :mod:`moeca.policy.baselines` (``fora``, ``toca``, ``teacache``, ``l2c``, ``none``);
 - :mod:`moeca.policy.cli` -- ``moeca schedule show|derive``.
 """
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Schedule": "schedule", "ScheduleError": "schedule", "ScheduleMismatch": "schedule",
+    "full_schedule": "schedule", "StepRule": "schedule", "BlockRule": "schedule", "Rule": "schedule",
+    "ScoreConfig": "schedule", "ModelSkip": "schedule", "ModelIdentity": "schedule",
+    "SamplerIdentity": "schedule", "schema": "schedule",
+    "DeriveConfig": "derive", "derive_schedule": "derive",
+    "UnitCosts": "cost",
+    "reuse_grid": "summary", "describe": "summary",
+    "retarget": "transfer", "resample_steps": "transfer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -18,29 +18,47 @@ def register(sub: argparse._SubParsersAction) -> None:
         "derive", help="derive the MoECa schedule from traces",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Derive a MoECa schedule from the drift of each unit in one or more traces of the same "
-                    "model and sampler.\n\nRule --refresh sync (default): evenly spaced steps recompute every "
+                    "model and sampler.\n\nRule --refresh sync (default): synchronized refresh steps recompute every "
                     "unit of every block together; on the other steps the router runs, newly routed\n"
                     "(token, expert) pairs are computed and every other branch, the shared expert and attention "
                     "are forecast linearly from their last two computed outputs\n(--forecast linear) and combined "
-                    "with the current gate weights. The number of refresh steps is the most that reaches "
-                    "--target-speedup\n(predicted FLOPs, using the traces' share of newly routed pairs), or "
-                    "follows from --error-budget.\n\nRule --refresh budget: warm-up, final and every "
+                    "with the current gate weights. The refresh steps go where the traced drift is\n"
+                    "(--placement drift: equal drift between refreshes) or are evenly spaced (--placement even). "
+                    "Their number is the most that reaches\n--target-speedup (wall-clock on the device that "
+                    "replays, predicted from unit costs measured once per device, model and batch:\n`moeca "
+                    "calibrate`; measured on first use) or --target-flops-speedup (analytic FLOPs), or follows "
+                    "from --error-budget.\n\nRule --refresh budget: warm-up, final and every "
                     "--sync-interval-th step compute everything; otherwise each expert (and the shared expert)\n"
                     "recomputes the fraction of its cached tokens that keeps the staleness error under a budget "
                     "tau (faster-drifting experts refresh more),\nand attention is recomputed whole when its "
-                    "accumulated drift exceeds tau; tau is searched to reach --target-speedup or given as "
+                    "accumulated drift exceeds tau; tau is searched to reach --target-flops-speedup or given as "
                     "--error-budget.",
-        epilog="example:\n  moeca schedule derive out/trace --target-speedup 3 --out out/schedule.json")
+        epilog="example:\n  moeca schedule derive out/trace --target-speedup 2 --out out/schedule.json")
     d.add_argument("traces", nargs="+", metavar="TRACE_DIR", help="trace directories (same model and sampler)")
     goal = d.add_mutually_exclusive_group()
     goal.add_argument("--target-speedup", type=float, default=None,
-                      help="predicted FLOPs speedup to reach (default 3.0 when --error-budget is not given)")
+                      help="wall-clock speedup to reach when `moeca replay` runs on this device (--device) at "
+                           "--batch samples; predicted from calibrated unit costs (default 2.0 when no other "
+                           "target is given)")
+    goal.add_argument("--target-flops-speedup", type=float, default=None,
+                      help="analytic FLOPs speedup to reach instead (no calibration)")
     goal.add_argument("--error-budget", type=float, default=None,
                       help="staleness error budget tau (relative L2 of a reused output) instead of a target")
     d.add_argument("--out", required=True, help="schedule JSON to write")
     d.add_argument("--refresh", choices=("sync", "budget"), default="sync",
                    help="refresh rule: sync = evenly spaced synchronized full refreshes, everything forecast in "
                         "between (default); budget = per-expert token budgets between --sync-interval refreshes")
+    d.add_argument("--placement", choices=("drift", "even"), default="drift",
+                   help="--refresh sync: refresh steps at equal traced drift between them (default) or evenly "
+                        "spaced")
+    d.add_argument("--batch", type=int, default=16,
+                   help="--target-speedup: samples per sampling call of the replay the schedule is for "
+                        "(`moeca replay --samples`; default 16)")
+    d.add_argument("--device", default="auto", help="--target-speedup: the device that replays (default auto)")
+    d.add_argument("--threads", type=int, default=None,
+                   help="--target-speedup: torch CPU threads of the replay (default: torch's choice)")
+    d.add_argument("--checkpoint", default=None,
+                   help="--target-speedup: the model's weights, when the trace's run.json names none")
     d.add_argument("--forecast", choices=("linear", "none"), default="linear",
                    help="reused outputs: linear = extrapolated from their last two computations (default); "
                         "none = the cached output as is")
@@ -55,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="lower bound of each expert's per-step refresh fraction (default 0)")
     d.add_argument("--attn-weight", type=float, default=1.0, help="importance multiplier on attention drift")
     d.add_argument("--allow-mixed", action="store_true", help="pool traces of different models/samplers")
-    d.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file moeca did not write (a schedule it wrote is replaced anyway)")
     d.set_defaults(func=cmd_derive)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
@@ -69,45 +88,143 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def load_summary(traces: list[str], allow_mixed: bool = False):
-    """``(drift summary DataFrame, run.json of the first trace)`` via the analysis stage."""
+    """``(drift summary DataFrame, run.json of the first trace)`` via the analysis stage.
+
+    Every trace is validated first: given once, run.json agreeing with its shards, and its sampler one
+    the model's training objective can use.
+    """
     from pathlib import Path
 
+    from moeca.models.samplers import check_sampler_objective
+    from moeca.tracer.store import check_distinct_traces, read_run_meta, require_trace_folder, validate_trace
+
     for t in traces:
+        require_trace_folder(t)                  # missing, or a file (e.g. its run.json) given for the folder
         if not (Path(t) / "run.json").is_file():
             raise FileNotFoundError(f"{t} is not a trace directory (no run.json); create one with `moeca trace`")
+    check_distinct_traces(traces)
+    for t in traces:
+        meta = validate_trace(t)
+        objective = meta["model"]["config"].get("objective", "ddpm_eps")
+        check_sampler_objective(meta["sampler"].get("kind"), objective, f"trace {t}: run.json field sampler.kind")
     try:
         from moeca.analysis import drift_summary
     except ImportError as exc:
         raise ValueError(f"the analysis stage is not available ({exc}); it provides moeca.analysis.drift_summary") \
             from None
-    from moeca.tracer.store import read_run_meta
 
     summary = drift_summary([str(t) for t in traces], allow_mixed=allow_mixed)
     return summary, read_run_meta(traces[0])
 
 
+def nan_report(summary) -> str | None:
+    """Where the traces hold NaN/Inf metric values (excluded from the drift estimates), or None."""
+    bad = summary[summary["nan_count"] > 0]
+    if bad.empty:
+        return None
+    total = int(bad["nan_count"].sum())
+    where = (bad.groupby(["unit", "block"])["nan_count"].sum().sort_values(ascending=False).head(5))
+    steps = sorted(int(v) for v in bad["step"].unique())
+    span = f"steps {steps[0]}..{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}"
+    return (f"{total} NaN/Inf metric values in the traces were excluded from the drift estimates ({span}; most in "
+            + ", ".join(f"{u} block {b}: {int(n)}" for (u, b), n in where.items())
+            + "); check the model's numerics (dtype, checkpoint) if the schedule looks wrong")
+
+
+def check_derive_options(args: argparse.Namespace) -> None:
+    """Numeric options of ``schedule derive`` within their valid ranges (before any trace is read)."""
+    import math
+    for name, value, ok, rng in (
+            ("--target-speedup", args.target_speedup, lambda v: v > 1, "> 1"),
+            ("--target-flops-speedup", args.target_flops_speedup, lambda v: v > 1, "> 1"),
+            ("--error-budget", args.error_budget, lambda v: v > 0, "> 0"),
+            ("--staleness-weight", args.staleness_weight, lambda v: v >= 0, ">= 0"),
+            ("--min-fraction", args.min_fraction, lambda v: 0 <= v <= 1, "in 0..1"),
+            ("--attn-weight", args.attn_weight, lambda v: v > 0, "> 0")):
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise ValueError(f"{name} {value} must be a finite number {rng}")
+    for name, value in (("--warmup-steps", args.warmup_steps), ("--final-steps", args.final_steps),
+                        ("--sync-interval", args.sync_interval)):
+        if value < 0:
+            raise ValueError(f"{name} {value} must be >= 0")
+    for name, value in (("--batch", args.batch), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} {value} must be >= 1")
+
+
 def cmd_derive(args: argparse.Namespace) -> int:
+    import sys
     from pathlib import Path
+
+    from moeca.common.inputs import require_folder
+    from moeca.common.outputs import check_no_overlap, check_replace_file
 
     from .derive import DeriveConfig, derive_schedule
     from .summary import describe
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    target = args.target_speedup if args.target_speedup is not None or args.error_budget is not None else 3.0
-    cfg = DeriveConfig(target_speedup=target, error_budget=args.error_budget, refresh=args.refresh,
+    check_no_overlap(out, [("trace", t) for t in args.traces])
+    if out.is_dir():
+        raise FileExistsError(f"--out {out} is a folder; give the schedule's file path, e.g. {out / 'schedule.json'}")
+    check_replace_file(out, "schedule", args.overwrite)  # a schedule moeca wrote may be replaced; others need the flag
+    require_folder(out.parent, f"--out {out}: the folder", "create it first or fix the path")
+    check_derive_options(args)
+    flops = args.target_flops_speedup is not None
+    target = args.target_flops_speedup if flops else args.target_speedup
+    if target is None and args.error_budget is None:
+        target = 2.0
+    cfg = DeriveConfig(target_speedup=target, error_budget=args.error_budget,
+                       target="flops" if flops or args.error_budget is not None else "wallclock",
+                       refresh=args.refresh, placement=args.placement,
                        forecast=args.forecast, warmup_steps=args.warmup_steps,
                        final_steps=args.final_steps, sync_interval=args.sync_interval,
                        staleness_weight=args.staleness_weight, min_fraction=args.min_fraction,
                        attn_weight=args.attn_weight)
     summary, meta = load_summary(args.traces, args.allow_mixed)
-    schedule = derive_schedule(summary, meta, cfg).with_provenance(traces=[str(t) for t in args.traces])
-    schedule.save(out)
+    nans = nan_report(summary)
+    if nans:
+        print(f"warning: {nans}", file=sys.stderr)
+    wallclock = replay_costs(meta, args) if cfg.target == "wallclock" else None
+    schedule = derive_schedule(summary, meta, cfg, wallclock).with_provenance(
+        traces=[str(t) for t in args.traces], nan_metric_values=int(summary["nan_count"].sum()))
+    schedule.save(out, overwrite=args.overwrite)
     head = describe(schedule).split("\n\n")[0]
     print(head)
     print(f"refresh rule: {args.refresh}; forecast: {schedule.forecast}; {len(schedule.sync_refresh_steps)} full "
           f"refresh steps; error budget tau: {schedule.provenance['tau']:.4g}; lag exponents: "
           f"{schedule.provenance['alpha']}")
+    if "predicted_speedup" in schedule.provenance:
+        print(f"predicted wall-clock speedup: {schedule.provenance['predicted_speedup']:.2f}x on "
+              f"{wallclock.key['device']} at batch {args.batch} (`moeca replay --samples {args.batch}` measures it)")
     print(f"wrote {out}")
     return 0
+
+
+def replay_costs(meta: dict, args: argparse.Namespace):
+    """The calibrated unit costs of the trace's model replayed on ``args.device`` at ``args.batch`` samples
+    (measured and cached on first use by the replay stage, through the hook of :mod:`.wallclock`)."""
+    import torch
+
+    from moeca.models.registry import load_model
+    from moeca.models.samplers import SamplerConfig
+
+    from .wallclock import costs_provider
+
+    model_meta = meta["model"]
+    checkpoint = args.checkpoint or model_meta.get("checkpoint")
+    name = model_meta.get("name")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        model = load_model(name, checkpoint, device=args.device)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise ValueError(f"--target-speedup calibrates the trace's model ({name!r}, checkpoint {checkpoint!r}) on "
+                         f"the replaying device, which failed: {exc}. Pass --checkpoint, or use "
+                         "--target-flops-speedup (no calibration)") from None
+    from moeca.models.checkpoint import weights_hash
+    traced = model_meta.get("weights_hash")
+    if traced and weights_hash(model) != traced:
+        raise ValueError(f"--checkpoint: the loaded weights hash to {weights_hash(model)} but the trace was made "
+                         f"with weights {traced}; pass the traced model's checkpoint")
+    return costs_provider()(model, SamplerConfig(**meta["sampler"]), args.batch,
+                            progress=lambda msg: print(msg, flush=True))

@@ -10,14 +10,20 @@ Two refresh rules (``DeriveConfig.refresh``); both forecast reused outputs linea
 
 ``refresh="sync"`` (default), synchronized refresh with branch-level forecasting:
 
-1. Step 0 (``warmup_steps``) and the last ``final_steps`` steps, and ``n`` evenly spaced steps
-   (``round(i * S / n)``) recompute every unit of every block together.
+1. Step 0 (``warmup_steps``), the last ``final_steps`` steps and ``n`` more steps recompute every
+   unit of every block together. ``placement="drift"`` puts the ``n`` steps at the quantiles of the
+   traced per-step drift ``d`` (the FLOPs-weighted mean lag-1 drift of attention, shared and routed
+   experts): every interval between refreshes carries the same accumulated drift, so refreshes are
+   denser where the model's features move fastest (:func:`drift_sync_steps`); ``placement="even"``
+   spaces them evenly (``round(i * S / n)``).
 2. Every other step runs the router in every block, computes the newly routed (token, expert) pairs
    (they have no cache entry) and forecasts every other branch, the shared expert and attention.
-3. ``n`` is the largest count whose predicted FLOPs ratio (router + the traces' newly routed share of
-   pairs on forecast steps) reaches ``target_speedup``; with ``error_budget`` ``tau`` the spacing is
-   the largest ``j`` with ``d * j**alpha <= tau`` for the drift ``d`` of every step (the FLOPs-weighted
-   mean lag-1 drift of attention, shared and routed experts).
+3. ``n`` is the largest count whose predicted speedup reaches ``target_speedup``: with
+   ``target="flops"`` the FLOPs ratio (router + the traces' newly routed share of pairs on forecast
+   steps), with ``target="wallclock"`` the wall-clock time predicted from the calibrated unit costs of
+   the replaying device (:class:`~moeca.policy.wallclock.WallClockCosts`: a full step, and a forecast
+   step with the traced newly routed pairs, bookkeeping included). With ``error_budget`` ``tau`` the
+   count is the smallest with ``max(d) * (S / n)**alpha <= tau``.
 
 Why not refresh single branches between those steps: replaying the demo model shows that recomputing
 experts (even every expert of a block) while the block's attention stays cached *raises* image error,
@@ -53,6 +59,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from moeca.policy.cost import UnitCosts
+from moeca.policy.wallclock import StepWork, WallClockCosts
 from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
                                    ScoreConfig, StepRule)
 
@@ -64,7 +71,12 @@ SUMMARY_COLUMNS = ("unit", "block", "step", "expert", "lag", "n", "mean_rel_l2",
 class DeriveConfig:
     """Knobs of the MoECa derivation (see the module docstring for the rule).
 
-    target_speedup: predicted FLOPs speedup (full / cached) to reach; the error budget is searched.
+    target_speedup: predicted speedup (full / cached) to reach; the error budget is searched.
+    target: what ``target_speedup`` means: ``flops`` (analytic FLOPs speedup) or ``wallclock`` (the
+    speedup predicted from calibrated unit costs, :class:`~moeca.policy.wallclock.WallClockCosts`,
+    which :func:`derive_schedule` then needs; ``sync`` rule only).
+    placement: ``sync`` rule: where the synchronized refreshes go: ``drift`` (quantiles of the
+    traced per-step drift, :func:`drift_sync_steps`) or ``even`` (evenly spaced).
     error_budget: the budget ``tau`` (max staleness error, relative L2) instead of a target speedup.
     refresh: ``sync`` (evenly spaced synchronized full refreshes, everything forecast in between) or
     ``budget`` (fixed ``sync_interval`` plus per-expert token budgets); see the module docstring.
@@ -81,7 +93,9 @@ class DeriveConfig:
 
     target_speedup: float | None = 3.0
     error_budget: float | None = None
+    target: str = "flops"
     refresh: str = "sync"
+    placement: str = "drift"
     forecast: str = "linear"
     warmup_steps: int = 1
     final_steps: int = 0
@@ -105,6 +119,13 @@ class DeriveConfig:
             raise ValueError(f"warmup_steps must be >= 1 (the first step has nothing cached), got {self.warmup_steps}")
         if self.refresh not in ("sync", "budget"):
             raise ValueError(f"refresh must be 'sync' or 'budget', got {self.refresh!r}")
+        if self.target not in ("flops", "wallclock"):
+            raise ValueError(f"target must be 'flops' or 'wallclock', got {self.target!r}")
+        if self.target == "wallclock" and self.refresh != "sync":
+            raise ValueError("a wall-clock target needs refresh='sync' (the budget rule predicts FLOPs only); "
+                             "use a FLOPs target (--target-flops-speedup) with --refresh budget")
+        if self.placement not in ("even", "drift"):
+            raise ValueError(f"placement must be 'even' or 'drift', got {self.placement!r}")
         if self.forecast not in ("none", "linear"):
             raise ValueError(f"forecast must be 'none' or 'linear', got {self.forecast!r}")
         if self.final_steps < 0 or self.sync_interval < 0:
@@ -303,40 +324,96 @@ def even_sync_steps(num_steps: int, count: int, cfg: DeriveConfig) -> frozenset[
     return frozenset(steps)
 
 
-def _derive_sync(tables: DriftTables, cfg: DeriveConfig, S: int, costs: UnitCosts) -> tuple[_Plan, frozenset, float]:
-    """``(plan, sync steps, tau)`` of the ``sync`` rule (tau: the predicted staleness error)."""
+def drift_sync_steps(weight: np.ndarray, count: int, cfg: DeriveConfig) -> frozenset[int]:
+    """Warm-up and final steps plus ``count`` steps at the quantiles of the cumulative ``weight [S]``.
+
+    Refresh 0 is step 0; refresh ``i`` (``i = 1 .. count-1``) goes to the step where the cumulative
+    weight first exceeds ``i / count`` of the total, so each interval between refreshes carries the same
+    share of the weight: where the weight (drift) is high, refreshes are closer. Colliding quantiles move
+    to the next free step, so exactly ``count`` distinct steps are chosen (as many as ``S`` allows).
+    """
+    S = len(weight)
+    w = np.clip(np.nan_to_num(np.asarray(weight, dtype=float)), 0.0, None)
+    if not w.sum() > 0:
+        return even_sync_steps(S, count, cfg)
+    cum = np.concatenate([[0.0], np.cumsum(w)]) / w.sum()
+    chosen: set[int] = set()
+    for i in range(min(count, S)):
+        step = min(int(np.searchsorted(cum, i / count, side="right")) - 1, S - 1) if i else 0
+        while step in chosen and step < S - 1:
+            step += 1
+        while step in chosen:
+            step -= 1
+        chosen.add(step)
+    return frozenset(chosen | _edge_steps(S, cfg))
+
+
+def step_drift(tables: DriftTables, costs: UnitCosts) -> np.ndarray:
+    """``[S]``: the FLOPs-weighted mean lag-1 drift of attention, shared and routed experts per step."""
     unit = np.array([costs.attn, costs.shared, costs.top_k * costs.expert])
     drift = (tables.attn * unit[0] + tables.shared * unit[1]
              + np.sum(tables.expert * tables.share, axis=2) * unit[2]) / unit.sum()           # [S, L]
-    d = drift.mean(axis=1)                                                                   # [S]
-    alpha = (tables.alpha["attn"] + tables.alpha["shared"] + tables.alpha["expert"]) / 3
+    return drift.mean(axis=1)
 
-    def tau_of(count: int) -> float:
-        return float(np.max(d) * (S / count) ** alpha)
+
+def sync_work(tables: DriftTables, sync: frozenset[int], wallclock: WallClockCosts, order: int) -> list[StepWork]:
+    """What each step of the ``sync`` rule's plan executes, for the wall-clock prediction."""
+    S, L, _ = tables.expert.shape
+    new_pairs = wallclock.top_k * np.sum(tables.share * (1 - tables.persist), axis=(1, 2))   # [S] per token
+    return [wallclock.full_step(L, order) if s in sync else wallclock.forecast_step(L, order, float(new_pairs[s]))
+            for s in range(S)]
+
+
+@dataclass(frozen=True)
+class _SyncChoice:
+    plan: _Plan
+    sync: frozenset
+    tau: float
+    wallclock_speedup: float | None
+
+
+def _derive_sync(tables: DriftTables, cfg: DeriveConfig, S: int, costs: UnitCosts,
+                 wallclock: WallClockCosts | None) -> _SyncChoice:
+    """The ``sync`` rule: the refresh steps and plan that meet the target (tau: predicted staleness error)."""
+    d = step_drift(tables, costs)
+    alpha = (tables.alpha["attn"] + tables.alpha["shared"] + tables.alpha["expert"]) / 3
+    order = {"none": 0, "linear": 1}[cfg.forecast]
+
+    def steps_of(count: int) -> frozenset[int]:
+        return drift_sync_steps(d, count, cfg) if cfg.placement == "drift" else even_sync_steps(S, count, cfg)
+
+    def choice(count: int) -> _SyncChoice:
+        sync = steps_of(count)
+        speed = None if wallclock is None else wallclock.predicted_speedup(sync_work(tables, sync, wallclock, order))
+        return _SyncChoice(_plan_sync(tables, sync, costs), sync, float(np.max(d) * (S / count) ** alpha), speed)
 
     if cfg.error_budget is not None:
-        count = next((n for n in range(1, S + 1) if tau_of(n) <= cfg.error_budget), S)
-        sync = even_sync_steps(S, count, cfg)
-        return _plan_sync(tables, sync, costs), sync, cfg.error_budget
-    goal = 1.0 / cfg.target_speedup
+        count = next((n for n in range(1, S + 1) if np.max(d) * (S / n) ** alpha <= cfg.error_budget), S)
+        return replace(choice(count), tau=cfg.error_budget)
     best = None
     for count in range(1, S + 1):  # more refreshes = better quality; keep the most that fit the target
-        sync = even_sync_steps(S, count, cfg)
-        plan = _plan_sync(tables, sync, costs)
-        if plan.ratio <= goal:
-            best = (plan, sync, tau_of(count))
+        c = choice(count)
+        reached = c.wallclock_speedup >= cfg.target_speedup if cfg.target == "wallclock" \
+            else c.plan.ratio <= 1.0 / cfg.target_speedup
+        if reached:
+            best = c
     if best is None:
-        floor = _plan_sync(tables, even_sync_steps(S, 1, cfg), costs).ratio
+        floor = choice(1)
+        what, most = (("wall-clock", floor.wallclock_speedup) if cfg.target == "wallclock"
+                      else ("FLOPs", 1 / floor.plan.ratio))
         raise ValueError(
             f"target speedup {cfg.target_speedup:g}x is out of reach: with warm-up {cfg.warmup_steps} and final "
             f"{cfg.final_steps} steps in full and the router plus newly routed pairs computed on every other step, "
-            f"the predicted FLOPs speedup is at most {1 / floor:.2f}x; lower the target or --warmup-steps")
+            f"the predicted {what} speedup is at most {most:.2f}x; lower the target or --warmup-steps")
     return best
 
 
-def derive_schedule(summary, run_meta: dict, cfg: DeriveConfig) -> Schedule:
+def derive_schedule(summary, run_meta: dict, cfg: DeriveConfig, wallclock: WallClockCosts | None = None) -> Schedule:
     """The MoECa schedule for the model and sampler in ``run_meta`` (a trace's run.json) from ``summary``.
 
+    wallclock: calibrated unit costs of the device that will replay (``moeca calibrate``); needed for a
+    ``cfg.target == "wallclock"`` target, and with the ``sync`` rule recorded as the predicted
+    wall-clock speedup (``provenance.predicted_speedup``) whatever the target.
     Raises ValueError when ``target_speedup`` is out of reach (the message gives the reachable maximum).
     """
     from moeca.models.config import DiTMoEConfig
@@ -347,12 +424,23 @@ def derive_schedule(summary, run_meta: dict, cfg: DeriveConfig) -> Schedule:
         sampler = SamplerConfig(**run_meta["sampler"])
     except (KeyError, TypeError) as exc:
         raise ValueError(f"run metadata lacks the model config or sampler ({exc}); pass a trace's run.json") from None
+    if cfg.target == "wallclock" and cfg.target_speedup is not None and wallclock is None:
+        raise ValueError("a wall-clock target needs the calibrated unit costs of the replaying device: pass "
+                         "wallclock= (moeca.replay.calibrate.ensure_costs) or use target='flops'")
+    if wallclock is not None and wallclock.top_k != config.top_k:
+        raise ValueError(f"the wall-clock calibration has top_k {wallclock.top_k} but the model {config.name} has "
+                         f"{config.top_k}: calibrate this model (`moeca calibrate`)")
     S, L, E = sampler.num_steps, config.depth, config.num_experts
     tables = drift_tables(summary, S, L, E, cfg.fit_alpha)
     costs = UnitCosts.of(config)
     sync = frozenset(sync_steps(S, cfg))
+    timing: dict = {}
     if cfg.refresh == "sync":
-        plan, sync, tau = _derive_sync(tables, cfg, S, costs)
+        chosen = _derive_sync(tables, cfg, S, costs, wallclock)
+        plan, sync, tau = chosen.plan, chosen.sync, chosen.tau
+        if wallclock is not None:
+            timing = {"predicted_speedup": round(chosen.wallclock_speedup, 4),
+                      "calibration": {**dict(wallclock.key), "created": wallclock.created}}
     elif cfg.error_budget is not None:
         tau = cfg.error_budget
         plan = _plan(tables, tau, cfg, sync, costs)
@@ -386,5 +474,5 @@ def derive_schedule(summary, run_meta: dict, cfg: DeriveConfig) -> Schedule:
         predicted_flops_ratio=round(plan.ratio, 6),
         provenance={"derived_by": "moeca.policy.derive", "config": asdict(cfg), "tau": tau,
                     "alpha": tables.alpha, "trace_run": run_meta.get("run_name"),
-                    "trace_created": run_meta.get("created")},
+                    "trace_created": run_meta.get("created"), **timing},
     )

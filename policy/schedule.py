@@ -26,10 +26,24 @@ JSON encoding of a rule: the strings ``"always"`` / ``"never"`` or ``{"fraction"
 ``forecast`` says what a reused output is: ``none`` -- the cached output as last computed (plain
 reuse); ``linear`` -- the first-order extrapolation from the unit's last two computed outputs,
 ``y1 + (y1 - y0) * (s - s1) / (s1 - s0)`` per token (or per (token, expert) pair), where ``s1``/``s0``
-are the steps at which they were computed and ``s`` is the current step (uniformly spaced steps, as
-in every shipped sampler). A unit computed only once so far is reused plainly.
+are the steps at which they were computed and ``s`` is the current step; ``taylor`` -- the Newton
+interpolating polynomial through the last ``forecast_order + 1`` computed outputs of the row,
+evaluated at ``s``: ``y[s_n] + y[s_n, s_n-1] (s - s_n) + y[s_n, s_n-1, s_n-2] (s - s_n)(s - s_n-1) + ...``
+with divided differences over the steps at which they were computed (exact for unequal spacing; for
+equally spaced refreshes it is TaylorSeer's finite-difference Taylor expansion of that order).
+``forecast_order`` (1..4) is the order of ``taylor``; ``linear`` is ``taylor`` of order 1 (bit for bit);
+``none`` ignores it. A row computed fewer than ``order + 1`` times so far uses the order its history
+allows (computed once: plain reuse). Forecast state is float32 whatever the model dtype.
 
-Format versions: 2 added ``forecast``; version-1 files are read as ``forecast: none``.
+``token_selection`` names how a scored rule picks its tokens (a hook the replay engine implements, so a
+caching method never needs its own runtime): ``{"kind": "moeca_score"}`` (default; the highest online
+scores over the whole batch) or ``{"kind": "toca", "soft_fresh_weight", "fresh_threshold",
+"spatial_bonus", "spatial_grid"}`` (ToCa: per sample, the L2-normalised accumulated input drift plus
+``soft_fresh_weight * age / fresh_threshold``, then the 2x2 spatial bonus; applies to the whole-MoE
+``fraction`` rules, other rules keep the MoECa score).
+
+Format versions: 2 added ``forecast``; 3 added ``taylor``, ``forecast_order`` and ``token_selection``.
+Version-1 files are read as ``forecast: none``, version-1/2 files as order 1 and ``moeca_score``.
 """
 from __future__ import annotations
 
@@ -41,11 +55,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-FORECASTS = ("none", "linear")
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+FORECASTS = ("none", "linear", "taylor")
+MAX_FORECAST_ORDER = 4
+TOKEN_SELECTIONS = ("moeca_score", "toca")
 SCHEMA_FILE = "schedule.schema.json"
-METHODS = ("moeca", "fora", "toca", "teacache", "l2c", "none", "custom")
+METHODS = ("moeca", "fora", "toca", "teacache", "l2c", "taylorseer", "none", "custom")
 RuleMode = Literal["always", "never", "fraction", "threshold"]
 ModelMode = Literal["compute", "reuse", "adaptive"]
 UNIT_KINDS = ("attn", "moe", "shared", "expert")
@@ -210,6 +226,47 @@ class ModelSkip:
         return {"threshold": self.threshold, "poly": list(self.poly)}
 
 
+@dataclass(frozen=True)
+class TokenSelection:
+    """How scored rules pick tokens (the engine's named selection hook; see the module docstring).
+
+    kind: ``moeca_score`` (highest online score over the batch) or ``toca`` (per sample; the other
+    fields are ToCa's knobs: ``soft_fresh_weight`` and ``fresh_threshold`` weight the staleness term,
+    ``spatial_bonus`` is the s4 bonus of the best token of each ``spatial_grid`` x ``spatial_grid`` patch).
+    """
+
+    kind: str = "moeca_score"
+    soft_fresh_weight: float = 0.25
+    fresh_threshold: int = 4
+    spatial_bonus: float = 0.6
+    spatial_grid: int = 2
+
+    def __post_init__(self) -> None:
+        if self.kind not in TOKEN_SELECTIONS:
+            raise ScheduleError(f"field token_selection.kind: {self.kind!r} is not one of {', '.join(TOKEN_SELECTIONS)}")
+        if not (math.isfinite(self.soft_fresh_weight) and self.soft_fresh_weight >= 0):
+            raise ScheduleError(f"field token_selection.soft_fresh_weight: must be a finite number >= 0, got "
+                                f"{self.soft_fresh_weight}")
+        if not (math.isfinite(self.spatial_bonus) and self.spatial_bonus >= 0):
+            raise ScheduleError(f"field token_selection.spatial_bonus: must be a finite number >= 0, got "
+                                f"{self.spatial_bonus}")
+        for name in ("fresh_threshold", "spatial_grid"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ScheduleError(f"field token_selection.{name}: must be an integer >= 1, got {v!r}")
+
+    def to_json(self) -> dict:
+        if self.kind == "moeca_score":
+            return {"kind": self.kind}
+        return {"kind": self.kind, "soft_fresh_weight": self.soft_fresh_weight,
+                "fresh_threshold": self.fresh_threshold, "spatial_bonus": self.spatial_bonus,
+                "spatial_grid": self.spatial_grid}
+
+    @classmethod
+    def from_json(cls, data: Mapping | None) -> "TokenSelection":
+        return cls() if data is None else cls(**data)
+
+
 # ----------------------------------------------------------------------------- identities
 @dataclass(frozen=True)
 class ModelIdentity:
@@ -278,6 +335,8 @@ class Schedule:
     model_skip: ModelSkip | None = None
     forecast: str = "none"
     predicted_flops_ratio: float | None = None
+    forecast_order: int = 1
+    token_selection: TokenSelection = field(default_factory=TokenSelection)
     provenance: Mapping[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -299,6 +358,12 @@ class Schedule:
         if self.is_sync(step):
             return self._full
         return self.steps[step].blocks[block]
+
+    @property
+    def forecast_degree(self) -> int:
+        """Degree of the forecast polynomial: 0 for ``none`` (plain reuse), 1 for ``linear``, else
+        ``forecast_order``. The engine keeps ``degree + 1`` computed values per cached row."""
+        return {"none": 0, "linear": 1}.get(self.forecast, self.forecast_order)
 
     def score(self, kind: str) -> ScoreConfig:
         return self.scores.get(kind, ScoreConfig())
@@ -329,26 +394,32 @@ class Schedule:
             "scores": {k: v.to_json() for k, v in self.scores.items()},
             "model_skip": None if self.model_skip is None else self.model_skip.to_json(),
             "forecast": self.forecast,
+            "forecast_order": self.forecast_order,
+            "token_selection": self.token_selection.to_json(),
             "predicted_flops_ratio": self.predicted_flops_ratio,
             "provenance": dict(self.provenance),
             "steps": [s.to_json() for s in self.steps],
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write JSON atomically (temporary name, then rename); validates against the schema first."""
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write JSON atomically (temporary name, then rename); validates against the schema first.
+
+        An existing file is replaced only if moeca wrote it (``moeca.common.outputs.written_by_moeca``)
+        or ``overwrite``."""
         path = Path(path)
         data = self.to_json()
         validate_json(data, where=str(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-        return path
+        from moeca.common.outputs import atomic_write_text  # temp sibling + fsync + rename; OSError -> message
+        return atomic_write_text(path, json.dumps(data, indent=1, sort_keys=False) + "\n", what="schedule",
+                                 make_parents=True, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Schedule":
         """Read and validate a schedule file; a malformed file raises :class:`ScheduleError` naming the field."""
         path = Path(path)
+        if path.is_dir():
+            raise ScheduleError(f"schedule {path} is a folder, not a schedule file; give the JSON file inside it "
+                                "(e.g. the --out of `moeca schedule derive`)")
         if not path.is_file():
             raise FileNotFoundError(f"schedule file {path} does not exist; create one with `moeca schedule derive`")
         try:
@@ -371,11 +442,13 @@ class Schedule:
                 model_skip=None if data["model_skip"] is None else ModelSkip(
                     float(data["model_skip"]["threshold"]), tuple(data["model_skip"]["poly"])),
                 forecast=data.get("forecast", "none"),
+                forecast_order=data.get("forecast_order", 1),
+                token_selection=TokenSelection.from_json(data.get("token_selection")),
                 predicted_flops_ratio=data["predicted_flops_ratio"],
                 provenance=data.get("provenance", {}),
                 format_version=FORMAT_VERSION,  # older readable versions are a subset of this one
             )
-        except ScheduleError as exc:
+        except (ScheduleError, TypeError) as exc:
             raise ScheduleError(f"{where}: {exc}") from None
 
     # -- compatibility ------------------------------------------------------------------------
@@ -392,6 +465,12 @@ class Schedule:
                 f"{m.fingerprint}, depth {m.depth}, {m.num_experts} experts) but the model is {config.name!r} "
                 f"(fingerprint {config.fingerprint()}, depth {config.depth}, {config.num_experts} experts); "
                 "derive a schedule for this model with `moeca schedule derive`")
+        from moeca.models.samplers import check_sampler_objective
+        try:                                     # every path (CLI, replay_compare, the explorer) passes here
+            check_sampler_objective(self.sampler.kind, config.objective, "schedule field sampler.kind:")
+        except ValueError as exc:
+            raise ScheduleMismatch(f"{exc}; derive the schedule from a trace sampled with a sampler this model "
+                                   "was trained for") from None
         if weights_hash is not None and m.weights_hash is not None and weights_hash != m.weights_hash:
             raise ScheduleMismatch(
                 f"schedule field model.weights_hash: the schedule was derived for weights {m.weights_hash} but "
@@ -450,6 +529,14 @@ def check_structure(s: Schedule) -> None:
         raise ScheduleError(f"field format_version: expected {FORMAT_VERSION}, got {s.format_version}")
     if s.forecast not in FORECASTS:
         raise ScheduleError(f"field forecast: {s.forecast!r} is not one of {', '.join(FORECASTS)}")
+    if not isinstance(s.forecast_order, int) or isinstance(s.forecast_order, bool) \
+            or not 1 <= s.forecast_order <= MAX_FORECAST_ORDER:
+        raise ScheduleError(f"field forecast_order: {s.forecast_order!r} must be an integer in 1..{MAX_FORECAST_ORDER}")
+    if s.forecast == "linear" and s.forecast_order != 1:
+        raise ScheduleError(f"field forecast_order: forecast 'linear' is order 1, got {s.forecast_order}; use "
+                            "forecast 'taylor' for higher orders")
+    if not isinstance(s.token_selection, TokenSelection):
+        raise ScheduleError("field token_selection: expected a TokenSelection (JSON: {\"kind\": \"moeca_score\"})")
     if s.method not in METHODS:
         raise ScheduleError(f"field method: {s.method!r} is not one of {', '.join(METHODS)}")
     if n != s.sampler.num_steps:

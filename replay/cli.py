@@ -27,26 +27,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--out", required=True, help="output directory (PNG grids, samples.pt, report.json/md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the model (torch.compile, once) before the warm-up runs; timings exclude compiling")
     p.set_defaults(func=cmd_replay)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    import math
+
     import torch
 
+    from moeca.common.outputs import check_output_dir
     from moeca.models.model_args import load_model_from_args
-    from moeca.models.samplers import SamplerConfig, default_sampler
+    from moeca.models.samplers import SamplerConfig, check_sampler_objective, default_sampler
     from moeca.policy.schedule import Schedule
 
+    from .calibrate import prediction_line
     from .driver import replay_compare, write_replay_outputs
 
     if args.samples < 1 or args.repeats < 1 or args.quality_samples < 0:
         raise ValueError("--samples and --repeats must be >= 1 and --quality-samples >= 0")
+    if args.cfg_scale is not None and not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+        raise ValueError(f"--cfg-scale {args.cfg_scale} must be a finite number >= 0 (1 disables guidance)")
+    check_output_dir(args.out, [("--schedule", args.schedule), ("--checkpoint", args.checkpoint)])
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        if not 1 <= args.threads <= 1024:
+            raise ValueError(f"--threads must be in 1..1024, got {args.threads}")
         torch.set_num_threads(args.threads)
     schedule = Schedule.load(args.schedule)
     name, model = load_model_from_args(args, args.device)
+    check_sampler_objective(schedule.sampler.kind, model.config.objective,
+                            f"schedule {args.schedule}: field sampler.kind")
     base = default_sampler(model.config.objective)
     smp = schedule.sampler
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else (base.cfg_scale if smp.guided else 1.0)
@@ -57,8 +68,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     quality = [i % n_cls for i in range(args.quality_samples)] if args.quality_samples else None
     result = replay_compare(model, schedule, sampler, labels, seed=args.seed, repeats=args.repeats,
                             quality_labels=quality, progress=not args.no_progress,
-                            model_name=name or str(args.checkpoint))
+                            model_name=name or str(args.checkpoint), compile=args.compile)
     paths = write_replay_outputs(result, args.out, schedule_path=str(args.schedule))
     print(result.report.to_markdown())
+    line = prediction_line(schedule, result.report.speedup, model, sampler, args.samples)
+    if line:
+        print(line)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

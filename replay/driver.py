@@ -179,7 +179,7 @@ def replay_compare(model: torch.nn.Module, schedule: Schedule, sampler_cfg: Samp
                    model_name: str | None = None, warmup: bool = True,
                    runtime_factory: Callable[[Schedule], ReplayRuntime] | None = None,
                    quality_reference: torch.Tensor | None = None,
-                   on_step: Callable[[int, int], None] | None = None) -> ReplayResult:
+                   on_step: Callable[[int, int], None] | None = None, compile: bool = False) -> ReplayResult:
     """Measure ``schedule`` against full compute on ``model``.
 
     labels: the timed batch (e.g. 16 labels); both runtimes sample it ``repeats`` times (after a
@@ -192,7 +192,9 @@ def replay_compare(model: torch.nn.Module, schedule: Schedule, sampler_cfg: Samp
     runtime from the schedule (default :class:`ReplayRuntime`; baselines pass their own).
     quality_reference: full-compute samples of ``quality_labels`` computed earlier with the same
     seeds, to skip recomputing them (several schedules, one reference). on_step(done, total): progress
-    over every sampling step this call runs (e.g. a UI progress bar), besides the tqdm bar.
+    over every sampling step this call runs (e.g. a UI progress bar), besides the tqdm bar. compile:
+    compile ``model`` in place first (:func:`moeca.models.compile.compile_model`; once per process), so
+    the warm-up runs compile and the timed runs do not (use with ``warmup``).
     """
     from tqdm import tqdm
     from moeca.models.checkpoint import weights_hash
@@ -211,6 +213,9 @@ def replay_compare(model: torch.nn.Module, schedule: Schedule, sampler_cfg: Samp
     sync = _sync(device)
     n_steps = sampler_cfg.num_steps
     make_rt = runtime_factory or ReplayRuntime
+    if compile:
+        from moeca.models.compile import compile_model
+        compile_model(model)
     if quality_reference is not None and (qlabels is None or quality_reference.shape[0] != qlabels.numel()):
         raise ValueError("quality_reference must hold one full-compute sample per quality label")
     total = 2 * (repeats + int(warmup)) * n_steps
@@ -298,31 +303,32 @@ def _rows_per_step(samples: int, cfg: SamplerConfig) -> int:
 
 
 def write_replay_outputs(result: ReplayResult, out_dir: str | os.PathLike, schedule_path: str | None = None,
-                         scale: int = 4) -> dict[str, Path]:
+                         scale: int | None = None) -> dict[str, Path]:
     """Write ``full.png``, ``cached.png``, ``samples.pt`` (plain tensors), ``report.json``, ``report.md``.
 
-    Every file is written under a temporary name and renamed.
+    The PNG grids show each sample upscaled ``scale`` x (None: cells of 64 pixels) with its label below.
+
+    The folder is built in a temporary sibling and installed with a manifest
+    (:func:`moeca.common.outputs.output_dir`): an existing ``out_dir`` is replaced only where an
+    earlier moeca output was; files moeca did not write are never removed.
     """
-    from moeca.models.card import image_grid, save_png
+    from moeca.common.outputs import output_dir
+    from moeca.models.card import save_png
+    from moeca.models.grid import label_grid
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     nrow = min(8, result.full.shape[0])
-    paths = {"full_png": out / "full.png", "cached_png": out / "cached.png", "tensors": out / "samples.pt",
-             "json": out / "report.json", "md": out / "report.md"}
-    save_png(image_grid(result.full, nrow=nrow, scale=scale), paths["full_png"])
-    save_png(image_grid(result.cached, nrow=nrow, scale=scale), paths["cached_png"])
+    names = {"full_png": "full.png", "cached_png": "cached.png", "tensors": "samples.pt", "json": "report.json",
+             "md": "report.md"}
     tensors = {"labels": result.labels, "full": result.full, "cached": result.cached}
     if result.quality_full is not None:
         tensors.update(quality_labels=result.quality_labels, quality_full=result.quality_full,
                        quality_cached=result.quality_cached)
-    tmp = out / ".samples.pt.tmp"
-    torch.save(tensors, tmp)
-    os.replace(tmp, paths["tensors"])
     payload = {"schedule": schedule_path, **result.report.to_dict()}
-    for key, text in (("json", json.dumps(payload, indent=1, default=float) + "\n"),
-                      ("md", result.report.to_markdown())):
-        tmp = out / f".{paths[key].name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, paths[key])
-    return paths
+    with output_dir(out, what="replay outputs") as tmp:
+        save_png(label_grid(result.full, result.labels, columns=nrow, scale=scale), tmp / names["full_png"])
+        save_png(label_grid(result.cached, result.labels, columns=nrow, scale=scale), tmp / names["cached_png"])
+        torch.save(tensors, tmp / names["tensors"])
+        (tmp / names["json"]).write_text(json.dumps(payload, indent=1, default=float) + "\n")
+        (tmp / names["md"]).write_text(result.report.to_markdown())
+    return {key: out / name for key, name in names.items()}

@@ -22,3 +22,10 @@ def make_tiny(config: DiTMoEConfig = TINY, seed: int = 0) -> DiTMoE:
 @pytest.fixture
 def tiny_model() -> DiTMoE:
     return make_tiny()
+
+
+@pytest.fixture(autouse=True)
+def _calibration_cache(tmp_path_factory, monkeypatch):
+    """Wall-clock calibrations made by tests (``moeca run``, ``--target-speedup``) go to one temporary
+    folder per session, never to the user's cache."""
+    monkeypatch.setenv("MOECA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "moeca-cache"))

@@ -408,7 +408,8 @@ def test_cli_report(tmp_path, known, capsys):
     other.mkdir()
     (other / "thesis.tex").write_text("x")
     assert main(["analyze", str(known), "--out", str(other), "--quiet"]) == 2
-    assert "not a moeca report folder" in capsys.readouterr().err
+    assert "holds files moeca did not write" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["thesis.tex"]
     assert main(["analyze", str(tmp_path / "missing"), "--out", str(tmp_path / "r2"), "--quiet"]) == 2
     with pytest.raises(FileNotFoundError, match="summary.parquet"):
         load_summary(tmp_path)

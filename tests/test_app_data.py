@@ -172,7 +172,7 @@ def test_discover_example_root(tmp_path):
     assert found.traces == ("out/trace",)
     assert found.reports == ("out/report",)
     assert found.schedules == ("out/schedule.json",)
-    assert found.benchmarks == ("bench/results/pareto.json",)
+    assert found.benchmarks == ("bench/results/pareto_demo.json",)
     assert paths["schedule"].is_file()
     assert inventory.discover(resolve_root(tmp_path / "elsewhere" / "t2" / "branches")).empty
 

@@ -60,7 +60,7 @@ def test_empty_root_shows_exact_commands(tmp_path, monkeypatch):
         "page_overview.py": f"moeca trace --model demo --out {tmp_path / 'out' / 'trace'}",
         "page_traces.py": f"moeca trace --model demo --out {tmp_path / 'out' / 'trace'}",
         "page_token_branch.py": f"moeca analyze {tmp_path / 'out' / 'trace'} --out {tmp_path / 'out' / 'report'}",
-        "page_schedule.py": f"moeca schedule derive {tmp_path / 'out' / 'trace'} --target-speedup 3",
+        "page_schedule.py": f"moeca schedule derive {tmp_path / 'out' / 'trace'} --target-speedup 2",
         "page_replay.py": f"--out {tmp_path / 'out' / 'schedule.json'}",
         "page_benchmarks.py": f"moeca bench pareto --model demo --out {tmp_path / 'bench' / 'results'}",
     }
@@ -213,7 +213,7 @@ def test_replay_page_shows_earlier_replay_outputs(tmp_path, monkeypatch):
 
 def test_benchmarks_page(example_root, monkeypatch):
     at = open_app(example_root, monkeypatch, "page_benchmarks.py")
-    assert at.selectbox(key="bench_result").value == "bench/results/pareto.json"
+    assert at.selectbox(key="bench_result").value == "bench/results/pareto_demo.json"
     assert charts(at) == 1
     assert at.selectbox(key="bench_x").value == "speedup" and at.selectbox(key="bench_y").value == "psnr"
     at.selectbox(key="bench_y").set_value("fd").run()

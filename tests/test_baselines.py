@@ -5,6 +5,7 @@ Rows actually executed are read from the replay runtime's counters ([steps, bloc
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,6 @@ import torch
 from moeca.models.samplers import SamplerConfig, sample
 from moeca.policy.baselines import fora, l2c, none, teacache, toca
 from moeca.policy.baselines.common import predicted_flops_ratio
-from moeca.policy.baselines.runtimes import TocaReplayRuntime, make_runtime
 from moeca.policy.schedule import Schedule
 from moeca.replay.runtime import ReplayRuntime
 
@@ -37,7 +37,7 @@ def reference(model):
 
 
 def replay(model, schedule):
-    runtime = make_runtime(schedule)
+    runtime = ReplayRuntime(schedule)
     with model.use_runtime(runtime):
         out = sample(model, SAMPLER, LABELS, seed=3)
     return out, runtime.counters
@@ -45,7 +45,8 @@ def replay(model, schedule):
 
 @pytest.fixture(scope="module")
 def router(model):
-    return l2c.train_router(model, SAMPLER, l2c.L2CConfig(calibration_samples=2, iterations=2))
+    return l2c.train_router(model, SAMPLER, l2c.L2CConfig(calibration_samples=2, batch_samples=1, max_iterations=12,
+                                                           tolerance=0.0))
 
 
 def no_reuse_schedules(router):
@@ -101,21 +102,25 @@ def test_fora_rejects_bad_interval():
 def test_toca_recomputes_the_planned_token_count_per_sample(model, monkeypatch):
     cfg = toca.TocaConfig(fresh_threshold=4, fresh_ratio=0.2)
     schedule = toca.build_schedule(cfg, TINY, SAMPLER)
-    runtime = make_runtime(schedule)
-    assert isinstance(runtime, TocaReplayRuntime)
+    sel = schedule.token_selection
+    assert (sel.kind, sel.soft_fresh_weight, sel.fresh_threshold, sel.spatial_bonus, sel.spatial_grid) == (
+        "toca", cfg.soft_fresh_weight, cfg.fresh_threshold, cfg.spatial_bonus, cfg.spatial_grid)
+    runtime = ReplayRuntime(schedule)
     picked = []
-    original = TocaReplayRuntime._select_rows
+    from moeca.replay.units import selection, token
+    original = selection._toca
 
-    def spy(self, cache, rule, N, kind):
-        rows = original(self, cache, rule, N, kind)
-        if kind == "moe" and rows is not None:
-            picked.append((rows // TINY.num_tokens).bincount(minlength=N // TINY.num_tokens))
-        return rows
+    def spy(cache, fraction, sel, batch, rows):
+        got = original(cache, fraction, sel, batch, rows)
+        if got.rows is not None:
+            picked.append((got.rows // TINY.num_tokens).bincount(minlength=batch))
+        return got
 
-    monkeypatch.setattr(TocaReplayRuntime, "_select_rows", spy)
+    monkeypatch.setattr(selection, "_toca", spy)
+    monkeypatch.setattr(token, "select_rows", selection.select_rows)
     with model.use_runtime(runtime):
         sample(model, SAMPLER, LABELS, seed=3)
-    assert picked, "the replay runtime no longer calls _select_rows: ToCa's selection is not applied"
+    assert picked, "the replay engine no longer applies ToCa's selection to the whole-MoE fraction rule"
     assert all(len(set(per_sample.tolist())) == 1 for per_sample in picked)  # the same count in every sample
     c = runtime.counters
     plan = toca.plan(cfg, STEPS, TINY.depth, TINY.num_tokens)
@@ -200,10 +205,13 @@ def test_teacache_skips_exactly_the_calls_its_rule_says(model, thresh):
 
 
 def test_l2c_reuses_exactly_the_exported_decisions(model, router):
-    cfg = l2c.L2CConfig(reuse_fraction=0.5)
+    values = np.unique(router.beta[1:])
+    assert values.size >= 2
+    threshold = float(values[values.size // 2 - 1] + values[values.size // 2]) / 2   # splits the learned values
+    cfg = l2c.L2CConfig(threshold=threshold)
     mask = router.reuse_mask(cfg)
     assert not mask[0].any()
-    assert mask.sum() == round(0.5 * (STEPS - 1) * TINY.depth * 2)
+    assert (mask[1:] == (router.beta[1:] < threshold)).all() and 0 < mask.sum() < mask[1:].size
     _, c = replay(model, l2c.build_schedule(router, cfg, TINY, SAMPLER))
     assert (c.attn_q == np.where(mask[:, :, 0], 0, ROWS)).all()
     assert (c.attn_kv == np.where(mask[:, :, 0], 0, ROWS)).all()
@@ -212,10 +220,34 @@ def test_l2c_reuses_exactly_the_exported_decisions(model, router):
 
 
 def test_l2c_sparsity_penalty_pushes_routers_towards_reuse(model):
-    small = l2c.train_router(model, SAMPLER, l2c.L2CConfig(calibration_samples=1, iterations=3, sparsity=0.0))
-    large = l2c.train_router(model, SAMPLER, l2c.L2CConfig(calibration_samples=1, iterations=3, sparsity=10.0))
+    one = l2c.L2CConfig(calibration_samples=1, batch_samples=None, max_iterations=3)
+    small = l2c.train_router(model, SAMPLER, replace(one, sparsity=0.0))
+    large = l2c.train_router(model, SAMPLER, replace(one, sparsity=10.0))
     assert large.beta[1:].mean() < small.beta[1:].mean()
     assert (small.beta[0] == 1).all()
+
+
+def test_l2c_trains_each_step_until_its_loss_converges_and_keeps_the_curves(model):
+    cfg = l2c.L2CConfig(calibration_samples=2, batch_samples=1, max_iterations=400, tolerance=0.05, window=4)
+    router = l2c.train_router(model, SAMPLER, cfg, weights_hash="abc")
+    assert len(router.curves) == STEPS and router.curves[0] == ()
+    lengths = [len(c) for c in router.curves[1:]]
+    assert all(l2c.converged(c, cfg.tolerance, cfg.window) for c in router.curves[1:])
+    assert all(2 * cfg.window <= n < cfg.max_iterations for n in lengths)   # stopped by convergence, not the cap
+    for c in router.curves[1:]:                                            # not converged one window earlier
+        assert not l2c.converged(c[:-1], cfg.tolerance, cfg.window) or len(c) == 2 * cfg.window
+    assert router.meta["converged_steps"] == STEPS - 1 and router.meta["weights_hash"] == "abc"
+    assert router.meta["iterations"]["total"] == sum(lengths)
+    never = l2c.train_router(model, SAMPLER, l2c.L2CConfig(calibration_samples=1, batch_samples=None, max_iterations=5,
+                                                           tolerance=0.0))
+    assert all(len(c) == 5 for c in never.curves[1:])
+
+
+def test_l2c_convergence_rule():
+    assert l2c.converged([4, 4, 4, 4], 0.01, 2)
+    assert not l2c.converged([8, 8, 4, 4], 0.01, 2)      # still falling by half a window to the next
+    assert not l2c.converged([4, 4, 4], 0.01, 2)         # fewer than two windows
+    assert not l2c.converged([4, 4, 4, 4], 0.0, 2)       # tolerance 0: run to the cap
 
 
 def test_l2c_router_file_round_trip_and_shape_check(tmp_path, router):
@@ -223,6 +255,7 @@ def test_l2c_router_file_round_trip_and_shape_check(tmp_path, router):
     router.save(path)
     again = l2c.L2CRouter.load(path)
     np.testing.assert_array_equal(again.beta, router.beta)
+    assert again.curves == router.curves and again.meta == router.meta
     with pytest.raises(ValueError, match="retrain"):
         l2c.build_schedule(again, l2c.L2CConfig(), TINY, SamplerConfig(num_steps=STEPS + 1, cfg_scale=2.0))
 
@@ -240,5 +273,26 @@ def test_configs_reject_bad_values():
         toca.TocaConfig(fresh_ratio=1.5)
     with pytest.raises(ValueError, match="rel_l1_thresh"):
         teacache.TeaCacheConfig(rel_l1_thresh=-1)
-    with pytest.raises(ValueError, match="reuse_fraction"):
-        l2c.L2CConfig(reuse_fraction=2.0)
+    with pytest.raises(ValueError, match="threshold"):
+        l2c.L2CConfig(threshold=2.0)
+    with pytest.raises(ValueError, match="batch_samples"):
+        l2c.L2CConfig(calibration_samples=4, batch_samples=8)
+
+
+def test_teacache_fit_measures_the_predicted_channels_only():
+    """A learn_sigma model: weights of the variance channels do not move the fit; the predicted ones do."""
+    import dataclasses
+    cfg = dataclasses.replace(TINY, learn_sigma=True)
+    C_out = cfg.out_channels
+    variance = torch.tensor([i % C_out >= cfg.in_channels for i in range(cfg.patch_size ** 2 * C_out)])
+
+    def fit_with(rows, scale):
+        m = make_tiny(cfg)
+        with torch.no_grad():
+            m.final_layer.linear.weight[rows] *= scale
+            m.final_layer.linear.bias[rows] += scale
+        return teacache.fit_rescale_polynomial(m, SAMPLER, LABELS, seeds=(5,), degree=2)
+
+    base = fit_with(variance, 1.0)
+    assert fit_with(variance, 7.0).output_changes == base.output_changes
+    assert fit_with(~variance, 7.0).output_changes != base.output_changes

@@ -90,3 +90,48 @@ def test_metric_input_errors_are_specific():
         frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
     with pytest.raises(ValueError, match="at least 2 samples"):
         frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
+
+
+# ----------------------------------------------------------------------------- pinned against libraries
+def _noisy_pair(shape, seed, noise=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.rand(shape, generator=gen) * 2 - 1
+    return a, (a + noise * torch.randn(shape, generator=gen)).clamp(-1, 1)
+
+
+@pytest.mark.parametrize("shape", [(5, 1, 8, 8), (3, 3, 32, 32)])
+def test_psnr_equals_scikit_image(shape):
+    from skimage.metrics import peak_signal_noise_ratio
+    a, b = _noisy_pair(shape, seed=11)
+    want = [peak_signal_noise_ratio(a[i].double().numpy(), b[i].double().numpy(), data_range=2.0)
+            for i in range(shape[0])]
+    assert psnr(b, a).numpy() == pytest.approx(np.array(want), abs=1e-4)
+
+
+@pytest.mark.parametrize("shape,sigma", [((5, 1, 8, 8), 0.9), ((3, 3, 32, 32), 1.5), ((2, 3, 16, 24), 1.0)])
+def test_ssim_equals_scikit_image_with_its_window(shape, sigma):
+    """scikit-image's Gaussian SSIM truncates at 3.5 sigma: window 2 * int(3.5 sigma + 0.5) + 1."""
+    from skimage.metrics import structural_similarity
+    a, b = _noisy_pair(shape, seed=12)
+    window = 2 * int(3.5 * sigma + 0.5) + 1
+    want = [structural_similarity(a[i].double().numpy(), b[i].double().numpy(), gaussian_weights=True, sigma=sigma,
+                                  use_sample_covariance=False, data_range=2.0, channel_axis=0)
+            for i in range(shape[0])]
+    assert ssim(a, b, window=window, sigma=sigma).numpy() == pytest.approx(np.array(want), abs=1e-4)
+
+
+def test_frechet_distance_equals_the_symmetric_eigen_formula():
+    """An independent path: tr sqrt(S_a S_b) = tr sqrt(S_a^1/2 S_b S_a^1/2), a symmetric PSD root (eigh)."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(500, 12)) @ rng.normal(size=(12, 12))
+    b = rng.normal(size=(400, 12)) @ rng.normal(size=(12, 12)) + 0.5
+
+    def psd_sqrt(m):
+        w, v = np.linalg.eigh(m)
+        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ra = psd_sqrt(ca)
+    cross = np.trace(psd_sqrt(ra @ cb @ ra))
+    want = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca) + np.trace(cb) - 2 * cross
+    assert frechet_distance(a, b) == pytest.approx(want, rel=1e-6)

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from moeca.cli.main import main
+from moeca.common.outputs import FILES_SIDECAR
 from moeca.models.checkpoint import save_safetensors
 from moeca.models.config import DiTMoEConfig
 from moeca.models.dit_moe import DiTMoE
@@ -42,21 +43,33 @@ def test_sample_writes_a_deterministic_grid(tiny_ckpt, tmp_path, capsys):
     assert _run(base + ["--out", b], capsys)[0] == 0
     assert _run(base + ["--out", c, "--seed", 1], capsys)[0] == 0
     img_a, img_b, img_c = (np.asarray(Image.open(p)) for p in (a, b, c))
-    # 10 rows (classes) x 2 columns of 8x8 images with 2-pixel gaps
-    assert img_a.shape == (10 * 10 + 2, 2 * 10 + 2, 3)
+    # 10 rows (classes) x 2 columns of 8x8 images, each over a 16-pixel label strip, with 2-pixel gaps
+    assert img_a.shape == (10 * (8 + 16 + 2) + 2, 2 * 10 + 2, 3)
     assert np.array_equal(img_a, img_b) and not np.array_equal(img_a, img_c)
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.fixture(scope="module")
+def tiny_ddpm_ckpt(tmp_path_factory):
+    """The tiny digits model trained (here: initialised) for the DDPM epsilon objective."""
+    from dataclasses import replace
+    torch.manual_seed(0)
+    model = DiTMoE(replace(TINY_DIGITS, objective="ddpm_eps"))
+    randomize_zero_init(model, 0)
+    path = tmp_path_factory.mktemp("tiny-ddpm") / "tiny.safetensors"
+    save_safetensors(model, path)
+    return path
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_sample_accepts_other_samplers_and_labels(tiny_ckpt, tmp_path, capsys, sampler):
+def test_sample_accepts_other_samplers_and_labels(tiny_ddpm_ckpt, tmp_path, capsys, sampler):
     out_png = tmp_path / "g.png"
-    rc, out, err = _run(["sample", "--checkpoint", tiny_ckpt, "--steps", 3, "--labels", "0,9,3", "--sampler",
+    rc, out, err = _run(["sample", "--checkpoint", tiny_ddpm_ckpt, "--steps", 3, "--labels", "0,9,3", "--sampler",
                          sampler, "--cfg-mode", "separate", "--cfg-scale", 2, "--out", out_png, "--device", "cpu"],
                         capsys)
     assert rc == 0, err
     assert f"{sampler}, 3 steps, CFG 2 (separate)" in out
-    assert Image.open(out_png).size == (3 * (8 * 4 + 2) + 2, 8 * 4 + 2 + 2)
+    assert Image.open(out_png).size == (3 * (8 * 8 + 2) + 2, 8 * 8 + 16 + 2 + 2)  # 64-pixel cells, label strip
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -125,7 +138,7 @@ def test_evaluate_demo_writes_a_complete_card(tmp_path, capsys):
     assert "CFG 3: class accuracy" in out and "CFG 1.5: class accuracy" in out
     names = {p.name for p in card_dir.iterdir()}
     assert {"MODEL_CARD.md", "card.json", "loss_curve.png", "samples.png", "expert_load.png"} <= names
-    assert not [n for n in names if n.endswith(".tmp") or n.startswith(".")]
+    assert not [n for n in names if n.endswith(".tmp") or (n.startswith(".") and n != FILES_SIDECAR)]
     card = json.loads((card_dir / "card.json").read_text())
     assert [e["cfg_scale"] for e in card["evaluations"]] == [3.0, 1.5]
     for ev in card["evaluations"]:

@@ -1,4 +1,5 @@
-"""The Pareto sweep harness (issue 6): schema-valid JSON, resume, interpolation, verdict."""
+"""The Pareto protocol (issue 12): schema-valid results per model, two noise seeds with their spread,
+warm-up of every method, weights hash in every cache key, resume, fronts, interpolation, comparison."""
 from __future__ import annotations
 
 import json
@@ -11,31 +12,42 @@ from moeca.bench import pareto
 from conftest import make_tiny
 
 SETTINGS = pareto.ParetoSettings(model="tiny", num_steps=8, cfg_scale=2.0, eval_samples=4, eval_batch=2,
-                                 timing_batch=2, repeats=1, calibration_samples=2, trace_samples=2)
-GRID = {"none": ("full", (1,)), "fora": ("interval", (2, 3)), "toca": ("fresh_threshold", (3,)),
-        "teacache": ("thresh_x_mean_change", (2.0,)), "l2c": ("reuse_fraction", (0.5,))}
+                                 timing_batch=2, repeats=2, calibration_samples=2, trace_samples=2,
+                                 l2c_max_iterations=4)
+GRID = {"none": ({},), "fora": ({"interval": 2}, {"interval": 3}), "taylorseer": ({"interval": 3, "order": 2},),
+        "toca": ({"fresh_ratio": 0.2, "fresh_threshold": 3},), "teacache": ({"thresh_x_mean_change": 2.0},),
+        "l2c": ({"threshold": 0.9},)}
+
+
+def quiet(model, work, **kw):
+    return pareto.ParetoSweep(model, SETTINGS, work, progress=False, log=lambda m: None, **kw)
 
 
 @pytest.fixture(scope="module")
 def sweep_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     out = tmp_path_factory.mktemp("out")
-    sweep = pareto.ParetoSweep(make_tiny(), SETTINGS, work, progress=False, log=lambda m: None)
+    sweep = quiet(make_tiny(), work)
     methods = list(GRID)
     rows = sweep.run(pareto.grid_points(methods, GRID))
-    paths = pareto.write(SETTINGS, sweep.state, rows, methods, out, "moeca bench pareto --test", GRID)
+    paths = pareto.write(sweep.info, rows, methods, out, "moeca bench pareto --test", GRID)
     return sweep, rows, paths, work
 
 
-def test_sweep_json_validates_against_its_schema(sweep_run):
-    _, rows, paths, _ = sweep_run
+def test_results_are_named_per_model_and_validate_against_their_schema(sweep_run):
+    sweep, rows, paths, _ = sweep_run
+    assert paths["json"].name == "pareto_tiny.json" and paths["png"].name == "pareto_tiny.png"
     payload = json.loads(paths["json"].read_text())
     pareto.validate(payload)
-    assert len(payload["rows"]) == 6 and {r["method"] for r in payload["rows"]} == set(GRID)
-    assert paths["png"].stat().st_size > 0 and "| method |" in paths["md"].read_text()
-    assert payload["meta"]["pending"] == [] and payload["meta"]["grid"]["fora"] == [2, 3]
+    assert len(payload["rows"]) == 7 and {r["method"] for r in payload["rows"]} == set(GRID)
+    meta = payload["meta"]
+    assert meta["weights_hash"] == sweep.weights_hash and meta["sampler"]["kind"] == "rectified_flow"
+    assert meta["pending"] == [] and meta["grid"]["toca"] == [{"fresh_ratio": 0.2, "fresh_threshold": 3}]
+    assert meta["code"]["schedule_format"] >= 3
+    md = paths["md"].read_text()
+    assert "| method |" in md and " ± " in md and sweep.weights_hash in md
     broken = json.loads(paths["json"].read_text())
-    del broken["rows"][0]["speedup"]
+    del broken["rows"][0]["psnr_spread"]
     with pytest.raises(jsonschema.ValidationError):
         pareto.validate(broken)
     broken = json.loads(paths["json"].read_text())
@@ -44,59 +56,124 @@ def test_sweep_json_validates_against_its_schema(sweep_run):
         pareto.validate(broken)
 
 
-def test_rows_measure_what_each_schedule_does(sweep_run):
+def test_rows_measure_each_schedule_on_two_seeds_with_their_spread(sweep_run):
     _, rows, _, _ = sweep_run
     by = {r["point"]: r for r in rows}
-    full = by["none:full=1"]
-    assert full["psnr"] == pareto.PSNR_CAP_DB and full["flops_ratio"] == pytest.approx(1.0)
-    assert full["reuse_attn"] == 0 and full["reuse_expert"] == 0
+    full = by["none:full"]
+    assert full["psnr"] == pareto.PSNR_CAP_DB and full["psnr_spread"] == 0 and full["flops_ratio"] == pytest.approx(1.0)
     f2, f3 = by["fora:interval=2"], by["fora:interval=3"]
     assert f3["flops_ratio"] < f2["flops_ratio"] < 1
     assert f2["flops_ratio"] == pytest.approx(f2["predicted_flops_ratio"], rel=1e-6)
-    assert f3["rel_l2"] > 0 and full["rel_l2"] == 0
+    for r in rows:
+        a, b = r["per_seed"]["psnr"]
+        assert r["psnr"] == pytest.approx((a + b) / 2) and r["psnr_spread"] == pytest.approx(abs(a - b) / 2)
+        ratios = [f / c for f, c in zip(r["times_full_s"], r["times_cached_s"])]
+        assert len(ratios) == SETTINGS.repeats and r["speedup_spread"] == pytest.approx((max(ratios) - min(ratios)) / 2)
+    a, b = f3["per_seed"]["rel_l2"]
+    assert a > 0 and b > 0 and a != b                       # two different noise seeds, both cached
+    ts = by["taylorseer:interval=3,order=2"]
+    assert ts["flops_ratio"] < 1 and ts["params"] == {"interval": 3.0, "order": 2.0}
     assert all(r["accuracy"] is None and r["fd"] is None for r in rows)  # tiny model: no digits classifier
     assert by["teacache:thresh_x_mean_change=2"]["detail"]["rel_l1_thresh"] > 0
 
 
+def test_every_method_is_warmed_up_and_timed_interleaved(tmp_path, monkeypatch):
+    from moeca.replay import driver
+    calls = []
+    real = driver.replay_compare
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "replay_compare", spy)
+    sweep = quiet(make_tiny(), tmp_path)
+    sweep.run(pareto.grid_points(["none", "fora"], {"none": ({},), "fora": ({"interval": 2},)}))
+    assert len(calls) == 2 and all(c["warmup"] is True and c["repeats"] == SETTINGS.repeats for c in calls)
+
+
 def test_resume_skips_finished_points_and_refuses_other_settings(sweep_run, monkeypatch):
     _, rows, _, work = sweep_run
-    again = pareto.ParetoSweep(make_tiny(), SETTINGS, work, resume=True, progress=False, log=lambda m: None)
+    again = quiet(make_tiny(), work, resume=True)
     monkeypatch.setattr(again, "measure", lambda point: pytest.fail(f"{point.key} was measured again"))
     assert again.run(pareto.grid_points(list(GRID), GRID)) == rows
-    other = pareto.ParetoSettings(**{**SETTINGS.__dict__, "repeats": 2})
+    other = pareto.ParetoSettings(**{**SETTINGS.__dict__, "repeats": 3})
     with pytest.raises(ValueError, match="repeats"):
         pareto.ParetoSweep(make_tiny(), other, work, resume=True, progress=False)
 
 
-def test_interpolation_and_verdict():
-    rows = [{"method": "moeca", "speedup": 1.5, "psnr": 40.0, "fd": 1.0},
-            {"method": "moeca", "speedup": 3.5, "psnr": 30.0, "fd": 2.0},
-            {"method": "toca", "speedup": 1.8, "psnr": 35.0, "fd": 1.5},
-            {"method": "toca", "speedup": 2.6, "psnr": 25.0, "fd": 3.0},
-            {"method": "fora", "speedup": 2.0, "psnr": 30.0, "fd": 1.2},
-            {"method": "fora", "speedup": 3.0, "psnr": 20.0, "fd": 4.0}]
-    assert pareto.interpolate(rows, "moeca", "psnr", 2.5) == pytest.approx(35.0)
-    assert pareto.interpolate(rows, "toca", "psnr", 3.0) is None
+def test_retrained_weights_never_reuse_cached_results(sweep_run, monkeypatch):
+    """Same settings, same work folder, new weights (a retrained checkpoint at the same path): resume is
+    refused, and every cached artefact (references, TeaCache fit, L2C router, trace) gets a new key."""
+    sweep, _, _, work = sweep_run
+    retrained = make_tiny(seed=1)
+    with pytest.raises(ValueError, match="weights_hash"):
+        quiet(retrained, work, resume=True)
+    before = {p.name for p in work.iterdir()}
+    fresh = quiet(retrained, work)
+    assert fresh.weights_hash != sweep.weights_hash
+    assert fresh.cache_key("l2c-router") != sweep.cache_key("l2c-router")
+    assert all(fresh.settings.reference_key(s, fresh.weights_hash) != sweep.settings.reference_key(s, sweep.weights_hash)
+               for s in SETTINGS.seeds)
+    fit = fresh.teacache_fit()
+    router, _ = fresh.l2c_router()
+    fresh.context()
+    added = {p.name for p in work.iterdir()} - before
+    assert {n.split("-")[0] for n in added} >= {"reference", "teacache", "l2c"}
+    assert fit["weights_hash"] == fresh.weights_hash and router.meta["weights_hash"] == fresh.weights_hash
+    assert fit["coefficients"] != sweep.teacache_fit()["coefficients"]
+
+
+def test_front_keeps_the_best_point_per_speed_and_interpolates_with_spread():
+    rows = [{"method": "toca", "speedup": 2.0, "psnr": 30.0, "psnr_spread": 1.0},
+            {"method": "toca", "speedup": 2.2, "psnr": 25.0, "psnr_spread": 0.5},   # dominated by the next
+            {"method": "toca", "speedup": 2.5, "psnr": 28.0, "psnr_spread": 3.0},
+            {"method": "toca", "speedup": 4.0, "psnr": 20.0, "psnr_spread": 1.0}]
+    assert [r["speedup"] for r in pareto.front(rows, "toca", "psnr")] == [2.0, 2.5, 4.0]
+    value, spread = pareto.interpolate(rows, "toca", "psnr", 2.25)
+    assert value == pytest.approx(29.0) and spread == pytest.approx(2.0)
+    assert pareto.interpolate(rows, "toca", "psnr", 5.0) is None
+    fd = [{**r, "fd": 40 - r["psnr"], "fd_spread": 0.0} for r in rows]   # lower is better
+    assert [r["speedup"] for r in pareto.front(fd, "toca", "fd")] == [2.0, 2.5, 4.0]
     flops = [{**r, "flops_ratio": 1 / r["speedup"], "speedup": 1.0} for r in rows]
-    assert pareto.interpolate(flops, "moeca", "psnr", 2.5, axis="flops") == pytest.approx(35.0)
-    table = pareto.at_speedups(rows, ["moeca", "toca", "fora"])
-    v = {x["speedup"]: x for x in pareto.verdict(table)}
-    assert v["2x"]["psnr"] == "met"            # 37.5 vs toca 32.5, fora 30
-    assert v["2x"]["fd"] == "not met"          # 1.25 vs fora 1.2
-    assert "toca not reached" in v["3x"]["psnr"]
+    assert pareto.interpolate(flops, "toca", "psnr", 2.25, axis="flops")[0] == pytest.approx(29.0)
 
 
-def test_points_are_round_robin_over_methods():
-    keys = [p.key for p in pareto.grid_points(["fora", "toca"], {"fora": ("interval", (2, 3)),
-                                                                 "toca": ("fresh_threshold", (4,))})]
-    assert keys == ["fora:interval=2", "toca:fresh_threshold=4", "fora:interval=3"]
+def test_comparison_states_wins_losses_and_noise():
+    def cell(psnr, spread, fd=None):
+        return {"psnr": psnr, "psnr_spread": spread, "ssim": None, "ssim_spread": None, "accuracy": None,
+                "accuracy_spread": None, "fd": fd, "fd_spread": None if fd is None else 0.1}
+    table = {"moeca": {"2x": cell(40.0, 0.5, 3.0), "3x": cell(30.0, 0.5)},
+             "taylorseer": {"2x": cell(45.0, 0.5, 3.05), "3x": cell(29.0, 1.0)},
+             "fora": {"2x": cell(35.0, 0.1, 4.0), "3x": cell(None, None)}}
+    got = {(c["speedup"], c["metric"]): c for c in pareto.comparison(table, (2.0, 3.0))}
+    assert got[("2x", "psnr")]["verdict"] == "loses" and got[("2x", "psnr")]["best"] == "taylorseer"
+    assert got[("2x", "fd")]["verdict"] == "within noise" and got[("2x", "fd")]["best"] == "taylorseer"
+    assert got[("3x", "psnr")]["verdict"] == "within noise"            # +1 dB against 0.5 + 1.0 spread
+    assert got[("3x", "fd")]["verdict"] == "moeca not reached"
+
+
+def test_points_are_round_robin_over_methods_with_every_knob():
+    keys = [p.key for p in pareto.grid_points(["fora", "toca"], {"fora": ({"interval": 2}, {"interval": 3}),
+                                                                 "toca": ({"fresh_ratio": 0.07, "fresh_threshold": 4},)})]
+    assert keys == ["fora:interval=2", "toca:fresh_ratio=0.07,fresh_threshold=4", "fora:interval=3"]
+    assert pareto.grid_points(["none", "fora"], {"none": ({},), "fora": ({"interval": 2},)})[-1].key == "none:full"
+    default = pareto.grid_points(list(pareto.DEFAULT_METHODS))
+    assert {p.method for p in default} == set(pareto.DEFAULT_METHODS) and "fora-forecast" not in pareto.METHODS
+    toca = [p for p in default if p.method == "toca"]
+    assert len({p["fresh_ratio"] for p in toca}) > 1 and len({p["fresh_threshold"] for p in toca}) > 1
+    ts = [p for p in default if p.method == "taylorseer"]
+    assert {p["order"] for p in ts} >= {1, 2} and len({p["interval"] for p in ts}) > 1
 
 
 def test_settings_reject_bad_values():
-    with pytest.raises(ValueError, match="timing_batch"):
-        pareto.ParetoSettings(eval_samples=4, timing_batch=8)
+    with pytest.raises(ValueError, match="seeds"):
+        pareto.ParetoSettings(seeds=(0, 0))
+    with pytest.raises(ValueError, match="eval_samples"):
+        pareto.ParetoSettings(eval_samples=0)
     with pytest.raises(ValueError, match="unknown method"):
         pareto.grid_points(["fora", "deepcache"])
+    assert pareto.ParetoSettings().eval_samples * len(pareto.ParetoSettings().seeds) >= 300
 
 
 def test_refresh_bench_schedules_are_valid_and_paired():
@@ -115,3 +192,21 @@ def test_refresh_bench_schedules_are_valid_and_paired():
     for (_, a_name, a), (_, b_name, b) in zip(pairs[::2], pairs[1::2]):
         assert a.sync_refresh_steps == b.sync_refresh_steps, (a_name, b_name)
         assert b.forecast == "linear"
+
+
+def test_a_ddpm_model_is_swept_with_its_own_sampler(tmp_path):
+    """An epsilon-prediction model with learned variance (the demo-ddpm recipe) gets the respaced DDPM
+    sampler; its TeaCache fit and every method run through the same protocol."""
+    import dataclasses
+
+    from conftest import TINY
+    ddpm = make_tiny(dataclasses.replace(TINY, learn_sigma=True, objective="ddpm_eps"))
+    sweep = quiet(ddpm, tmp_path)
+    assert (sweep.sampler.kind, sweep.sampler.num_steps) == ("ddpm", SETTINGS.num_steps)
+    grid = {"none": ({},), "taylorseer": ({"interval": 3, "order": 2},), "teacache": ({"thresh_x_mean_change": 2.0},)}
+    rows = sweep.run(pareto.grid_points(list(grid), grid))
+    assert {r["method"] for r in rows} == set(grid) and all(r["psnr"] > 0 for r in rows)
+    paths = pareto.write(sweep.info, rows, list(grid), tmp_path / "out", "test", grid)
+    payload = json.loads(paths["json"].read_text())
+    pareto.validate(payload)
+    assert payload["meta"]["sampler"]["kind"] == "ddpm"

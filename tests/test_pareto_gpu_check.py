@@ -10,7 +10,7 @@ import torch
 from moeca.bench import gpu_check
 from moeca.models.config import get_preset
 from moeca.models.samplers import sample
-from moeca.policy.baselines.runtimes import make_runtime
+from moeca.replay.runtime import ReplayRuntime
 from moeca.policy.schedule import validate_json
 
 from conftest import TINY, make_tiny
@@ -46,7 +46,7 @@ def test_moeca_shaped_schedule_replays_with_attention_reused_off_sync():
     sampler = SamplerConfig(kind="rectified_flow", num_steps=16, cfg_scale=1.5, cfg_mode="batched")
     schedule = gpu_check.moeca_shaped(TINY, sampler, 4)
     model = make_tiny()
-    runtime = make_runtime(schedule)
+    runtime = ReplayRuntime(schedule)
     with model.use_runtime(runtime):
         out = sample(model, sampler, torch.tensor([0, 1]), seed=1)
     assert torch.isfinite(out).all()

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not demo_weights_path().is_file(), reason="demo 
 def test_main_job_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["run", "--out", str(out), "--steps", "10", "--trace-samples", "2", "--quality-samples", "4",
-                 "--timing-samples", "2", "--repeats", "1", "--target-speedups", "1.4", "--device", "cpu"])
+                 "--timing-samples", "2", "--repeats", "1", "--target-flops-speedups", "1.4", "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "| 1.4x |" in printed and "measured speedup" in printed

@@ -13,7 +13,8 @@ from moeca.models.samplers import SamplerConfig, sample
 from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, ModelSkip, Rule, SamplerIdentity,
                                    Schedule, ScheduleMismatch, ScoreConfig, StepRule, full_schedule)
 from moeca.replay.partial_attention import partial_attention
-from moeca.replay.runtime import ReplayRuntime, _TokenCache
+from moeca.replay.forecast import History
+from moeca.replay.runtime import ReplayRuntime
 
 STEPS = 6
 LABELS = torch.tensor([0, 1, 2, 1])
@@ -35,8 +36,6 @@ def make_schedule(block: BlockRule, cfg: SamplerConfig, sync=(0,), config: DiTMo
 class CountingReplay(ReplayRuntime):
     """Counts rows that really reach each routed expert and records the routing per step (one call per
     expert, so every computed row passes the ``expert`` seam)."""
-
-    grouped_gemm = False
 
     def __init__(self, schedule):
         super().__init__(schedule)
@@ -97,35 +96,35 @@ def test_reuse_changes_output_but_stays_close(tiny_model):
 
 
 # ----------------------------------------------------------------------------- forecasting
-def test_token_cache_forecast_follows_each_rows_last_two_computations():
+def test_linear_history_follows_each_rows_last_two_computations():
     y0, y1, z = torch.randn(3, 2, 4).unbind(0)
-    c = _TokenCache()
-    c.store(y0.clone(), track=False, step=0)                  # the cache updates its tensors in place
-    assert torch.equal(c.reused(1), y0)                       # one computation: plain reuse
-    c.store(y1.clone(), track=False, step=2)
-    c.refresh(torch.tensor([1]), z[1:], step=3)               # row 1 recomputed at step 3
-    got = c.reused(5)
+    c = History.empty(1, 2, 4, torch.device("cpu"))
+    c.push_all(y0, step=0)
+    assert torch.equal(c.forecast(1), y0)                     # one computation: plain reuse
+    c.push_all(y1, step=2)
+    c.push_rows(torch.tensor([1]), z[1:], step=3)             # row 1 recomputed at step 3
+    got = c.forecast(5)
     torch.testing.assert_close(got[0], y1[0] + (y1[0] - y0[0]) * (5 - 2) / (2 - 0))
     torch.testing.assert_close(got[1], z[1] + (z[1] - y1[1]) * (5 - 3) / (3 - 2))
-    assert torch.equal(c.reused(None), c.out) and torch.equal(c.out[1], z[1])
+    assert torch.equal(c.forecast(3)[1], z[1])                # a row at its own step is its computed value
 
 
 class RecordingReplay(ReplayRuntime):
-    """Records the routing and the unweighted expert / shared outputs the MoE combines, per (step, block)."""
+    """Records, after each MoE, the cached experts per storage slot and the unweighted expert / shared
+    outputs the MoE combined (the caches' values at the step), per (step, block)."""
 
     def __init__(self, schedule):
         super().__init__(schedule)
         self.routes, self.slots, self.shared_out = {}, {}, {}
 
-    def _routed(self, block, st, flat, topk_idx, rules, drift):
-        out = super()._routed(block, st, flat, topk_idx, rules, drift)
-        key = (self._ctx.step, self._ctx.cfg_branch, block.index)
-        self.routes[key], self.slots[key] = topk_idx.clone(), out.clone()
-        return out
-
-    def _shared(self, block, st, flat, rule, drift):
-        out = super()._shared(block, st, flat, rule, drift)
-        self.shared_out[(self._ctx.step, self._ctx.cfg_branch, block.index)] = out.clone()
+    def moe(self, block, h):
+        out = super().moe(block, h)
+        st, step = self._cs.blocks[block.index], self._ctx.step
+        key = (step, self._ctx.cfg_branch, block.index)
+        k = block.moe.top_k
+        self.routes[key] = st.experts.ids.clone()
+        self.slots[key] = st.experts.hist.forecast(step).view(-1, k, h.shape[-1]).clone()
+        self.shared_out[key] = st.shared.hist.forecast(step).clone()
         return out
 
 
@@ -178,16 +177,24 @@ def test_expert_marked_never_runs_only_on_new_pairs(tiny_model):
     assert rt.counters.totals()["expert"] < rt.counters.totals()["pairs"]
 
 
-def test_grouped_gemm_computes_the_same_rows_as_per_expert_calls(tiny_model):
+def test_device_path_computes_the_same_rows_as_the_host_path(tiny_model):
+    """The sync-free device path (forced on CPU tensors) selects and computes the same pairs as the host
+    path and the per-expert seam calls, and gives the same numbers."""
     cfg = sampler()
-    rule = BlockRule(NEVER, ALWAYS, Rule("fraction", 0.4), (NEVER, ALWAYS, Rule("fraction", 0.5), Rule("threshold", 0.01)))
+    rule = BlockRule(NEVER, ALWAYS, Rule("threshold", 0.02), (NEVER, ALWAYS, Rule("fraction", 0.5), Rule("threshold", 0.01)))
     s = make_schedule(rule, cfg, sync=(0, 3), forecast="linear")
-    grouped, rt_g = replay(tiny_model, s, cfg)
+    host, rt_h = replay(tiny_model, s, cfg)
     per_expert, rt_p = replay(tiny_model, s, cfg, runtime=CountingReplay(s))
-    assert rt_g._stacks and not rt_p._stacks
-    torch.testing.assert_close(grouped, per_expert, rtol=1e-4, atol=1e-5)
-    assert rt_g.counters.totals() == rt_p.counters.totals()
-    assert sum(rt_p.expert_rows.values()) == rt_p.counters.totals()["expert"] < rt_p.counters.totals()["pairs"]
+    device, rt_d = replay(tiny_model, s, cfg, runtime=ReplayRuntime(s, device_path=True))
+    assert torch.equal(host, per_expert)
+    torch.testing.assert_close(device, host, rtol=1e-4, atol=1e-5)
+    th, tp, td = (r.counters.totals() for r in (rt_h, rt_p, rt_d))
+    assert th == tp
+    assert sum(rt_p.expert_rows.values()) == tp["expert"] < tp["pairs"]
+    for name in ("attn_q", "attn_kv", "router", "tokens", "pairs", "expert"):
+        assert td[name] == th[name], name
+    # the shared expert's threshold rule runs every row on the device path and keeps the selected ones
+    assert th["padded"] == 0 < td["padded"] and td["shared"] - td["padded"] == th["shared"] < th["tokens"]
 
 
 def test_attention_and_shared_marked_never_are_not_executed(tiny_model):
@@ -265,7 +272,7 @@ def test_cfg_contexts_are_separate_and_reset_between_calls(tiny_model):
 
     class Spy(ReplayRuntime):
         def end_forward(self, model, ctx):
-            seen[ctx.cfg_branch] = self._cs.blocks[0].attn.out.data_ptr()
+            seen[ctx.cfg_branch] = self._cs.blocks[0].attn.hist.dd.data_ptr()
             super().end_forward(model, ctx)
 
     spy = Spy(s)
@@ -296,7 +303,7 @@ def test_nan_in_cached_output_stops_with_message(tiny_model):
 
     def poison(step):
         if step == 1:
-            rt._contexts["batched"].blocks[1].attn.out[0, 0, 0] = float("nan")
+            rt._contexts["batched"].blocks[1].attn.hist.dd[0, 0, 0] = float("nan")
 
     with tiny_model.use_runtime(rt), pytest.raises(FloatingPointError, match=r"cached attention output of block 1"):
         sample(tiny_model, cfg, LABELS, seed=3, on_step=poison)

@@ -1,6 +1,7 @@
 """Schedule format (load / validate / save / compatibility), derivation and the `schedule` CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -13,7 +14,7 @@ from moeca.models.config import get_preset
 from moeca.models.samplers import SamplerConfig
 from moeca.policy.derive import DeriveConfig, derive_schedule, even_sync_steps, sync_steps
 from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
-                                   ScheduleError, ScheduleMismatch, ScoreConfig, StepRule, schema)
+                                   ScheduleError, ScheduleMismatch, ScoreConfig, StepRule, schema, TokenSelection)
 from moeca.policy.summary import reuse_grid
 from moeca.policy.transfer import retarget
 
@@ -76,7 +77,7 @@ def test_round_trip_and_published_schema(tmp_path):
     jsonschema.Draft202012Validator.check_schema(published)
     jsonschema.validate(data, published)
     assert published == schema()
-    assert data["format_version"] == 2 and data["forecast"] == "none" and data["steps"][2]["blocks"][0]["experts"][1] == {"fraction": 0.5}
+    assert data["format_version"] == 3 and data["forecast"] == "none" and data["steps"][2]["blocks"][0]["experts"][1] == {"fraction": 0.5}
     assert Schedule.load(path) == s
 
 
@@ -116,12 +117,37 @@ def test_malformed_schedule_names_the_field(tmp_path):
 def test_version_1_files_read_as_plain_reuse_and_bad_forecast_is_named(tmp_path):
     data = mixed_schedule().to_json()
     data["format_version"] = 1
-    del data["forecast"]
+    for key in ("forecast", "forecast_order", "token_selection"):
+        del data[key]
     p = tmp_path / "v1.json"
     p.write_text(json.dumps(data))
     old = Schedule.load(p)
-    assert old.forecast == "none" and old.format_version == 2 and old.steps == mixed_schedule().steps
+    assert old.forecast == "none" and old.format_version == 3 and old.steps == mixed_schedule().steps
+    assert old.forecast_order == 1 and old.token_selection == TokenSelection()
     assert "forecast" in _bad(tmp_path, lambda d: d.__setitem__("forecast", "cubic"))
+
+
+def test_version_2_files_load_and_v3_forecast_fields_round_trip(tmp_path):
+    v2 = mixed_schedule().to_json()
+    v2["format_version"], v2["forecast"] = 2, "linear"
+    for key in ("forecast_order", "token_selection"):
+        del v2[key]
+    p = tmp_path / "v2.json"
+    p.write_text(json.dumps(v2))
+    old = Schedule.load(p)
+    assert (old.forecast, old.forecast_order, old.forecast_degree) == ("linear", 1, 1)
+    toca_sel = TokenSelection("toca", soft_fresh_weight=0.3, fresh_threshold=5, spatial_bonus=0.0, spatial_grid=2)
+    s = dataclasses.replace(mixed_schedule(), forecast="taylor", forecast_order=3, token_selection=toca_sel)
+    again = Schedule.load(s.save(tmp_path / "t.json"))
+    assert again == s and again.forecast_degree == 3
+    assert json.loads((tmp_path / "t.json").read_text())["token_selection"]["kind"] == "toca"
+    assert dataclasses.replace(s, forecast="none").forecast_degree == 0
+    # bad values name the field
+    assert "forecast_order" in _bad(tmp_path, lambda d: d.__setitem__("forecast_order", 5))
+    assert "forecast_order" in _bad(tmp_path, lambda d: d.update(forecast="linear", forecast_order=2))
+    assert "token_selection" in _bad(tmp_path, lambda d: d.__setitem__("token_selection", {"kind": "random"}))
+    with pytest.raises(ScheduleError, match="token_selection.fresh_threshold"):
+        TokenSelection("toca", fresh_threshold=0)
 
 
 def test_incompatible_model_or_sampler_is_refused_naming_the_field():
@@ -179,19 +205,19 @@ def test_derive_hits_target_and_refreshes_fast_experts_more():
 
 def test_derive_sync_rule_keeps_the_most_even_refreshes_that_fit_the_target():
     summ, meta = synthetic_summary(), run_meta()
-    s = derive_schedule(summ, meta, DeriveConfig(target_speedup=2.0))
+    s = derive_schedule(summ, meta, DeriveConfig(target_speedup=2.0, placement="even"))
     assert s.forecast == "linear" and s.provenance["config"]["refresh"] == "sync"
     assert s.predicted_flops_ratio <= 0.5
     n = len(s.sync_refresh_steps)
     assert s.sync_refresh_steps == tuple(sorted(even_sync_steps(12, n, DeriveConfig())))
-    more = derive_schedule(summ, meta, DeriveConfig(target_speedup=1.5))
+    more = derive_schedule(summ, meta, DeriveConfig(target_speedup=1.5, placement="even"))
     assert len(more.sync_refresh_steps) > n and more.predicted_flops_ratio > s.predicted_flops_ratio
     for st in range(12):   # between refreshes: every unit forecast, only new pairs and the router computed
         for b in s.steps[st].blocks if not s.is_sync(st) else ():
             assert b.attn == NEVER and b.shared == NEVER and set(b.experts) == {NEVER} and b.moe == ALWAYS
     gaps = np.diff(s.sync_refresh_steps)
     assert gaps.max() - gaps.min() <= 1
-    plain = derive_schedule(summ, meta, DeriveConfig(target_speedup=2.0, forecast="none"))
+    plain = derive_schedule(summ, meta, DeriveConfig(target_speedup=2.0, forecast="none", placement="even"))
     assert plain.forecast == "none" and plain.steps == s.steps
 
 
@@ -213,11 +239,14 @@ def test_derive_error_budget_is_monotonic_and_target_limits():
 
 def test_retarget_keeps_reuse_pattern():
     s = derive_schedule(synthetic_summary(), run_meta(), DeriveConfig(target_speedup=2.0))
-    big = get_preset("S/2-8E2A")
+    big = dataclasses.replace(get_preset("S/2-8E2A"), objective="rectified_flow")  # SAMPLER is Euler
     t = retarget(s, big)
     assert t.model.depth == 12 and t.model.weights_hash is None and t.predicted_flops_ratio is None
     assert t.steps[5].blocks[11].experts[:4] == s.steps[5].blocks[1].experts
     t.check_compatible(big, SAMPLER)
+    ddpm = retarget(s, get_preset("S/2-8E2A"))          # the DDPM-trained preset cannot read Euler's velocity
+    with pytest.raises(ValueError, match="schedule field sampler.kind: 'rectified_flow' .*ddpm_eps"):
+        ddpm.check_compatible(get_preset("S/2-8E2A"), SAMPLER)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -235,16 +264,19 @@ def test_cli_show_and_derive(tmp_path, capsys, monkeypatch):
     (trace / "run.json").write_text("{}")
     monkeypatch.setattr(pcli, "load_summary", lambda traces, allow_mixed=False: (synthetic_summary(), run_meta()))
     out_file = tmp_path / "derived.json"
-    assert main(["schedule", "derive", str(trace), "--target-speedup", "1.8", "--out", str(out_file),
+    assert main(["schedule", "derive", str(trace), "--target-flops-speedup", "1.8", "--out", str(out_file),
                  "--warmup-steps", "2", "--sync-interval", "4", "--refresh", "budget"]) == 0
     out = capsys.readouterr().out
     assert "predicted FLOPs ratio: 0.55" in out
     assert Schedule.load(out_file).predicted_flops_ratio == pytest.approx(1 / 1.8, abs=0.01)
-    assert main(["schedule", "derive", str(trace), "--target-speedup", "2", "--out", str(out_file), "--overwrite"]) == 0
+    assert main(["schedule", "derive", str(trace), "--target-flops-speedup", "2", "--out", str(out_file),
+                 "--overwrite"]) == 0
     assert "refresh rule: sync; forecast: linear" in capsys.readouterr().out
     assert Schedule.load(out_file).predicted_flops_ratio <= 0.5
-    assert main(["schedule", "derive", str(trace), "--out", str(out_file)]) == 2
-    assert "exists" in capsys.readouterr().err
+    users = tmp_path / "mine.json"                    # a file moeca did not write needs --overwrite
+    users.write_text("{}")
+    assert main(["schedule", "derive", str(trace), "--out", str(users)]) == 2
+    assert "moeca did not write it" in capsys.readouterr().err and users.read_text() == "{}"
     assert main(["schedule", "show", str(tmp_path / "nope.json")]) == 2
 
 
@@ -261,8 +293,8 @@ def test_derive_from_a_real_trace_and_replay(tmp_path, capsys):
     trace_run(model, tmp_path / "trace", TraceConfig(sampler=SAMPLER, labels=(0, 1, 2, 0), batch_size=4),
               progress=False)
     out = tmp_path / "s.json"
-    assert main(["schedule", "derive", str(tmp_path / "trace"), "--target-speedup", "1.6", "--warmup-steps", "2",
-                 "--sync-interval", "5", "--out", str(out)]) == 0
+    assert main(["schedule", "derive", str(tmp_path / "trace"), "--target-flops-speedup", "1.6",
+                 "--warmup-steps", "2", "--sync-interval", "5", "--out", str(out)]) == 0
     ratio = float(re.search(r"predicted FLOPs ratio: ([0-9.]+)", capsys.readouterr().out).group(1))
     assert 0.45 < ratio <= 1 / 1.6       # the most evenly spaced refreshes that fit the target
     s = Schedule.load(out)

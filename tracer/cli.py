@@ -58,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("trace-info", help="summarise trace directories (runs, rows, size, schema version)")
     i.add_argument("paths", nargs="+", help="trace directories, or folders holding several")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    i.add_argument("--verify", action="store_true",
+                   help="also decode every page of every shard (slower; finds damage inside compressed data)")
     i.set_defaults(func=run_trace_info)
 
 
@@ -91,13 +93,18 @@ def _device(name: str):
 
 def run_trace(args: argparse.Namespace) -> int:
     from ..models.model_args import load_model_from_args
+    from ..models.samplers import check_sampler_objective
     from .run import TraceConfig, resolve_labels, trace_run
     from .schema import DEFAULT_LAGS
 
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
+    if args.samples is not None and args.samples < 1:
+        raise ValueError(f"--samples {args.samples} must be >= 1")
     name, model = load_model_from_args(args, _device(args.device))
     sampler = _sampler(args, model, name)
+    check_sampler_objective(sampler.kind, model.config.objective,
+                            "--sampler" if args.sampler else "the default sampler")
     labels = resolve_labels(model.config.num_classes, samples=args.samples, labels=args.labels,
                             num_per_class=args.num_per_class)
     config = TraceConfig(sampler=sampler, labels=labels, seed=args.seed, batch_size=args.batch_size,
@@ -115,9 +122,9 @@ def run_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_summary(trace_dir) -> str:
+def format_summary(trace_dir, summary: dict | None = None) -> str:
     from .store import trace_summary
-    s = trace_summary(trace_dir)
+    s = summary if summary is not None else trace_summary(trace_dir)
     lines = [f"{s['path']}: run {s['run_name']!r}, schema v{s['schema_version']}, model {s['model']} "
              f"(weights {s['weights_hash']}), {s['sampler']} {s['steps']} steps, cfg {s['cfg_scale']}, "
              f"{s['samples']} samples, lags {s['lags']}",
@@ -130,16 +137,28 @@ def format_summary(trace_dir) -> str:
         bpr = f"{t['bytes_per_row']:.1f} B/row" if t["bytes_per_row"] else "-"
         lines.append(f"  {name:9s} {t['rows']:>12,d} rows  {t['bytes'] / 2**20:9.2f} MiB  {bpr}")
     lines.append(f"  total     {total / 2**20:9.2f} MiB")
+    lines += [f"  INVALID: {p}" for p in s.get("problems", [])]
     return "\n".join(lines)
 
 
 def run_trace_info(args: argparse.Namespace) -> int:
+    """Print each trace's summary; exit code 1 when any trace contradicts itself (problems listed)."""
+    import sys
     from .store import find_traces, trace_summary
     traces = list(dict.fromkeys(t.resolve() for p in args.paths for t in find_traces(p)))
+    summaries = [trace_summary(t, deep=args.verify) for t in traces]
     if args.json:
-        print(json.dumps([trace_summary(t) for t in traces], indent=1))
+        print(json.dumps(summaries, indent=1))
     else:
         print(f"{len(traces)} trace run(s)")
-        for t in traces:
-            print(format_summary(t))
+        for t, s in zip(traces, summaries):
+            print(format_summary(t, s))
+        if not args.verify:
+            print("checked: footers, schema, row counts and statistics against run.json; --verify also reads every "
+                  "page and checks its CRC")
+    bad = sum(len(s["problems"]) for s in summaries)
+    if bad:
+        print(f"moeca trace-info: {bad} problem(s) found; the shards named above are not counted as complete",
+              file=sys.stderr)
+        return 1
     return 0

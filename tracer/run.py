@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,9 @@ import torch
 from ..models.checkpoint import weights_hash
 from ..models.samplers import DiffusionSchedule, SamplerConfig, initial_noise, sample
 from .recorder import TracingRuntime
-from .schema import DEFAULT_LAGS, RUN_META_FILE, SCHEMA_VERSION, TABLES, TMP_SUFFIX, tables_for
-from .store import complete_shards, read_run_meta, shard_files
+from .schema import DEFAULT_LAGS, RUN_META_FILE, SCHEMA_VERSION, TABLES, TMP_SUFFIX, parse_shard_file_name, tables_for
+from .store import (TraceValidationError, check_run_meta, complete_shards, read_run_meta, shard_files,
+                    validate_shards)
 from .writer import DEFAULT_ROW_GROUP_ROWS, BackgroundWriter, ShardWriter
 
 MAX_LAGS = 32
@@ -229,8 +229,9 @@ def prepare_out_dir(out_dir: str | os.PathLike, meta: dict, *, resume: bool = Fa
     """Create or validate ``out_dir`` for ``meta``; returns the shards already complete.
 
     New or empty directory: created, run.json written. Existing trace: an error unless ``resume``
-    (run.json must agree, leftover temporaries and half-written shards are removed) or
-    ``overwrite`` (run.json and the table folders are deleted; other files are left alone).
+    (run.json must agree and every finished shard must pass :func:`~moeca.tracer.store.validate_shards`;
+    leftover temporaries and half-written shards are removed) or ``overwrite`` (run.json and the shard
+    files are deleted; other files are left alone, and a folder without run.json is refused).
     """
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other: resume keeps finished shards, "
@@ -251,10 +252,10 @@ def prepare_out_dir(out_dir: str | os.PathLike, meta: dict, *, resume: bool = Fa
         raise FileExistsError(f"output directory {out} already contains {what}; pass --resume to finish it, "
                               "--overwrite to replace it, or choose a new --out")
     if overwrite:
-        for t in TABLES:
-            if (out / t).is_dir():
-                shutil.rmtree(out / t)
-        (out / RUN_META_FILE).unlink(missing_ok=True)
+        if entries and not has_meta:
+            raise FileExistsError(f"--overwrite {out}: it has no {RUN_META_FILE}, so it is not a trace moeca wrote; "
+                                  "moeca replaces only its own traces. Choose a new --out")
+        _remove_trace_files(out)
     elif resume and has_meta:
         old = read_run_meta(out)
         diffs = meta_differences(old, meta)
@@ -262,6 +263,11 @@ def prepare_out_dir(out_dir: str | os.PathLike, meta: dict, *, resume: bool = Fa
             raise ValueError(f"cannot resume {out}: it was traced with different settings: " + "; ".join(diffs)
                              + ". Use --overwrite to start over, or a new --out")
         done = complete_shards(out, old)
+        found = validate_shards(out, old, deep=True).problems   # finished shards are kept: they must be sound
+        problems = check_run_meta(out, old) + [p for s in done for p in found.get(s, [])]
+        if problems:
+            raise TraceValidationError(f"cannot resume {out}: " + "; ".join(problems[:3])
+                                       + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
         for t in TABLES:  # a shard missing any table is redone; drop its partial pieces
             for shard, path in shard_files(out, t).items():
                 if shard not in done:
@@ -276,6 +282,24 @@ def prepare_out_dir(out_dir: str | os.PathLike, meta: dict, *, resume: bool = Fa
                               "choose a new --out")
     _write_json_atomic(out / RUN_META_FILE, meta)
     return []
+
+
+def _remove_trace_files(out: Path) -> None:
+    """Delete what the tracer writes (run.json, shard files and their temporaries), nothing else.
+
+    A table folder is removed only when it is empty afterwards.
+    """
+    for t in TABLES:
+        folder = out / t
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            name = p.name[:-len(TMP_SUFFIX)] if p.name.endswith(TMP_SUFFIX) else p.name
+            if parse_shard_file_name(name) is not None and p.is_file():
+                p.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    (out / RUN_META_FILE).unlink(missing_ok=True)
 
 
 class _Progress:

@@ -126,7 +126,8 @@ def _writer_options(schema: pa.Schema) -> dict:
     return dict(compression="zstd", compression_level=COMPRESSION_LEVEL,
                 use_dictionary=[c for c in names if c in DICTIONARY_COLUMNS or c == "t"],
                 use_byte_stream_split=floats,
-                write_statistics=[c for c in names if c in KEY_COLUMNS])
+                write_statistics=[c for c in names if c in KEY_COLUMNS],
+                write_page_checksum=True)  # CRC32 per page: `moeca trace-info --verify` finds flipped bits
 
 
 class ShardWriter:

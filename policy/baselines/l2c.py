@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,82 +42,90 @@ class L2CConfig:
     sparsity: ``lambda``, weight of the mean router value in the loss (the output error term is the
         relative MSE ``||out - out_full||^2 / ||out_full||^2`` of the model output at the step). Larger
         values push more layers towards reuse.
-    iterations: Adam iterations per step (each step's routers only affect that step's loss, so steps
-        are trained one after another on their own calibration inputs).
+    max_iterations: cap on Adam iterations per step (each step's routers only affect that step's loss, so
+        steps are trained one after another on their own calibration inputs). Training of a step stops
+        earlier once its loss has converged (see ``tolerance``).
+    batch_samples: calibration samples per iteration (minibatches cycle through the calibration set;
+        ``None`` = all of them every iteration).
+    tolerance, window: convergence test, as the paper trains "until the loss converges": a step stops
+        when the mean loss of its last ``window`` iterations is at most ``tolerance`` (relative) below the
+        mean of the ``window`` iterations before (:func:`converged`). ``tolerance = 0`` always runs
+        ``max_iterations``.
     lr: Adam learning rate on the router logits.
     init_logit: initial ``theta`` (sigmoid 3.0 = 0.95: start close to full compute).
     calibration_samples: number of calibration samples (labels cycle through the classes).
     calibration_seed: seed of the calibration noise (keep it apart from evaluation seeds).
-    threshold: export rule, reuse where ``beta < threshold``. Ignored when ``reuse_fraction`` is set.
-        ``0`` reuses nothing.
-    reuse_fraction: alternative export rule: reuse the given fraction of all (step >= 1, block, unit)
-        decisions, those with the lowest ``beta`` (ties broken by step, block, unit order).
+    threshold: export rule of the paper, reuse a (step, block, unit) where its learned ``beta`` falls
+        below ``threshold`` (in [0, 1]; ``0`` reuses nothing). The threshold sets the speed.
     """
 
     sparsity: float = 0.02
-    iterations: int = 15
+    max_iterations: int = 200
+    batch_samples: int | None = 4
+    tolerance: float = 1e-2
+    window: int = 5
     lr: float = 0.3
     init_logit: float = 3.0
-    calibration_samples: int = 8
+    calibration_samples: int = 16
     calibration_seed: int = 1000
     threshold: float = 0.5
-    reuse_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.sparsity) or self.sparsity < 0:
             raise ValueError(f"l2c sparsity must be a finite number >= 0, got {self.sparsity}")
-        if self.iterations < 0 or self.calibration_samples < 1:
-            raise ValueError(f"l2c iterations must be >= 0 and calibration_samples >= 1, got {self.iterations}, "
-                             f"{self.calibration_samples}")
+        if self.max_iterations < 0 or self.calibration_samples < 1 or self.window < 1:
+            raise ValueError(f"l2c max_iterations must be >= 0, calibration_samples >= 1 and window >= 1, got "
+                             f"{self.max_iterations}, {self.calibration_samples}, {self.window}")
+        if self.batch_samples is not None and not 1 <= self.batch_samples <= self.calibration_samples:
+            raise ValueError(f"l2c batch_samples must be in 1..calibration_samples ({self.calibration_samples}) or "
+                             f"None, got {self.batch_samples}")
+        if not math.isfinite(self.tolerance) or self.tolerance < 0:
+            raise ValueError(f"l2c tolerance must be a finite number >= 0, got {self.tolerance}")
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"l2c threshold must be in [0, 1], got {self.threshold}")
-        if self.reuse_fraction is not None and not 0 <= self.reuse_fraction <= 1:
-            raise ValueError(f"l2c reuse_fraction must be in [0, 1] or None, got {self.reuse_fraction}")
 
     def training_key(self) -> dict:
         """The knobs that change the trained routers (export knobs excluded)."""
-        return {"sparsity": self.sparsity, "iterations": self.iterations, "lr": self.lr,
-                "init_logit": self.init_logit, "calibration_samples": self.calibration_samples,
-                "calibration_seed": self.calibration_seed}
+        return {"sparsity": self.sparsity, "max_iterations": self.max_iterations,
+                "batch_samples": self.batch_samples, "tolerance": self.tolerance, "window": self.window, "lr": self.lr, "init_logit": self.init_logit,
+                "calibration_samples": self.calibration_samples, "calibration_seed": self.calibration_seed}
 
     def to_dict(self) -> dict:
-        return {**self.training_key(), "threshold": self.threshold, "reuse_fraction": self.reuse_fraction}
+        return {**self.training_key(), "threshold": self.threshold}
+
+
+ROUTER_FORMAT_VERSION = 2
+"""Version of the router file: 2 added the per-step loss curves."""
 
 
 @dataclass(frozen=True)
 class L2CRouter:
     """Trained router values ``beta [num_steps, depth, 2]`` (units attn, moe) in [0, 1], float64.
 
-    Step 0 is always 1 (computed). ``losses`` is the final relative output error per step (``[S]``).
+    Step 0 is always 1 (computed). ``losses [S]``: the final relative output error per step.
+    ``curves[s]``: the training loss (error + sparsity term) of step ``s`` at every iteration run (empty
+    for step 0); its length is the number of iterations the step needed to converge. ``meta`` records
+    the training knobs, model fingerprint and weights hash, sampler and convergence summary.
     """
 
     beta: np.ndarray
     losses: np.ndarray
     meta: dict
+    curves: tuple[tuple[float, ...], ...] = ()
 
     def reuse_mask(self, config: L2CConfig) -> np.ndarray:
-        """Boolean ``[S, depth, 2]``: True where the (step, block, unit) is reused. Step 0 never is."""
-        S = self.beta.shape[0]
-        mask = np.zeros(self.beta.shape, dtype=bool)
-        if S < 2:
-            return mask
-        body = self.beta[1:]
-        if config.reuse_fraction is not None:
-            k = int(round(config.reuse_fraction * body.size))
-            order = np.argsort(body.reshape(-1), kind="stable")[:k]
-            flat = np.zeros(body.size, dtype=bool)
-            flat[order] = True
-            mask[1:] = flat.reshape(body.shape)
-        else:
-            mask[1:] = body < config.threshold
+        """Boolean ``[S, depth, 2]``: True where the (step, block, unit) is reused (``beta < threshold``).
+        Step 0 never is."""
+        mask = self.beta < config.threshold
+        mask[0] = False
         return mask
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write JSON (atomically: temporary name, then rename)."""
+        """Write JSON (atomically: temporary sibling, then rename)."""
         path = Path(path)
-        payload = {"format": "moeca-l2c-router", "version": 1, "beta": self.beta.tolist(),
-                   "losses": self.losses.tolist(), "meta": self.meta}
-        tmp = path.with_name(path.name + ".tmp")
+        payload = {"format": "moeca-l2c-router", "version": ROUTER_FORMAT_VERSION, "beta": self.beta.tolist(),
+                   "losses": self.losses.tolist(), "curves": [list(c) for c in self.curves], "meta": self.meta}
+        tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(payload))
         os.replace(tmp, path)
 
@@ -126,10 +134,14 @@ class L2CRouter:
         data = json.loads(Path(path).read_text())
         if data.get("format") != "moeca-l2c-router":
             raise ValueError(f"{path} is not an L2C router file (format {data.get('format')!r})")
+        if data.get("version") != ROUTER_FORMAT_VERSION:
+            raise ValueError(f"{path}: L2C router file version {data.get('version')!r}, this moeca reads version "
+                             f"{ROUTER_FORMAT_VERSION}; retrain the router")
         beta = np.asarray(data["beta"], dtype=np.float64)
         if beta.ndim != 3 or beta.shape[2] != len(UNITS):
             raise ValueError(f"{path}: beta must have shape [steps, depth, {len(UNITS)}], got {beta.shape}")
-        return cls(beta, np.asarray(data["losses"], dtype=np.float64), data.get("meta", {}))
+        return cls(beta, np.asarray(data["losses"], dtype=np.float64), data.get("meta", {}),
+                   tuple(tuple(float(v) for v in c) for c in data["curves"]))
 
 
 # ----------------------------------------------------------------------------- training runtimes
@@ -189,16 +201,19 @@ def calibration_labels(num_classes: int, count: int) -> torch.Tensor:
 
 
 def train_router(model: "DiTMoE", sampler: "SamplerConfig", config: L2CConfig = L2CConfig(),
-                 progress: Callable[[int, int], None] | None = None) -> L2CRouter:
+                 progress: Callable[[int, int], None] | None = None, weights_hash: str | None = None) -> L2CRouter:
     """Train L2C routers on ``config.calibration_samples`` full-compute trajectories of ``model``.
 
     1. Sample the calibration set with full compute, recording every call's block input ``x [B,T,D]``,
        condition ``c [B,D]`` and each block's attention and MoE outputs.
     2. For every step ``s >= 1`` and CFG context, the cache is the previous step's recorded outputs;
        optimise ``theta[s]`` (``[depth, 2]``) with Adam on
-       ``||out(beta) - out_full||^2 / ||out_full||^2 + sparsity * mean(beta)``, summed over the step's calls.
+       ``||out(beta) - out_full||^2 / ||out_full||^2 + sparsity * mean(beta)``, summed over the step's
+       calls, on minibatches of ``batch_samples`` calibration samples (cycling), until the loss
+       converges (:class:`L2CConfig` ``tolerance`` / ``window``) or ``max_iterations``. Every
+       iteration's loss is kept (the router's ``curves``).
     The model's parameters are frozen during training (their ``requires_grad`` is restored after).
-    ``progress(done, total)`` is called after each step.
+    ``progress(done, total)`` is called after each step. ``weights_hash`` is recorded in the meta.
     """
     from moeca.models.samplers import sample
     S, depth = sampler.num_steps, model.config.depth
@@ -207,9 +222,13 @@ def train_router(model: "DiTMoE", sampler: "SamplerConfig", config: L2CConfig = 
     with torch.no_grad(), model.use_runtime(recorder):
         sample(model, sampler, labels, seed=config.calibration_seed)
     by_key: dict[tuple[int, str], dict] = {(c["step"], c["branch"]): c for c in recorder.calls}
+    n = config.calibration_samples
+    per = config.batch_samples or n
+    batches = [torch.arange(i, min(i + per, n)) for i in range(0, n, per)]
     branches = sorted({c["branch"] for c in recorder.calls})
     beta_out = np.ones((S, depth, len(UNITS)))
     losses = np.zeros(S)
+    curves: list[tuple[float, ...]] = [()]
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
     try:
@@ -222,28 +241,60 @@ def train_router(model: "DiTMoE", sampler: "SamplerConfig", config: L2CConfig = 
             pairs = [(by_key[(s, b)], by_key[(s - 1, b)]) for b in branches if (s, b) in by_key and (s - 1, b) in by_key]
             with torch.no_grad():
                 targets = [_model_output(model, Runtime(), cur["x"], cur["c"]) for cur, _ in pairs]
-            loss_value = 0.0
-            for _ in range(config.iterations):
+            curve: list[float] = []
+            err_value = 0.0
+            for it in range(config.max_iterations):
                 opt.zero_grad()
                 beta = torch.sigmoid(theta)
                 err = 0.0
+                idx = batches[it % len(batches)]
                 for (cur, prev), target in zip(pairs, targets):
-                    out = _model_output(model, _Interpolating(beta, prev), cur["x"], cur["c"])
-                    err = err + (out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
+                    rows = _rows(idx, cur["x"].shape[0], n)
+                    out = _model_output(model, _Interpolating(beta, _take(prev, rows)), cur["x"][rows], cur["c"][rows])
+                    t = target[rows]
+                    err = err + (out - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
                 loss = err + config.sparsity * beta.mean()
                 loss.backward()
                 opt.step()
-                loss_value = float(err.detach())
+                curve.append(float(loss.detach()))
+                err_value = float(err.detach())
+                if converged(curve, config.tolerance, config.window):
+                    break
             beta_out[s] = torch.sigmoid(theta).detach().cpu().double().numpy()
-            losses[s] = loss_value
+            losses[s] = err_value
+            curves.append(tuple(curve))
             if progress:
                 progress(s, S - 1)
     finally:
         for p, flag in zip(params, saved_flags):
             p.requires_grad_(flag)
+    iters = [len(c) for c in curves[1:]]
     meta = {"training": config.training_key(), "num_steps": S, "depth": depth, "sampler": sampler.to_dict(),
-            "model": model.config.fingerprint()}
-    return L2CRouter(beta_out, losses, meta)
+            "model": model.config.fingerprint(), "weights_hash": weights_hash,
+            "iterations": {"min": min(iters, default=0), "max": max(iters, default=0), "total": sum(iters)},
+            "converged_steps": sum(converged(list(c), config.tolerance, config.window) for c in curves[1:])}
+    return L2CRouter(beta_out, losses, meta, tuple(curves))
+
+
+def converged(curve: Sequence[float], tolerance: float, window: int) -> bool:
+    """Whether a loss ``curve`` has converged: the mean of its last ``window`` values is at most
+    ``tolerance`` (relative) below the mean of the ``window`` values before them (means over a window
+    that spans the minibatches smooth their noise). ``tolerance = 0`` never converges early."""
+    if tolerance <= 0 or len(curve) < 2 * window:
+        return False
+    before = sum(curve[-2 * window:-window]) / window
+    return before - sum(curve[-window:]) / window <= tolerance * abs(before)
+
+
+def _rows(idx: torch.Tensor, rows: int, samples: int) -> torch.Tensor:
+    """Row indices of calibration samples ``idx`` in a recorded call of ``rows`` rows: ``samples`` rows
+    (one CFG branch) or ``2 * samples`` (batched CFG, ``[cond; uncond]``)."""
+    return idx if rows == samples else torch.cat([idx, idx + samples])
+
+
+def _take(call: dict, rows: torch.Tensor) -> dict:
+    """The recorded attention / MoE outputs of ``call`` restricted to ``rows``."""
+    return {unit: {b: t[rows] for b, t in call[unit].items()} for unit in UNITS}
 
 
 def build_schedule(router: L2CRouter, config: L2CConfig, model_config, sampler_cfg,

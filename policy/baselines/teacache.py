@@ -85,7 +85,9 @@ def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- calibration fit
 class _ChangeRecorder(Runtime):
-    """Computes everything; per CFG context records ``(d_input, d_output)`` between consecutive calls."""
+    """Computes everything; per CFG context records ``(d_input, d_output)`` between consecutive calls.
+
+    ``d_output`` is measured on the predicted channels only (see :func:`predicted_output`)."""
 
     def __init__(self) -> None:
         self.pairs: list[tuple[float, float]] = []
@@ -101,13 +103,25 @@ class _ChangeRecorder(Runtime):
     def run_blocks(self, model, x, c):
         mod = model.blocks[0].attention_input(x, c)
         out = super().run_blocks(model, x, c)
-        model_out = model.final_layer(out, c)
+        model_out = predicted_output(model, model.final_layer(out, c))
         key = self._ctx.cfg_branch if self._ctx is not None else "none"
         prev = self._prev.get(key)
         if prev is not None and prev[0].shape == mod.shape:
             self.pairs.append((relative_l1(mod, prev[0]), relative_l1(model_out, prev[1])))
         self._prev[key] = (mod.detach(), model_out.detach())
         return out
+
+
+def predicted_output(model: "DiTMoE", out: torch.Tensor) -> torch.Tensor:
+    """The predicted channels of the final layer's output ``out [B, T, p*p*C_out]`` -> ``[B, T, p*p, C]``.
+
+    The last axis is laid out ``(p, p, C_out)`` (see ``DiTMoE.unpatchify``); a ``learn_sigma`` model's
+    ``C_out = 2 C`` channels are the prediction (epsilon or velocity) then the variance interpolation,
+    and only the first ``C`` are what the sampler integrates.
+    """
+    cfg = model.config
+    p = cfg.patch_size
+    return out.reshape(*out.shape[:-1], p * p, cfg.out_channels)[..., :cfg.in_channels]
 
 
 @dataclass(frozen=True)
@@ -139,8 +153,10 @@ def fit_rescale_polynomial(model: "DiTMoE", sampler: "SamplerConfig", labels: to
 
     For every seed, samples ``labels [B]`` with full compute and records, per CFG context and for each
     pair of consecutive calls, block 0's modulated-input relative L1 change and the model output's
-    relative L1 change (output = final layer before unpatchify, all channels). Fits a least-squares
-    polynomial of ``degree``. Needs at least ``degree + 1`` pairs.
+    relative L1 change (the predicted channels of the final layer's output, :func:`predicted_output`:
+    the variance channels of a ``learn_sigma`` model are left out). Fits a least-squares polynomial of
+    ``degree``. Needs at least ``degree + 1`` pairs; the published fits use several calibration
+    prompts, the Pareto benchmark fits on 16 samples.
     """
     from moeca.models.samplers import sample
     if degree < 1:

@@ -185,11 +185,11 @@ def build_schedule(config: TocaConfig, model_config, sampler_cfg, weights_hash: 
     """The ToCa schedule. Refresh steps are sync steps; on the others attention follows the attention
     fresh ratio (0 = ``never`` with the published factors) and the whole MoE output follows
     ``fraction int(ratio * T) / T`` per block. The ``moe`` score is drift + ``soft_fresh_weight /
-    fresh_threshold`` x staleness (what the plain replay runtime uses);
-    :class:`moeca.policy.baselines.runtimes.TocaReplayRuntime`
-    applies ToCa's exact selection (per-sample normalised score, s4 bonus, per-sample top-k).
+    fresh_threshold`` x staleness; the schedule's ``token_selection`` (kind ``toca``) makes the replay
+    engine apply ToCa's exact selection (per-sample normalised score, s4 bonus, per-sample top-k).
     -> :class:`moeca.policy.schedule.Schedule`."""
-    from moeca.policy.schedule import Rule, ScoreConfig, StepRule
+    from dataclasses import replace
+    from moeca.policy.schedule import Rule, ScoreConfig, StepRule, TokenSelection
     from .common import assemble, block_rule, full_blocks
     S, depth, E, T = sampler_cfg.num_steps, model_config.depth, model_config.num_experts, model_config.num_tokens
     steps, sync = [], []
@@ -202,7 +202,9 @@ def build_schedule(config: TocaConfig, model_config, sampler_cfg, weights_hash: 
             block_rule(E, attn=Rule.fraction(p.attention_fresh_tokens[b] / T), moe=Rule.fraction(p.moe_fresh_tokens[b] / T))
             for b in range(depth))))
     score = ScoreConfig(drift_weight=1.0, staleness_weight=config.soft_fresh_weight / config.fresh_threshold)
-    return assemble("toca", model_config, sampler_cfg, steps, sync=sync, scores={"attn": score, "moe": score},
-                    weights_hash=weights_hash, provenance={"baseline": "toca", "config": config.to_dict(),
-                                                           "runtime": "moeca.policy.baselines.runtimes.TocaReplayRuntime"})
+    schedule = assemble("toca", model_config, sampler_cfg, steps, sync=sync, scores={"attn": score, "moe": score},
+                        weights_hash=weights_hash, provenance={"baseline": "toca", "config": config.to_dict()})
+    return replace(schedule, token_selection=TokenSelection(
+        "toca", soft_fresh_weight=config.soft_fresh_weight, fresh_threshold=config.fresh_threshold,
+        spatial_bonus=config.spatial_bonus, spatial_grid=config.spatial_grid))
 

@@ -1,0 +1,213 @@
+"""Wall-clock cost model of a replay: calibrated unit costs (milliseconds) -> predicted time and speedup.
+
+Pure numbers: the measurement that produces :class:`WallClockCosts` runs the model and lives in
+:mod:`moeca.replay.calibrate` (``moeca calibrate``); this module only stores, loads and evaluates it.
+
+The model is linear per sampling step (all counts are rows summed over the blocks of the step, batched
+CFG counting both halves)::
+
+    ms(step) = step_ms + attn_row_ms * attn + shared_row_ms * shared + pair_ms * pairs
+               + forecast_term_ms * reused * order + history_term_ms * computed * order
+
+``step_ms`` is a step that reuses every row plainly: the sampler update, patch embedding, final layer,
+and per block the norms, modulation, the router over every row, the slot matching and gathers (the
+batch size is part of the calibration key, so per-row costs of work done for every row fold into it).
+The row costs are what computing a row adds over reusing it; ``forecast_term_ms`` what forecasting a
+reused row adds per polynomial term (``order`` 0 = plain reuse, 1 = linear, ``p`` = Taylor order ``p``);
+``history_term_ms`` what pushing a computed row into the forecast history adds per term.
+``computed`` = attention + shared rows + pairs computed; ``reused`` = the rest of the step's
+``2 N + k N`` rows per block (every such step has the same total, which is why a per-row cost of plain
+reuse cannot be told apart from ``step_ms``). ``full_step_ms`` is one step of full compute with the default runtime:
+the reference every measured speedup is taken against.
+
+The measurement is a hook: the replay stage registers it with :func:`set_costs_provider` (policy never
+imports replay), and ``moeca schedule derive --target-speedup`` asks :func:`costs_provider` for it.
+
+Calibrations are cached per key (device name, torch version, replay-engine source hash, model weights
+hash, batch, dtype, sampler kind and CFG mode, CPU threads) in one JSON file in the user cache folder
+(``$XDG_CACHE_HOME/moeca/calibration.json`` or ``~/.cache/moeca/calibration.json``; ``MOECA_CACHE_DIR``
+overrides the folder); a calibration made under another key is never used.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+CACHE_FORMAT = 1
+CACHE_FILE = "calibration.json"
+COEFFICIENTS = ("step_ms", "attn_row_ms", "shared_row_ms", "pair_ms", "forecast_term_ms", "history_term_ms")
+
+
+class CalibrationError(ValueError):
+    """A calibration file or entry that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """The work of one sampling step, rows summed over its blocks (see the module docstring).
+
+    attn / shared: rows computed by attention (queries) and the shared expert; pairs: (token, expert)
+    pairs run through a routed expert (padding excluded); reused: rows of the three units not computed
+    (reused or forecast); order: forecast order (0 = plain reuse, 1 = linear, p = Taylor order p).
+    """
+
+    attn: float
+    shared: float
+    pairs: float
+    reused: float
+    order: int
+
+    def features(self) -> tuple[float, ...]:
+        """The row vector of the linear model, in the order of :data:`COEFFICIENTS`."""
+        computed = self.attn + self.shared + self.pairs
+        return (1.0, self.attn, self.shared, self.pairs, self.reused * self.order, computed * self.order)
+
+
+@dataclass(frozen=True)
+class WallClockCosts:
+    """Calibrated costs (milliseconds) of one (device, model weights, batch, dtype, sampler) key.
+
+    step_ms .. history_term_ms: the coefficients of the module docstring's model (all >= 0).
+    full_step_ms: one full-compute step of the default runtime (the speedup reference).
+    rows_per_block: ``N``, the rows a block sees per step at this batch (``batch * T``, x2 for CFG).
+    top_k: routed experts per token. key: the calibration key (a mapping of strings).
+    fit_rel_error: median relative error of the fit on the calibration steps; created: ISO time.
+    """
+
+    step_ms: float
+    attn_row_ms: float
+    shared_row_ms: float
+    pair_ms: float
+    forecast_term_ms: float
+    history_term_ms: float
+    full_step_ms: float
+    rows_per_block: int
+    top_k: int
+    key: Mapping[str, str] = field(default_factory=dict)
+    fit_rel_error: float = 0.0
+    created: str = ""
+
+    def __post_init__(self) -> None:
+        for name in (*COEFFICIENTS, "full_step_ms", "fit_rel_error"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise CalibrationError(f"calibration field {name}: {v!r} must be a finite number >= 0; "
+                                       "recalibrate with `moeca calibrate`")
+        if not self.full_step_ms > 0:
+            raise CalibrationError("calibration field full_step_ms must be > 0; recalibrate with `moeca calibrate`")
+        if self.rows_per_block < 1 or self.top_k < 1:
+            raise CalibrationError("calibration fields rows_per_block and top_k must be >= 1")
+
+    def step_ms_of(self, work: StepWork) -> float:
+        """Predicted milliseconds of one step doing ``work``."""
+        coef = tuple(getattr(self, c) for c in COEFFICIENTS)
+        return float(sum(c * f for c, f in zip(coef, work.features())))
+
+    def full_step(self, depth: int, order: int) -> StepWork:
+        """A synchronized refresh step: every unit of every block computed."""
+        n = self.rows_per_block * depth
+        return StepWork(attn=n, shared=n, pairs=self.top_k * n, reused=0.0, order=order)
+
+    def forecast_step(self, depth: int, order: int, new_pairs_per_token: float) -> StepWork:
+        """A forecast step of the sync rule: only the newly routed pairs computed (``new_pairs_per_token``:
+        newly routed pairs per token summed over the blocks, from the trace)."""
+        n = self.rows_per_block
+        pairs = new_pairs_per_token * n
+        return StepWork(attn=0.0, shared=0.0, pairs=pairs, reused=(2 + self.top_k) * n * depth - pairs, order=order)
+
+    def predicted_speedup(self, steps: list[StepWork]) -> float:
+        """Full compute's time over the predicted time of ``steps`` (one entry per sampling step)."""
+        return len(steps) * self.full_step_ms / sum(self.step_ms_of(w) for w in steps)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["key"] = dict(self.key)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "calibration") -> "WallClockCosts":
+        if not isinstance(data, Mapping):
+            raise CalibrationError(f"{where}: an entry is not a JSON object; recalibrate with `moeca calibrate`")
+        names = {f.name for f in fields(cls)}
+        missing = sorted(n for n in names - set(data) if n not in ("key", "fit_rel_error", "created"))
+        if missing:
+            raise CalibrationError(f"{where}: fields {missing} are missing; recalibrate with `moeca calibrate`")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError as exc:
+            raise CalibrationError(f"{where}: {exc}; recalibrate with `moeca calibrate`") from None
+
+
+def key_id(key: Mapping[str, str]) -> str:
+    """The cache file's name for ``key``: its fields sorted, ``name=value`` joined by ``|``."""
+    return "|".join(f"{k}={key[k]}" for k in sorted(key))
+
+
+def cache_path() -> Path:
+    """``$MOECA_CACHE_DIR/calibration.json``, else under ``$XDG_CACHE_HOME/moeca`` or ``~/.cache/moeca``."""
+    base = os.environ.get("MOECA_CACHE_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = str(Path(xdg) / "moeca") if xdg else str(Path.home() / ".cache" / "moeca")
+    return Path(base) / CACHE_FILE
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        return {"format": CACHE_FORMAT, "entries": {}}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"calibration cache {path} is not valid JSON ({exc}); delete it or run "
+                               "`moeca calibrate` to rewrite it") from None
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("entries"), dict):
+        raise CalibrationError(f"calibration cache {path}: field format must be {CACHE_FORMAT} with an 'entries' "
+                               "object; delete the file or run `moeca calibrate` to rewrite it")
+    return data
+
+
+def load_costs(key: Mapping[str, str], path: Path | None = None) -> WallClockCosts | None:
+    """The cached calibration of ``key``, or None when there is none (another key is never used)."""
+    path = path or cache_path()
+    entry = _read(path)["entries"].get(key_id(key))
+    if entry is None:
+        return None
+    costs = WallClockCosts.from_json(entry, where=f"calibration cache {path}")
+    return costs if dict(costs.key) == dict(key) else None
+
+
+def save_costs(costs: WallClockCosts, path: Path | None = None) -> Path:
+    """Add or replace the entry of ``costs.key`` in the cache file (temporary sibling, then rename)."""
+    path = path or cache_path()
+    try:
+        data = _read(path)
+    except CalibrationError:
+        data = {"format": CACHE_FORMAT, "entries": {}}  # an unreadable cache is rewritten, not merged
+    data["entries"][key_id(costs.key)] = costs.to_json()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+CostsProvider = Callable[..., WallClockCosts]
+"""``provider(model, sampler_cfg, batch, progress=callable) -> WallClockCosts``: cached or measured costs."""
+_PROVIDERS: list[CostsProvider] = []
+
+
+def set_costs_provider(provider: CostsProvider) -> None:
+    """Register the function that measures (or loads the cached) costs of a model on its device."""
+    _PROVIDERS[:] = [provider]
+
+
+def costs_provider() -> CostsProvider:
+    """The registered measurement; a clear error when no stage registered one."""
+    if not _PROVIDERS:
+        raise ValueError("a wall-clock target needs the replay stage (moeca.replay.calibrate_cli registers the "
+                         "measurement of unit costs); install it or use a FLOPs target (--target-flops-speedup)")
+    return _PROVIDERS[0]

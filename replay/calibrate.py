@@ -1,0 +1,209 @@
+"""Measure the wall-clock unit costs of the replay engine on this device (``moeca calibrate``).
+
+:func:`measure_costs` samples a short run (``steps`` steps of the schedule's sampler) with the default
+runtime and with eight calibration schedules that each exercise a different mix of units -- every step
+full, with and without a forecast history; everything forecast (linear) or reused plainly between full
+steps; only attention, only the shared expert or only the routed experts recomputed between full steps;
+every other step full -- times every step (median of ``repeats`` interleaved runs, after a warm-up; the
+device is synchronised at each step on CUDA), counts what each step executed (:class:`~moeca.replay.counters.ReplayCounters`) and fits
+the non-negative coefficients of :class:`~moeca.policy.wallclock.WallClockCosts` by least squares. The
+first step of a run (cache allocation) is not fitted.
+
+:func:`ensure_costs` returns the cached calibration of the current key
+(:func:`calibration_key`: device, torch version, a hash of the replay engine's and the model code's
+sources, weights hash, batch, dtype, sampler kind and CFG mode, CPU threads) and measures it when the
+cache has none -- so a changed engine, torch, device or model is recalibrated automatically.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from moeca.models.samplers import SamplerConfig, sample
+from moeca.policy.schedule import ALWAYS, NEVER, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
+from moeca.policy.wallclock import COEFFICIENTS, StepWork, WallClockCosts, load_costs, save_costs
+
+from .runtime import ReplayRuntime
+
+CALIBRATION_STEPS = 10
+CALIBRATION_REPEATS = 3
+NOT_ENGINE = ("calibrate.py", "calibrate_cli.py", "cli.py", "__main__.py")
+"""Sources that never run while sampling (this measurement and the command lines): not hashed."""
+
+
+def engine_hash() -> str:
+    """16 hex digits of SHA-256 over the source of the replay engine and the model code (every ``.py``
+    file under ``replay/`` and ``models/`` except :data:`NOT_ENGINE`): any change recalibrates."""
+    import moeca.models as models_pkg
+
+    h = hashlib.sha256()
+    for root in (Path(__file__).parent, Path(models_pkg.__file__).parent):
+        for path in sorted(p for p in root.rglob("*.py") if p.name not in NOT_ENGINE):
+            h.update(path.relative_to(root).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"{device.type}:{platform.machine()}:{platform.processor() or 'cpu'}:{os.cpu_count()} cores"
+
+
+def rows_per_block(config, sampler_cfg: SamplerConfig, batch: int) -> int:
+    """Rows one block sees per step (both CFG halves)."""
+    return batch * config.num_tokens * (2 if sampler_cfg.guided else 1)
+
+
+def calibration_key(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int) -> dict[str, str]:
+    """The fields a calibration is valid for (all strings)."""
+    from moeca.models.checkpoint import weights_hash
+
+    param = next(model.parameters())
+    return {"device": device_name(param.device), "torch": torch.__version__, "engine": engine_hash(),
+            "weights": weights_hash(model), "model": model.config.fingerprint(), "batch": str(batch),
+            "dtype": str(param.dtype).replace("torch.", ""), "sampler": sampler_cfg.kind,
+            "cfg_mode": sampler_cfg.cfg_mode if sampler_cfg.guided else "none",
+            "threads": str(torch.get_num_threads()) if param.device.type == "cpu" else "-"}
+
+
+def calibration_schedules(config, sampler_cfg: SamplerConfig) -> list[Schedule]:
+    """The eight schedules whose steps the fit uses (see the module docstring)."""
+    S, L, E = sampler_cfg.num_steps, config.depth, config.num_experts
+    identity, sampler = ModelIdentity.of(config), SamplerIdentity.of(sampler_cfg)
+    full = BlockRule.full(E)
+
+    def make(body: BlockRule | None, forecast: str, every: int = S) -> Schedule:
+        sync = tuple(range(0, S, every)) if body is not None else tuple(range(S))
+        steps = tuple(StepRule("compute", (full if body is None or s in sync else body,) * L) for s in range(S))
+        return Schedule(method="custom", model=identity, sampler=sampler, steps=steps, sync_refresh_steps=sync,
+                        forecast=forecast, provenance={"calibration": True})
+
+    forecast_all = BlockRule(attn=NEVER, shared=NEVER, experts=(NEVER,) * E)
+    return [
+        make(None, "linear"),
+        make(None, "none"),
+        make(forecast_all, "linear", every=5),
+        make(forecast_all, "none", every=5),
+        make(BlockRule(attn=ALWAYS, shared=NEVER, experts=(NEVER,) * E), "linear", every=5),
+        make(BlockRule(attn=NEVER, shared=ALWAYS, experts=(NEVER,) * E), "linear", every=5),
+        make(BlockRule(attn=NEVER, shared=NEVER, experts=(ALWAYS,) * E), "linear", every=5),
+        make(forecast_all, "linear", every=2),
+    ]
+
+
+def step_work(counters, schedule: Schedule) -> list[StepWork]:
+    """What each step of a replay executed, from its counters (rows summed over blocks)."""
+    attn, shared = counters.attn_q.sum(1), counters.shared.sum(1)
+    pairs = (counters.expert - counters.padded).sum(1)
+    reused = 2 * counters.tokens.sum(1) + counters.pairs.sum(1) - attn - shared - pairs
+    order = schedule.forecast_degree
+    return [StepWork(float(a), float(s), float(p), float(r), order) for a, s, p, r in zip(attn, shared, pairs, reused)]
+
+
+def _timed_steps(model, sampler_cfg: SamplerConfig, labels: torch.Tensor, runtime) -> list[float]:
+    """Milliseconds of each sampling step (the device synchronised at every step)."""
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    marks: list[float] = []
+
+    def on_step(_step: int) -> None:
+        sync()
+        marks.append(time.perf_counter())
+
+    sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if runtime is None:
+            sample(model, sampler_cfg, labels, seed=0, on_step=on_step)
+        else:
+            with model.use_runtime(runtime):
+                sample(model, sampler_cfg, labels, seed=0, on_step=on_step)
+    edges = [start, *marks]
+    return [1e3 * (b - a) for a, b in zip(edges, edges[1:])]
+
+
+def measure_costs(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int, *,
+                  steps: int = CALIBRATION_STEPS, repeats: int = CALIBRATION_REPEATS,
+                  progress: Callable[[str], None] | None = None) -> WallClockCosts:
+    """Calibrate the unit costs of ``model`` at ``batch`` samples for ``sampler_cfg``'s kind and CFG mode."""
+    from scipy.optimize import nnls
+
+    if batch < 1 or steps < 4 or repeats < 1:
+        raise ValueError(f"calibration needs batch >= 1, steps >= 4 and repeats >= 1 (got {batch}, {steps}, {repeats})")
+    config = model.config
+    short = SamplerConfig(**{**sampler_cfg.to_dict(), "num_steps": steps})
+    labels = torch.arange(batch) % config.num_classes
+    schedules = calibration_schedules(config, short)
+    say = progress or (lambda _msg: None)
+    times: dict[int, list[list[float]]] = {i: [] for i in range(-1, len(schedules))}
+    works: dict[int, list[StepWork]] = {}
+    for r in range(repeats + 1):   # round 0 is the warm-up
+        say(f"calibrating: round {r + 1} of {repeats + 1} ({len(schedules) + 1} runs of {steps} steps, batch {batch})")
+        for i in range(-1, len(schedules)):
+            rt = None if i < 0 else ReplayRuntime(schedules[i])
+            t = _timed_steps(model, short, labels, rt)
+            if r:
+                times[i].append(t)
+            if rt is not None:
+                works[i] = step_work(rt.counters, schedules[i])
+    med = {i: [statistics.median(col) for col in zip(*runs)] for i, runs in times.items()}
+    full_step_ms = statistics.median(med[-1][1:])
+    rows, obs = [], []
+    for i in range(len(schedules)):
+        for s in range(1, steps):
+            rows.append(works[i][s].features())
+            obs.append(med[i][s])
+    a, b = np.asarray(rows, dtype=float), np.asarray(obs, dtype=float)
+    scale = np.where(a.max(axis=0) > 0, a.max(axis=0), 1.0)
+    coef, _ = nnls(a / scale, b)
+    coef = coef / scale
+    rel = np.abs(a @ coef - b) / b
+    return WallClockCosts(**dict(zip(COEFFICIENTS, (float(c) for c in coef))), full_step_ms=float(full_step_ms),
+                          rows_per_block=rows_per_block(config, sampler_cfg, batch), top_k=config.top_k,
+                          key=calibration_key(model, sampler_cfg, batch), fit_rel_error=float(np.median(rel)),
+                          created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def ensure_costs(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int, *, recalibrate: bool = False,
+                 cache: Path | None = None, progress: Callable[[str], None] | None = print, **measure) -> WallClockCosts:
+    """The cached calibration of this key, measured (and cached) first when there is none or ``recalibrate``."""
+    key = calibration_key(model, sampler_cfg, batch)
+    costs = None if recalibrate else load_costs(key, cache)
+    if costs is None:
+        if progress:
+            progress(f"no wall-clock calibration for {key['device']} (batch {batch}, {key['dtype']}, engine "
+                     f"{key['engine']}); measuring it once (moeca calibrate redoes it)")
+        costs = measure_costs(model, sampler_cfg, batch, progress=progress, **measure)
+        path = save_costs(costs, cache)
+        if progress:
+            progress(f"calibration cached in {path} (fit error {costs.fit_rel_error:.1%} per step)")
+    return costs
+
+
+def prediction_line(schedule: Schedule, measured: float, model: torch.nn.Module, sampler_cfg: SamplerConfig,
+                    batch: int) -> str | None:
+    """``predicted X vs measured Y`` for a schedule derived with a wall-clock prediction, naming the
+    calibration fields that differ from this replay's (then the prediction was for another setting);
+    None when the schedule carries no prediction."""
+    predicted = schedule.provenance.get("predicted_speedup")
+    if predicted is None:
+        return None
+    line = (f"wall-clock speedup: predicted {predicted:.2f}x, measured {measured:.2f}x "
+            f"({measured / predicted - 1:+.1%})")
+    made = {k: v for k, v in dict(schedule.provenance.get("calibration", {})).items() if k != "created"}
+    now = calibration_key(model, sampler_cfg, batch)
+    differ = [f"{k} {made.get(k)!r} -> {now[k]!r}" for k in sorted(now) if made.get(k) != now[k]]
+    if differ:
+        line += ("; the prediction was calibrated for another setting (" + ", ".join(differ)
+                 + "): derive again with the replay's --batch/--device for a matching prediction")
+    return line

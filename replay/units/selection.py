@@ -1,0 +1,74 @@
+"""Token selection hooks: which cached rows a scored rule recomputes (``Schedule.token_selection``).
+
+- ``moeca_score``: the online score ``drift_weight * accumulated drift + staleness_weight * age``, the
+  ``ceil(f * N)`` highest rows of the batch (``fraction f``) or the rows above ``x`` (``threshold x``);
+- ``toca`` (whole-MoE ``fraction`` rules): per sample, the L2-normalised accumulated drift plus
+  ``soft_fresh_weight * age / fresh_threshold``, ToCa's spatial bonus, the ``round(f * T)`` best tokens.
+
+The host path returns the selected rows; the device path never asks the host for a data-dependent
+count: a ``threshold`` rule returns a mask over all rows instead (the unit computes every row and keeps
+the selected ones, counted as run).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moeca.policy.baselines.toca import spatial_bonus
+from moeca.policy.schedule import Rule, ScoreConfig, TokenSelection
+
+from ..state import RowCache
+
+
+@dataclass(frozen=True)
+class Selected:
+    """Rows to recompute: ``rows [m]`` (static or host-known ``m``), or ``mask [R]`` (device path), or
+    neither (reuse every row)."""
+
+    rows: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    @property
+    def nothing(self) -> bool:
+        return self.rows is None and self.mask is None
+
+
+def score_of(cache: RowCache, cfg: ScoreConfig, rows: int, device: torch.device) -> torch.Tensor:
+    """The online score ``[R]`` float32 of a cache's rows (zeros when the unit is not tracked)."""
+    if cache.age is None:
+        return torch.zeros(rows, device=device)
+    return cache.acc * cfg.drift_weight + cache.age * cfg.staleness_weight
+
+
+def select_rows(cache: RowCache, rule: Rule, cfg: ScoreConfig, selection: TokenSelection, batch: int,
+                rows: int, device: torch.device, device_path: bool, kind: str) -> Selected:
+    """Rows of a per-token unit to recompute under ``never`` / ``fraction`` / ``threshold`` (``rows`` =
+    ``batch * T``; ``kind`` the unit kind, ``moe`` for the whole-MoE rule)."""
+    if rule.mode == "never":
+        return Selected()
+    if rule.mode == "fraction" and selection.kind == "toca" and kind == "moe" and cache.acc is not None:
+        return _toca(cache, rule.value, selection, batch, rows)
+    score = score_of(cache, cfg, rows, device)
+    if rule.mode == "fraction":
+        m = min(rows, math.ceil(rule.value * rows))
+        return Selected(rows=torch.topk(score, m).indices) if m else Selected()
+    above = score > rule.value
+    if device_path:
+        return Selected(mask=above)
+    picked = torch.nonzero(above).squeeze(1)
+    return Selected(rows=picked) if picked.numel() else Selected()
+
+
+def _toca(cache: RowCache, fraction: float, sel: TokenSelection, batch: int, rows: int) -> Selected:
+    T = rows // batch
+    count = int(round(fraction * T))
+    if count == 0:
+        return Selected()
+    drift = F.normalize(cache.acc.view(batch, T), dim=-1, p=2)
+    score = drift + sel.soft_fresh_weight * cache.age.view(batch, T) / sel.fresh_threshold
+    score = spatial_bonus(score, sel.spatial_bonus, sel.spatial_grid)
+    idx = score.argsort(dim=-1, descending=True)[:, :count]
+    return Selected(rows=(idx + torch.arange(batch, device=idx.device).unsqueeze(1) * T).reshape(-1))

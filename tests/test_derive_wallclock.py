@@ -1,0 +1,133 @@
+"""MoECa derivation: drift-guided refresh placement and wall-clock targets (synthetic traces, hand-set costs)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from moeca.policy.cost import UnitCosts
+from moeca.policy.derive import (DeriveConfig, derive_schedule, drift_sync_steps, drift_tables, even_sync_steps,
+                                 step_drift, sync_work)
+from moeca.policy.wallclock import WallClockCosts
+
+from conftest import TINY
+from test_schedule import SAMPLER, run_meta, synthetic_summary
+
+
+def costs(step_ms: float = 4.0, **over) -> WallClockCosts:
+    """Hand-set unit costs of TINY at batch 2 with CFG (N = 2 * 16 * 2 rows per block): a full step is
+    ``step_ms + 64 * 2 * (attn + shared + 2 pair + 2 history)`` ms."""
+    base = dict(step_ms=step_ms, attn_row_ms=0.01, shared_row_ms=0.01, pair_ms=0.01,
+                forecast_term_ms=0.001, history_term_ms=0.001, full_step_ms=12.0, rows_per_block=64, top_k=2,
+                key={"device": "test"})
+    return WallClockCosts(**{**base, **over})
+
+
+def intervals(sync, weight):
+    """Accumulated weight of each interval between consecutive refresh steps (and after the last)."""
+    edges = sorted(sync) + [len(weight)]
+    return np.array([weight[a:b].sum() for a, b in zip(edges, edges[1:])])
+
+
+# ----------------------------------------------------------------------------- placement
+def test_drift_placement_puts_refreshes_where_the_drift_is():
+    w = np.array([1.0] * 20 + [8.0] * 20)                        # drift 8x higher in the second half
+    cfg = DeriveConfig()
+    sync = drift_sync_steps(w, 10, cfg)
+    assert len(sync) == 10 and 0 in sync
+    late = sum(s >= 20 for s in sync)
+    assert late >= 7                                            # even spacing would give 5
+    assert sum(s >= 20 for s in even_sync_steps(40, 10, cfg)) == 5
+    # equal drift per interval: far more even than with evenly spaced refreshes
+    spread = lambda s: intervals(s, w).max() / intervals(s, w).min()  # noqa: E731
+    assert spread(sync) < spread(even_sync_steps(40, 10, cfg))
+
+
+def test_uniform_drift_gives_even_spacing_and_collisions_stay_distinct():
+    cfg = DeriveConfig(final_steps=1)
+    assert drift_sync_steps(np.ones(50), 10, cfg) == even_sync_steps(50, 10, cfg)
+    spike = np.zeros(12)
+    spike[5] = 1.0                                               # every quantile lands on step 5
+    sync = drift_sync_steps(spike, 4, DeriveConfig())
+    assert len(sync) == 4 and 5 in sync and 0 in sync
+
+
+def test_derived_schedule_places_refreshes_on_the_traced_drift():
+    """The synthetic trace's drift falls over sampling: drift placement refreshes the early steps more."""
+    summary, meta = synthetic_summary(num_steps=24), run_meta(sampler=SAMPLER.__class__(
+        kind="rectified_flow", num_steps=24, cfg_scale=1.5, cfg_mode="batched"))
+    drift = derive_schedule(summary, meta, DeriveConfig(target_speedup=2.5, placement="drift"))
+    even = derive_schedule(summary, meta, DeriveConfig(target_speedup=2.5, placement="even"))
+    d = step_drift(drift_tables(summary, 24, TINY.depth, TINY.num_experts), UnitCosts.of(TINY))
+    first_half = lambda s: sum(x < 12 for x in s.sync_refresh_steps)  # noqa: E731
+    assert first_half(drift) > first_half(even)
+    assert intervals(drift.sync_refresh_steps, d).max() < intervals(even.sync_refresh_steps, d).max()
+    assert drift.predicted_flops_ratio <= 1 / 2.5 and drift.provenance["config"]["placement"] == "drift"
+
+
+# ----------------------------------------------------------------------------- wall-clock targets
+def test_wallclock_target_uses_the_calibrated_costs():
+    summary, meta = synthetic_summary(), run_meta()
+    wc = costs()
+    s = derive_schedule(summary, meta, DeriveConfig(target_speedup=1.8, target="wallclock"), wc)
+    tables = drift_tables(summary, SAMPLER.num_steps, TINY.depth, TINY.num_experts)
+    work = sync_work(tables, frozenset(s.sync_refresh_steps), wc, order=1)
+    # the recorded prediction is the cost model evaluated on the plan, coefficient by coefficient
+    by_hand = SAMPLER.num_steps * wc.full_step_ms / sum(
+        wc.step_ms + wc.attn_row_ms * w.attn + wc.shared_row_ms * w.shared + wc.pair_ms * w.pairs
+        + wc.forecast_term_ms * w.reused + wc.history_term_ms * (w.attn + w.shared + w.pairs) for w in work)
+    assert s.provenance["predicted_speedup"] == pytest.approx(by_hand, rel=1e-3)
+    assert s.provenance["predicted_speedup"] >= 1.8
+    assert s.provenance["calibration"]["device"] == "test"
+    # the most refreshes that reach the target: one more would miss it
+    more = DeriveConfig(target_speedup=1.8, target="wallclock")
+    assert derive_schedule(summary, meta, more, costs(step_ms=3.0)).sync_refresh_steps != s.sync_refresh_steps
+
+
+def test_wallclock_and_flops_targets_differ_when_bookkeeping_costs():
+    """A forecast step that costs a third of a full step (fixed bookkeeping) needs fewer refreshes for the
+    same wall-clock target than for the same FLOPs target."""
+    summary, meta = synthetic_summary(), run_meta()
+    flops = derive_schedule(summary, meta, DeriveConfig(target_speedup=1.8))
+    wall = derive_schedule(summary, meta, DeriveConfig(target_speedup=1.8, target="wallclock"), costs())
+    assert len(wall.sync_refresh_steps) < len(flops.sync_refresh_steps)
+    assert wall.predicted_flops_ratio < flops.predicted_flops_ratio
+    with pytest.raises(ValueError, match="predicted wall-clock speedup is at most"):
+        derive_schedule(summary, meta, DeriveConfig(target_speedup=3.5, target="wallclock"), costs())
+    with pytest.raises(ValueError, match="needs the calibrated unit costs"):
+        derive_schedule(summary, meta, DeriveConfig(target_speedup=1.8, target="wallclock"))
+    with pytest.raises(ValueError, match="refresh='sync'"):
+        DeriveConfig(target_speedup=1.8, target="wallclock", refresh="budget")
+    with pytest.raises(ValueError, match="top_k"):
+        derive_schedule(summary, meta, DeriveConfig(target_speedup=1.8, target="wallclock"), costs(top_k=1))
+
+
+def test_cli_derive_wallclock_and_flops_targets(tmp_path, capsys, monkeypatch):
+    from moeca.cli.main import main
+    import moeca.policy.cli as pcli
+
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "run.json").write_text("{}")
+    monkeypatch.setattr(pcli, "load_summary", lambda traces, allow_mixed=False: (synthetic_summary(), run_meta()))
+    asked = []
+    monkeypatch.setattr(pcli, "replay_costs", lambda meta, args: asked.append(args.batch) or costs())
+    out = tmp_path / "s.json"
+    assert main(["schedule", "derive", str(trace), "--target-flops-speedup", "1.8", "--out", str(out)]) == 0
+    assert not asked and "predicted wall-clock" not in capsys.readouterr().out
+    flops = json.loads(out.read_text())
+    assert flops["predicted_flops_ratio"] <= 1 / 1.8 and "predicted_speedup" not in flops["provenance"]
+    assert main(["schedule", "derive", str(trace), "--target-speedup", "1.8", "--batch", "2", "--out", str(out),
+                 "--overwrite"]) == 0
+    assert asked == [2]
+    printed = capsys.readouterr().out
+    assert "predicted wall-clock speedup: 1.8" in printed or "predicted wall-clock speedup: 1.9" in printed
+    wall = json.loads(out.read_text())
+    assert wall["provenance"]["config"]["target"] == "wallclock" and wall["provenance"]["predicted_speedup"] >= 1.8
+    with pytest.raises(SystemExit):                              # argparse: the targets exclude each other
+        main(["schedule", "derive", str(trace), "--target-speedup", "2", "--target-flops-speedup", "2",
+              "--out", str(out), "--overwrite"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert main(["schedule", "derive", str(trace), "--batch", "0", "--out", str(out), "--overwrite"]) == 2
+    assert "--batch 0 must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,98 @@
+"""The replay engine's device path (sync-free, static shapes) on CPU tensors: same numbers as the host
+path, bit-exact full compute when nothing is reused, and one graph per forward (no graph breaks)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+
+from conftest import TINY, make_tiny
+from moeca.models.dispatch import prepare_model
+from moeca.models.runtime import ForwardContext, Runtime
+from moeca.models.samplers import SamplerConfig, sample
+from moeca.policy.baselines import fora
+from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
+                                   StepRule, full_schedule)
+from moeca.replay.runtime import ReplayRuntime
+
+STEPS = 6
+SAMPLER = SamplerConfig(kind="rectified_flow", num_steps=STEPS, cfg_scale=1.5)
+LABELS = torch.tensor([0, 1, 2, 1])
+
+
+def moeca_schedule(forecast: str = "linear", order: int = 1, body: BlockRule | None = None) -> Schedule:
+    """MoECa's sync rule: full refresh at steps 0 and 3, every unit forecast in between (new pairs computed)."""
+    body = body or BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * TINY.num_experts)
+    steps = tuple(StepRule("compute", (body,) * TINY.depth) for _ in range(STEPS))
+    return Schedule("moeca", ModelIdentity.of(TINY), SamplerIdentity.of(SAMPLER), steps, (0, 3), forecast=forecast,
+                    forecast_order=order)
+
+
+def run(model, runtime):
+    with model.use_runtime(runtime):
+        return sample(model, SAMPLER, LABELS, seed=3)
+
+
+@pytest.mark.parametrize("forecast", ["none", "linear"])
+def test_device_path_reuse_nothing_is_bit_exact(tiny_model, forecast):
+    ref = sample(tiny_model, SAMPLER, LABELS, seed=3)
+    s = full_schedule(TINY, SAMPLER)
+    s = Schedule(s.method, s.model, s.sampler, s.steps, forecast=forecast, predicted_flops_ratio=1.0)
+    assert torch.equal(run(tiny_model, ReplayRuntime(s, device_path=True)), ref)
+    all_sync = Schedule("custom", s.model, s.sampler, moeca_schedule().steps, tuple(range(STEPS)), forecast=forecast)
+    assert torch.equal(run(tiny_model, ReplayRuntime(all_sync, device_path=True)), ref)
+
+
+def test_device_path_matches_host_path_and_really_skips(tiny_model):
+    scored = BlockRule(Rule("fraction", 0.5), ALWAYS, Rule("fraction", 0.3),
+                       (NEVER, Rule("fraction", 0.5), Rule("threshold", 0.02), ALWAYS))
+    for s in (moeca_schedule(), moeca_schedule("taylor", 2), moeca_schedule(body=scored)):
+        host_rt, dev_rt = ReplayRuntime(s), ReplayRuntime(s, device_path=True)
+        host, dev = run(tiny_model, host_rt), run(tiny_model, dev_rt)
+        torch.testing.assert_close(dev, host, rtol=1e-4, atol=1e-5)
+        th, td = host_rt.counters.totals(), dev_rt.counters.totals()
+        for name in ("attn_q", "attn_kv", "shared", "expert", "router", "tokens", "pairs"):
+            assert td[name] == th[name], (s.forecast, name)
+        assert th["expert"] < th["pairs"] and th["shared"] < th["tokens"]
+
+
+def test_device_path_checks_finiteness_once_per_run(tiny_model):
+    s = moeca_schedule(body=BlockRule(NEVER, ALWAYS, ALWAYS, (ALWAYS,) * TINY.num_experts))
+    rt = ReplayRuntime(s, device_path=True)
+    assert rt._check_finite_arg is None            # default: once per run on the device path
+
+    def poison(step):
+        if step == 4:
+            rt._contexts["batched"].blocks[1].attn.hist.dd[0, 0, 0] = float("nan")
+
+    with tiny_model.use_runtime(rt), pytest.raises(FloatingPointError, match=r"cached attention output of block 1"):
+        sample(tiny_model, SAMPLER, LABELS, seed=3, on_step=poison)
+    with pytest.raises(ValueError, match="check_finite"):
+        ReplayRuntime(s, check_finite="always")
+
+
+def _graph_breaks(model, runtime, step: int) -> tuple[int, list[str]]:
+    """Graph breaks of one forward at ``step`` (the earlier steps run eagerly first to fill the caches)."""
+    x, t, y = torch.randn(2, 1, 4, 4), torch.full((2,), 0.5), torch.tensor([0, 1])
+    with torch.inference_mode(), model.use_runtime(runtime):
+        for s in range(step):
+            model(x, t, y, ForwardContext(s, STEPS, "none"))
+        dynamo.reset()
+        explained = dynamo.explain(model)(x, t, y, ForwardContext(step, STEPS, "none"))
+    dynamo.reset()
+    return explained.graph_break_count, [str(r.reason).split("\n")[0] for r in explained.break_reasons]
+
+
+def test_device_path_forward_has_no_graph_breaks():
+    """The default, FORA, MoECa-refresh and MoECa-forecast forwards each trace as one graph (traced with
+    dynamo, not compiled: inductor would take minutes here)."""
+    model = make_tiny()
+    prepare_model(model)
+    fora_s = fora.build_schedule(fora.ForaConfig(interval=3), TINY, SamplerConfig(num_steps=STEPS, cfg_scale=1.0))
+    cases = {"default": (Runtime(dispatch="grouped"), 0),
+             "fora reuse step": (ReplayRuntime(fora_s, device_path=True), 1),
+             "moeca refresh step": (ReplayRuntime(moeca_schedule(), device_path=True), 3),
+             "moeca forecast step": (ReplayRuntime(moeca_schedule(), device_path=True), 2),
+             "moeca taylor forecast step": (ReplayRuntime(moeca_schedule("taylor", 3), device_path=True), 5)}
+    for name, (runtime, step) in cases.items():
+        assert _graph_breaks(model, runtime, step) == (0, []), name

@@ -1,0 +1,108 @@
+"""Forecast order (``forecast: taylor``, ``forecast_order``): Newton divided differences in float32,
+``linear`` == ``taylor`` order 1 bit for bit, and higher orders in a real replay."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY, make_tiny
+from moeca.models.samplers import SamplerConfig, sample
+from moeca.policy.schedule import ALWAYS, NEVER, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
+from moeca.replay.forecast import History
+from moeca.replay.runtime import ReplayRuntime
+
+STEPS = 10
+SAMPLER = SamplerConfig(kind="rectified_flow", num_steps=STEPS, cfg_scale=1.5)
+LABELS = torch.tensor([0, 1, 2, 1])
+
+
+@pytest.mark.parametrize("degree", [0, 1, 2, 3, 4])
+def test_newton_history_is_exact_for_polynomials_of_its_degree_on_unequal_steps(degree):
+    torch.manual_seed(degree)
+    coef = torch.randn(degree + 1, 5, 3, dtype=torch.float64)
+
+    def poly(s: float) -> torch.Tensor:
+        return sum(coef[j] * s ** j for j in range(degree + 1))
+
+    h = History.empty(degree, 5, 3, torch.device("cpu"))
+    for s in (0, 1, 3, 4, 7, 8):               # unequal spacing; older values drop out of the history
+        h.push_all(poly(s), s)
+    assert h.dd.dtype == torch.float32 and h.forecast(9).dtype == torch.float32
+    torch.testing.assert_close(h.forecast(11).double(), poly(11), rtol=2e-4, atol=2e-4)
+    # rows computed fewer times use the order their history allows: a row pushed once is reused plainly
+    fresh = torch.tensor([2])
+    h.forget(torch.tensor([False, False, True, False, False]))
+    h.push_rows(fresh, torch.ones(1, 3), 9)
+    assert torch.equal(h.forecast(12)[2], torch.ones(3))
+    # a masked push changes exactly the masked rows
+    before = h.forecast(12).clone()
+    mask = torch.tensor([True, False, False, False, True])
+    h.push_where(mask, torch.full((5, 3), float("nan")).index_fill_(0, torch.tensor([0, 4]), 2.0), 12)
+    after = h.forecast(12)
+    assert torch.equal(after[~mask], before[~mask]) and torch.equal(after[mask], torch.full((2, 3), 2.0))
+
+
+def test_taylor_matches_taylorseer_finite_differences_on_equal_spacing():
+    """Equal spacing ``h``: the Newton forecast equals the finite-difference Taylor expansion
+    ``sum_j Delta^j y / (j! h^j) * prod_{i<j} (s - s_0 + i h)`` (TaylorSeer's)."""
+    ys = torch.randn(4, 2, 3)                      # values at steps 0, 2, 4, 6 (oldest first)
+    h = History.empty(3, 2, 3, torch.device("cpu"))
+    for i, y in enumerate(ys):
+        h.push_all(y, 2 * i)
+    diffs, level = [ys[-1]], ys
+    for _ in range(3):
+        level = level[1:] - level[:-1]
+        diffs.append(level[-1])
+    s, want, prod = 9.0, torch.zeros(2, 3), 1.0
+    for j, d in enumerate(diffs):
+        want = want + d / (torch.lgamma(torch.tensor(j + 1.0)).exp() * 2 ** j) * prod
+        prod *= (s - 6 + 2 * j)
+    torch.testing.assert_close(h.forecast(int(s)), want, rtol=1e-4, atol=1e-4)
+
+
+def _schedule(forecast: str, order: int = 1) -> Schedule:
+    body = BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * TINY.num_experts)
+    steps = tuple(StepRule("compute", (body,) * TINY.depth) for _ in range(STEPS))
+    return Schedule("moeca", ModelIdentity.of(TINY), SamplerIdentity.of(SAMPLER), steps, (0, 1, 2, 3, 6, 9),
+                    forecast=forecast, forecast_order=order)
+
+
+def _replay(model, schedule):
+    rt = ReplayRuntime(schedule)
+    with model.use_runtime(rt):
+        return sample(model, SAMPLER, LABELS, seed=3), rt
+
+
+def test_linear_is_taylor_order_1_bit_for_bit_and_higher_orders_replay(tiny_model):
+    ref = sample(tiny_model, SAMPLER, LABELS, seed=3)
+    linear, rt_lin = _replay(tiny_model, _schedule("linear"))
+    order1, _ = _replay(tiny_model, _schedule("taylor", 1))
+    assert torch.equal(linear, order1)
+    plain, _ = _replay(tiny_model, _schedule("none"))
+    err = {"none": float((plain - ref).norm() / ref.norm()), "linear": float((linear - ref).norm() / ref.norm())}
+    for order in (2, 3):
+        out, rt = _replay(tiny_model, _schedule("taylor", order))
+        assert not torch.equal(out, linear)
+        err[f"taylor{order}"] = float((out - ref).norm() / ref.norm())
+        # the same rows ran; only the forecast work grows with the order
+        t, tl = rt.counters.totals(), rt_lin.counters.totals()
+        assert {k: t[k] for k in ("expert", "attn_q", "shared")} == {k: tl[k] for k in ("expert", "attn_q", "shared")}
+        assert t["forecast"] == order * tl["forecast"]
+    assert all(0 < e < 0.2 for e in err.values()), err
+
+
+def test_forecast_state_is_float32_for_a_bfloat16_model():
+    model = make_tiny().to(torch.bfloat16)
+    dtypes = []
+
+    def inspect(step):
+        if step == 5:   # a forecast step: every unit's history is in use
+            block = rt._contexts["batched"].blocks[0]
+            dtypes.extend(u.hist.dd.dtype for u in (block.attn, block.shared, block.experts))
+
+    rt = ReplayRuntime(_schedule("taylor", 2))
+    with model.use_runtime(rt):
+        out = sample(model, SAMPLER, LABELS, seed=3, on_step=inspect)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert dtypes == [torch.float32] * 3
+    assert rt.counters.totals()["expert"] < rt.counters.totals()["pairs"]
