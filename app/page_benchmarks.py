@@ -63,10 +63,11 @@ else:
         if isinstance(ref, dict) and ref:
             st.caption("Full compute (reference): " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
                                                                 f"{k} {v}" for k, v in ref.items()))
-        verdict = res.meta.get("verdict")
-        if isinstance(verdict, list) and verdict:
-            st.markdown("**Target check** (MoECa better than ToCa and FORA at matched measured speedup)")
-            st.dataframe(rd.flat_rows(tuple(v for v in verdict if isinstance(v, dict))), hide_index=True)
+        comparison = res.meta.get("comparison")
+        if isinstance(comparison, list) and comparison:
+            st.markdown("**MoECa against the best baseline** at each speedup (wins / loses only by more than the "
+                        "two seed spreads together, else within noise)")
+            st.dataframe(rd.flat_rows(tuple(v for v in comparison if isinstance(v, dict))), hide_index=True)
         if res.meta.get("pending"):
             st.info(f"Partial sweep: {len(res.meta['pending'])} points not measured yet "
                     f"(resume with `--resume`).")

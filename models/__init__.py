@@ -3,7 +3,7 @@
 Public API (imported lazily, so ``import moeca.models`` stays cheap; ``torch`` loads on first use):
 
 - model: ``DiTMoE`` (:mod:`.dit_moe`), ``DiTMoEConfig``, ``PRESETS``, ``get_preset`` (:mod:`.config`);
-- loading: ``load_model(name="demo" | preset, checkpoint=None, random_init=False, device="auto")``,
+- loading: ``load_model(name="demo" | "demo-ddpm" | preset, checkpoint=None, random_init=False, device="auto")``,
   ``pick_device`` (:mod:`.registry`); ``load_checkpoint(path, config)``, ``save_safetensors``,
   ``weights_hash``, ``CheckpointError`` (:mod:`.checkpoint`);
 - sampling: ``SamplerConfig``, ``default_sampler(objective, **overrides)``,
@@ -15,7 +15,7 @@ Public API (imported lazily, so ``import moeca.models`` stays cheap; ``torch`` l
 """
 from __future__ import annotations
 
-import importlib
+from moeca.common.lazy import lazy_exports
 
 _EXPORTS = {
     "DiTMoE": "dit_moe",
@@ -31,14 +31,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -15,7 +15,7 @@ Public API (imported lazily, so ``import moeca.policy`` stays cheap):
 """
 from __future__ import annotations
 
-import importlib
+from moeca.common.lazy import lazy_exports
 
 _EXPORTS = {
     "Schedule": "schedule", "ScheduleError": "schedule", "ScheduleMismatch": "schedule",
@@ -29,14 +29,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
