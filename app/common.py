@@ -107,7 +107,7 @@ def produce_commands(root_dir: Path) -> dict[str, str]:
         "everything": f"moeca run --out {q(out)}",
         "trace": f"moeca trace --model demo --out {q(out / 'trace')}",
         "report": f"moeca analyze {q(out / 'trace')} --out {q(out / 'report')}",
-        "schedule": (f"moeca schedule derive {q(out / 'trace')} --target-speedup 2 "
+        "schedule": (f"moeca schedule derive {q(out / 'trace')} --target-speedup 1.5 "
                      f"--out {q(out / 'schedule.json')}"),
         "replay": (f"moeca replay --schedule {q(out / 'schedule.json')} --model demo "
                    f"--out {q(out / 'replay')}"),

@@ -23,7 +23,7 @@ moeca: expert-branch-level caching for Mixture-of-Experts diffusion transformers
 Typical flow on the shipped demo model:
   moeca trace --model demo --out out/trace          record branch activity while sampling
   moeca analyze out/trace --out out/report          token- vs branch-level redundancy report
-  moeca schedule derive out/trace --target-speedup 3 --out out/schedule.json
+  moeca schedule derive out/trace --target-speedup 1.5 --out out/schedule.json
   moeca replay --schedule out/schedule.json --model demo --out out/replay
 or all of it at once:  moeca run --out out
 """

@@ -60,7 +60,7 @@ def test_empty_root_shows_exact_commands(tmp_path, monkeypatch):
         "page_overview.py": f"moeca trace --model demo --out {tmp_path / 'out' / 'trace'}",
         "page_traces.py": f"moeca trace --model demo --out {tmp_path / 'out' / 'trace'}",
         "page_token_branch.py": f"moeca analyze {tmp_path / 'out' / 'trace'} --out {tmp_path / 'out' / 'report'}",
-        "page_schedule.py": f"moeca schedule derive {tmp_path / 'out' / 'trace'} --target-speedup 2",
+        "page_schedule.py": f"moeca schedule derive {tmp_path / 'out' / 'trace'} --target-speedup 1.5",
         "page_replay.py": f"--out {tmp_path / 'out' / 'schedule.json'}",
         "page_benchmarks.py": f"moeca bench pareto --model demo --out {tmp_path / 'bench' / 'results'}",
     }
