@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from moeca.models.model_args import add_model_arguments
+from moeca.models.model_args import SHIPPED_MODEL_NAMES, add_model_arguments
 from pathlib import Path
 
 
@@ -148,7 +148,7 @@ def _register_train_demo(sub: argparse._SubParsersAction) -> None:
                                    "(L_vb). Writes the weights and training_log.json (also every few hundred steps, "
                                    "so an interrupted run is usable). Afterwards run `moeca evaluate-demo "
                                    "[--model demo-ddpm]` to rebuild its card.")
-    p.add_argument("--model", default="demo", choices=("demo", "demo-ddpm"),
+    p.add_argument("--model", default="demo", choices=SHIPPED_MODEL_NAMES,
                    help="which shipped model: demo (rectified flow) or demo-ddpm (DDPM epsilon + learned variance)")
     p.add_argument("--out", help="output folder (default: the model's shipped data folder)")
     p.add_argument("--steps", type=int, help="training steps (default: the shipped recipe, train_demo.RECIPES)")
@@ -238,7 +238,7 @@ def _register_evaluate_demo(sub: argparse._SubParsersAction) -> None:
                                    "them with the shipped classifier (class accuracy, Frechet distance vs the "
                                    "real-vs-real floor), measure expert load and router sharpness, and write "
                                    "MODEL_CARD.md, card.json and PNGs next to the weights.")
-    p.add_argument("--model", default="demo", choices=("demo", "demo-ddpm"),
+    p.add_argument("--model", default="demo", choices=SHIPPED_MODEL_NAMES,
                    help="which shipped model (default demo); its sampler follows its objective")
     p.add_argument("--samples-per-class", type=int, default=100, help="samples per class (default 100)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")

@@ -253,19 +253,26 @@ def expert_forward(block: nn.Module, e: int, rows: torch.Tensor) -> torch.Tensor
     return moe.experts[e](rows) if stack is None else _swiglu(stack, e, rows)
 
 
+def grouped_swiglu(stack: ExpertStack, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Expert ``g`` on rows ``offs[g-1]:offs[g]`` of expert-sorted rows ``xs [M, D]`` -> ``[M, D]``; ``offs [E]``
+    int32 cumulative group ends on the device (rows past ``offs[-1]`` are not computed). bfloat16 runs two
+    ``grouped_mm`` (what the compiler knows); other dtypes :func:`swiglu_segments` (one opaque operator)."""
+    if xs.dtype != torch.bfloat16:
+        return swiglu_segments(xs, stack.gate_up, stack.down, offs)
+    H = stack.hidden
+    gu = F.grouped_mm(xs, stack.gate_up.transpose(1, 2), offs=offs)                          # [M, 2H]
+    return F.grouped_mm(F.silu(gu[:, :H]) * gu[:, H:], stack.down.transpose(1, 2), offs=offs)  # [M, D]
+
+
 def _grouped(stack: ExpertStack, src: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
-    """Device-side dispatch: sort on the device, end offsets by ``searchsorted``, then two ``grouped_mm``
-    (bfloat16) or :func:`swiglu_segments` (other dtypes). Expert ids must lie in ``0..E-1``: checking would
-    need a host sync (the loop path checks)."""
-    E, H = stack.gate_up.shape[0], stack.hidden
+    """Device-side dispatch: sort on the device, end offsets by ``searchsorted``, then
+    :func:`grouped_swiglu`. Expert ids must lie in ``0..E-1``: checking would need a host sync (the loop
+    path checks)."""
+    E = stack.gate_up.shape[0]
     sorted_ids, order, xs = _sorted_rows(src, ids, k)
     experts = torch.arange(E, device=ids.device, dtype=ids.dtype)
     offs = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)     # [E] end of each group
-    if xs.dtype == torch.bfloat16:
-        gu = F.grouped_mm(xs, stack.gate_up.transpose(1, 2), offs=offs)             # [M, 2H]
-        ys = F.grouped_mm(F.silu(gu[:, :H]) * gu[:, H:], stack.down.transpose(1, 2), offs=offs)   # [M, D]
-    else:
-        ys = swiglu_segments(xs, stack.gate_up, stack.down, offs)
+    ys = grouped_swiglu(stack, xs, offs)
     return ys.new_empty(ys.shape).index_copy_(0, order, ys)
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+SHIPPED_MODEL_NAMES = ("demo", "demo-ddpm")
+"""The shipped digits models (``moeca.models.registry.SHIPPED_MODELS`` holds their specs; this module stays
+torch-free so building the CLI is cheap)."""
+
 
 def add_model_arguments(parser, *, model_seed: bool = True) -> None:
     """Add ``--model``, ``--checkpoint``, ``--random-init`` (and ``--model-seed``) to a parser or group."""

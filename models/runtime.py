@@ -104,22 +104,6 @@ class Runtime:
         return run_routed(block, flat, topk_idx, path=self.dispatch, expert=seam)
 
 
-def group_slots_by_expert(topk_idx: torch.Tensor, num_experts: int) -> list[tuple[int, torch.Tensor]]:
-    """Flat slot indices (``row * k + slot``) routed to each expert, for experts with any.
-
-    topk_idx ``[N, k]`` -> list of ``(expert, slots [n_e] int64)``; one host sync for the counts.
-    """
-    flat_idx = topk_idx.reshape(-1)
-    order = torch.argsort(flat_idx, stable=True)
-    counts = torch.bincount(flat_idx, minlength=num_experts).tolist()
-    groups, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            groups.append((e, order[start:start + n]))
-        start += n
-    return groups
-
-
 def combine_slots(slot_out: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
     """Gate-weighted sum over slots: ``[N, k, D]`` x ``[N, k]`` -> ``[N, D]``."""
     return (slot_out * topk_weight.unsqueeze(-1).to(slot_out.dtype)).sum(dim=1)

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from moeca.models.model_args import add_model_arguments
+from moeca.models.distributed import torchrun_group
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, FloatingPointError)
 
@@ -126,29 +127,13 @@ def cmd_sample(args: argparse.Namespace, rank: int, world: int, local_rank: int,
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dist = None
-    barrier = lambda: None  # noqa: E731 - one process: nothing to wait for
     try:
-        if world > 1:
-            import torch
-            import torch.distributed as dist
-            backend = args.backend
-            if backend == "auto":
-                backend = "nccl" if args.device != "cpu" and torch.cuda.is_available() else "gloo"
-            if backend == "nccl":
-                torch.cuda.set_device(local_rank)
-            dist.init_process_group(backend=backend)
-            barrier = dist.barrier
-        return cmd_sample(args, rank, world, local_rank, barrier)
+        with torchrun_group(args.backend, args.device) as group:
+            return cmd_sample(args, group.rank, group.world, group.local_rank, group.barrier)
     except USER_ERRORS as exc:
         print(f"moeca sample (rank {rank}): error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if dist is not None and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

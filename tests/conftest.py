@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random models for mechanics."""
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 
@@ -29,3 +31,9 @@ def _calibration_cache(tmp_path_factory, monkeypatch):
     """Wall-clock calibrations made by tests (``moeca run``, ``--target-speedup``) go to one temporary
     folder per session, never to the user's cache."""
     monkeypatch.setenv("MOECA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "moeca-cache"))
+
+
+def run_torchrun(module: str, args: list[str], env: dict, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node nproc -m module *args --backend gloo`` (CPU ranks), captured."""
+    cmd = ["torchrun", "--standalone", "--nproc-per-node", str(nproc), "-m", module, *args, "--backend", "gloo"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

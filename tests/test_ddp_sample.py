@@ -21,6 +21,7 @@ from moeca.policy.baselines.fora import ForaConfig, build_schedule
 from moeca.replay.__main__ import main
 from moeca.replay.sample_ddp import JOB_FILE, SampleJob, sample_to_npz, shard_dir, shard_path
 from moeca.tracer.testing import TINY, tiny_checkpoint, tiny_model
+from conftest import run_torchrun
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 STEPS = 8
@@ -79,9 +80,7 @@ def test_single_process_writes_the_adm_npz(reference, ckpt, tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 def test_two_gloo_ranks_give_the_single_process_images(reference, ckpt, schedule_path, tmp_path):
     out = tmp_path / "dist.npz"
-    cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "moeca.replay",
-           *_cmd(ckpt, str(schedule_path), out), "--backend", "gloo"]
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    res = run_torchrun("moeca.replay", _cmd(ckpt, str(schedule_path), out), ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "rank 0/2: sampled shards [0, 2, 4]" in res.stderr
     assert "rank 1/2: sampled shards [1, 3]" in res.stderr

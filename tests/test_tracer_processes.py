@@ -16,6 +16,7 @@ from moeca.tracer import schema
 from moeca.tracer.store import complete_shards, open_table, read_run_meta, temporary_files
 
 from moeca.tracer.testing import tiny_checkpoint
+from conftest import run_torchrun
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -79,9 +80,7 @@ def test_sigkill_then_resume_matches_uninterrupted(ckpt, reference, tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 def test_two_rank_torchrun_gloo(ckpt, reference, tmp_path):
     out = tmp_path / "dist"
-    cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "moeca.tracer",
-           *_trace_cmd(ckpt, out)[3:], "--backend", "gloo"]
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    res = run_torchrun("moeca.tracer", _trace_cmd(ckpt, out)[3:], ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "rank 0/2: traced shards [0, 2, 4, 6, 8]" in res.stderr
     assert "rank 1/2: traced shards [1, 3, 5, 7, 9]" in res.stderr

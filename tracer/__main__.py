@@ -12,6 +12,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from moeca.models.distributed import torchrun_group
+
     from .cli import add_trace_arguments, run_trace
     parser = argparse.ArgumentParser(prog="python -m moeca.tracer",
                                      description="Trace a sampling run (same options as `moeca trace`); "
@@ -20,24 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
                         help="torch.distributed backend under torchrun (auto: nccl on CUDA, else gloo)")
     args = parser.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dist = None
-    if world > 1:
-        import torch
-        import torch.distributed as dist
-        backend = args.backend
-        if backend == "auto":
-            backend = "nccl" if args.device != "cpu" and torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
     try:
-        return int(run_trace(args) or 0)
+        with torchrun_group(args.backend, args.device):
+            return int(run_trace(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, FloatingPointError) as exc:
         rank = os.environ.get("RANK", "0")
         print(f"moeca trace (rank {rank}): error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if dist is not None and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

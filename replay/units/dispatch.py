@@ -10,21 +10,14 @@ output is ignored. No padding: exactly the selected pairs run.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from moeca.models.dispatch import expert_stack, swiglu_segments
+from moeca.models.dispatch import expert_stack, grouped_swiglu
 
 
 def grouped_prefix(block, rows: torch.Tensor, offs: torch.Tensor) -> torch.Tensor | None:
     """Expert ``g`` on rows ``offs[g-1]:offs[g]`` of ``rows [M, D]`` -> ``[M, D]`` (rows past ``offs[-1]``
-    undefined); ``offs [E]`` int32 cumulative group ends on the device. bfloat16 runs ``grouped_mm``
-    (what the compiler knows); other dtypes the models' opaque segment operator (CPU tests). None when
-    the layer's experts cannot be stacked (not bias-free SwiGLU): the caller takes the host path."""
+    undefined); ``offs [E]`` int32 cumulative group ends on the device
+    (:func:`moeca.models.dispatch.grouped_swiglu`). None when the layer's experts cannot be stacked (not
+    bias-free SwiGLU): the caller takes the host path."""
     stack = expert_stack(block.moe)
-    if stack is None:
-        return None
-    if rows.dtype != torch.bfloat16:
-        return swiglu_segments(rows, stack.gate_up, stack.down, offs)
-    H = stack.hidden
-    gu = F.grouped_mm(rows, stack.gate_up.transpose(1, 2), offs=offs)             # [M, 2H]
-    return F.grouped_mm(F.silu(gu[:, :H]) * gu[:, H:], stack.down.transpose(1, 2), offs=offs)
+    return None if stack is None else grouped_swiglu(stack, rows, offs)
