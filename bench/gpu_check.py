@@ -203,7 +203,7 @@ def run(shapes=SHAPES, intervals=INTERVALS, batch: int = 8, num_steps: int = 50,
     from moeca.replay.runtime import ReplayRuntime
     device = torch.device("cpu") if dry_run else require_cuda()
     options = CompileOptions(backend="eager") if dry_run else CompileOptions.for_device(device)
-    # every replay runtime is a new object the compiled forward is specialised on: allow one graph each
+    # a compiled forward is specialised per runtime object and kind of step (not per step number)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     timed = _timer(device)
     start = time.perf_counter()
@@ -231,7 +231,7 @@ def run(shapes=SHAPES, intervals=INTERVALS, batch: int = 8, num_steps: int = 50,
                     rt = ReplayRuntime(schedule)
 
                     def cached(net=net, rt=rt):
-                        with model.use_runtime(rt):
+                        with net.use_runtime(rt):
                             sample(net, sampler, labels, seed=0)
 
                     row = {"shape": shape, "mode": mode, "method": method, "interval": interval,

@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shape-steps", type=int, default=10)
     p.add_argument("--shape-repeats", type=int, default=2)
     p.add_argument("--skip-shape", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the demo model first (torch.compile; one graph per kind of step, compiled in the "
+                        "warm-up runs, minutes on a CPU); full compute and MoECa are both timed compiled")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -149,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
         schedules[target] = schedule
         res = replay_compare(model, schedule, sampler, timing_labels, seed=args.seed, repeats=args.repeats,
                              quality_labels=quality_labels if args.quality_samples else None, quality_batch=100,
-                             quality_reference=reference, progress=progress, model_name="demo")
+                             quality_reference=reference, progress=progress, model_name="demo",
+                             compile=args.compile)
         row = _row(f"moeca {target:g}x", "demo", target, schedule, res.report)
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
@@ -179,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
     cmd = (f"moeca bench moeca {'--trace ' + args.trace + ' ' if args.trace else ''}--targets {args.targets} "
            f"--refresh {args.refresh} --forecast {args.forecast} --quality-samples {args.quality_samples} "
            f"--shape-steps {args.shape_steps} --shape-repeats {args.shape_repeats} "
-           f"--timing-samples {args.timing_samples} --repeats {args.repeats} --threads {args.threads}")
+           f"--timing-samples {args.timing_samples} --repeats {args.repeats} --threads {args.threads}"
+           + (" --compile" if args.compile else ""))
     meta_out = {"trace": str(trace_dir), "trace_samples": meta.get("num_samples"), "sampler": sampler.to_dict(),
                 "targets": targets, "passing_settings": [r["setting"] for r in passing],
                 "demo_target_met": bool(passing), "wall_s": time.time() - started,
@@ -195,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
 def _notes(rows, passing, shape, args) -> str:
     demo = [r for r in rows if r["model"] == "demo"]
     lines = [f"Demo model, 50 rectified-flow steps, CFG 1.5 batched, {args.timing_samples} samples per timed call "
-             f"(median of {args.repeats}, full and cached alternating in one process, {args.threads} threads); "
+             f"(median of {args.repeats}, full and cached alternating in one process, {args.threads} threads"
+             f"{'; both compiled with torch.compile' if args.compile else ''}); "
              f"quality on {args.quality_samples} samples from the same noise as full compute."]
     if passing:
         best = max(passing, key=lambda r: r["speedup"])

@@ -1,15 +1,19 @@
-"""``--compile``: a model's forward under ``torch.compile``, once per process.
+"""``--compile``: a model's tensor work under ``torch.compile``, once per process.
 
-The model is compiled in place (``nn.Module.compile``), so samplers and runtimes call it as before.
-Before compiling, every MoE layer's experts are stacked (:func:`~moeca.models.dispatch.prepare_model`)
-and, on CUDA, the stacks are marked as static addresses so CUDA graphs read them where they are
-instead of copying them in at every replay. While compiling, the routed-expert dispatch takes its
-sync-free path, so a full-compute forward is one graph (tests count the breaks without inductor).
-The first call of each shape compiles (about 90 s for the demo model on 2 CPU cores); time after a
-warm-up run.
+What is compiled is :meth:`~moeca.models.dit_moe.DiTMoE.forward_core`; ``DiTMoE.forward`` stays eager
+around it (input checks, the runtime's ``prepare_forward``/``finish_forward``), so a caching runtime
+takes its host-side decisions -- which step, which rules -- outside the compiled code, and a sampling
+run compiles one graph per *kind* of step (one set of rules and cache states: e.g. the first step, a
+refresh step, a forecast step), never one per step number. Before compiling, every MoE layer's experts
+are stacked (:func:`~moeca.models.dispatch.prepare_model`) and, on CUDA, the stacks are marked as static
+addresses so CUDA graphs read them where they are. While compiling, the routed-expert dispatch and the
+replay engine take their sync-free paths, so each kind of step is one graph (tests count the breaks and
+the graphs without inductor). The first call of each kind compiles (about 90 s for the demo model on 2
+CPU cores); time after a warm-up run.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -35,13 +39,14 @@ class CompileOptions:
 
 
 def is_compiled(model: nn.Module) -> bool:
-    return getattr(model, "_compiled_call_impl", None) is not None
+    return getattr(model, "compiled_core", None) is not None
 
 
 def compile_model(model: nn.Module, options: CompileOptions | None = None, in_place: bool = True) -> nn.Module:
-    """Compile ``model``'s forward in place (a second call is a no-op) and return it; with ``in_place=False``
-    return a compiled wrapper (``torch.compile(model)``, sharing the parameters) and leave ``model`` eager,
-    to time both in one process.
+    """Compile ``model``'s :meth:`forward_core` in place (a second call is a no-op) and return ``model``;
+    with ``in_place=False`` return a compiled shallow copy (same parameters, modules and expert stacks;
+    its own ``runtime`` slot: use ``copy.use_runtime``) and leave ``model`` eager, to time both in one
+    process.
 
     options: default :meth:`CompileOptions.for_device` of the model's parameters.
     """
@@ -56,7 +61,7 @@ def compile_model(model: nn.Module, options: CompileOptions | None = None, in_pl
             if stack is not None:
                 torch._dynamo.mark_static_address(stack.gate_up)
                 torch._dynamo.mark_static_address(stack.down)
-    if not in_place:
-        return torch.compile(model, mode=options.mode, backend=options.backend, dynamic=options.dynamic)
-    model.compile(mode=options.mode, backend=options.backend, dynamic=options.dynamic)
-    return model
+    target = model if in_place else copy.copy(model)
+    target.compiled_core = torch.compile(target.forward_core, mode=options.mode, backend=options.backend,
+                                         dynamic=options.dynamic)
+    return target

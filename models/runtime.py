@@ -48,11 +48,21 @@ class Runtime:
             raise ValueError(f"Runtime(dispatch={dispatch!r}): use one of {', '.join(PATHS)}")
         self.dispatch = dispatch
 
+    def prepare_forward(self, model: "DiTMoE", ctx: ForwardContext | None, x: torch.Tensor) -> None:
+        """Called once per forward before anything else and *outside* a compiled forward (``--compile``
+        compiles :meth:`DiTMoE.forward_core` only): host-side decisions for this call. A caching runtime
+        reads the step number here and nowhere inside the forward, so a compiled forward is specialised
+        on the kind of step (its rules), not on the step number. ``x`` is the model input ``[B, C, H, W]``."""
+
     def begin_forward(self, model: "DiTMoE", ctx: ForwardContext | None, x_tokens: torch.Tensor) -> None:
-        """Called once per forward before the blocks; ``x_tokens`` is ``[B, T, D]``."""
+        """Called once per forward before the blocks (inside a compiled forward); ``x_tokens`` is ``[B, T, D]``."""
 
     def end_forward(self, model: "DiTMoE", ctx: ForwardContext | None) -> None:
-        """Called once per forward after the final layer."""
+        """Called once per forward after the final layer (inside a compiled forward)."""
+
+    def finish_forward(self, model: "DiTMoE", ctx: ForwardContext | None, out: torch.Tensor) -> None:
+        """Called once per forward with the model output, outside a compiled forward (host-side checks and
+        bookkeeping)."""
 
     def reset(self) -> None:
         """Drop all per-run state (caches, traces in flight). Called by samplers before a run."""

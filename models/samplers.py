@@ -121,11 +121,19 @@ class GuidedDenoiser:
 
     @staticmethod
     def _checked(out: torch.Tensor) -> torch.Tensor:
-        if not torch.isfinite(out).all():
-            bad = int((~torch.isfinite(out)).sum())
-            raise FloatingPointError(f"model output has {bad} non-finite values (NaN/Inf); check the checkpoint "
-                                     "weights and the dtype (try float32)")
+        """Per step on the CPU (free there); on an accelerator the run is checked once, at its end
+        (:func:`check_finite_output`), so a step never waits for the device."""
+        if out.device.type == "cpu":
+            check_finite_output(out)
         return out
+
+
+def check_finite_output(out: torch.Tensor, what: str = "model output") -> None:
+    """Raise ``FloatingPointError`` naming the count if ``out`` holds NaN/Inf (one host sync)."""
+    if not torch.isfinite(out).all():
+        bad = int((~torch.isfinite(out)).sum())
+        raise FloatingPointError(f"{what} has {bad} non-finite values (NaN/Inf); check the checkpoint "
+                                 "weights and the dtype (try float32)")
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -191,7 +199,8 @@ def sample(model: torch.nn.Module, cfg: SamplerConfig, labels: torch.Tensor, see
     """Sample images ``[B, C, H, W]`` for ``labels [B]``.
 
     The model's runtime is reset first, so caches never leak between calls. ``noise`` overrides the
-    seeded initial noise; DDPM/DDIM step noise comes from a generator seeded with ``seed + 1``.
+    seeded initial noise; DDPM/DDIM step noise comes from a generator seeded with ``seed + 1``. Labels
+    are checked once per run; NaN/Inf outputs per step on the CPU, once at the end on an accelerator.
     ``on_step(step)`` is called after each step (progress bars).
     """
     mc = model.config
@@ -199,6 +208,8 @@ def sample(model: torch.nn.Module, cfg: SamplerConfig, labels: torch.Tensor, see
     device, dtype = param.device, param.dtype
     shape = (labels.shape[0], mc.in_channels, mc.input_size, mc.input_size)
     x = initial_noise(shape, seed, device, dtype) if noise is None else noise.to(device=device, dtype=dtype)
+    if hasattr(model, "check_labels"):
+        model.check_labels(labels)      # once per run, on the host (forwards on a GPU never read them back)
     labels = labels.to(device)
     model.runtime.reset()
     denoise = GuidedDenoiser(model, cfg)
@@ -208,6 +219,8 @@ def sample(model: torch.nn.Module, cfg: SamplerConfig, labels: torch.Tensor, see
     else:
         x = _gaussian(denoise, x, labels, cfg, step_gen, on_step)
     model.runtime.reset()
+    if device.type != "cpu":
+        check_finite_output(x, "the sampled batch")
     return x
 
 

@@ -45,11 +45,6 @@ class ReplayCounters:
         """Add ``n`` rows of ``name`` at (step, block); ``n`` may be a device scalar (no sync now)."""
         self._pending.append((name, step, block, n))
 
-    def add_steps(self, name: str, step: int, n: int) -> None:
-        """Add ``n`` rows of ``name`` to every block of ``step``."""
-        for block in range(self._arrays[name].shape[1]):
-            self._pending.append((name, step, block, n))
-
     def _flush(self) -> None:
         if not self._pending:
             return

@@ -17,7 +17,9 @@ expansion of that order; degree 1 is the linear forecast ``y1 + (y1 - y0) (s - s
 computed only ``c < degree + 1`` times has ``dd[j] = 0`` for ``j >= c`` (it extrapolates with the order
 its history allows; computed once: plain reuse). Degree 0 is plain reuse. Everything is float32 whatever
 the model dtype. Shapes: ``dd [degree + 1, R, D]``, ``ts [degree + 1, R]``, ``cnt [R]`` (computations
-kept, float32 in ``0..degree + 1``). All operations are fixed-shape and free of host syncs.
+kept, float32 in ``0..degree + 1``). ``step`` is a 0-d float32 tensor on the rows' device (the replay
+runtime's ``step_value``, so compiled code does not specialise on it) or a number. All operations are
+fixed-shape and free of host syncs.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+Step = torch.Tensor | float
 
 @dataclass
 class History:
@@ -51,15 +54,15 @@ class History:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.dd, self.ts, self.cnt))
 
-    def push_all(self, values: torch.Tensor, step: int) -> None:
+    def push_all(self, values: torch.Tensor, step: Step) -> None:
         """Every row computed now: ``values [R, D]`` (any float dtype) at ``step``; in place."""
         self._write(None, values, step)
 
-    def push_rows(self, rows: torch.Tensor, values: torch.Tensor, step: int) -> None:
+    def push_rows(self, rows: torch.Tensor, values: torch.Tensor, step: Step) -> None:
         """Rows ``rows [m]`` computed now as ``values [m, D]`` at ``step``; in place."""
         self._write(rows, values, step)
 
-    def push_where(self, mask: torch.Tensor, values: torch.Tensor, step: int) -> None:
+    def push_where(self, mask: torch.Tensor, values: torch.Tensor, step: Step) -> None:
         """Rows where ``mask [R]`` holds computed now as ``values [R, D]`` (other rows of ``values`` are
         ignored, even if not finite); fixed shape, no host sync."""
         self._write(None, values, step, mask)
@@ -68,7 +71,7 @@ class History:
         """Rows where ``mask [R]`` holds have no history any more (their next push starts afresh)."""
         self.cnt.masked_fill_(mask, 0.0)
 
-    def _write(self, rows: torch.Tensor | None, values: torch.Tensor, step: int,
+    def _write(self, rows: torch.Tensor | None, values: torch.Tensor, step: Step,
                mask: torch.Tensor | None = None) -> None:
         p = self.degree
         y = values.float()
@@ -97,7 +100,7 @@ class History:
             nj = (new[-1] - dd[j - 1]) / span
             new.append(torch.where((cnt > j).unsqueeze(-1), nj, 0.0))
         new_dd = torch.stack(new)
-        new_ts = torch.cat([torch.full_like(ts[:1], float(step)), ts[:-1]])
+        new_ts = torch.cat([torch.zeros_like(ts[:1]).add_(step), ts[:-1]])
         if mask is not None:
             new_dd = torch.where(mask.view(1, -1, 1), new_dd, self.dd)
             new_ts = torch.where(mask.view(1, -1), new_ts, self.ts)
@@ -111,7 +114,7 @@ class History:
             self.ts.index_copy_(1, rows, new_ts)
             self.cnt.index_copy_(0, rows, cnt)
 
-    def _push_all_in_place(self, y: torch.Tensor, step: int) -> None:
+    def _push_all_in_place(self, y: torch.Tensor, step: Step) -> None:
         """:meth:`push_all` without temporaries: ``dd[j-1]`` is read (old) before it is overwritten."""
         p = self.degree
         cnt = self.cnt.add_(1.0).clamp_(max=float(p + 1))
@@ -122,9 +125,9 @@ class History:
             prev = torch.where((cnt > j).unsqueeze(-1), nj, 0.0)
         self.dd[p].copy_(prev)
         self.ts[1:] = self.ts[:-1].clone()
-        self.ts[0].fill_(float(step))
+        self.ts[0].fill_(step)
 
-    def forecast(self, step: int) -> torch.Tensor:
+    def forecast(self, step: Step) -> torch.Tensor:
         """The value of every row at ``step`` -> ``[R, D]`` float32 (``dd[0]`` itself for degree 0)."""
         p = self.degree
         if p == 0:
@@ -132,4 +135,25 @@ class History:
         out = self.dd[p]
         for j in range(p - 1, -1, -1):
             out = torch.addcmul(self.dd[j], out, (step - self.ts[j]).unsqueeze(-1))
+        return out
+
+    def combine(self, step: Step, weights: torch.Tensor) -> torch.Tensor:
+        """Gate-weighted sum of forecasts: rows are ``N`` groups of ``k`` slots (row ``n*k + j``), ``weights
+        [N, k]`` -> ``sum_j weights[n, j] * forecast(step)[n*k + j]``, ``[N, D]`` float32. For degree 1 the
+        forecast is folded into the weights (``w y0 + (w (s - s0)) dd1``), so no ``[N*k, D]`` forecast is
+        materialised."""
+        N, k = weights.shape
+        D = self.dd.shape[-1]
+        w = weights.float()
+        if self.degree == 1:
+            terms = ((self.dd[0].view(N, k, D), w), (self.dd[1].view(N, k, D), w * (step - self.ts[0]).view(N, k)))
+        else:
+            terms = ((self.forecast(step).view(N, k, D), w),)
+        out = None
+        for values, ww in terms:
+            for j in range(k):
+                if out is None:
+                    out = values[:, j] * ww[:, j:j + 1]
+                else:
+                    out.addcmul_(values[:, j], ww[:, j:j + 1])
         return out

@@ -1,17 +1,35 @@
 """Static decisions the replay engine takes once from a schedule, when the runtime is created.
 
 Nothing here depends on the data: which units a block ever reuses (so units that are never reused
-store nothing), which need drift tracking, and the routed-expert rules of every (step, block) as device
-tensors (codes and values ``[num_steps, depth, E]``, built once per device), so a step reads its rules
-by indexing, never by copying host lists to the device.
+store nothing), which need drift tracking, and the *kind* of every step (:class:`StepKind`: its rules per
+block and their summaries; steps with the same rules share one kind object, so a compiled forward has one
+graph per kind, not per step number), with the routed-expert rules of a kind as device tensors (codes and
+values ``[depth, E]``, built once per device), so a step reads its rules without copying host lists to
+the device.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from moeca.policy.schedule import BlockRule
 
 from moeca.policy.schedule import Schedule
 
 MODE_CODE = {"always": 0, "never": 1, "fraction": 2, "threshold": 3}
+
+
+@dataclass(frozen=True, eq=False)
+class StepKind:
+    """The rules of one kind of step. rules: per block; model: the whole-model mode (``compute``,
+    ``reuse``, ``adaptive``; sync steps ``compute``); expert_summary: per block ``(all always, any
+    fraction, any scored, all never)`` of the routed-expert rules. Compared by identity (interned)."""
+
+    rules: tuple[BlockRule, ...]
+    model: str
+    sync: bool
+    expert_summary: tuple[tuple[bool, bool, bool, bool], ...]
 
 
 class SchedulePlan:
@@ -36,36 +54,36 @@ class SchedulePlan:
         self.track_moe = [self._scored(b, "moe") or self._scored(b, "shared") or self._scored(b, "expert")
                           for b in range(depth)]
         self.uses_model_skip = schedule.uses_model_skip
-        self._expert_summary = {}
+        kinds: dict[tuple, StepKind] = {}
+        self.kinds: list[StepKind] = []
         for s in range(S):
-            for b in range(depth):
-                rules = schedule.rule(s, b).experts
-                self._expert_summary[s, b] = (all(r.mode == "always" for r in rules),
-                                              any(r.mode == "fraction" for r in rules),
-                                              any(r.scored for r in rules),
-                                              all(r.mode == "never" for r in rules))
-        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+            sync = schedule.is_sync(s)
+            rules = tuple(schedule.rule(s, b) for b in range(depth))
+            model = "compute" if sync else schedule.steps[s].model
+            key = (rules, model, sync)
+            if key not in kinds:
+                summary = tuple((all(r.mode == "always" for r in br.experts), any(r.mode == "fraction" for r in br.experts),
+                                 any(r.scored for r in br.experts), all(r.mode == "never" for r in br.experts))
+                                for br in rules)
+                kinds[key] = StepKind(rules, model, sync, summary)
+            self.kinds.append(kinds[key])
+        self._tables: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _scored(self, block: int, kind: str) -> bool:
         cfg = self.schedule.score(kind)
         return self.schedule.uses_scores(block, kind) and (cfg.drift_weight > 0 or cfg.staleness_weight > 0)
 
-    def expert_summary(self, step: int, block: int) -> tuple[bool, bool, bool, bool]:
-        """``(all always, any fraction, any scored, all never)`` of the routed-expert rules at (step, block)."""
-        return self._expert_summary[step, block]
+    def kind(self, step: int) -> StepKind:
+        """The (interned) kind of ``step``."""
+        return self.kinds[step]
 
-    def prepare(self, device: torch.device) -> None:
-        """Build the rule tables on ``device`` (once per device, before the first block runs)."""
-        if device in self._tables:
-            return
-        s = self.schedule
-        rules = [[s.rule(st, b).experts for b in range(s.model.depth)] for st in range(s.num_steps)]
-        codes = torch.tensor([[[MODE_CODE[r.mode] for r in rs] for rs in row] for row in rules], device=device)
-        values = torch.tensor([[[r.value for r in rs] for rs in row] for row in rules], dtype=torch.float32,
-                              device=device)
-        self._tables[device] = (codes, values)
-
-    def expert_rules(self, step: int, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes ``[E]`` (``MODE_CODE``) and values ``[E]`` float32 of the expert rules at (step, block)."""
-        codes, values = self._tables[device]
-        return codes[step, block], values[step, block]
+    def expert_tables(self, kind: StepKind, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes ``[depth, E]`` (``MODE_CODE``) and values ``[depth, E]`` float32 of the routed-expert rules
+        of ``kind`` on ``device`` (built once per kind and device, on the host side of a forward)."""
+        key = (id(kind), device)
+        if key not in self._tables:
+            codes = torch.tensor([[MODE_CODE[r.mode] for r in br.experts] for br in kind.rules], device=device)
+            values = torch.tensor([[r.value for r in br.experts] for br in kind.rules], dtype=torch.float32,
+                                  device=device)
+            self._tables[key] = (codes, values)
+        return self._tables[key]

@@ -22,6 +22,13 @@ CUDA; ``device_path=True`` forces it anywhere) has no host sync and static shape
 (grouped GEMM with device-side offsets; threshold rules computed over all rows and merged by mask), so
 each step traces as one graph. Finiteness is checked on the host per forward on the host path and once
 per sampling run (the last step) on the device path (``check_finite`` overrides).
+
+Host and compiled code: everything that reads the step number runs in :meth:`ReplayRuntime.prepare_forward`
+and :meth:`ReplayRuntime.finish_forward`, outside the compiled part of a forward. Inside, units read the
+step's :class:`~.plan.StepKind` (one interned object per distinct set of rules), its rule tables and the
+step number as a 0-d tensor (:attr:`ReplayRuntime.step`), and record counts in a list the host side
+files under the step. So ``--compile`` builds one graph per kind of step (e.g. first step, refresh,
+forecast), and a forward that is compiled takes the device path by itself.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ from moeca.models.runtime import ForwardContext, Runtime, combine_slots
 from moeca.policy.schedule import BlockRule, Schedule, ScheduleMismatch
 
 from .counters import ReplayCounters
-from .plan import SchedulePlan
+from .plan import SchedulePlan, StepKind
 from .state import BlockState, ContextState, RowCache
 from .units.attention import reused_attention, run_attention
 from .units.model_skip import run_with_model_skip
@@ -67,6 +74,11 @@ class ReplayRuntime(Runtime):
         self._cs: ContextState | None = None
         self._ctx: ForwardContext | None = None
         self._reused: list[tuple[str, int, "RowCache | torch.Tensor"]] = []
+        self._counts: list[tuple[str, int, "int | torch.Tensor"]] = []
+        self._skipped = 0
+        self.kind: StepKind | None = None
+        self.step_value: torch.Tensor | None = None
+        self.expert_codes = self.expert_values = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def reset(self) -> None:
@@ -74,12 +86,15 @@ class ReplayRuntime(Runtime):
         self._cs = None
         self._ctx = None
         self._reused = []
+        self._counts = []
 
     def cache_bytes(self) -> int:
         """Bytes currently held by all caches of all CFG contexts."""
         return sum(cs.nbytes() for cs in self._contexts.values())
 
-    def begin_forward(self, model, ctx: ForwardContext | None, x_tokens: torch.Tensor) -> None:
+    def prepare_forward(self, model, ctx: ForwardContext | None, x: torch.Tensor) -> None:
+        """Host side of a forward (outside a compiled forward): checks, the CFG context's state, the kind
+        of step and its rule tables, the step number into :attr:`step_value`."""
         if ctx is None:
             raise ValueError("the replay runtime needs a ForwardContext (step, num_steps, cfg_branch) on every "
                              "forward; sample with moeca.models.samplers.sample or pass ctx= to the model")
@@ -91,30 +106,47 @@ class ReplayRuntime(Runtime):
         if model.config is not self._checked_config:  # configs are frozen: check each one once
             self.schedule.check_compatible(model.config)
             self._checked_config = model.config
-        device = x_tokens.device
-        self.device_path = device.type == "cuda" if self._device_path_arg is None else self._device_path_arg
+        device = x.device
+        if self._device_path_arg is not None:
+            self.device_path = self._device_path_arg
+        else:  # a compiled forward must not ask the host anything: it takes the device path
+            self.device_path = device.type == "cuda" or getattr(model, "compiled_core", None) is not None
         self.dispatch = "grouped" if self.device_path else "auto"
-        self.plan.prepare(device)
-        B = x_tokens.shape[0]
+        B = x.shape[0]
         cs = self._contexts.get(ctx.cfg_branch)
         if cs is None or cs.batch != B or ctx.step <= cs.last_step:
             cs = ContextState(batch=B, blocks=[BlockState() for _ in range(len(model.blocks))])
             self._contexts[ctx.cfg_branch] = cs
         cs.last_step = ctx.step
         self._cs, self._ctx = cs, ctx
+        self.kind = self.plan.kind(ctx.step)
+        self.expert_codes, self.expert_values = self.plan.expert_tables(self.kind, device)
+        if self.step_value is None or self.step_value.device != device:
+            self.step_value = torch.zeros((), dtype=torch.float32, device=device)
+        self.step_value.fill_(float(ctx.step))
         self._reused = []
+        self._counts = []
         self.counters.samples += B
         self.counters.forwards += 1
 
-    def end_forward(self, model, ctx: ForwardContext | None) -> None:
-        if not torch.compiler.is_compiling():
-            self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
+    def finish_forward(self, model, ctx: ForwardContext | None, out: torch.Tensor) -> None:
+        """Host side after a forward: the counts of this step, the cache footprint, the finiteness check."""
+        step = self._ctx.step
+        for name, block, n in self._counts:
+            self.counters.add(name, step, block, n)
+        self._counts = []
+        self.counters.skipped_forwards += self._skipped
+        self._skipped = 0
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
+        self._check_finite(out)
         self._reused = []
 
     # -- helpers the units use --------------------------------------------------------------------
     @property
-    def step(self) -> int:
-        return self._ctx.step
+    def step(self) -> torch.Tensor:
+        """The current step number as a 0-d float32 tensor on the model's device (so compiled code is not
+        specialised on it)."""
+        return self.step_value
 
     @property
     def batch(self) -> int:
@@ -125,10 +157,18 @@ class ReplayRuntime(Runtime):
         return self._cs
 
     def rule(self, block_index: int) -> BlockRule:
-        return self.schedule.rule(self._ctx.step, block_index)
+        return self.kind.rules[block_index]
 
     def count(self, name: str, block: int, n: "int | torch.Tensor") -> None:
-        self.counters.add(name, self._ctx.step, block, n)
+        """Rows of ``name`` run at ``block`` in this forward (``n`` may be a device scalar: no sync)."""
+        self._counts.append((name, block, n))
+
+    def count_skipped_forward(self, rows: int, pairs: int, depth: int) -> None:
+        """A forward whose blocks were skipped whole: the full-compute references of every block."""
+        for block in range(depth):
+            self._counts.append(("tokens", block, rows))
+            self._counts.append(("pairs", block, pairs))
+        self._skipped += 1
 
     def note_reused(self, unit: str, block: int, cache: "RowCache | torch.Tensor") -> None:
         """Remember a cache reused in this forward (named if the forward's output is not finite)."""
@@ -136,10 +176,10 @@ class ReplayRuntime(Runtime):
 
     # -- finiteness ----------------------------------------------------------------------------
     def _check_finite(self, out: torch.Tensor) -> None:
-        """If the blocks' output is not finite and a cache reused in this forward holds NaN/Inf, stop and
+        """If the forward's output is not finite and a cache reused in this forward holds NaN/Inf, stop and
         name it (a non-finite *computed* output is left to the sampler's own check). One host sync."""
         mode = self._check_finite_arg or ("run" if self.device_path else "forward")
-        if torch.compiler.is_compiling() or not self._reused:
+        if not self._reused:
             return
         if mode == "run" and self._ctx.step != self._ctx.num_steps - 1:
             return
@@ -158,11 +198,8 @@ class ReplayRuntime(Runtime):
     # -- seams -----------------------------------------------------------------------------------
     def run_blocks(self, model, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.plan.uses_model_skip:
-            out = run_with_model_skip(self, model, x, c, lambda h: self._blocks(model, h, c))
-        else:
-            out = self._blocks(model, x, c)
-        self._check_finite(out)
-        return out
+            return run_with_model_skip(self, model, x, c, lambda h: self._blocks(model, h, c))
+        return self._blocks(model, x, c)
 
     def _blocks(self, model, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """All blocks. Where attention is reused whole and its input is not tracked, the block runs

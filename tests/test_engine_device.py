@@ -78,7 +78,9 @@ def _graph_breaks(model, runtime, step: int) -> tuple[int, list[str]]:
         for s in range(step):
             model(x, t, y, ForwardContext(s, STEPS, "none"))
         dynamo.reset()
-        explained = dynamo.explain(model)(x, t, y, ForwardContext(step, STEPS, "none"))
+        ctx = ForwardContext(step, STEPS, "none")
+        runtime.prepare_forward(model, ctx, x)          # host side, outside what --compile compiles
+        explained = dynamo.explain(model.forward_core)(x, t, y, ctx)
     dynamo.reset()
     return explained.graph_break_count, [str(r.reason).split("\n")[0] for r in explained.break_reasons]
 
@@ -96,3 +98,44 @@ def test_device_path_forward_has_no_graph_breaks():
              "moeca taylor forecast step": (ReplayRuntime(moeca_schedule("taylor", 3), device_path=True), 5)}
     for name, (runtime, step) in cases.items():
         assert _graph_breaks(model, runtime, step) == (0, []), name
+
+
+def test_compiled_sampling_run_has_one_graph_per_kind_of_step():
+    """A whole compiled sampling run (dynamo with a counting backend, no inductor) gives the eager numbers
+    and compiles one graph per kind of step -- never one per step number (steps 1..2 and 4..5 of the
+    MoECa schedule are forecast steps of one kind; the CFG context's first step and a refresh differ)."""
+    from moeca.models.compile import CompileOptions, compile_model
+
+    steps = 12
+    sampler = SamplerConfig(kind="rectified_flow", num_steps=steps, cfg_scale=1.5)
+    body = BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * TINY.num_experts)
+    s = Schedule("moeca", ModelIdentity.of(TINY), SamplerIdentity.of(sampler),
+                 tuple(StepRule("compute", (body,) * TINY.depth) for _ in range(steps)), (0, 4, 8), forecast="linear")
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    eager_model, model = make_tiny(), make_tiny()
+    eager_rt = ReplayRuntime(s, device_path=True)
+    with eager_model.use_runtime(eager_rt):
+        eager = sample(eager_model, sampler, LABELS, seed=3)
+    dynamo.reset()
+    compile_model(model, CompileOptions(backend=counting_backend))
+    rt = ReplayRuntime(s)
+    with model.use_runtime(rt):
+        compiled = sample(model, sampler, LABELS, seed=3)
+        assert rt.device_path                      # a compiled forward takes the sync-free path by itself
+    n_first = len(graphs)
+    with model.use_runtime(rt):
+        again = sample(model, sampler, LABELS, seed=3)
+    with model.use_runtime(ReplayRuntime(s)):      # a new runtime of the same schedule: the same graphs
+        fresh = sample(model, sampler, LABELS, seed=3)
+    dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert torch.equal(again, compiled) and torch.equal(fresh, compiled)
+    # the first step (nothing cached), refresh steps and forecast steps: three kinds
+    assert n_first == 3, n_first
+    assert len(graphs) == n_first, len(graphs)     # later runs reuse every graph
+    assert rt.counters.totals() == {k: 2 * v for k, v in eager_rt.counters.totals().items()}

@@ -20,8 +20,8 @@ EPS = 1e-12
 def run_with_model_skip(rt: "ReplayRuntime", model, x: torch.Tensor, c: torch.Tensor,
                         blocks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``x [B, T, D]`` through all blocks (``blocks(x)``) or ``x`` plus the cached residual."""
-    cs, step, schedule = rt.context, rt.step, rt.schedule
-    mode = "compute" if schedule.is_sync(step) else schedule.steps[step].model
+    cs, schedule = rt.context, rt.schedule
+    mode = rt.kind.model
     skip = False
     if schedule.model_skip is not None:  # change indicator, tracked on every forward (computed or not)
         m = model.blocks[0].attention_input(x, c)
@@ -35,9 +35,7 @@ def run_with_model_skip(rt: "ReplayRuntime", model, x: torch.Tensor, c: torch.Te
         skip = cs.residual is not None and cs.residual.shape == x.shape
     if skip:
         N = x.shape[0] * x.shape[1]
-        rt.counters.add_steps("tokens", step, N)
-        rt.counters.add_steps("pairs", step, N * model.config.top_k)
-        rt.counters.skipped_forwards += 1
+        rt.count_skipped_forward(N, N * model.config.top_k, len(model.blocks))
         rt.note_reused("whole-model residual", -1, cs.residual)
         return x + cs.residual
     cs.model_acc = 0.0

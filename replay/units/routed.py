@@ -56,11 +56,11 @@ def match_slots(ids: torch.Tensor, topk_idx: torch.Tensor) -> tuple[torch.Tensor
 def run_routed(rt: "ReplayRuntime", block, st: BlockState, flat: torch.Tensor, topk_idx: torch.Tensor,
                topk_w: torch.Tensor, drift: torch.Tensor | None) -> torch.Tensor:
     """Gate-weighted routed-expert output ``[N, D]`` (the shared expert is added by the caller)."""
-    bi, step = block.index, rt.step
+    bi = block.index
     N, k = topk_idx.shape
     D = flat.shape[1]
     cache = st.experts
-    all_always, any_fraction, any_scored, all_never = rt.plan.expert_summary(step, bi)
+    all_always, any_fraction, any_scored, all_never = rt.kind.expert_summary[bi]
     if all_always or not cache.valid:
         slot_out = all_pairs(rt, block, flat, topk_idx)
         rt.count("expert", bi, N * k)
@@ -87,7 +87,7 @@ def run_routed(rt: "ReplayRuntime", block, st: BlockState, flat: torch.Tensor, t
         score = (cache.acc * cfg.drift_weight + cache.age * cfg.staleness_weight).index_select(0, spos)
     else:
         score = torch.zeros(N * k, device=flat.device)
-    codes, values = rt.plan.expert_rules(step, bi, flat.device)
+    codes, values = rt.expert_codes[bi], rt.expert_values[bi]
     E = codes.shape[0]
     # one sort puts, per expert, the forced pairs (newly routed) first, then candidates by score
     prio = torch.where(hasf, score.clamp(0.0, SCORE_CAP), FORCED).double()
@@ -114,9 +114,8 @@ def _forecast_combine(rt, bi: int, cache: PairCache, pos: torch.Tensor, topk_w: 
     N, k = pos.shape
     rt.note_reused("routed-expert", bi, cache)
     rt.count("forecast", bi, N * k * rt.plan.degree)
-    used = cache.hist.forecast(rt.step).to(dtype).view(N, k, -1)
     weights = torch.zeros_like(topk_w).scatter_(1, pos, topk_w)                 # current gates, storage order
-    return combine_slots(used, weights)
+    return cache.hist.combine(rt.step, weights).to(dtype)
 
 
 def all_pairs(rt: "ReplayRuntime", block, flat: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
