@@ -42,6 +42,23 @@ def test_newton_history_is_exact_for_polynomials_of_its_degree_on_unequal_steps(
     assert torch.equal(after[~mask], before[~mask]) and torch.equal(after[mask], torch.full((2, 3), 2.0))
 
 
+@pytest.mark.parametrize("degree", [0, 1, 2])
+def test_gate_weighted_combine_equals_the_weighted_sum_of_forecasts(degree):
+    """``History.combine`` (the routed pairs' forecast folded into their gates) is the gate-weighted sum of
+    the per-slot forecasts, with a tensor step (what compiled code passes) or a number."""
+    torch.manual_seed(degree)
+    N, k, D = 6, 2, 4
+    h = History.empty(degree, N * k, D, torch.device("cpu"))
+    for s in (0, 2, 3):
+        h.push_all(torch.randn(N * k, D), s)
+    h.push_rows(torch.tensor([1, 4]), torch.randn(2, D), 5)       # some slots computed later than others
+    w = torch.rand(N, k)
+    expected = (h.forecast(7).view(N, k, D) * w.unsqueeze(-1)).sum(dim=1)
+    torch.testing.assert_close(h.combine(7, w), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.combine(torch.tensor(7.0), w), expected, rtol=1e-5, atol=1e-6)
+    assert h.combine(7, w.to(torch.bfloat16)).dtype == torch.float32
+
+
 def test_taylor_matches_taylorseer_finite_differences_on_equal_spacing():
     """Equal spacing ``h``: the Newton forecast equals the finite-difference Taylor expansion
     ``sum_j Delta^j y / (j! h^j) * prod_{i<j} (s - s_0 + i h)`` (TaylorSeer's)."""

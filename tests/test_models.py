@@ -115,6 +115,27 @@ def test_bad_inputs_are_explained(tiny_model):
         tiny_model(x, t, torch.tensor([0, 1, 7]))
 
 
+def test_samplers_check_labels_once_per_run_before_any_forward(tiny_model):
+    """A run's labels are read on the host once, before the first forward (so a forward on a GPU never
+    waits for them), and the CPU router's transposed softmax is a softmax."""
+    from moeca.models.samplers import SamplerConfig, sample
+
+    calls = []
+    orig = tiny_model.check_labels
+    tiny_model.check_labels = lambda y: (calls.append(y.device.type), orig(y))[1]
+    try:
+        with pytest.raises(ValueError, match="labels must lie in 0..2"):
+            sample(tiny_model, SamplerConfig(kind="rectified_flow", num_steps=2), torch.tensor([0, 9]))
+        assert calls == ["cpu"]
+    finally:
+        del tiny_model.check_labels
+    h = torch.randn(50, TINY.hidden_size)
+    gate = tiny_model.blocks[0].moe.gate
+    p = gate.probabilities(h)
+    torch.testing.assert_close(p, F.linear(h, gate.weight).softmax(-1), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(p.sum(-1), torch.ones(50), rtol=1e-6, atol=1e-6)
+
+
 def _dense_moe_reference(block, h):
     """Every expert on every token, then select: the naive reference for grouped dispatch."""
     B, T, D = h.shape
