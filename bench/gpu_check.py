@@ -42,7 +42,7 @@ INTERVALS = (2, 3, 4)
 """Refresh intervals; reuse fractions 1/2, 2/3, 3/4."""
 METHODS = ("fora", "taylorseer", "moeca")
 COLUMNS = ["shape", "mode", "method", "interval", "predicted_flops_ratio", "flops_ratio", "full_ms_per_step",
-           "ms_per_step", "speedup", "speedup_vs_flops", "forecast_sync_free", "cache_mb", "error"]
+           "ms_per_step", "speedup", "speedup_vs_flops", "forecast_sync_free", "cudagraph_skips", "cache_mb", "error"]
 DRY_RUN_SHAPE = "dry-run"
 
 
@@ -237,6 +237,7 @@ def run(shapes=SHAPES, intervals=INTERVALS, batch: int = 8, num_steps: int = 50,
                     row = {"shape": shape, "mode": mode, "method": method, "interval": interval,
                            "predicted_flops_ratio": schedule.predicted_flops_ratio, "forecast_sync_free": None,
                            "error": None}
+                    skips_before = cudagraph_skips()
                     try:
                         t_full, t_cached = interleaved(full, cached, repeats, timed)
                     except Exception as exc:  # a runtime that cannot run here is reported, not fatal
@@ -252,7 +253,8 @@ def run(shapes=SHAPES, intervals=INTERVALS, batch: int = 8, num_steps: int = 50,
                     row.update(flops_ratio=done / total, full_ms_per_step=1000 * t_full / num_steps,
                                ms_per_step=1000 * t_cached / num_steps, speedup=t_full / t_cached,
                                speedup_vs_flops=(t_full / t_cached) * (done / total),
-                               cache_mb=rt.peak_cache_bytes / 2 ** 20)
+                               cache_mb=rt.peak_cache_bytes / 2 ** 20,
+                               cudagraph_skips=cudagraph_skips() - skips_before if mode == "compiled" else None)
                     rows.append(row)
                     log(f"{shape}: {mode:8s} {method:10s} N={interval}: full {row['full_ms_per_step']:.2f} ms/step, "
                         f"cached {row['ms_per_step']:.2f} ms/step, speedup {row['speedup']:.2f}x at FLOPs ratio "
@@ -266,6 +268,14 @@ def run(shapes=SHAPES, intervals=INTERVALS, batch: int = 8, num_steps: int = 50,
             "code_version": code_version(), "elapsed_s": time.perf_counter() - start, "skipped": skipped,
             "forecast_sync_errors": sync_errors, "dry_run": dry_run}
     return rows, meta
+
+
+def cudagraph_skips() -> int:
+    """Graphs inductor compiled without CUDA graphs so far in this process (e.g. because a graph mutates a
+    tensor that is neither a parameter nor a static address, such as a replay cache allocated outside the
+    graphs); a compiled row reports how many its runs added, so a CUDA-graph gap is seen, not guessed."""
+    from torch._dynamo.utils import counters
+    return int(counters["inductor"].get("cudagraph_skips", 0))
 
 
 def profile(shape: str, batch: int = 8, num_steps: int = 12, interval: int = 2, log=print) -> None:
