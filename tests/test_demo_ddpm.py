@@ -49,7 +49,6 @@ def test_card_names_the_shipped_weights(model):
     assert "weights_hash" in card["model"] and card["model"]["weights_hash"] in (folder / "MODEL_CARD.md").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped demo-ddpm weights are undertrained (600 steps, accuracy at chance; data/demo_ddpm/MODEL_CARD.md): retrain with more steps, then this must pass and the marker go")
 def test_few_step_ddpm_samples_are_recognised_digits(model):
     """Behaviour, not shape: 25 respaced DDPM steps with CFG give digits the shipped classifier reads
     as their class far above chance (10%)."""
