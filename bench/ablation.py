@@ -7,10 +7,14 @@ process (measured speedup: median of ``--repeats`` on ``--timing-samples`` sampl
 full compute from the same noise on ``--quality-samples`` samples; on the demo model also class accuracy
 and Frechet distance). Variants:
 
-- ``moeca``: the default (drift-placed synchronized refreshes, branch-level linear forecast);
+- ``moeca``: the default (drift-placed synchronized refreshes, linear forecast, the forecast level that
+  fits more refreshes: ``forecast_level="auto"``);
 - ``- drift placement``: the same rule with evenly spaced refreshes;
 - ``- forecast``: the same rule reusing cached outputs plainly (its cheaper forecast steps buy it more
-  refreshes at the same predicted speed).
+  refreshes at the same predicted speed);
+- ``branch level`` / ``token level``: the rule with its forecast level fixed (router and newly routed
+  pairs computed, branches forecast with the current gates / no router, each block's MoE output forecast
+  per token).
 
 A variant whose target is out of reach on this device is listed with the reachable maximum.
 """
@@ -19,9 +23,10 @@ from __future__ import annotations
 import argparse
 
 NAME = "ablation"
-COLUMNS = ["target", "variant", "refreshes", "predicted_speedup", "speedup", "flops_speedup", "psnr", "ssim",
+COLUMNS = ["target", "variant", "level", "refreshes", "predicted_speedup", "speedup", "flops_speedup", "psnr", "ssim",
            "accuracy_cached", "fd_full", "fd_cached", "note"]
-VARIANTS = (("moeca", {}), ("- drift placement", {"placement": "even"}), ("- forecast", {"forecast": "none"}))
+VARIANTS = (("moeca", {}), ("- drift placement", {"placement": "even"}), ("- forecast", {"forecast": "none"}),
+            ("branch level", {"forecast_level": "branch"}), ("token level", {"forecast_level": "token"}))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -92,11 +97,12 @@ def run(args: argparse.Namespace) -> int:
                                     quality_labels=quality, quality_reference=reference, progress=False)
             reference = result.quality_full
             r = result.report
-            rows.append({**row, "refreshes": len(schedule.sync_refresh_steps),
+            rows.append({**row, "level": schedule.provenance.get("forecast_level"),
+                         "refreshes": len(schedule.sync_refresh_steps),
                          "predicted_speedup": schedule.provenance["predicted_speedup"], "speedup": r.speedup,
                          "flops_speedup": r.flops_speedup, "psnr": r.psnr_quality_mean, "ssim": r.ssim_quality_mean,
                          "accuracy_cached": r.accuracy_cached, "fd_full": r.fd_full, "fd_cached": r.fd_cached})
-            print(f"{target:g}x {variant:20s} refreshes {rows[-1]['refreshes']:2d} predicted "
+            print(f"{target:g}x {variant:20s} {rows[-1]['level']:6s} refreshes {rows[-1]['refreshes']:2d} predicted "
                   f"{rows[-1]['predicted_speedup']:.2f}x measured {r.speedup:.2f}x PSNR {r.psnr_quality_mean:.2f} dB",
                   flush=True)
     cmd = (f"moeca bench ablation --trace {args.trace} --targets {args.targets} --timing-samples "

@@ -51,6 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--placement", choices=("drift", "even"), default="drift",
                    help="--refresh sync: refresh steps at equal traced drift between them (default) or evenly "
                         "spaced")
+    d.add_argument("--forecast-level", choices=("auto", "branch", "token"), default="auto",
+                   help="--refresh sync: forecast steps run the router and the newly routed pairs and forecast per "
+                        "(token, expert) branch (branch), or skip the router and forecast each block's MoE output "
+                        "per token (token); auto (default): the level that fits more refreshes into a wall-clock "
+                        "target (branch for FLOPs targets)")
     d.add_argument("--batch", type=int, default=16,
                    help="--target-speedup: samples per sampling call of the replay the schedule is for "
                         "(`moeca replay --samples`; default 16)")
@@ -175,7 +180,7 @@ def cmd_derive(args: argparse.Namespace) -> int:
         target = 2.0
     cfg = DeriveConfig(target_speedup=target, error_budget=args.error_budget,
                        target="flops" if flops or args.error_budget is not None else "wallclock",
-                       refresh=args.refresh, placement=args.placement,
+                       refresh=args.refresh, placement=args.placement, forecast_level=args.forecast_level,
                        forecast=args.forecast, warmup_steps=args.warmup_steps,
                        final_steps=args.final_steps, sync_interval=args.sync_interval,
                        staleness_weight=args.staleness_weight, min_fraction=args.min_fraction,
@@ -190,7 +195,9 @@ def cmd_derive(args: argparse.Namespace) -> int:
     schedule.save(out, overwrite=args.overwrite)
     head = describe(schedule).split("\n\n")[0]
     print(head)
-    print(f"refresh rule: {args.refresh}; forecast: {schedule.forecast}; {len(schedule.sync_refresh_steps)} full "
+    level = schedule.provenance.get("forecast_level")
+    print(f"refresh rule: {args.refresh}; forecast: {schedule.forecast}"
+          f"{f' per {level}' if level else ''}; {len(schedule.sync_refresh_steps)} full "
           f"refresh steps; error budget tau: {schedule.provenance['tau']:.4g}; lag exponents: "
           f"{schedule.provenance['alpha']}")
     if "predicted_speedup" in schedule.provenance:

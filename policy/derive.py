@@ -16,8 +16,13 @@ Two refresh rules (``DeriveConfig.refresh``); both forecast reused outputs linea
    experts): every interval between refreshes carries the same accumulated drift, so refreshes are
    denser where the model's features move fastest (:func:`drift_sync_steps`); ``placement="even"``
    spaces them evenly (``round(i * S / n)``).
-2. Every other step runs the router in every block, computes the newly routed (token, expert) pairs
-   (they have no cache entry) and forecasts every other branch, the shared expert and attention.
+2. Every other step forecasts. At the ``branch`` level it runs the router in every block, computes the
+   newly routed (token, expert) pairs (they have no cache entry) and forecasts every other branch, the
+   shared expert and attention, combining branches with the current gates. At the ``token`` level it
+   skips the router and forecasts each block's whole MoE output and attention per token: less quality per
+   step (0.5-0.7 dB PSNR at the same refreshes on the demo model), much less bookkeeping, so on a device
+   where the bookkeeping is dear a wall-clock target fits more refreshes. ``forecast_level="auto"``
+   (default) takes the level that fits more refreshes into a wall-clock target.
 3. ``n`` is the largest count whose predicted speedup reaches ``target_speedup``: with
    ``target="flops"`` the FLOPs ratio (router + the traces' newly routed share of pairs on forecast
    steps), with ``target="wallclock"`` the wall-clock time predicted from the calibrated unit costs of
@@ -77,6 +82,11 @@ class DeriveConfig:
     which :func:`derive_schedule` then needs; ``sync`` rule only).
     placement: ``sync`` rule: where the synchronized refreshes go: ``drift`` (quantiles of the
     traced per-step drift, :func:`drift_sync_steps`) or ``even`` (evenly spaced).
+    forecast_level: ``sync`` rule: what a forecast step forecasts. ``branch``: the router runs, newly
+    routed (token, expert) pairs are computed, every other branch is forecast and combined with the current
+    gates; ``token``: no router, each block's whole MoE output is forecast per token (cheaper per step);
+    ``auto``: with a wall-clock target, the level that fits more refreshes into the target (``branch`` on
+    a tie, and with a FLOPs target or an error budget, where the per-step bookkeeping is not priced).
     error_budget: the budget ``tau`` (max staleness error, relative L2) instead of a target speedup.
     refresh: ``sync`` (evenly spaced synchronized full refreshes, everything forecast in between) or
     ``budget`` (fixed ``sync_interval`` plus per-expert token budgets); see the module docstring.
@@ -96,6 +106,7 @@ class DeriveConfig:
     target: str = "flops"
     refresh: str = "sync"
     placement: str = "drift"
+    forecast_level: str = "auto"
     forecast: str = "linear"
     warmup_steps: int = 1
     final_steps: int = 0
@@ -124,6 +135,8 @@ class DeriveConfig:
         if self.target == "wallclock" and self.refresh != "sync":
             raise ValueError("a wall-clock target needs refresh='sync' (the budget rule predicts FLOPs only); "
                              "use a FLOPs target (--target-flops-speedup) with --refresh budget")
+        if self.forecast_level not in ("auto", "branch", "token"):
+            raise ValueError(f"forecast_level must be 'auto', 'branch' or 'token', got {self.forecast_level!r}")
         if self.placement not in ("even", "drift"):
             raise ValueError(f"placement must be 'even' or 'drift', got {self.placement!r}")
         if self.forecast not in ("none", "linear"):
@@ -297,13 +310,15 @@ def _plan(tables: DriftTables, tau: float, cfg: DeriveConfig, sync: frozenset[in
     return _Plan(tuple(steps), done / full)
 
 
-def _plan_sync(tables: DriftTables, sync: frozenset[int], costs: UnitCosts) -> _Plan:
-    """The ``sync`` rule's plan: full blocks on ``sync`` steps, everything forecast elsewhere (router and
-    newly routed pairs computed)."""
+def _plan_sync(tables: DriftTables, sync: frozenset[int], costs: UnitCosts, level: str = "branch") -> _Plan:
+    """The ``sync`` rule's plan: full blocks on ``sync`` steps, everything forecast elsewhere: per branch
+    with the router and the newly routed pairs computed (``level="branch"``), or per token with no router
+    (``"token"``)."""
     S, L, E = tables.expert.shape
     full_token = costs.block_per_token()
     fixed = costs.fixed_per_sample() / costs.num_tokens / costs.depth
-    body = tuple(BlockRule(attn=NEVER, moe=ALWAYS, shared=NEVER, experts=(NEVER,) * E) for _ in range(L))
+    moe = NEVER if level == "token" else ALWAYS
+    body = tuple(BlockRule(attn=NEVER, moe=moe, shared=NEVER, experts=(NEVER,) * E) for _ in range(L))
     full_blocks = tuple(BlockRule.full(E) for _ in range(L))
     new_pairs = costs.top_k * np.sum(tables.share * (1 - tables.persist), axis=2)     # [S, L] per token
     steps, done = [], 0.0
@@ -313,7 +328,7 @@ def _plan_sync(tables: DriftTables, sync: frozenset[int], costs: UnitCosts) -> _
             done += L * (full_token + fixed)
         else:
             steps.append(StepRule("compute", body))
-            done += float(np.sum(fixed + costs.router + new_pairs[s] * costs.expert))
+            done += L * fixed if level == "token" else float(np.sum(fixed + costs.router + new_pairs[s] * costs.expert))
     return _Plan(tuple(steps), done / (S * L * (full_token + fixed)))
 
 
@@ -356,12 +371,13 @@ def step_drift(tables: DriftTables, costs: UnitCosts) -> np.ndarray:
     return drift.mean(axis=1)
 
 
-def sync_work(tables: DriftTables, sync: frozenset[int], wallclock: WallClockCosts, order: int) -> list[StepWork]:
+def sync_work(tables: DriftTables, sync: frozenset[int], wallclock: WallClockCosts, order: int,
+              level: str = "branch") -> list[StepWork]:
     """What each step of the ``sync`` rule's plan executes, for the wall-clock prediction."""
     S, L, _ = tables.expert.shape
     new_pairs = wallclock.top_k * np.sum(tables.share * (1 - tables.persist), axis=(1, 2))   # [S] per token
-    return [wallclock.full_step(L, order) if s in sync else wallclock.forecast_step(L, order, float(new_pairs[s]))
-            for s in range(S)]
+    return [wallclock.full_step(L, order) if s in sync
+            else wallclock.forecast_step(L, order, float(new_pairs[s]), level) for s in range(S)]
 
 
 @dataclass(frozen=True)
@@ -370,11 +386,13 @@ class _SyncChoice:
     sync: frozenset
     tau: float
     wallclock_speedup: float | None
+    level: str
 
 
 def _derive_sync(tables: DriftTables, cfg: DeriveConfig, S: int, costs: UnitCosts,
                  wallclock: WallClockCosts | None) -> _SyncChoice:
-    """The ``sync`` rule: the refresh steps and plan that meet the target (tau: predicted staleness error)."""
+    """The ``sync`` rule: the refresh steps, forecast level and plan that meet the target (tau: predicted
+    staleness error)."""
     d = step_drift(tables, costs)
     alpha = (tables.alpha["attn"] + tables.alpha["shared"] + tables.alpha["expert"]) / 3
     order = {"none": 0, "linear": 1}[cfg.forecast]
@@ -382,29 +400,37 @@ def _derive_sync(tables: DriftTables, cfg: DeriveConfig, S: int, costs: UnitCost
     def steps_of(count: int) -> frozenset[int]:
         return drift_sync_steps(d, count, cfg) if cfg.placement == "drift" else even_sync_steps(S, count, cfg)
 
-    def choice(count: int) -> _SyncChoice:
+    def choice(count: int, level: str) -> _SyncChoice:
         sync = steps_of(count)
-        speed = None if wallclock is None else wallclock.predicted_speedup(sync_work(tables, sync, wallclock, order))
-        return _SyncChoice(_plan_sync(tables, sync, costs), sync, float(np.max(d) * (S / count) ** alpha), speed)
+        speed = None if wallclock is None else wallclock.predicted_speedup(
+            sync_work(tables, sync, wallclock, order, level))
+        return _SyncChoice(_plan_sync(tables, sync, costs, level), sync, float(np.max(d) * (S / count) ** alpha),
+                           speed, level)
 
+    priced = cfg.target == "wallclock" and cfg.error_budget is None
+    levels = ("branch", "token") if cfg.forecast_level == "auto" and priced else (
+        ("branch",) if cfg.forecast_level == "auto" else (cfg.forecast_level,))
     if cfg.error_budget is not None:
         count = next((n for n in range(1, S + 1) if np.max(d) * (S / n) ** alpha <= cfg.error_budget), S)
-        return replace(choice(count), tau=cfg.error_budget)
+        return replace(choice(count, levels[0]), tau=cfg.error_budget)
     best = None
-    for count in range(1, S + 1):  # more refreshes = better quality; keep the most that fit the target
-        c = choice(count)
-        reached = c.wallclock_speedup >= cfg.target_speedup if cfg.target == "wallclock" \
-            else c.plan.ratio <= 1.0 / cfg.target_speedup
-        if reached:
-            best = c
+    for level in levels:   # branch first: a token-level plan must fit strictly more refreshes to be chosen
+        for count in range(1, S + 1):  # more refreshes = better quality; keep the most that fit the target
+            c = choice(count, level)
+            reached = c.wallclock_speedup >= cfg.target_speedup if cfg.target == "wallclock" \
+                else c.plan.ratio <= 1.0 / cfg.target_speedup
+            if reached and (best is None or len(c.sync) > len(best.sync)):
+                best = c
     if best is None:
-        floor = choice(1)
-        what, most = (("wall-clock", floor.wallclock_speedup) if cfg.target == "wallclock"
-                      else ("FLOPs", 1 / floor.plan.ratio))
+        floors = [choice(1, level) for level in levels]
+        what, most = (("wall-clock", max(f.wallclock_speedup for f in floors)) if cfg.target == "wallclock"
+                      else ("FLOPs", max(1 / f.plan.ratio for f in floors)))
+        work = " or ".join({"branch": "the router plus newly routed pairs computed",
+                            "token": "every block's MoE output forecast per token"}[lv] for lv in levels)
         raise ValueError(
             f"target speedup {cfg.target_speedup:g}x is out of reach: with warm-up {cfg.warmup_steps} and final "
-            f"{cfg.final_steps} steps in full and the router plus newly routed pairs computed on every other step, "
-            f"the predicted {what} speedup is at most {most:.2f}x; lower the target or --warmup-steps")
+            f"{cfg.final_steps} steps in full and {work} on every other step, the predicted {what} speedup is at "
+            f"most {most:.2f}x; lower the target or --warmup-steps")
     return best
 
 
@@ -438,9 +464,10 @@ def derive_schedule(summary, run_meta: dict, cfg: DeriveConfig, wallclock: WallC
     if cfg.refresh == "sync":
         chosen = _derive_sync(tables, cfg, S, costs, wallclock)
         plan, sync, tau = chosen.plan, chosen.sync, chosen.tau
+        timing["forecast_level"] = chosen.level
         if wallclock is not None:
-            timing = {"predicted_speedup": round(chosen.wallclock_speedup, 4),
-                      "calibration": {**dict(wallclock.key), "created": wallclock.created}}
+            timing.update(predicted_speedup=round(chosen.wallclock_speedup, 4),
+                          calibration={**dict(wallclock.key), "created": wallclock.created})
     elif cfg.error_budget is not None:
         tau = cfg.error_budget
         plan = _plan(tables, tau, cfg, sync, costs)

@@ -8,10 +8,14 @@ CFG counting both halves)::
 
     ms(step) = step_ms + attn_row_ms * attn + shared_row_ms * shared + pair_ms * pairs
                + forecast_term_ms * reused * order + history_term_ms * computed * order
+               + router_block_ms * routed_blocks
 
-``step_ms`` is a step that reuses every row plainly: the sampler update, patch embedding, final layer,
-and per block the norms, modulation, the router over every row, the slot matching and gathers (the
-batch size is part of the calibration key, so per-row costs of work done for every row fold into it).
+``step_ms`` is a step that reuses every row plainly without routing: the sampler update, patch embedding,
+final layer, and per block the norms and modulation (the batch size is part of the calibration key, so
+per-row costs of work done for every row fold into it). ``router_block_ms`` is what a block adds when its
+router runs over every row with the slot matching and the per-pair combine (a branch-level forecast step
+and a full step route in every block; a token-level forecast step, which forecasts each block's whole MoE
+output per token, in none).
 The row costs are what computing a row adds over reusing it; ``forecast_term_ms`` what forecasting a
 reused row adds per polynomial term (``order`` 0 = plain reuse, 1 = linear, ``p`` = Taylor order ``p``);
 ``history_term_ms`` what pushing a computed row into the forecast history adds per term.
@@ -39,7 +43,8 @@ from typing import Any, Callable, Mapping
 
 CACHE_FORMAT = 1
 CACHE_FILE = "calibration.json"
-COEFFICIENTS = ("step_ms", "attn_row_ms", "shared_row_ms", "pair_ms", "forecast_term_ms", "history_term_ms")
+COEFFICIENTS = ("step_ms", "attn_row_ms", "shared_row_ms", "pair_ms", "forecast_term_ms", "history_term_ms",
+                "router_block_ms")
 
 
 class CalibrationError(ValueError):
@@ -52,7 +57,8 @@ class StepWork:
 
     attn / shared: rows computed by attention (queries) and the shared expert; pairs: (token, expert)
     pairs run through a routed expert (padding excluded); reused: rows of the three units not computed
-    (reused or forecast); order: forecast order (0 = plain reuse, 1 = linear, p = Taylor order p).
+    (reused or forecast); order: forecast order (0 = plain reuse, 1 = linear, p = Taylor order p);
+    routed_blocks: blocks whose router ran.
     """
 
     attn: float
@@ -60,11 +66,13 @@ class StepWork:
     pairs: float
     reused: float
     order: int
+    routed_blocks: float
 
     def features(self) -> tuple[float, ...]:
         """The row vector of the linear model, in the order of :data:`COEFFICIENTS`."""
         computed = self.attn + self.shared + self.pairs
-        return (1.0, self.attn, self.shared, self.pairs, self.reused * self.order, computed * self.order)
+        return (1.0, self.attn, self.shared, self.pairs, self.reused * self.order, computed * self.order,
+                self.routed_blocks)
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,7 @@ class WallClockCosts:
     pair_ms: float
     forecast_term_ms: float
     history_term_ms: float
+    router_block_ms: float
     full_step_ms: float
     rows_per_block: int
     top_k: int
@@ -110,14 +119,19 @@ class WallClockCosts:
     def full_step(self, depth: int, order: int) -> StepWork:
         """A synchronized refresh step: every unit of every block computed."""
         n = self.rows_per_block * depth
-        return StepWork(attn=n, shared=n, pairs=self.top_k * n, reused=0.0, order=order)
+        return StepWork(attn=n, shared=n, pairs=self.top_k * n, reused=0.0, order=order, routed_blocks=depth)
 
-    def forecast_step(self, depth: int, order: int, new_pairs_per_token: float) -> StepWork:
-        """A forecast step of the sync rule: only the newly routed pairs computed (``new_pairs_per_token``:
-        newly routed pairs per token summed over the blocks, from the trace)."""
+    def forecast_step(self, depth: int, order: int, new_pairs_per_token: float, level: str = "branch") -> StepWork:
+        """A forecast step of the sync rule. ``branch``: the router runs in every block and only the newly
+        routed pairs are computed (``new_pairs_per_token``: newly routed pairs per token summed over the
+        blocks, from the trace); ``token``: no router, every block's MoE output forecast per token."""
         n = self.rows_per_block
+        if level == "token":
+            return StepWork(attn=0.0, shared=0.0, pairs=0.0, reused=(2 + self.top_k) * n * depth, order=order,
+                            routed_blocks=0.0)
         pairs = new_pairs_per_token * n
-        return StepWork(attn=0.0, shared=0.0, pairs=pairs, reused=(2 + self.top_k) * n * depth - pairs, order=order)
+        return StepWork(attn=0.0, shared=0.0, pairs=pairs, reused=(2 + self.top_k) * n * depth - pairs, order=order,
+                        routed_blocks=depth)
 
     def predicted_speedup(self, steps: list[StepWork]) -> float:
         """Full compute's time over the predicted time of ``steps`` (one entry per sampling step)."""

@@ -1,10 +1,10 @@
 """Measure the wall-clock unit costs of the replay engine on this device (``moeca calibrate``).
 
 :func:`measure_costs` samples a short run (``steps`` steps of the schedule's sampler) with the default
-runtime and with eight calibration schedules that each exercise a different mix of units -- every step
+runtime and with nine calibration schedules that each exercise a different mix of units -- every step
 full, with and without a forecast history; everything forecast (linear) or reused plainly between full
 steps; only attention, only the shared expert or only the routed experts recomputed between full steps;
-every other step full -- times every step (median of ``repeats`` interleaved runs, after a warm-up; the
+every other step full; token-level forecast steps (no router) between full steps -- times every step (median of ``repeats`` interleaved runs, after a warm-up; the
 device is synchronised at each step on CUDA), counts what each step executed (:class:`~moeca.replay.counters.ReplayCounters`) and fits
 the non-negative coefficients of :class:`~moeca.policy.wallclock.WallClockCosts` by least squares. The
 first step of a run (cache allocation) is not fitted.
@@ -77,7 +77,7 @@ def calibration_key(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: i
 
 
 def calibration_schedules(config, sampler_cfg: SamplerConfig) -> list[Schedule]:
-    """The eight schedules whose steps the fit uses (see the module docstring)."""
+    """The nine schedules whose steps the fit uses (see the module docstring)."""
     S, L, E = sampler_cfg.num_steps, config.depth, config.num_experts
     identity, sampler = ModelIdentity.of(config), SamplerIdentity.of(sampler_cfg)
     full = BlockRule.full(E)
@@ -98,6 +98,7 @@ def calibration_schedules(config, sampler_cfg: SamplerConfig) -> list[Schedule]:
         make(BlockRule(attn=NEVER, shared=ALWAYS, experts=(NEVER,) * E), "linear", every=5),
         make(BlockRule(attn=NEVER, shared=NEVER, experts=(ALWAYS,) * E), "linear", every=5),
         make(forecast_all, "linear", every=2),
+        make(BlockRule(attn=NEVER, moe=NEVER, shared=NEVER, experts=(NEVER,) * E), "linear", every=5),
     ]
 
 
@@ -107,7 +108,9 @@ def step_work(counters, schedule: Schedule) -> list[StepWork]:
     pairs = (counters.expert - counters.padded).sum(1)
     reused = 2 * counters.tokens.sum(1) + counters.pairs.sum(1) - attn - shared - pairs
     order = schedule.forecast_degree
-    return [StepWork(float(a), float(s), float(p), float(r), order) for a, s, p, r in zip(attn, shared, pairs, reused)]
+    routed = (counters.router > 0).sum(1)
+    return [StepWork(float(a), float(s), float(p), float(r), order, float(b))
+            for a, s, p, r, b in zip(attn, shared, pairs, reused, routed)]
 
 
 def _timed_steps(model, sampler_cfg: SamplerConfig, labels: torch.Tensor, runtime) -> list[float]:

@@ -21,7 +21,7 @@ KEY = {"device": "cpu:test", "torch": "2.13.0", "engine": "abc", "weights": "w",
 
 def costs(key=KEY, **over) -> WallClockCosts:
     base = dict(step_ms=2.0, attn_row_ms=0.01, shared_row_ms=0.005, pair_ms=0.004,
-                forecast_term_ms=0.0002, history_term_ms=0.0003, full_step_ms=9.0, rows_per_block=64, top_k=2,
+                forecast_term_ms=0.0002, history_term_ms=0.0003, router_block_ms=0.05, full_step_ms=9.0, rows_per_block=64, top_k=2,
                 key=key, fit_rel_error=0.05, created="2026-01-01T00:00:00Z")
     return WallClockCosts(**{**base, **over})
 
@@ -86,14 +86,18 @@ def test_step_model_adds_the_calibrated_terms():
     c = costs()
     full = c.full_step(depth=2, order=1)
     assert (full.attn, full.shared, full.pairs, full.reused) == (128, 128, 256, 0)
-    assert c.step_ms_of(full) == pytest.approx(2.0 + 128 * 0.01 + 128 * 0.005 + 256 * 0.004 + 512 * 0.0003)
+    assert c.step_ms_of(full) == pytest.approx(2.0 + 128 * 0.01 + 128 * 0.005 + 256 * 0.004 + 512 * 0.0003
+                                               + 2 * 0.05)
     fc = c.forecast_step(depth=2, order=1, new_pairs_per_token=0.5)
-    assert fc.pairs == 32 and fc.reused == 4 * 64 * 2 - 32
-    assert c.step_ms_of(fc) == pytest.approx(2.0 + 32 * 0.004 + 480 * 0.0002 + 32 * 0.0003)
-    plain = StepWork(attn=0, shared=0, pairs=32, reused=480, order=0)
-    assert c.step_ms_of(plain) == pytest.approx(2.0 + 32 * 0.004)
-    taylor = StepWork(attn=0, shared=0, pairs=32, reused=480, order=2)
-    assert c.step_ms_of(taylor) == pytest.approx(2.0 + 32 * 0.004 + 2 * 480 * 0.0002 + 2 * 32 * 0.0003)
+    assert fc.pairs == 32 and fc.reused == 4 * 64 * 2 - 32 and fc.routed_blocks == 2
+    assert c.step_ms_of(fc) == pytest.approx(2.0 + 32 * 0.004 + 480 * 0.0002 + 32 * 0.0003 + 2 * 0.05)
+    token = c.forecast_step(depth=2, order=1, new_pairs_per_token=0.5, level="token")   # no router, no pairs
+    assert (token.pairs, token.routed_blocks, token.reused) == (0, 0, 4 * 64 * 2)
+    assert c.step_ms_of(token) == pytest.approx(2.0 + 512 * 0.0002)
+    plain = StepWork(attn=0, shared=0, pairs=32, reused=480, order=0, routed_blocks=2)
+    assert c.step_ms_of(plain) == pytest.approx(2.0 + 32 * 0.004 + 2 * 0.05)
+    taylor = StepWork(attn=0, shared=0, pairs=32, reused=480, order=2, routed_blocks=2)
+    assert c.step_ms_of(taylor) == pytest.approx(2.0 + 32 * 0.004 + 2 * 480 * 0.0002 + 2 * 32 * 0.0003 + 2 * 0.05)
     assert c.predicted_speedup([full, fc, fc]) == pytest.approx(27.0 / (c.step_ms_of(full) + 2 * c.step_ms_of(fc)))
 
 

@@ -5,13 +5,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from moeca.policy.cost import UnitCosts
 from moeca.policy.derive import (DeriveConfig, derive_schedule, drift_sync_steps, drift_tables, even_sync_steps,
                                  step_drift, sync_work)
 from moeca.policy.wallclock import WallClockCosts
 
-from conftest import TINY
+from conftest import TINY, make_tiny
 from test_schedule import SAMPLER, run_meta, synthetic_summary
 
 
@@ -19,7 +20,7 @@ def costs(step_ms: float = 4.0, **over) -> WallClockCosts:
     """Hand-set unit costs of TINY at batch 2 with CFG (N = 2 * 16 * 2 rows per block): a full step is
     ``step_ms + 64 * 2 * (attn + shared + 2 pair + 2 history)`` ms."""
     base = dict(step_ms=step_ms, attn_row_ms=0.01, shared_row_ms=0.01, pair_ms=0.01,
-                forecast_term_ms=0.001, history_term_ms=0.001, full_step_ms=12.0, rows_per_block=64, top_k=2,
+                forecast_term_ms=0.001, history_term_ms=0.001, router_block_ms=0.0, full_step_ms=12.0, rows_per_block=64, top_k=2,
                 key={"device": "test"})
     return WallClockCosts(**{**base, **over})
 
@@ -72,11 +73,12 @@ def test_wallclock_target_uses_the_calibrated_costs():
     wc = costs()
     s = derive_schedule(summary, meta, DeriveConfig(target_speedup=1.8, target="wallclock"), wc)
     tables = drift_tables(summary, SAMPLER.num_steps, TINY.depth, TINY.num_experts)
-    work = sync_work(tables, frozenset(s.sync_refresh_steps), wc, order=1)
+    work = sync_work(tables, frozenset(s.sync_refresh_steps), wc, order=1, level=s.provenance["forecast_level"])
     # the recorded prediction is the cost model evaluated on the plan, coefficient by coefficient
     by_hand = SAMPLER.num_steps * wc.full_step_ms / sum(
         wc.step_ms + wc.attn_row_ms * w.attn + wc.shared_row_ms * w.shared + wc.pair_ms * w.pairs
-        + wc.forecast_term_ms * w.reused + wc.history_term_ms * (w.attn + w.shared + w.pairs) for w in work)
+        + wc.forecast_term_ms * w.reused + wc.history_term_ms * (w.attn + w.shared + w.pairs)
+        + wc.router_block_ms * w.routed_blocks for w in work)
     assert s.provenance["predicted_speedup"] == pytest.approx(by_hand, rel=1e-3)
     assert s.provenance["predicted_speedup"] >= 1.8
     assert s.provenance["calibration"]["device"] == "test"
@@ -101,6 +103,51 @@ def test_wallclock_and_flops_targets_differ_when_bookkeeping_costs():
         DeriveConfig(target_speedup=1.8, target="wallclock", refresh="budget")
     with pytest.raises(ValueError, match="top_k"):
         derive_schedule(summary, meta, DeriveConfig(target_speedup=1.8, target="wallclock"), costs(top_k=1))
+
+
+def test_forecast_level_follows_the_price_of_routing():
+    """Token-level forecast steps skip the router and the newly routed pairs. ``auto`` takes them when a
+    wall-clock target then fits more refreshes (routing is dear on this device), keeps the branch level when
+    routing is free, and with a FLOPs target; a fixed level is honoured and recorded."""
+    from moeca.policy.schedule import NEVER
+
+    summary, meta = synthetic_summary(), run_meta()
+    dear = costs(router_block_ms=0.5)
+    auto = derive_schedule(summary, meta, DeriveConfig(target_speedup=1.8, target="wallclock"), dear)
+    branch = derive_schedule(summary, meta, DeriveConfig(target_speedup=1.8, target="wallclock",
+                                                         forecast_level="branch"), dear)
+    assert auto.provenance["forecast_level"] == "token" and branch.provenance["forecast_level"] == "branch"
+    assert len(auto.sync_refresh_steps) > len(branch.sync_refresh_steps)
+    forecast_steps = [s for s in range(SAMPLER.num_steps) if not auto.is_sync(s)]
+    assert all(auto.rule(s, b).moe == NEVER for s in forecast_steps for b in range(TINY.depth))
+    assert all(branch.rule(s, b).moe.mode == "always" for s in forecast_steps for b in range(TINY.depth))
+    free = costs(pair_ms=0.0, history_term_ms=0.0)          # routing and new pairs cost nothing: no gain
+    assert derive_schedule(summary, meta, DeriveConfig(target_speedup=1.8, target="wallclock"),
+                           free).provenance["forecast_level"] == "branch"
+    assert derive_schedule(summary, meta, DeriveConfig(target_speedup=1.8)).provenance["forecast_level"] == "branch"
+    token = derive_schedule(summary, meta, DeriveConfig(target_speedup=1.8, forecast_level="token"))
+    assert token.provenance["forecast_level"] == "token" and token.predicted_flops_ratio < 1 / 1.8
+    with pytest.raises(ValueError, match="forecast_level"):
+        DeriveConfig(forecast_level="expert")
+
+
+def test_token_level_schedule_skips_the_router_when_replayed():
+    """A token-level schedule really skips routing on its forecast steps and stays close to full compute."""
+    from moeca.models.samplers import sample
+    from moeca.replay.runtime import ReplayRuntime
+
+    summary, meta = synthetic_summary(), run_meta()
+    s = derive_schedule(summary, meta, DeriveConfig(target_speedup=1.5, forecast_level="token"))
+    model = make_tiny()
+    labels = torch.tensor([0, 1])
+    ref = sample(model, SAMPLER, labels, seed=2)
+    rt = ReplayRuntime(s)
+    with model.use_runtime(rt):
+        out = sample(model, SAMPLER, labels, seed=2)
+    t = rt.counters.totals()
+    refreshed = len(s.sync_refresh_steps) * TINY.depth * 2 * 16 * 2       # rows routed on refresh steps only
+    assert t["router"] == refreshed and t["expert"] == TINY.top_k * refreshed
+    assert 0 < float((out - ref).norm() / ref.norm()) < 0.2
 
 
 def test_cli_derive_wallclock_and_flops_targets(tmp_path, capsys, monkeypatch):
