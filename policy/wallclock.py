@@ -185,11 +185,14 @@ def _read(path: Path) -> dict:
 
 
 def load_costs(key: Mapping[str, str], path: Path | None = None) -> WallClockCosts | None:
-    """The cached calibration of ``key``, or None when there is none (another key is never used)."""
+    """The cached calibration of ``key``, or None when there is none (another key, or an entry of an older
+    cost model that lacks coefficients, is never used)."""
     path = path or cache_path()
     entry = _read(path)["entries"].get(key_id(key))
     if entry is None:
         return None
+    if isinstance(entry, Mapping) and not set(COEFFICIENTS) <= set(entry):
+        return None        # measured for an older cost model (fewer coefficients): measure again
     costs = WallClockCosts.from_json(entry, where=f"calibration cache {path}")
     return costs if dict(costs.key) == dict(key) else None
 

@@ -73,10 +73,16 @@ def test_bad_cache_files_and_entries_name_the_problem(cache_dir):
     path.write_text(json.dumps(data))
     with pytest.raises(CalibrationError, match="field pair_ms"):
         load_costs(KEY)
-    del data["entries"][key_id(KEY)]["pair_ms"]
+    data["entries"][key_id(KEY)]["pair_ms"] = 0.004
+    del data["entries"][key_id(KEY)]["full_step_ms"]
     path.write_text(json.dumps(data))
-    with pytest.raises(CalibrationError, match=r"fields \['pair_ms'\] are missing"):
+    with pytest.raises(CalibrationError, match=r"fields \['full_step_ms'\] are missing"):
         load_costs(KEY)
+    # an entry of an older cost model (a coefficient it did not have) is measured again, not an error
+    data["entries"][key_id(KEY)]["full_step_ms"] = 9.0
+    del data["entries"][key_id(KEY)]["router_block_ms"]
+    path.write_text(json.dumps(data))
+    assert load_costs(KEY) is None
     path.write_text(json.dumps({"format": 99, "entries": {}}))
     with pytest.raises(CalibrationError, match="field format must be 1"):
         load_costs(KEY)
