@@ -20,7 +20,7 @@ The row costs are what computing a row adds over reusing it; ``forecast_term_ms`
 reused row adds per polynomial term (``order`` 0 = plain reuse, 1 = linear, ``p`` = Taylor order ``p``);
 ``history_term_ms`` what pushing a computed row into the forecast history adds per term.
 ``computed`` = attention + shared rows + pairs computed; ``reused`` = the rest of the step's
-``2 N + k N`` rows per block (every such step has the same total, which is why a per-row cost of plain
+``2 N + k N`` rows per block (``2 N`` in a block that does not route: attention and whole-MoE rows) (every such step has the same total, which is why a per-row cost of plain
 reuse cannot be told apart from ``step_ms``). ``full_step_ms`` is one step of full compute with the default runtime:
 the reference every measured speedup is taken against.
 
@@ -57,7 +57,7 @@ class StepWork:
 
     attn / shared: rows computed by attention (queries) and the shared expert; pairs: (token, expert)
     pairs run through a routed expert (padding excluded); reused: rows of the three units not computed
-    (reused or forecast); order: forecast order (0 = plain reuse, 1 = linear, p = Taylor order p);
+    (reused or forecast; in a block that does not route, attention and whole-MoE rows); order: forecast order (0 = plain reuse, 1 = linear, p = Taylor order p);
     routed_blocks: blocks whose router ran.
     """
 
@@ -126,9 +126,8 @@ class WallClockCosts:
         routed pairs are computed (``new_pairs_per_token``: newly routed pairs per token summed over the
         blocks, from the trace); ``token``: no router, every block's MoE output forecast per token."""
         n = self.rows_per_block
-        if level == "token":
-            return StepWork(attn=0.0, shared=0.0, pairs=0.0, reused=(2 + self.top_k) * n * depth, order=order,
-                            routed_blocks=0.0)
+        if level == "token":   # per block: attention and the whole MoE output, one row per token each
+            return StepWork(attn=0.0, shared=0.0, pairs=0.0, reused=2 * n * depth, order=order, routed_blocks=0.0)
         pairs = new_pairs_per_token * n
         return StepWork(attn=0.0, shared=0.0, pairs=pairs, reused=(2 + self.top_k) * n * depth - pairs, order=order,
                         routed_blocks=depth)

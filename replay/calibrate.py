@@ -11,7 +11,7 @@ first step of a run (cache allocation) is not fitted.
 
 :func:`ensure_costs` returns the cached calibration of the current key
 (:func:`calibration_key`: device, torch version, a hash of the replay engine's and the model code's
-sources, weights hash, batch, dtype, sampler kind and CFG mode, CPU threads) and measures it when the
+sources, a hash of the cost model and this measurement, weights hash, batch, dtype, sampler kind and CFG mode, CPU threads) and measures it when the
 cache has none -- so a changed engine, torch, device or model is recalibrated automatically.
 """
 from __future__ import annotations
@@ -53,6 +53,17 @@ def engine_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def cost_model_hash() -> str:
+    """16 hex digits of SHA-256 over the cost model (``policy/wallclock.py``) and this measurement: a
+    calibration fitted with other features or schedules is never reused."""
+    import moeca.policy.wallclock as wallclock_mod
+
+    h = hashlib.sha256()
+    for path in (Path(wallclock_mod.__file__), Path(__file__)):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
@@ -70,6 +81,7 @@ def calibration_key(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: i
 
     param = next(model.parameters())
     return {"device": device_name(param.device), "torch": torch.__version__, "engine": engine_hash(),
+            "cost_model": cost_model_hash(),
             "weights": weights_hash(model), "model": model.config.fingerprint(), "batch": str(batch),
             "dtype": str(param.dtype).replace("torch.", ""), "sampler": sampler_cfg.kind,
             "cfg_mode": sampler_cfg.cfg_mode if sampler_cfg.guided else "none",
@@ -104,11 +116,15 @@ def calibration_schedules(config, sampler_cfg: SamplerConfig) -> list[Schedule]:
 
 def step_work(counters, schedule: Schedule) -> list[StepWork]:
     """What each step of a replay executed, from its counters (rows summed over blocks)."""
-    attn, shared = counters.attn_q.sum(1), counters.shared.sum(1)
-    pairs = (counters.expert - counters.padded).sum(1)
-    reused = 2 * counters.tokens.sum(1) + counters.pairs.sum(1) - attn - shared - pairs
+    routes = counters.router > 0                                              # [S, L] blocks that routed
+    attn_b, shared_b = counters.attn_q, counters.shared
+    pairs_b = counters.expert - counters.padded
+    # a block that routes forecasts attention, shared and pair rows; one that does not, attention and MoE rows
+    reused_b = np.where(routes, 2 * counters.tokens + counters.pairs - attn_b - shared_b - pairs_b,
+                        2 * counters.tokens - attn_b)
+    attn, shared, pairs, reused = attn_b.sum(1), shared_b.sum(1), pairs_b.sum(1), reused_b.sum(1)
     order = schedule.forecast_degree
-    routed = (counters.router > 0).sum(1)
+    routed = routes.sum(1)
     return [StepWork(float(a), float(s), float(p), float(r), order, float(b))
             for a, s, p, r, b in zip(attn, shared, pairs, reused, routed)]
 

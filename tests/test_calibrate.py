@@ -98,8 +98,8 @@ def test_step_model_adds_the_calibrated_terms():
     assert fc.pairs == 32 and fc.reused == 4 * 64 * 2 - 32 and fc.routed_blocks == 2
     assert c.step_ms_of(fc) == pytest.approx(2.0 + 32 * 0.004 + 480 * 0.0002 + 32 * 0.0003 + 2 * 0.05)
     token = c.forecast_step(depth=2, order=1, new_pairs_per_token=0.5, level="token")   # no router, no pairs
-    assert (token.pairs, token.routed_blocks, token.reused) == (0, 0, 4 * 64 * 2)
-    assert c.step_ms_of(token) == pytest.approx(2.0 + 512 * 0.0002)
+    assert (token.pairs, token.routed_blocks, token.reused) == (0, 0, 2 * 64 * 2)
+    assert c.step_ms_of(token) == pytest.approx(2.0 + 256 * 0.0002)
     plain = StepWork(attn=0, shared=0, pairs=32, reused=480, order=0, routed_blocks=2)
     assert c.step_ms_of(plain) == pytest.approx(2.0 + 32 * 0.004 + 2 * 0.05)
     taylor = StepWork(attn=0, shared=0, pairs=32, reused=480, order=2, routed_blocks=2)
