@@ -36,7 +36,7 @@ class PipelineConfig:
     quality_samples: int = 200
     timing_samples: int = 16
     repeats: int = 3
-    target_speedups: tuple[float, ...] = (1.25, 1.5, 1.75)
+    target_speedups: tuple[float, ...] = (1.5, 2.0, 3.0)
     target_kind: str = "wallclock"
     seed: int = 0
     device: str = "auto"
@@ -56,8 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quality-samples", type=int, default=200, help="samples for quality metrics (default 200)")
     p.add_argument("--timing-samples", type=int, default=16, help="timed batch size (default 16)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats, medians reported (default 3)")
-    p.add_argument("--target-speedups", default="1.25,1.5,1.75",
-                   help="comma-separated wall-clock speedup targets on this device (default 1.25,1.5,1.75)")
+    p.add_argument("--target-speedups", default="1.5,2,3",
+                   help="comma-separated wall-clock speedup targets on this device (default 1.5,2,3)")
     p.add_argument("--target-flops-speedups", default=None,
                    help="comma-separated analytic FLOPs speedup targets instead (no calibration)")
     p.add_argument("--seed", type=int, default=0)
