@@ -60,6 +60,8 @@ BASELINES = ("taylorseer", "fora", "toca", "teacache", "l2c")
 ABLATIONS = {
     "moeca-plain": "MoECa's sync rule with plain reuse (forecast none): what forecasting adds",
     "moeca-budget": "MoECa's expert-aware token-budget rule (refresh budget, sync every 10 steps, forecast linear)",
+    "moeca-token": "MoECa's sync rule at the token level (no router on forecast steps; what the default takes for "
+                   "wall-clock targets where routing is dear): what branch-level forecasting costs and adds",
 }
 """Ablations: not baselines from the literature, variants that separate MoECa's ingredients. TaylorSeer
 of order 1 is the former ``fora-forecast`` ablation (FORA with MoECa's linear forecast)."""
@@ -80,6 +82,7 @@ DEFAULT_GRID: dict[str, tuple[dict[str, float], ...]] = {
     "l2c": tuple({"threshold": v} for v in (0.5, 0.2, 0.8)),
     "moeca-plain": tuple({"target_speedup": v} for v in (5.0, 8.0, 3.0)),
     "moeca-budget": tuple({"target_speedup": v} for v in (2.0, 3.0, 4.0)),
+    "moeca-token": tuple({"target_speedup": v} for v in (5.0, 3.0, 8.0, 12.0)),
 }
 """Per method: its points, each a dict of knob values. The order only decides what a sweep stopped early
 has measured (points are visited round-robin over methods, in this order)."""
@@ -497,10 +500,11 @@ class ParetoSweep:
             router, cfg = self.l2c_router()
             schedule = l2c.build_schedule(router, replace(cfg, threshold=point["threshold"]), mc, sampler, wh)
             return schedule, {"reused_decisions": schedule.provenance["reused_decisions"]}
-        if point.method in ("moeca", "moeca-plain", "moeca-budget"):
+        if point.method in ("moeca", "moeca-plain", "moeca-budget", "moeca-token"):
             from moeca.policy.derive import DeriveConfig, derive_schedule
             summary, run_meta = self.moeca_inputs()
-            variant = {"moeca": {}, "moeca-plain": {"forecast": "none"}, "moeca-budget": {"refresh": "budget"}}
+            variant = {"moeca": {}, "moeca-plain": {"forecast": "none"}, "moeca-budget": {"refresh": "budget"},
+                       "moeca-token": {"forecast_level": "token"}}
             try:
                 return derive_schedule(summary, run_meta, DeriveConfig(target_speedup=point["target_speedup"],
                                                                        **variant[point.method])), {}

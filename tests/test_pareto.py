@@ -210,3 +210,15 @@ def test_a_ddpm_model_is_swept_with_its_own_sampler(tmp_path):
     payload = json.loads(paths["json"].read_text())
     pareto.validate(payload)
     assert payload["meta"]["sampler"]["kind"] == "ddpm"
+
+
+def test_moeca_token_level_is_a_sweepable_ablation(sweep_run):
+    """``moeca-token`` derives MoECa's sync rule at the token level (no router on forecast steps) from the
+    sweep's own trace; ``moeca`` with its FLOPs targets stays at the branch level."""
+    sweep = sweep_run[0]
+    assert "moeca-token" in pareto.METHODS and "moeca-token" not in pareto.DEFAULT_METHODS
+    token, _ = sweep.schedule_for(pareto.Point("moeca-token", (("target_speedup", 2.0),)))
+    branch, _ = sweep.schedule_for(pareto.Point("moeca", (("target_speedup", 2.0),)))
+    assert token.provenance["forecast_level"] == "token" and branch.provenance["forecast_level"] == "branch"
+    forecast = [s for s in range(token.num_steps) if not token.is_sync(s)]
+    assert forecast and all(token.rule(s, 0).moe.mode == "never" for s in forecast)
