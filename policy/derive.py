@@ -407,9 +407,12 @@ def _derive_sync(tables: DriftTables, cfg: DeriveConfig, S: int, costs: UnitCost
         return _SyncChoice(_plan_sync(tables, sync, costs, level), sync, float(np.max(d) * (S / count) ** alpha),
                            speed, level)
 
-    priced = cfg.target == "wallclock" and cfg.error_budget is None
-    levels = ("branch", "token") if cfg.forecast_level == "auto" and priced else (
-        ("branch",) if cfg.forecast_level == "auto" else (cfg.forecast_level,))
+    if cfg.forecast_level != "auto":
+        levels = (cfg.forecast_level,)
+    elif cfg.target == "wallclock" and cfg.error_budget is None:   # only a wall-clock target prices both
+        levels = ("branch", "token")
+    else:
+        levels = ("branch",)
     if cfg.error_budget is not None:
         count = next((n for n in range(1, S + 1) if np.max(d) * (S / n) ** alpha <= cfg.error_budget), S)
         return replace(choice(count, levels[0]), tau=cfg.error_budget)

@@ -40,28 +40,31 @@ NOT_ENGINE = ("calibrate.py", "calibrate_cli.py", "cli.py", "__main__.py")
 """Sources that never run while sampling (this measurement and the command lines): not hashed."""
 
 
+def _sources_hash(files: list[tuple[str, Path]]) -> str:
+    """16 hex digits of SHA-256 over ``(name, path)`` pairs: each name, then the file's bytes."""
+    h = hashlib.sha256()
+    for name, path in files:
+        h.update(name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def engine_hash() -> str:
-    """16 hex digits of SHA-256 over the source of the replay engine and the model code (every ``.py``
-    file under ``replay/`` and ``models/`` except :data:`NOT_ENGINE`): any change recalibrates."""
+    """Hash of the source of the replay engine and the model code (every ``.py`` file under ``replay/``
+    and ``models/`` except :data:`NOT_ENGINE`): any change recalibrates."""
     import moeca.models as models_pkg
 
-    h = hashlib.sha256()
-    for root in (Path(__file__).parent, Path(models_pkg.__file__).parent):
-        for path in sorted(p for p in root.rglob("*.py") if p.name not in NOT_ENGINE):
-            h.update(path.relative_to(root).as_posix().encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    return _sources_hash([(p.relative_to(root).as_posix(), p)
+                          for root in (Path(__file__).parent, Path(models_pkg.__file__).parent)
+                          for p in sorted(q for q in root.rglob("*.py") if q.name not in NOT_ENGINE)])
 
 
 def cost_model_hash() -> str:
-    """16 hex digits of SHA-256 over the cost model (``policy/wallclock.py``) and this measurement: a
-    calibration fitted with other features or schedules is never reused."""
+    """Hash of the cost model (``policy/wallclock.py``) and this measurement: a calibration fitted with
+    other features or schedules is never reused."""
     import moeca.policy.wallclock as wallclock_mod
 
-    h = hashlib.sha256()
-    for path in (Path(wallclock_mod.__file__), Path(__file__)):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    return _sources_hash([(p.name, p) for p in (Path(wallclock_mod.__file__), Path(__file__))])
 
 
 def device_name(device: torch.device) -> str:

@@ -13,22 +13,20 @@ from dataclasses import dataclass
 
 import torch
 
-from moeca.policy.schedule import BlockRule
-
-from moeca.policy.schedule import Schedule
+from moeca.policy.schedule import BlockRule, Schedule
 
 MODE_CODE = {"always": 0, "never": 1, "fraction": 2, "threshold": 3}
 
 
 @dataclass(frozen=True, eq=False)
 class StepKind:
-    """The rules of one kind of step. rules: per block; model: the whole-model mode (``compute``,
-    ``reuse``, ``adaptive``; sync steps ``compute``); expert_summary: per block ``(all always, any
-    fraction, any scored, all never)`` of the routed-expert rules. Compared by identity (interned)."""
+    """The rules of one kind of step. rules: per block (a sync step's are all ``always``); model: the
+    whole-model mode (``compute``, ``reuse``, ``adaptive``; sync steps ``compute``); expert_summary: per
+    block ``(all always, any fraction, any scored, all never)`` of the routed-expert rules. Compared by
+    identity (interned)."""
 
     rules: tuple[BlockRule, ...]
     model: str
-    sync: bool
     expert_summary: tuple[tuple[bool, bool, bool, bool], ...]
 
 
@@ -57,15 +55,14 @@ class SchedulePlan:
         kinds: dict[tuple, StepKind] = {}
         self.kinds: list[StepKind] = []
         for s in range(S):
-            sync = schedule.is_sync(s)
             rules = tuple(schedule.rule(s, b) for b in range(depth))
-            model = "compute" if sync else schedule.steps[s].model
-            key = (rules, model, sync)
+            model = "compute" if schedule.is_sync(s) else schedule.steps[s].model
+            key = (rules, model)
             if key not in kinds:
                 summary = tuple((all(r.mode == "always" for r in br.experts), any(r.mode == "fraction" for r in br.experts),
                                  any(r.scored for r in br.experts), all(r.mode == "never" for r in br.experts))
                                 for br in rules)
-                kinds[key] = StepKind(rules, model, sync, summary)
+                kinds[key] = StepKind(rules, model, summary)
             self.kinds.append(kinds[key])
         self._tables: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
