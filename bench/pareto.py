@@ -46,7 +46,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 NAME = "pareto"
 STATE_FILE = "pareto_state.json"
-STATE_VERSION = 2
+STATE_VERSION = 3
+"""3: MoECa points derive for wall-clock targets; L2C points carry their sparsity penalty."""
 TARGET_SPEEDUPS = (2.0, 2.5, 3.0, 4.0)
 PSNR_CAP_DB = 100.0
 SEED_STRIDE = 1_000_000
@@ -58,31 +59,40 @@ HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "rel_l2": False, "accuracy": Tru
 BASELINES = ("taylorseer", "fora", "toca", "teacache", "l2c")
 """Published methods MoECa is compared with (:func:`comparison`)."""
 ABLATIONS = {
-    "moeca-plain": "MoECa's sync rule with plain reuse (forecast none): what forecasting adds",
-    "moeca-budget": "MoECa's expert-aware token-budget rule (refresh budget, sync every 10 steps, forecast linear)",
-    "moeca-token": "MoECa's sync rule at the token level (no router on forecast steps; what the default takes for "
-                   "wall-clock targets where routing is dear): what branch-level forecasting costs and adds",
+    "moeca-branch": "MoECa at the branch level (router and newly routed pairs on every forecast step, each (token, "
+                    "expert) branch forecast), same wall-clock targets: what the expert-branch bookkeeping costs "
+                    "and buys",
+    "moeca-even": "MoECa with evenly spaced refreshes (placement even), same wall-clock targets: what placing the "
+                  "refreshes by the traced drift adds",
+    "moeca-plain": "MoECa's sync rule with plain reuse (forecast none), same wall-clock targets: what forecasting adds",
+    "moeca-budget": "MoECa's expert-aware token-budget rule (refresh budget, sync every 10 steps, forecast linear; "
+                    "FLOPs targets: the budget rule predicts FLOPs only)",
 }
 """Ablations: not baselines from the literature, variants that separate MoECa's ingredients. TaylorSeer
 of order 1 is the former ``fora-forecast`` ablation (FORA with MoECa's linear forecast)."""
 METHODS = ("none", "moeca", *BASELINES, *ABLATIONS)
 DEFAULT_METHODS = ("none", "moeca", *BASELINES)
 
+WALLCLOCK_TARGETS = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
 DEFAULT_GRID: dict[str, tuple[dict[str, float], ...]] = {
     "none": ({},),
-    "moeca": tuple({"target_speedup": v} for v in (5.0, 3.0, 8.0, 12.0)),
-    # N x m; order 1 is the linear forecast (the former fora-forecast ablation)
-    "taylorseer": tuple({"interval": n, "order": m} for n, m in ((4, 2), (6, 2), (4, 1), (3, 2), (6, 1))),
+    # wall-clock targets (`moeca schedule derive --target-speedup`, calibrated at the timing batch): the default
+    # the CLI derives, forecast level `auto`
+    "moeca": tuple({"target_speedup": v} for v in WALLCLOCK_TARGETS),
+    # N x m; order 1 is the linear forecast (the former fora-forecast ablation); the paper sweeps N = 3..7
+    "taylorseer": tuple({"interval": n, "order": m} for n, m in ((4, 2), (6, 2), (4, 1), (3, 2), (6, 1), (5, 1), (8, 1))),
     "fora": tuple({"interval": v} for v in (3, 5)),
     # fresh_ratio x fresh_threshold (published 0.07 x 4), out to 3x+ measured
     "toca": tuple({"fresh_ratio": r, "fresh_threshold": t} for r, t in ((0.07, 4), (0.03, 8), (0.02, 16))),
     # thresholds in units of the mean rescaled change per step (the fit gives the unit; see teacache.py)
     "teacache": tuple({"thresh_x_mean_change": v} for v in (3.0, 6.0, 1.5)),
-    # reuse where the learned router value beta < threshold (the paper's export rule)
-    "l2c": tuple({"threshold": v} for v in (0.5, 0.2, 0.8)),
-    "moeca-plain": tuple({"target_speedup": v} for v in (5.0, 8.0, 3.0)),
+    # routers trained per sparsity penalty lambda (the speed knob of L2C's training), reuse where the learned
+    # router value beta < 0.5 (the paper's export rule)
+    "l2c": tuple({"sparsity": v, "threshold": 0.5} for v in (0.003, 0.001, 0.01, 0.0003)),
+    "moeca-branch": tuple({"target_speedup": v} for v in (2.0, 2.5, 3.0, 4.0)),
+    "moeca-even": tuple({"target_speedup": v} for v in (2.5, 3.0, 4.0)),
+    "moeca-plain": tuple({"target_speedup": v} for v in (2.0, 3.0, 4.0)),
     "moeca-budget": tuple({"target_speedup": v} for v in (2.0, 3.0, 4.0)),
-    "moeca-token": tuple({"target_speedup": v} for v in (5.0, 3.0, 8.0, 12.0)),
 }
 """Per method: its points, each a dict of knob values. The order only decides what a sweep stopped early
 has measured (points are visited round-robin over methods, in this order)."""
@@ -101,9 +111,10 @@ class ParetoSettings:
     DDPM for epsilon prediction). eval_samples: quality samples *per noise seed* (150 x 2 seeds = 300
     per point), sampled ``eval_batch`` at a time. seeds: the two evaluation noise seeds. timing_batch / repeats: samples per timed run and
     timed repeats per side. trace_samples: samples traced for MoECa's derivation.
-    calibration_samples: samples for TeaCache's fit and L2C's training. l2c_sparsity /
-    l2c_max_iterations: L2C's sparsity penalty and iteration cap (training stops when the loss
-    converges). device: torch device name.
+    calibration_samples: samples for TeaCache's fit and L2C's training. l2c_max_iterations: L2C's
+    iteration cap per step (training stops when the loss converges; the sparsity penalty is a grid knob).
+    device: torch device name. threads: CPU threads of torch (None = torch's default); timing and the
+    wall-clock calibration of MoECa's targets run with them.
     """
 
     model: str = "demo"
@@ -118,9 +129,9 @@ class ParetoSettings:
     repeats: int = 3
     trace_samples: int = 16
     calibration_samples: int = 16
-    l2c_sparsity: float = 0.02
     l2c_max_iterations: int = 200
     device: str = "auto"
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "eval_samples", "eval_batch", "timing_batch", "repeats", "trace_samples",
@@ -131,6 +142,8 @@ class ParetoSettings:
         if len(self.seeds) != 2 or self.seeds[0] == self.seeds[1] or min(self.seeds) < 0:
             raise ValueError(f"pareto seeds must be two different seeds >= 0 (the seed spread needs two), got "
                              f"{list(self.seeds)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"pareto threads must be >= 1, got {self.threads}")
         if self.eval_samples >= SEED_STRIDE:
             raise ValueError(f"pareto eval_samples must be < {SEED_STRIDE} (the seeds' noise would overlap)")
 
@@ -427,32 +440,46 @@ class ParetoSweep:
             self.state.set_calibration("teacache_fit", got)
         return got
 
-    def l2c_config(self):
+    def l2c_config(self, sparsity: float):
         from moeca.policy.baselines.l2c import L2CConfig
         s = self.settings
-        return L2CConfig(sparsity=s.l2c_sparsity, max_iterations=s.l2c_max_iterations,
+        return L2CConfig(sparsity=sparsity, max_iterations=s.l2c_max_iterations,
                          batch_samples=min(L2CConfig.batch_samples, s.calibration_samples),
                          calibration_samples=s.calibration_samples, calibration_seed=CALIBRATION_SEED + 2)
 
-    def l2c_router(self):
-        """L2C's routers trained to convergence, cached in ``l2c-router-<key>.json`` with their loss
-        curves (key: training knobs, sampler, weights hash)."""
+    def l2c_router(self, sparsity: float = 0.003):
+        """L2C's routers trained with sparsity penalty ``sparsity`` until the loss converges, cached in
+        ``l2c-router-<key>.json`` with their loss curves (key: training knobs, sampler, weights hash)."""
         from moeca.policy.baselines.l2c import L2CRouter, train_router
-        cfg = self.l2c_config()
+        cfg = self.l2c_config(sparsity)
         path = self.work / f"l2c-router-{self.cache_key('l2c-router', **cfg.training_key())}.json"
         if path.is_file():
             router = L2CRouter.load(path)
         else:
-            self.log(f"pareto: training the L2C routers on {cfg.calibration_samples} samples until the loss converges")
-            bar = self._bar(self.sampler.num_steps - 1, "l2c routers")
+            self.log(f"pareto: training the L2C routers (sparsity {sparsity:g}) on {cfg.calibration_samples} "
+                     "samples until the loss converges")
+            bar = self._bar(self.sampler.num_steps - 1, f"l2c routers ({sparsity:g})")
             router = train_router(self.model, self.sampler, cfg, progress=lambda done, total: bar.update(1),
                                   weights_hash=self.weights_hash)
             bar.close()
             router.save(path)
+        routers = dict(self.state.calibration("l2c_routers") or {})
         summary = _clean({"file": path.name, **router.meta})
-        if self.state.calibration("l2c_router") != summary:
-            self.state.set_calibration("l2c_router", summary)
+        if routers.get(f"{sparsity:g}") != summary:
+            routers[f"{sparsity:g}"] = summary
+            self.state.set_calibration("l2c_routers", routers)
         return router, cfg
+
+    def wallclock_costs(self):
+        """MoECa's calibrated unit costs on this device at the timing batch (what ``moeca schedule derive
+        --target-speedup`` uses: measured once and cached per device, model, batch and threads)."""
+        from moeca.replay.calibrate import ensure_costs
+        costs = ensure_costs(self.model, self.sampler, self.settings.timing_batch, progress=self.log)
+        summary = {"key": dict(costs.key), "full_step_ms": costs.full_step_ms,
+                   "fit_rel_error": costs.fit_rel_error, "created": costs.created}
+        if self.state.calibration("wallclock") != _clean(summary):
+            self.state.set_calibration("wallclock", summary)
+        return costs
 
     def moeca_inputs(self) -> tuple[Any, dict]:
         ctx = self.context()
@@ -497,19 +524,24 @@ class ParetoSweep:
             cfg = teacache.TeaCacheConfig(rel_l1_thresh=thresh, coefficients=tuple(fit["coefficients"]))
             return teacache.build_schedule(cfg, mc, sampler, wh), {"rel_l1_thresh": thresh}
         if point.method == "l2c":
-            router, cfg = self.l2c_router()
+            router, cfg = self.l2c_router(point["sparsity"])
             schedule = l2c.build_schedule(router, replace(cfg, threshold=point["threshold"]), mc, sampler, wh)
             return schedule, {"reused_decisions": schedule.provenance["reused_decisions"]}
-        if point.method in ("moeca", "moeca-plain", "moeca-budget", "moeca-token"):
+        if point.method == "moeca" or point.method in ABLATIONS:
             from moeca.policy.derive import DeriveConfig, derive_schedule
             summary, run_meta = self.moeca_inputs()
-            variant = {"moeca": {}, "moeca-plain": {"forecast": "none"}, "moeca-budget": {"refresh": "budget"},
-                       "moeca-token": {"forecast_level": "token"}}
+            variant = {"moeca": {}, "moeca-branch": {"forecast_level": "branch"}, "moeca-even": {"placement": "even"},
+                       "moeca-plain": {"forecast": "none"}, "moeca-budget": {"refresh": "budget"}}[point.method]
+            flops = point.method == "moeca-budget"
+            cfg = DeriveConfig(target_speedup=point["target_speedup"], target="flops" if flops else "wallclock",
+                               **variant)
+            costs = None if flops else self.wallclock_costs()
             try:
-                return derive_schedule(summary, run_meta, DeriveConfig(target_speedup=point["target_speedup"],
-                                                                       **variant[point.method])), {}
+                schedule = derive_schedule(summary, run_meta, cfg, costs)
             except ValueError as exc:
                 raise SkipPoint(str(exc)) from None
+            detail = {k: schedule.provenance[k] for k in ("forecast_level", "predicted_speedup") if k in schedule.provenance}
+            return schedule, {**detail, "refresh_steps": len(schedule.sync_refresh_steps)}
         raise ValueError(f"unknown method {point.method!r}")
 
     # -- measurement ------------------------------------------------------------------------------------
@@ -731,12 +763,16 @@ def notes_markdown(meta: dict) -> str:
                   + "; ".join(f"`{m}`: {ABLATIONS[m]}" for m in present) + "."]
     if meta.get("calibration"):
         cal = meta["calibration"]
-        if "l2c_router" in cal:
-            r = cal["l2c_router"]
-            lines += ["", f"L2C routers: {r['training']['calibration_samples']} calibration samples, "
-                          f"{r['converged_steps']} of {r['num_steps'] - 1} steps converged, "
+        for sparsity, r in (cal.get("l2c_routers") or {}).items():
+            lines += ["", f"L2C routers (sparsity {sparsity}): {r['training']['calibration_samples']} calibration "
+                          f"samples, {r['converged_steps']} of {r['num_steps'] - 1} steps converged, "
                           f"{r['iterations']['min']}-{r['iterations']['max']} iterations per step "
                           f"(loss curves in `{r['file']}`)."]
+        if "wallclock" in cal:
+            w = cal["wallclock"]
+            lines += ["", f"MoECa's wall-clock targets: unit costs calibrated on {w['key']['device']} at batch "
+                          f"{w['key']['batch']} ({w['key']['threads']} threads), full step {_fmt(w['full_step_ms'])} ms, "
+                          f"fit error {w['fit_rel_error']:.1%} per step."]
         if "teacache_fit" in cal:
             f = cal["teacache_fit"]
             lines += ["", f"TeaCache polynomial: fitted on {f['samples']} samples ({f['pairs']} call pairs, "
@@ -943,6 +979,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace-samples", type=int, default=d.trace_samples)
     p.add_argument("--calibration-samples", type=int, default=d.calibration_samples)
     p.add_argument("--device", default=d.device)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch for the whole sweep (timing and MoECa's wall-clock calibration; "
+                        "default: torch's default)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_cli)
 
@@ -969,7 +1008,10 @@ def run_cli(args: argparse.Namespace) -> int:
                               cfg_scale=args.cfg_scale, eval_samples=args.eval_samples, eval_batch=args.eval_batch,
                               seeds=_seeds(args.seeds), timing_batch=args.timing_batch, repeats=args.repeats,
                               trace_samples=args.trace_samples, calibration_samples=args.calibration_samples,
-                              device=args.device)
+                              device=args.device, threads=args.threads)
+    if settings.threads is not None:
+        import torch
+        torch.set_num_threads(settings.threads)
     model = load_model(args.model, args.checkpoint, device=args.device)
     work = args.work or str(Path("out") / "pareto" / re.sub(r"[^A-Za-z0-9_.-]", "_", args.model))
     sweep = ParetoSweep(model, settings, work, resume=args.resume, progress=not args.no_progress,

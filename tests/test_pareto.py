@@ -16,7 +16,7 @@ SETTINGS = pareto.ParetoSettings(model="tiny", num_steps=8, cfg_scale=2.0, eval_
                                  l2c_max_iterations=4)
 GRID = {"none": ({},), "fora": ({"interval": 2}, {"interval": 3}), "taylorseer": ({"interval": 3, "order": 2},),
         "toca": ({"fresh_ratio": 0.2, "fresh_threshold": 3},), "teacache": ({"thresh_x_mean_change": 2.0},),
-        "l2c": ({"threshold": 0.9},)}
+        "l2c": ({"sparsity": 0.01, "threshold": 0.9},)}
 
 
 def quiet(model, work, **kw):
@@ -212,13 +212,45 @@ def test_a_ddpm_model_is_swept_with_its_own_sampler(tmp_path):
     assert payload["meta"]["sampler"]["kind"] == "ddpm"
 
 
-def test_moeca_token_level_is_a_sweepable_ablation(sweep_run):
-    """``moeca-token`` derives MoECa's sync rule at the token level (no router on forecast steps) from the
-    sweep's own trace; ``moeca`` with its FLOPs targets stays at the branch level."""
+def test_moeca_points_derive_for_measured_speed_with_the_sweeps_calibration(sweep_run, monkeypatch):
+    """``moeca`` derives for wall-clock targets (what ``moeca schedule derive --target-speedup`` does) from
+    the sweep's own trace and a calibration at the timing batch, recorded in the state; the ablations change
+    one ingredient each: branch level, even placement, no forecast, the FLOPs-only budget rule. (The
+    calibration is hand-set here, so the derivations do not depend on this machine's timing.)"""
+    from moeca.policy.wallclock import WallClockCosts
+    from moeca.replay import calibrate
     sweep = sweep_run[0]
-    assert "moeca-token" in pareto.METHODS and "moeca-token" not in pareto.DEFAULT_METHODS
-    token, _ = sweep.schedule_for(pareto.Point("moeca-token", (("target_speedup", 2.0),)))
-    branch, _ = sweep.schedule_for(pareto.Point("moeca", (("target_speedup", 2.0),)))
-    assert token.provenance["forecast_level"] == "token" and branch.provenance["forecast_level"] == "branch"
-    forecast = [s for s in range(token.num_steps) if not token.is_sync(s)]
-    assert forecast and all(token.rule(s, 0).moe.mode == "never" for s in forecast)
+    rows = calibrate.rows_per_block(sweep.model.config, sweep.sampler, SETTINGS.timing_batch)
+    fixed = WallClockCosts(step_ms=1.0, attn_row_ms=0.01, shared_row_ms=0.01, pair_ms=0.01, forecast_term_ms=0.001,
+                           history_term_ms=0.001, router_block_ms=0.1, full_step_ms=1.0 + rows * 0.05,
+                           rows_per_block=rows, top_k=sweep.model.config.top_k,
+                           key=calibrate.calibration_key(sweep.model, sweep.sampler, SETTINGS.timing_batch))
+    monkeypatch.setattr(calibrate, "ensure_costs", lambda model, sampler, batch, **kw: fixed)
+    assert set(pareto.ABLATIONS) == {"moeca-branch", "moeca-even", "moeca-plain", "moeca-budget"}
+    assert not set(pareto.ABLATIONS) & set(pareto.DEFAULT_METHODS)
+    point = lambda m, t: pareto.Point(m, (("target_speedup", t),))
+    moeca, detail = sweep.schedule_for(point("moeca", 1.5))
+    assert moeca.provenance["config"]["target"] == "wallclock" and detail["predicted_speedup"] == pytest.approx(
+        moeca.provenance["predicted_speedup"]) and detail["refresh_steps"] == len(moeca.sync_refresh_steps)
+    cal = sweep.state.calibration("wallclock")
+    assert cal["key"]["batch"] == str(SETTINGS.timing_batch) and cal["key"]["weights"] == sweep.weights_hash
+    branch, _ = sweep.schedule_for(point("moeca-branch", 1.5))
+    assert branch.provenance["forecast_level"] == "branch"
+    assert len(branch.sync_refresh_steps) <= len(moeca.sync_refresh_steps)
+    even, _ = sweep.schedule_for(point("moeca-even", 1.5))
+    assert even.provenance["config"]["placement"] == "even"
+    plain, _ = sweep.schedule_for(point("moeca-plain", 1.5))
+    assert plain.forecast == "none"
+    budget, _ = sweep.schedule_for(point("moeca-budget", 1.5))
+    assert budget.provenance["config"]["target"] == "flops"
+
+
+def test_l2c_points_train_one_router_per_sparsity(sweep_run):
+    """L2C's speed knob is its training's sparsity penalty: each sparsity of the grid gets its own router
+    (its own cached file and calibration entry), a larger penalty reuses more."""
+    sweep = sweep_run[0]
+    low, _ = sweep.l2c_router(0.0001)
+    high, _ = sweep.l2c_router(1.0)
+    routers = sweep.state.calibration("l2c_routers")
+    assert {"0.0001", "1", "0.01"} <= set(routers) and routers["0.0001"]["file"] != routers["1"]["file"]
+    assert high.beta.mean() < low.beta.mean()
