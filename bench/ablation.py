@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     cmd = (f"moeca bench ablation --trace {args.trace} --targets {args.targets} --timing-samples "
            f"{args.timing_samples} --quality-samples {args.quality_samples} --repeats {args.repeats}"
            + (f" --threads {args.threads}" if args.threads else ""))
-    paths = write_results(NAME, rows, args.out, columns=COLUMNS, command=cmd,
+    paths = write_results(NAME, rows, args.out, columns=COLUMNS, command=cmd, plot=lambda path: plot(rows, path),
                           title="Ablations of MoECa's default rule at equal predicted wall-clock speed",
                           meta={"trace": args.trace, "sampler": sampler.to_dict(), "calibration": dict(costs.key),
                                 "timing_samples": args.timing_samples, "quality_samples": args.quality_samples},
@@ -117,3 +117,34 @@ def run(args: argparse.Namespace) -> int:
                                 "same noise; PSNR/SSIM on the quality samples.")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def plot(rows: list[dict], path) -> None:
+    """PSNR against measured speedup, one marker per variant and target (targets joined per variant), so
+    a component's worth reads as the vertical gap at equal measured speed. Rows without a measurement
+    (target out of reach) are left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = dict(zip([v for v, _ in VARIANTS], "o^sDv"))
+    for variant, _ in VARIANTS:
+        pts = sorted((r["speedup"], r["psnr"], r["target"]) for r in rows
+                     if r["variant"] == variant and r.get("speedup") is not None and r.get("psnr") is not None)
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[variant], lw=2.2 if variant == "moeca" else 1.2,
+                ls="-" if variant == "moeca" else "--", label=variant)
+        if variant == "moeca":
+            for x, y, target in pts:
+                ax.annotate(f"target {target}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("measured speedup over full compute (x)")
+    ax.set_ylabel("PSNR vs full compute (dB)")
+    ax.set_title("MoECa's components at equal predicted wall-clock speed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+

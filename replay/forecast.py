@@ -20,6 +20,11 @@ the model dtype. Shapes: ``dd [degree + 1, R, D]``, ``ts [degree + 1, R]``, ``cn
 kept, float32 in ``0..degree + 1``). ``step`` is a 0-d float32 tensor on the rows' device (the replay
 runtime's ``step_value``, so compiled code does not specialise on it) or a number. All operations are
 fixed-shape and free of host syncs.
+
+``uniform`` is a host-side note: the computations every row keeps when all rows keep the same number
+(every push so far was a :meth:`History.push_all`), else None. Eager pushes of all rows then skip the
+per-row masking (``cnt > j``) they otherwise need -- same values, less memory traffic; compiled code
+keeps the masked form (inductor fuses it, and a host value would specialise the graph).
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ class History:
     dd: torch.Tensor
     ts: torch.Tensor
     cnt: torch.Tensor
+    uniform: int | None = 0
 
     @classmethod
     def empty(cls, degree: int, rows: int, width: int, device: torch.device) -> "History":
@@ -70,11 +76,14 @@ class History:
     def forget(self, mask: torch.Tensor) -> None:
         """Rows where ``mask [R]`` holds have no history any more (their next push starts afresh)."""
         self.cnt.masked_fill_(mask, 0.0)
+        self.uniform = None
 
     def _write(self, rows: torch.Tensor | None, values: torch.Tensor, step: Step,
                mask: torch.Tensor | None = None) -> None:
         p = self.degree
         y = values.float()
+        if rows is not None or mask is not None:
+            self.uniform = None
         if p == 0 and mask is not None:
             self.dd[0].copy_(torch.where(mask.unsqueeze(-1), y, self.dd[0]))
             self.cnt.copy_(torch.where(mask, 1.0, self.cnt))
@@ -83,6 +92,7 @@ class History:
             if rows is None:
                 self.dd[0].copy_(y)
                 self.cnt.fill_(1.0)
+                self.uniform = None if self.uniform is None else 1
             else:
                 self.dd[0].index_copy_(0, rows, y)
                 self.cnt.index_fill_(0, rows, 1.0)
@@ -117,6 +127,10 @@ class History:
     def _push_all_in_place(self, y: torch.Tensor, step: Step) -> None:
         """:meth:`push_all` without temporaries: ``dd[j-1]`` is read (old) before it is overwritten."""
         p = self.degree
+        if self.uniform is not None and not torch.compiler.is_compiling():
+            self._push_all_uniform(y, step)
+            return
+        self.uniform = None
         cnt = self.cnt.add_(1.0).clamp_(max=float(p + 1))
         prev = y
         for j in range(1, p + 1):
@@ -124,6 +138,30 @@ class History:
             self.dd[j - 1].copy_(prev)
             prev = torch.where((cnt > j).unsqueeze(-1), nj, 0.0)
         self.dd[p].copy_(prev)
+        self.ts[1:] = self.ts[:-1].clone()
+        self.ts[0].fill_(step)
+
+    def _push_all_uniform(self, y: torch.Tensor, step: Step) -> None:
+        """:meth:`push_all` when every row keeps ``uniform`` computations: level ``j`` is a divided difference
+        over ``j + 1`` computations, so it is nonzero exactly when ``j < kept`` (a host-known bound)."""
+        p = self.degree
+        kept = min(self.uniform + 1, p + 1)
+        prev = y
+        for j in range(1, p + 1):
+            if j >= kept:
+                self.dd[j - 1].copy_(prev)
+                self.dd[j:].zero_()
+                break
+            span = (step - self.ts[j - 1]).clamp_(min=1.0).unsqueeze(-1)
+            if j == p:     # the last level: written in place, after its inputs were read
+                torch.sub(prev, self.dd[j - 1], out=self.dd[j]).div_(span)
+                self.dd[j - 1].copy_(prev)
+                break
+            nj = torch.sub(prev, self.dd[j - 1]).div_(span)
+            self.dd[j - 1].copy_(prev)
+            prev = nj
+        self.cnt.fill_(float(kept))
+        self.uniform = kept
         self.ts[1:] = self.ts[:-1].clone()
         self.ts[0].fill_(step)
 

@@ -22,12 +22,14 @@ MODE_CODE = {"always": 0, "never": 1, "fraction": 2, "threshold": 3}
 class StepKind:
     """The rules of one kind of step. rules: per block (a sync step's are all ``always``); model: the
     whole-model mode (``compute``, ``reuse``, ``adaptive``; sync steps ``compute``); expert_summary: per
-    block ``(all always, any fraction, any scored, all never)`` of the routed-expert rules. Compared by
-    identity (interned)."""
+    block ``(all always, any fraction, any scored, all never)`` of the routed-expert rules; forecast_all:
+    every block reuses attention and the whole MoE output and nothing tracks drift, so the whole block
+    stack can be forecast at once (:mod:`.units.stack`). Compared by identity (interned)."""
 
     rules: tuple[BlockRule, ...]
     model: str
     expert_summary: tuple[tuple[bool, bool, bool, bool], ...]
+    forecast_all: bool = False
 
 
 class SchedulePlan:
@@ -62,7 +64,10 @@ class SchedulePlan:
                 summary = tuple((all(r.mode == "always" for r in br.experts), any(r.mode == "fraction" for r in br.experts),
                                  any(r.scored for r in br.experts), all(r.mode == "never" for r in br.experts))
                                 for br in rules)
-                kinds[key] = StepKind(rules, model, summary)
+                untracked = not any(self.track_attn) and not any(self.track_moe)
+                forecast_all = model == "compute" and untracked and all(
+                    br.attn.mode == "never" and br.moe.mode == "never" for br in rules)
+                kinds[key] = StepKind(rules, model, summary, forecast_all)
             self.kinds.append(kinds[key])
         self._tables: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 

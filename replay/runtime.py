@@ -44,6 +44,7 @@ from .state import BlockState, ContextState, RowCache
 from .units.attention import reused_attention, run_attention
 from .units.model_skip import run_with_model_skip
 from .units.routed import all_pairs, run_routed
+from .units.stack import forecast_stack, stack_ready
 from .units.token import run_token_unit
 
 
@@ -202,9 +203,12 @@ class ReplayRuntime(Runtime):
         return self._blocks(model, x, c)
 
     def _blocks(self, model, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """All blocks. Where attention is reused whole and its input is not tracked, the block runs
+        """All blocks. A step that forecasts every unit of every block runs as one sum over the stack
+        (:mod:`.units.stack`). Where attention is reused whole and its input is not tracked, the block runs
         without ``norm1``/modulation (their only consumer is attention): the same arithmetic as
         :meth:`DiTMoEBlock.forward` with the cached attention output, minus the dead work."""
+        if stack_ready(self, model, x.shape[0] * x.shape[1]):
+            return forecast_stack(self, model, x, c)
         for block in model.blocks:
             cached = reused_attention(self, block, self._cs.blocks[block.index], x.shape, x.dtype) \
                 if isinstance(block, DiTMoEBlock) else None

@@ -2,6 +2,7 @@
 ``linear`` == ``taylor`` order 1 bit for bit, and higher orders in a real replay."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,3 +124,60 @@ def test_forecast_state_is_float32_for_a_bfloat16_model():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert dtypes == [torch.float32] * 3
     assert rt.counters.totals()["expert"] < rt.counters.totals()["pairs"]
+
+
+@pytest.mark.parametrize("degree", [1, 2, 3])
+def test_pushes_of_all_rows_skip_the_row_mask_with_the_same_values(degree):
+    """While every push covers all rows, the history knows on the host how many computations each row
+    keeps and skips the per-row mask; the values equal the masked form's bit for bit (steps 0..5 cover the
+    counts 1..degree+1), and a partial push falls back to the masked form."""
+    torch.manual_seed(degree)
+    fast = History.empty(degree, 6, 4, torch.device("cpu"))
+    masked = History.empty(degree, 6, 4, torch.device("cpu"))
+    for s in (0, 2, 3, 5, 8, 9):
+        y = torch.randn(6, 4)
+        masked.uniform = None                  # force the masked form
+        fast.push_all(y, s)
+        masked.push_all(y, s)
+        for a, b in ((fast.dd, masked.dd), (fast.ts, masked.ts), (fast.cnt, masked.cnt)):
+            assert torch.equal(a, b)
+    assert fast.uniform == degree + 1
+    fast.push_rows(torch.tensor([1]), torch.ones(1, 4), 10)
+    assert fast.uniform is None
+
+
+def _forecast_all_schedule(order: int) -> Schedule:
+    """Steps 0, 1, 4, 7 computed; every other step reuses attention and the whole MoE output of every block."""
+    from moeca.policy.baselines.common import assemble, block_rule, full_blocks
+    from dataclasses import replace as dc_replace
+    sync = (0, 1, 4, 7)
+    reuse = tuple(block_rule(TINY.num_experts, attn=NEVER, moe=NEVER) for _ in range(TINY.depth))
+    steps = [StepRule("compute", full_blocks(TINY.depth, TINY.num_experts) if s in sync else reuse) for s in range(STEPS)]
+    schedule = assemble("taylorseer", TINY, SAMPLER, steps, sync=sync)
+    return dc_replace(schedule, forecast="taylor", forecast_order=order)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_a_step_forecasting_every_block_runs_as_one_sum_over_the_stack(tiny_model, monkeypatch, order):
+    """On a step whose every block reuses attention and the whole MoE output, the runtime adds the stack's
+    gated forecasts to the residual at once: no block module runs (no norm, attention, router or expert), the
+    result equals the block-by-block path up to summation order, and the counters are the same."""
+    from moeca.replay import runtime as replay_runtime
+    schedule = _forecast_all_schedule(order)
+    calls = {"norm2": 0}
+    for block in tiny_model.blocks:
+        block.norm2.register_forward_hook(lambda *a: calls.__setitem__("norm2", calls["norm2"] + 1))
+    stacked = ReplayRuntime(schedule)
+    with tiny_model.use_runtime(stacked):
+        fast = sample(tiny_model, SAMPLER, LABELS, seed=5)
+    assert calls["norm2"] == 4 * TINY.depth      # the four computed steps (batched CFG: one forward per step)
+    monkeypatch.setattr(replay_runtime, "stack_ready", lambda *a: False)
+    blockwise = ReplayRuntime(schedule)
+    with tiny_model.use_runtime(blockwise):
+        slow = sample(tiny_model, SAMPLER, LABELS, seed=5)
+    assert calls["norm2"] == 4 * TINY.depth + STEPS * TINY.depth
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(fast, sample(tiny_model, SAMPLER, LABELS, seed=5))   # it did reuse
+    for name in stacked.counters.FIELDS:
+        assert np.array_equal(getattr(stacked.counters, name), getattr(blockwise.counters, name)), name
+    assert stacked.counters.totals() == blockwise.counters.totals()

@@ -254,3 +254,18 @@ def test_l2c_points_train_one_router_per_sparsity(sweep_run):
     routers = sweep.state.calibration("l2c_routers")
     assert {"0.0001", "1", "0.01"} <= set(routers) and routers["0.0001"]["file"] != routers["1"]["file"]
     assert high.beta.mean() < low.beta.mean()
+
+
+def test_ablation_plot_draws_measured_rows_and_skips_unreached_targets(tmp_path):
+    """``moeca bench ablation`` writes a PNG: PSNR against measured speedup per variant; a variant whose
+    target was out of reach (no measurement) is left out instead of failing the plot."""
+    from PIL import Image
+
+    from moeca.bench import ablation
+    rows = [{"target": "2x", "variant": v, "speedup": 2.0 + i / 10, "psnr": 50.0 - i} for i, (v, _) in
+            enumerate(ablation.VARIANTS)]
+    rows.append({"target": "3x", "variant": "branch level", "note": "target speedup 3x is out of reach"})
+    path = tmp_path / "ablation.png"
+    ablation.plot(rows, path)
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] > 300

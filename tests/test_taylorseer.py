@@ -126,6 +126,7 @@ def test_order_two_is_exact_on_a_quadratic_trajectory(monkeypatch):
     two computed values) both are the linear forecast."""
     from moeca.replay import runtime as replay_runtime
     monkeypatch.setattr(replay_runtime, "reused_attention", _recording_reused_attention(replay_runtime.reused_attention))
+    monkeypatch.setattr(replay_runtime, "stack_ready", lambda *a: False)   # block by block, to record each forecast
     model = make_tiny()
     clock = {"step": -1}
     for i, block in enumerate(model.blocks):
