@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -196,18 +197,37 @@ def load_costs(key: Mapping[str, str], path: Path | None = None) -> WallClockCos
     return costs if dict(costs.key) == dict(key) else None
 
 
-def save_costs(costs: WallClockCosts, path: Path | None = None) -> Path:
-    """Add or replace the entry of ``costs.key`` in the cache file (temporary sibling, then rename)."""
-    path = path or cache_path()
+@contextmanager
+def _exclusive(path: Path):
+    """Hold an exclusive lock on ``.<name>.lock`` beside ``path`` (POSIX ``flock``; where there is none,
+    no lock), so concurrent processes' read-modify-writes of the cache do not drop each other's entries."""
     try:
-        data = _read(path)
-    except CalibrationError:
-        data = {"format": CACHE_FORMAT, "entries": {}}  # an unreadable cache is rewritten, not merged
-    data["entries"][key_id(costs.key)] = costs.to_json()
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def save_costs(costs: WallClockCosts, path: Path | None = None) -> Path:
+    """Add or replace the entry of ``costs.key`` in the cache file (under a lock: read, add, write a
+    temporary sibling, rename), keeping the entries other processes saved meanwhile."""
+    path = path or cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with _exclusive(path):
+        try:
+            data = _read(path)
+        except CalibrationError:
+            data = {"format": CACHE_FORMAT, "entries": {}}  # an unreadable cache is rewritten, not merged
+        data["entries"][key_id(costs.key)] = costs.to_json()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
     return path
 
 

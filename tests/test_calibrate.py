@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -47,11 +48,33 @@ def test_round_trip_keeps_every_entry_and_writes_atomically(cache_dir):
     save_costs(b)
     assert path == cache_dir / "calibration.json"
     assert load_costs(KEY) == a and load_costs(b.key) == b
-    assert sorted(p.name for p in cache_dir.iterdir()) == ["calibration.json"]     # no temporary left over
+    assert sorted(p.name for p in cache_dir.iterdir()) == [".calibration.json.lock", "calibration.json"]  # no temporary
     data = json.loads(path.read_text())
     assert data["format"] == 1 and set(data["entries"]) == {key_id(a.key), key_id(b.key)}
     save_costs(replace(a, step_ms=3.0))                                             # same key: replaced
     assert load_costs(KEY).step_ms == 3.0 and len(json.loads(path.read_text())["entries"]) == 2
+
+
+def _save_many(path: str, tag: str, count: int) -> None:
+    for i in range(count):
+        save_costs(costs({**KEY, "batch": f"{tag}{i}"}), Path(path))
+
+
+def test_processes_saving_at_once_keep_each_others_entries(cache_dir):
+    """Two processes calibrating at the same time (e.g. two benchmark sweeps) both keep their entries: each
+    read-modify-write of the cache holds a lock."""
+    import multiprocessing
+    path = cache_dir / "calibration.json"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_save_many, args=(str(path), tag, 30)) for tag in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    entries = json.loads(path.read_text())["entries"]
+    assert len(entries) == 60
+    assert not [p for p in cache_dir.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_another_key_is_never_used(cache_dir):
