@@ -647,7 +647,8 @@ def front(rows: Sequence[Mapping], method: str, metric: str, axis: str = "speedu
 def interpolate(rows: Sequence[Mapping], method: str, metric: str, target: float, axis: str = "speedup"
                 ) -> tuple[float, float | None] | None:
     """``(value, spread)`` of ``metric`` for ``method`` at speed ``target``, linear between the two points
-    of its Pareto front (:func:`front`) that bracket it; None when the front does not reach ``target``.
+    of its Pareto front (:func:`front`) that bracket it; below the front's slowest point, that point's
+    (a setting at least as fast and the front's best); None when the front does not reach ``target``.
     ``axis``: ``speedup`` (measured wall clock) or ``flops`` (``1 / flops_ratio``, no timing noise). The
     spread (``<metric>_spread``, None when the rows have none) is interpolated the same way."""
     pts = front(rows, method, metric, axis)
@@ -655,6 +656,8 @@ def interpolate(rows: Sequence[Mapping], method: str, metric: str, target: float
     def at(r: Mapping) -> tuple[float, float | None]:
         return r[metric], r.get(f"{metric}_spread")
 
+    if pts and target < _x(pts[0], axis):
+        return at(pts[0])
     for a, b in zip(pts, pts[1:]):
         s0, s1 = _x(a, axis), _x(b, axis)
         if s0 <= target <= s1:

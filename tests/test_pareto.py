@@ -133,6 +133,7 @@ def test_front_keeps_the_best_point_per_speed_and_interpolates_with_spread():
     value, spread = pareto.interpolate(rows, "toca", "psnr", 2.25)
     assert value == pytest.approx(29.0) and spread == pytest.approx(2.0)
     assert pareto.interpolate(rows, "toca", "psnr", 5.0) is None
+    assert pareto.interpolate(rows, "toca", "psnr", 1.5) == (30.0, 1.0)   # a faster setting reaches 1.5x
     fd = [{**r, "fd": 40 - r["psnr"], "fd_spread": 0.0} for r in rows]   # lower is better
     assert [r["speedup"] for r in pareto.front(fd, "toca", "fd")] == [2.0, 2.5, 4.0]
     flops = [{**r, "flops_ratio": 1 / r["speedup"], "speedup": 1.0} for r in rows]
