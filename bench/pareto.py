@@ -88,7 +88,7 @@ DEFAULT_GRID: dict[str, tuple[dict[str, float], ...]] = {
     "teacache": tuple({"thresh_x_mean_change": v} for v in (3.0, 6.0, 1.5)),
     # routers trained per sparsity penalty lambda (the speed knob of L2C's training), reuse where the learned
     # router value beta < 0.5 (the paper's export rule)
-    "l2c": tuple({"sparsity": v, "threshold": 0.5} for v in (0.003, 0.001, 0.01, 0.0003)),
+    "l2c": tuple({"sparsity": v, "threshold": 0.5} for v in (0.003, 0.001, 0.01, 0.0003, 0.03, 0.1)),
     "moeca-branch": tuple({"target_speedup": v} for v in (2.0, 2.5, 3.0, 4.0)),
     "moeca-even": tuple({"target_speedup": v} for v in (2.5, 3.0, 4.0)),
     "moeca-plain": tuple({"target_speedup": v} for v in (2.0, 3.0, 4.0)),
