@@ -70,6 +70,9 @@ ABLATIONS = {
 }
 """Ablations: not baselines from the literature, variants that separate MoECa's ingredients. TaylorSeer
 of order 1 is the former ``fora-forecast`` ablation (FORA with MoECa's linear forecast)."""
+MOECA_KNOBS = {"moeca": {}, "moeca-branch": {"forecast_level": "branch"}, "moeca-even": {"placement": "even"},
+               "moeca-plain": {"forecast": "none"}, "moeca-budget": {"refresh": "budget"}}
+"""The :class:`~moeca.policy.derive.DeriveConfig` knobs of MoECa and of each ablation."""
 METHODS = ("none", "moeca", *BASELINES, *ABLATIONS)
 DEFAULT_METHODS = ("none", "moeca", *BASELINES)
 
@@ -472,14 +475,16 @@ class ParetoSweep:
 
     def wallclock_costs(self):
         """MoECa's calibrated unit costs on this device at the timing batch (what ``moeca schedule derive
-        --target-speedup`` uses: measured once and cached per device, model, batch and threads)."""
-        from moeca.replay.calibrate import ensure_costs
-        costs = ensure_costs(self.model, self.sampler, self.settings.timing_batch, progress=self.log)
-        summary = {"key": dict(costs.key), "full_step_ms": costs.full_step_ms,
-                   "fit_rel_error": costs.fit_rel_error, "created": costs.created}
-        if self.state.calibration("wallclock") != _clean(summary):
-            self.state.set_calibration("wallclock", summary)
-        return costs
+        --target-speedup`` uses: measured once and cached per device, model, batch and threads); looked up
+        once per sweep process."""
+        ctx = self.context()
+        if "wallclock" not in ctx.extra:
+            from moeca.replay.calibrate import ensure_costs
+            costs = ensure_costs(self.model, self.sampler, self.settings.timing_batch, progress=self.log)
+            self.state.set_calibration("wallclock", {"key": dict(costs.key), "full_step_ms": costs.full_step_ms,
+                                                     "fit_rel_error": costs.fit_rel_error, "created": costs.created})
+            ctx.extra["wallclock"] = costs
+        return ctx.extra["wallclock"]
 
     def moeca_inputs(self) -> tuple[Any, dict]:
         ctx = self.context()
@@ -527,14 +532,13 @@ class ParetoSweep:
             router, cfg = self.l2c_router(point["sparsity"])
             schedule = l2c.build_schedule(router, replace(cfg, threshold=point["threshold"]), mc, sampler, wh)
             return schedule, {"reused_decisions": schedule.provenance["reused_decisions"]}
-        if point.method == "moeca" or point.method in ABLATIONS:
+        if point.method in MOECA_KNOBS:
             from moeca.policy.derive import DeriveConfig, derive_schedule
             summary, run_meta = self.moeca_inputs()
-            variant = {"moeca": {}, "moeca-branch": {"forecast_level": "branch"}, "moeca-even": {"placement": "even"},
-                       "moeca-plain": {"forecast": "none"}, "moeca-budget": {"refresh": "budget"}}[point.method]
-            flops = point.method == "moeca-budget"
+            knobs = MOECA_KNOBS[point.method]
+            flops = knobs.get("refresh") == "budget"    # the budget rule predicts FLOPs only
             cfg = DeriveConfig(target_speedup=point["target_speedup"], target="flops" if flops else "wallclock",
-                               **variant)
+                               **knobs)
             costs = None if flops else self.wallclock_costs()
             try:
                 schedule = derive_schedule(summary, run_meta, cfg, costs)

@@ -20,8 +20,9 @@ The row costs are what computing a row adds over reusing it; ``forecast_term_ms`
 reused row adds per polynomial term (``order`` 0 = plain reuse, 1 = linear, ``p`` = Taylor order ``p``);
 ``history_term_ms`` what pushing a computed row into the forecast history adds per term.
 ``computed`` = attention + shared rows + pairs computed; ``reused`` = the rest of the step's
-``2 N + k N`` rows per block (``2 N`` in a block that does not route: attention and whole-MoE rows) (every such step has the same total, which is why a per-row cost of plain
-reuse cannot be told apart from ``step_ms``). ``full_step_ms`` is one step of full compute with the default runtime:
+``2 N + k N`` rows per block, ``2 N`` in a block that does not route (attention and whole-MoE rows); every
+such step has the same total, which is why a per-row cost of plain reuse cannot be told apart from
+``step_ms``. ``full_step_ms`` is one step of full compute with the default runtime:
 the reference every measured speedup is taken against.
 
 The measurement is a hook: the replay stage registers it with :func:`set_costs_provider` (policy never
@@ -58,8 +59,8 @@ class StepWork:
 
     attn / shared: rows computed by attention (queries) and the shared expert; pairs: (token, expert)
     pairs run through a routed expert (padding excluded); reused: rows of the three units not computed
-    (reused or forecast; in a block that does not route, attention and whole-MoE rows); order: forecast order (0 = plain reuse, 1 = linear, p = Taylor order p);
-    routed_blocks: blocks whose router ran.
+    (reused or forecast; in a block that does not route, attention and whole-MoE rows); order: forecast
+    order (0 = plain reuse, 1 = linear, p = Taylor order p); routed_blocks: blocks whose router ran.
     """
 
     attn: float

@@ -125,43 +125,34 @@ class History:
             self.cnt.index_copy_(0, rows, cnt)
 
     def _push_all_in_place(self, y: torch.Tensor, step: Step) -> None:
-        """:meth:`push_all` without temporaries: ``dd[j-1]`` is read (old) before it is overwritten."""
+        """:meth:`push_all` without temporaries: ``dd[j-1]`` is read (old) before it is overwritten. While the
+        host knows every row's count (``uniform``, eager only), level ``j`` is nonzero exactly when
+        ``j < kept`` and needs no per-row mask; else the mask ``cnt > j`` zeroes the levels a row lacks."""
         p = self.degree
-        if self.uniform is not None and not torch.compiler.is_compiling():
-            self._push_all_uniform(y, step)
-            return
-        self.uniform = None
-        cnt = self.cnt.add_(1.0).clamp_(max=float(p + 1))
+        known = self.uniform is not None and not torch.compiler.is_compiling()
+        if known:
+            kept = min(self.uniform + 1, p + 1)
+            self.cnt.fill_(float(kept))
+            self.uniform = kept
+        else:
+            cnt = self.cnt.add_(1.0).clamp_(max=float(p + 1))
+            self.uniform = None
         prev = y
         for j in range(1, p + 1):
-            nj = (prev - self.dd[j - 1]).div_((step - self.ts[j - 1]).clamp_(min=1.0).unsqueeze(-1))
-            self.dd[j - 1].copy_(prev)
-            prev = torch.where((cnt > j).unsqueeze(-1), nj, 0.0)
-        self.dd[p].copy_(prev)
-        self.ts[1:] = self.ts[:-1].clone()
-        self.ts[0].fill_(step)
-
-    def _push_all_uniform(self, y: torch.Tensor, step: Step) -> None:
-        """:meth:`push_all` when every row keeps ``uniform`` computations: level ``j`` is a divided difference
-        over ``j + 1`` computations, so it is nonzero exactly when ``j < kept`` (a host-known bound)."""
-        p = self.degree
-        kept = min(self.uniform + 1, p + 1)
-        prev = y
-        for j in range(1, p + 1):
-            if j >= kept:
+            if known and j >= kept:             # no row keeps j + 1 computations: levels j.. are zero
                 self.dd[j - 1].copy_(prev)
                 self.dd[j:].zero_()
                 break
             span = (step - self.ts[j - 1]).clamp_(min=1.0).unsqueeze(-1)
-            if j == p:     # the last level: written in place, after its inputs were read
+            if known and j == p:                # the last level, written in place after its inputs were read
                 torch.sub(prev, self.dd[j - 1], out=self.dd[j]).div_(span)
                 self.dd[j - 1].copy_(prev)
                 break
-            nj = torch.sub(prev, self.dd[j - 1]).div_(span)
+            nj = (prev - self.dd[j - 1]).div_(span)
             self.dd[j - 1].copy_(prev)
-            prev = nj
-        self.cnt.fill_(float(kept))
-        self.uniform = kept
+            prev = nj if known else torch.where((cnt > j).unsqueeze(-1), nj, 0.0)
+        else:
+            self.dd[p].copy_(prev)
         self.ts[1:] = self.ts[:-1].clone()
         self.ts[0].fill_(step)
 

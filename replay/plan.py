@@ -54,6 +54,7 @@ class SchedulePlan:
         self.track_moe = [self._scored(b, "moe") or self._scored(b, "shared") or self._scored(b, "expert")
                           for b in range(depth)]
         self.uses_model_skip = schedule.uses_model_skip
+        untracked = not any(self.track_attn) and not any(self.track_moe)
         kinds: dict[tuple, StepKind] = {}
         self.kinds: list[StepKind] = []
         for s in range(S):
@@ -64,7 +65,6 @@ class SchedulePlan:
                 summary = tuple((all(r.mode == "always" for r in br.experts), any(r.mode == "fraction" for r in br.experts),
                                  any(r.scored for r in br.experts), all(r.mode == "never" for r in br.experts))
                                 for br in rules)
-                untracked = not any(self.track_attn) and not any(self.track_moe)
                 forecast_all = model == "compute" and untracked and all(
                     br.attn.mode == "never" and br.moe.mode == "never" for br in rules)
                 kinds[key] = StepKind(rules, model, summary, forecast_all)

@@ -7,10 +7,10 @@ and the gates ``[B, D]`` come from the conditioning ``c``. So the stack's output
 
     x + sum_b (gate_msa_b * A_b(s) + gate_mlp_b * M_b(s))
 
-This computes exactly that, without the dead work of the block-by-block path (``norm2``, the modulation
-of the MoE input, the shift/scale chunks of the adaLN projection): ``SiLU(c)`` once, each block's two gate
-chunks of its adaLN projection, one forecast per unit accumulated in float32 into the residual. The sum
-is the block-by-block path's up to floating-point summation order (the forecasts are the same values).
+This computes exactly that, without the dead work of the block-by-block path (``norm2`` and the modulation
+of the MoE input): each block's adaLN projection for its gates, one forecast per unit accumulated in
+float32 into the residual. The sum is the block-by-block path's up to floating-point summation order (the
+gates and forecasts are the same values).
 Counters and the finiteness bookkeeping record what the block-by-block path records.
 Shapes: ``x [B, T, D]``, ``c [B, D]`` -> ``[B, T, D]`` in ``x``'s dtype.
 """
@@ -19,16 +19,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from moeca.models.dit_moe import DiTMoEBlock
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..runtime import ReplayRuntime
-
-GATE_CHUNKS = (2, 5)
-"""Positions of ``gate_msa`` and ``gate_mlp`` among the six chunks of a block's adaLN projection
-(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp)."""
 
 
 def stack_ready(rt: "ReplayRuntime", model, rows: int) -> bool:
@@ -44,26 +39,15 @@ def stack_ready(rt: "ReplayRuntime", model, rows: int) -> bool:
     return True
 
 
-def gates(block: DiTMoEBlock, silu_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(gate_msa, gate_mlp)``, each ``[B, D]``, from ``SiLU(c) [B, D]``: the two gate chunks of the block's
-    adaLN projection only."""
-    proj = block.adaLN_modulation[-1]
-    D = silu_c.shape[-1]
-    weight = proj.weight.view(6, D, D)[list(GATE_CHUNKS)].reshape(2 * D, D)
-    bias = proj.bias.view(6, D)[list(GATE_CHUNKS)].reshape(2 * D)
-    return F.linear(silu_c, weight, bias).chunk(2, dim=1)
-
-
 def forecast_stack(rt: "ReplayRuntime", model, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """The block stack's output on a step that forecasts every unit of every block (see the module docstring)."""
     B, T, D = x.shape
     N = B * T
     step, degree = rt.step, rt.plan.degree
     acc = x.to(torch.float32, copy=True)
-    silu_c = F.silu(c)
     for block, st in zip(model.blocks, rt.context.blocks):
         bi = block.index
-        gate_msa, gate_mlp = gates(block, silu_c)
+        _, _, gate_msa, _, _, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
         for name, cache, gate in (("attention", st.attn, gate_msa), ("moe", st.moe, gate_mlp)):
             acc.addcmul_(cache.hist.forecast(step).view(B, T, D), gate.float().unsqueeze(1))
             rt.note_reused(name, bi, cache)
