@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="time full compute and every variant with the model compiled by torch.compile (each new "
+                        "schedule compiles its kinds of step in its warm-up: minutes per variant on a CPU)")
     p.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
     p.set_defaults(func=run)
 
@@ -94,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{target:g}x {variant}: {exc}", flush=True)
                 continue
             result = replay_compare(model, schedule, sampler, timing, seed=args.seed, repeats=args.repeats,
-                                    quality_labels=quality, quality_reference=reference, progress=False)
+                                    quality_labels=quality, quality_reference=reference, progress=False,
+                                    compile=args.compile)
             reference = result.quality_full
             r = result.report
             rows.append({**row, "level": schedule.provenance.get("forecast_level"),
@@ -107,10 +111,11 @@ def run(args: argparse.Namespace) -> int:
                   flush=True)
     cmd = (f"moeca bench ablation --trace {args.trace} --targets {args.targets} --timing-samples "
            f"{args.timing_samples} --quality-samples {args.quality_samples} --repeats {args.repeats}"
-           + (f" --threads {args.threads}" if args.threads else ""))
+           + (f" --threads {args.threads}" if args.threads else "") + (" --compile" if args.compile else ""))
     paths = write_results(NAME, rows, args.out, columns=COLUMNS, command=cmd, plot=lambda path: plot(rows, path),
                           title="Ablations of MoECa's default rule at equal predicted wall-clock speed",
                           meta={"trace": args.trace, "sampler": sampler.to_dict(), "calibration": dict(costs.key),
+                                "compiled": args.compile,
                                 "timing_samples": args.timing_samples, "quality_samples": args.quality_samples},
                           notes="Each target's variants are derived for the same predicted wall-clock speedup "
                                 "(this device's calibrated unit costs) and replayed against full compute from the "

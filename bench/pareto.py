@@ -117,7 +117,10 @@ class ParetoSettings:
     calibration_samples: samples for TeaCache's fit and L2C's training. l2c_max_iterations: L2C's
     iteration cap per step (training stops when the loss converges; the sparsity penalty is a grid knob).
     device: torch device name. threads: CPU threads of torch (None = torch's default); timing and the
-    wall-clock calibration of MoECa's targets run with them.
+    wall-clock calibration of MoECa's targets run with them. compile: time and sample every point with the
+    model compiled by ``torch.compile`` (:func:`moeca.models.compile.compile_model`; each point's schedule
+    compiles its kinds of step in its warm-up, minutes per point on a CPU); the wall-clock calibration of
+    MoECa's targets stays eager.
     """
 
     model: str = "demo"
@@ -135,6 +138,7 @@ class ParetoSettings:
     l2c_max_iterations: int = 200
     device: str = "auto"
     threads: int | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "eval_samples", "eval_batch", "timing_batch", "repeats", "trace_samples",
@@ -559,7 +563,7 @@ class ParetoSweep:
         s = self.settings
         result = replay_compare(self.model, schedule, ctx.sampler, ctx.labels[:s.timing_batch], seed=s.seeds[0],
                                 repeats=s.repeats, evaluate=False, progress=self.progress, model_name=self.model_name,
-                                runtime_factory=ReplayRuntime, warmup=True)
+                                runtime_factory=ReplayRuntime, warmup=True, compile=s.compile)
         rep = result.report
         per_seed = []
         for j, ref in enumerate(ctx.references):
@@ -989,6 +993,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of torch for the whole sweep (timing and MoECa's wall-clock calibration; "
                         "default: torch's default)")
+    p.add_argument("--compile", action="store_true",
+                   help="time and sample every point with the model compiled by torch.compile (each point compiles "
+                        "its kinds of step in its warm-up: minutes per point on a CPU; the calibration stays eager)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_cli)
 
@@ -1015,7 +1022,7 @@ def run_cli(args: argparse.Namespace) -> int:
                               cfg_scale=args.cfg_scale, eval_samples=args.eval_samples, eval_batch=args.eval_batch,
                               seeds=_seeds(args.seeds), timing_batch=args.timing_batch, repeats=args.repeats,
                               trace_samples=args.trace_samples, calibration_samples=args.calibration_samples,
-                              device=args.device, threads=args.threads)
+                              device=args.device, threads=args.threads, compile=args.compile)
     if settings.threads is not None:
         import torch
         torch.set_num_threads(settings.threads)

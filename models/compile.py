@@ -21,6 +21,9 @@ import torch.nn as nn
 
 from .dispatch import prepare_model
 
+RECOMPILE_LIMIT = 256
+"""Graphs dynamo keeps per compiled function before it would run the rest eagerly (its default is 8)."""
+
 
 @dataclass(frozen=True)
 class CompileOptions:
@@ -61,6 +64,11 @@ def compile_model(model: nn.Module, options: CompileOptions | None = None, in_pl
             if stack is not None:
                 torch._dynamo.mark_static_address(stack.gate_up)
                 torch._dynamo.mark_static_address(stack.down)
+    # a compiled forward is specialised per replay runtime object and kind of step: a benchmark that replays
+    # many schedules in one process must recompile, not fall back to eager at dynamo's default limit of 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                           8 * RECOMPILE_LIMIT)
     target = model if in_place else copy.copy(model)
     target.compiled_core = torch.compile(target.forward_core, mode=options.mode, backend=options.backend,
                                          dynamic=options.dynamic)

@@ -11,7 +11,7 @@ Public API (imported lazily, so ``import moeca.replay`` stays cheap):
   one rank of torchrun (:mod:`moeca.replay.sample_ddp`; command line: ``python -m moeca.replay sample``);
 - the engine behind ``ReplayRuntime`` (:mod:`moeca.replay.runtime`, a thin orchestrator): :mod:`.plan`
   (static decisions from the schedule), :mod:`.state` (per-context preallocated caches), :mod:`.forecast`
-  (float32 Newton forecast history), :mod:`.counters` (what ran), :mod:`.units` (attention, routed
+  (float32 forecast history: the last computed values), :mod:`.counters` (what ran), :mod:`.units` (attention, routed
   branches, per-token units, whole-model skip, token selection hooks, device-path dispatch);
 - :mod:`moeca.replay.partial_attention` -- attention for a subset of query tokens;
   :mod:`moeca.replay.cli` -- ``moeca replay``.

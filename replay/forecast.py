@@ -1,47 +1,56 @@
-"""Forecast state of cached rows: Newton divided differences, float32, updated in place.
+"""Forecast state of cached rows: the last computed values, float32, in preallocated buffers.
 
 A cached unit keeps, per row (a token, or a (token, slot) pair), the last ``degree + 1`` values it
-computed and the steps at which it computed them, as the *diagonal of the Newton divided-difference
-table*: ``dd[0]`` is the newest value ``y(s_0)``, ``dd[j] = y[s_0, ..., s_j]`` the ``j``-th divided
-difference over the ``j + 1`` newest computations (``s_0 > s_1 > ...``). Pushing a new value ``y`` at
-step ``s`` updates the diagonal in ``O(degree)``::
+computed and the steps at which it computed them. The forecast at step ``s`` is the polynomial through
+them, in Lagrange form: with ``y_j`` computed at ``s_j`` (``j = 0`` the newest, ``s_0 > s_1 > ...``)::
 
-    n_0 = y;   n_j = (n_{j-1} - dd[j-1]) / (s - ts[j-1])        (then ts <- [s, ts[0], ..., ts[-2]])
-
-and the forecast at step ``s`` is the Newton polynomial, evaluated by Horner's rule::
-
-    P(s) = dd[0] + (s - ts[0]) * (dd[1] + (s - ts[1]) * (dd[2] + ...))
+    P(s) = sum_j l_j(s) y_j,      l_j(s) = prod_{i != j} (s - s_i) / (s_j - s_i)
 
 Exact for unequal spacing; for equally spaced refreshes it is TaylorSeer's finite-difference Taylor
-expansion of that order; degree 1 is the linear forecast ``y1 + (y1 - y0) (s - s1) / (s1 - s0)``. A row
-computed only ``c < degree + 1`` times has ``dd[j] = 0`` for ``j >= c`` (it extrapolates with the order
-its history allows; computed once: plain reuse). Degree 0 is plain reuse. Everything is float32 whatever
-the model dtype. Shapes: ``dd [degree + 1, R, D]``, ``ts [degree + 1, R]``, ``cnt [R]`` (computations
-kept, float32 in ``0..degree + 1``). ``step`` is a 0-d float32 tensor on the rows' device (the replay
-runtime's ``step_value``, so compiled code does not specialise on it) or a number. All operations are
-fixed-shape and free of host syncs.
+expansion of that order; degree 1 is the linear forecast ``y_0 + (y_0 - y_1) (s - s_0) / (s_0 - s_1)``.
+A row computed only ``c < degree + 1`` times uses its ``c`` values (the order its history allows;
+computed once: plain reuse). Degree 0 is plain reuse. Everything is float32 whatever the model dtype.
 
-``uniform`` is a host-side note: the computations every row keeps when all rows keep the same number
-(every push so far was a :meth:`History.push_all`), else None. Eager pushes of all rows then skip the
-per-row masking (``cnt > j``) they otherwise need -- same values, less memory traffic; compiled code
-keeps the masked form (inductor fuses it, and a host value would specialise the graph).
+Why values and not divided differences: a push is then one copy of the new values, and a forecast one
+multiply-add per kept value on ``[R, D]``; the weights ``l_j`` are computed on ``[R]``, or once for all rows
+(see ``uniform``), as host arithmetic when the step is a number.
+
+Shapes: ``vals [degree + 1, R, D]`` (the buffers; ``level(j)`` is the ``j``-th newest value), ``ts
+[degree + 1, R]`` (steps, newest first), ``cnt [R]`` (values kept, float32 in ``0..degree + 1``). ``step``
+is a 0-d float32 tensor on the rows' device (the replay runtime's ``step_value``, so compiled code does
+not specialise on it) or a number. All operations are fixed-shape and free of host syncs.
+
+Host-side notes, used in eager code only (compiled code keeps the general form: a host value would
+specialise the graph): ``uniform`` -- the values every row keeps when all rows keep the same number
+(every push so far was a :meth:`History.push_all`), else None; the rows then share their steps, so the
+weights are computed once for all rows and need no per-row masks. ``slots`` -- which buffer of ``vals``
+holds the ``j``-th newest value: an eager push of all rows turns this ring instead of shifting the
+buffers (one copy per push); compiled code shifts the buffers and never turns it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
 Step = torch.Tensor | float
 
+
 @dataclass
 class History:
     """Preallocated forecast state of ``R`` rows of width ``D`` (see the module docstring)."""
 
-    dd: torch.Tensor
+    vals: torch.Tensor
     ts: torch.Tensor
     cnt: torch.Tensor
     uniform: int | None = 0
+    slots: list[int] = field(default_factory=list)
+    host_ts: list[float] | None = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.slots:
+            self.slots = list(range(self.vals.shape[0]))
 
     @classmethod
     def empty(cls, degree: int, rows: int, width: int, device: torch.device) -> "History":
@@ -51,138 +60,127 @@ class History:
 
     @property
     def degree(self) -> int:
-        return self.dd.shape[0] - 1
+        return self.vals.shape[0] - 1
 
     @property
     def rows(self) -> int:
-        return self.dd.shape[1]
+        return self.vals.shape[1]
+
+    def level(self, j: int) -> torch.Tensor:
+        """The ``j``-th newest computed values ``[R, D]`` (a view of the buffers)."""
+        return self.vals[self.slots[j]]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.dd, self.ts, self.cnt))
+        return sum(t.numel() * t.element_size() for t in (self.vals, self.ts, self.cnt))
 
+    # -- pushes --------------------------------------------------------------------------------
     def push_all(self, values: torch.Tensor, step: Step) -> None:
         """Every row computed now: ``values [R, D]`` (any float dtype) at ``step``; in place."""
-        self._write(None, values, step)
+        p = self.degree
+        if torch.compiler.is_compiling():
+            for j in range(p, 0, -1):
+                self.level(j).copy_(self.level(j - 1))
+        else:
+            self.slots = self.slots[-1:] + self.slots[:-1]
+        self.level(0).copy_(values)
+        if p:
+            self.ts[1:] = self.ts[:-1].clone()
+        self.ts[0].fill_(step)
+        if self.uniform is not None and not torch.compiler.is_compiling():
+            self.uniform = min(self.uniform + 1, p + 1)
+            self.cnt.fill_(float(self.uniform))
+            self.host_ts = None if self.host_ts is None or isinstance(step, torch.Tensor) else \
+                [float(step)] + self.host_ts[:p]
+        else:
+            self.uniform = self.host_ts = None
+            self.cnt.add_(1.0).clamp_(max=float(p + 1))
 
     def push_rows(self, rows: torch.Tensor, values: torch.Tensor, step: Step) -> None:
         """Rows ``rows [m]`` computed now as ``values [m, D]`` at ``step``; in place."""
-        self._write(rows, values, step)
+        p = self.degree
+        for j in range(p, 0, -1):
+            self.level(j).index_copy_(0, rows, self.level(j - 1).index_select(0, rows))
+        self.level(0).index_copy_(0, rows, values.float())
+        ts = self.ts.index_select(1, rows)
+        self.ts.index_copy_(1, rows, torch.cat([torch.zeros_like(ts[:1]).add_(step), ts[:-1]]))
+        self.cnt.index_copy_(0, rows, (self.cnt.index_select(0, rows) + 1.0).clamp_(max=float(p + 1)))
+        self.uniform = self.host_ts = None
 
     def push_where(self, mask: torch.Tensor, values: torch.Tensor, step: Step) -> None:
         """Rows where ``mask [R]`` holds computed now as ``values [R, D]`` (other rows of ``values`` are
         ignored, even if not finite); fixed shape, no host sync."""
-        self._write(None, values, step, mask)
+        p = self.degree
+        m = mask.unsqueeze(-1)
+        for j in range(p, 0, -1):
+            self.level(j).copy_(torch.where(m, self.level(j - 1), self.level(j)))
+        self.level(0).copy_(torch.where(m, values.float(), self.level(0)))
+        shifted = torch.cat([torch.zeros_like(self.ts[:1]).add_(step), self.ts[:-1]])
+        self.ts.copy_(torch.where(mask.unsqueeze(0), shifted, self.ts))
+        self.cnt.copy_(torch.where(mask, (self.cnt + 1.0).clamp(max=float(p + 1)), self.cnt))
+        self.uniform = self.host_ts = None
 
     def forget(self, mask: torch.Tensor) -> None:
         """Rows where ``mask [R]`` holds have no history any more (their next push starts afresh)."""
         self.cnt.masked_fill_(mask, 0.0)
-        self.uniform = None
+        self.uniform = self.host_ts = None
 
-    def _write(self, rows: torch.Tensor | None, values: torch.Tensor, step: Step,
-               mask: torch.Tensor | None = None) -> None:
-        p = self.degree
-        y = values.float()
-        if rows is not None or mask is not None:
-            self.uniform = None
-        if p == 0 and mask is not None:
-            self.dd[0].copy_(torch.where(mask.unsqueeze(-1), y, self.dd[0]))
-            self.cnt.copy_(torch.where(mask, 1.0, self.cnt))
-            return
-        if p == 0:
-            if rows is None:
-                self.dd[0].copy_(y)
-                self.cnt.fill_(1.0)
-                self.uniform = None if self.uniform is None else 1
-            else:
-                self.dd[0].index_copy_(0, rows, y)
-                self.cnt.index_fill_(0, rows, 1.0)
-            return
-        if rows is None and mask is None:
-            self._push_all_in_place(y, step)
-            return
-        ts = self.ts if rows is None else self.ts.index_select(1, rows)          # [p+1, m]
-        dd = self.dd if rows is None else self.dd.index_select(1, rows)          # [p+1, m, D]
-        cnt = self.cnt if rows is None else self.cnt.index_select(0, rows)
-        cnt = torch.clamp(cnt + 1.0, max=float(p + 1))                            # [m] computations kept now
-        new = [y]
-        for j in range(1, p + 1):
-            span = (step - ts[j - 1]).clamp_min(1.0).unsqueeze(-1)
-            nj = (new[-1] - dd[j - 1]) / span
-            new.append(torch.where((cnt > j).unsqueeze(-1), nj, 0.0))
-        new_dd = torch.stack(new)
-        new_ts = torch.cat([torch.zeros_like(ts[:1]).add_(step), ts[:-1]])
-        if mask is not None:
-            new_dd = torch.where(mask.view(1, -1, 1), new_dd, self.dd)
-            new_ts = torch.where(mask.view(1, -1), new_ts, self.ts)
-            cnt = torch.where(mask, cnt, self.cnt)
-        if rows is None:
-            self.dd.copy_(new_dd)
-            self.ts.copy_(new_ts)
-            self.cnt.copy_(cnt)
-        else:
-            self.dd.index_copy_(1, rows, new_dd)
-            self.ts.index_copy_(1, rows, new_ts)
-            self.cnt.index_copy_(0, rows, cnt)
-
-    def _push_all_in_place(self, y: torch.Tensor, step: Step) -> None:
-        """:meth:`push_all` without temporaries: ``dd[j-1]`` is read (old) before it is overwritten. While the
-        host knows every row's count (``uniform``, eager only), level ``j`` is nonzero exactly when
-        ``j < kept`` and needs no per-row mask; else the mask ``cnt > j`` zeroes the levels a row lacks."""
+    # -- forecasts -----------------------------------------------------------------------------
+    def weights(self, step: Step) -> list[torch.Tensor | float]:
+        """The Lagrange weights ``l_j(step)`` of the kept values, newest first: ``[R]`` float32 each (0
+        where a row keeps fewer values); while ``uniform`` is known, one weight for all rows (only the levels
+        the rows keep are listed): Python floats when the steps are numbers (eager replay passes the step as
+        a number: no tensor work at all), else ``[1]`` tensors."""
         p = self.degree
         known = self.uniform is not None and not torch.compiler.is_compiling()
-        if known:
-            kept = min(self.uniform + 1, p + 1)
-            self.cnt.fill_(float(kept))
-            self.uniform = kept
-        else:
-            cnt = self.cnt.add_(1.0).clamp_(max=float(p + 1))
-            self.uniform = None
-        prev = y
-        for j in range(1, p + 1):
-            if known and j >= kept:             # no row keeps j + 1 computations: levels j.. are zero
-                self.dd[j - 1].copy_(prev)
-                self.dd[j:].zero_()
-                break
-            span = (step - self.ts[j - 1]).clamp_(min=1.0).unsqueeze(-1)
-            if known and j == p:                # the last level, written in place after its inputs were read
-                torch.sub(prev, self.dd[j - 1], out=self.dd[j]).div_(span)
-                self.dd[j - 1].copy_(prev)
-                break
-            nj = (prev - self.dd[j - 1]).div_(span)
-            self.dd[j - 1].copy_(prev)
-            prev = nj if known else torch.where((cnt > j).unsqueeze(-1), nj, 0.0)
-        else:
-            self.dd[p].copy_(prev)
-        self.ts[1:] = self.ts[:-1].clone()
-        self.ts[0].fill_(step)
+        n = min(self.uniform, p + 1) if known else p + 1
+        if known and self.host_ts is not None and not isinstance(step, torch.Tensor):
+            return [math.prod((step - self.host_ts[i]) / (self.host_ts[j] - self.host_ts[i]) for i in range(n) if i != j)
+                    for j in range(n)]
+        ts = self.ts[:, :1] if known else self.ts
+        out = []
+        for j in range(n):
+            w = torch.ones_like(ts[0])
+            for i in range(n):
+                if i != j:
+                    f = (step - ts[i]) / (ts[j] - ts[i])
+                    w = w * (f if known else torch.where(self.cnt > i, f, 1.0))
+            out.append(w if known else torch.where(self.cnt > j, w, 0.0))
+        return out
 
     def forecast(self, step: Step) -> torch.Tensor:
-        """The value of every row at ``step`` -> ``[R, D]`` float32 (``dd[0]`` itself for degree 0)."""
-        p = self.degree
-        if p == 0:
-            return self.dd[0]
-        out = self.dd[p]
-        for j in range(p - 1, -1, -1):
-            out = torch.addcmul(self.dd[j], out, (step - self.ts[j]).unsqueeze(-1))
+        """The value of every row at ``step`` -> ``[R, D]`` float32 (the newest values themselves for plain
+        reuse: degree 0, or every row computed once). Two kept values are one ``lerp`` (the weights sum to
+        one), more a multiply-add each."""
+        if self.degree == 0 or self.uniform == 1:
+            return self.level(0)
+        ws = [w.unsqueeze(-1) if isinstance(w, torch.Tensor) else w for w in self.weights(step)]
+        if not ws:
+            return torch.zeros_like(self.level(0))
+        if len(ws) == 2 and not isinstance(ws[0], torch.Tensor):
+            return torch.lerp(self.level(1), self.level(0), ws[0])
+        out = self.level(0) * ws[0]
+        for j in range(1, len(ws)):
+            if isinstance(ws[j], torch.Tensor):
+                out.addcmul_(self.level(j), ws[j])
+            else:
+                out.add_(self.level(j), alpha=ws[j])
         return out
 
     def combine(self, step: Step, weights: torch.Tensor) -> torch.Tensor:
         """Gate-weighted sum of forecasts: rows are ``N`` groups of ``k`` slots (row ``n*k + j``), ``weights
-        [N, k]`` -> ``sum_j weights[n, j] * forecast(step)[n*k + j]``, ``[N, D]`` float32. For degree 1 the
-        forecast is folded into the weights (``w y0 + (w (s - s0)) dd1``), so no ``[N*k, D]`` forecast is
-        materialised."""
+        [N, k]`` -> ``sum_j weights[n, j] * forecast(step)[n*k + j]``, ``[N, D]`` float32. The Lagrange
+        weights are folded into the gates, so no ``[N*k, D]`` forecast is materialised."""
         N, k = weights.shape
-        D = self.dd.shape[-1]
+        D = self.vals.shape[-1]
         w = weights.float()
-        if self.degree == 1:
-            terms = ((self.dd[0].view(N, k, D), w), (self.dd[1].view(N, k, D), w * (step - self.ts[0]).view(N, k)))
-        else:
-            terms = ((self.forecast(step).view(N, k, D), w),)
+        lag = [1.0] if self.degree == 0 else self.weights(step)
         out = None
-        for values, ww in terms:
-            for j in range(k):
+        for j, l in enumerate(lag):
+            values = self.level(j).view(N, k, D)
+            ww = w * (l.view(N, k) if isinstance(l, torch.Tensor) and l.numel() > 1 else l)
+            for slot in range(k):
                 if out is None:
-                    out = values[:, j] * ww[:, j:j + 1]
+                    out = values[:, slot] * ww[:, slot:slot + 1]
                 else:
-                    out.addcmul_(values[:, j], ww[:, j:j + 1])
-        return out
+                    out.addcmul_(values[:, slot], ww[:, slot:slot + 1])
+        return torch.zeros(N, D, dtype=torch.float32, device=w.device) if out is None else out

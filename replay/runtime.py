@@ -5,7 +5,7 @@ A thin orchestrator over the engine's parts (mechanism apart from policy):
 - :mod:`.plan` -- static decisions taken once from the schedule (which units are ever reused, which are
   scored, the routed-expert rules as device tensors);
 - :mod:`.state` -- per-CFG-context caches in buffers allocated at a context's first forward and updated
-  in place; :mod:`.forecast` -- their float32 Newton forecast history;
+  in place; :mod:`.forecast` -- their float32 forecast history (the last computed values);
 - :mod:`.units` -- attention, routed branches, per-token units (shared expert, whole MoE), whole-model
   skip, token selection hooks and the routed-expert dispatch;
 - :mod:`.counters` -- what ran, per (step, block).
@@ -26,7 +26,7 @@ per sampling run (the last step) on the device path (``check_finite`` overrides)
 Host and compiled code: everything that reads the step number runs in :meth:`ReplayRuntime.prepare_forward`
 and :meth:`ReplayRuntime.finish_forward`, outside the compiled part of a forward. Inside, units read the
 step's :class:`~.plan.StepKind` (one interned object per distinct set of rules), its rule tables and the
-step number as a 0-d tensor (:attr:`ReplayRuntime.step`), and record counts in a list the host side
+step number (:attr:`ReplayRuntime.step`: a 0-d tensor in compiled code), and record counts in a list the host side
 files under the step. So ``--compile`` builds one graph per kind of step (e.g. first step, refresh,
 forecast), and a forward that is compiled takes the device path by itself.
 """
@@ -144,10 +144,11 @@ class ReplayRuntime(Runtime):
 
     # -- helpers the units use --------------------------------------------------------------------
     @property
-    def step(self) -> torch.Tensor:
-        """The current step number as a 0-d float32 tensor on the model's device (so compiled code is not
-        specialised on it)."""
-        return self.step_value
+    def step(self) -> "torch.Tensor | float":
+        """The current step number: in compiled code a 0-d float32 tensor on the model's device (so the graph
+        is not specialised on it), in eager code the number itself (so forecast weights are host arithmetic,
+        :meth:`~.forecast.History.weights`)."""
+        return self.step_value if torch.compiler.is_compiling() else float(self._ctx.step)
 
     @property
     def batch(self) -> int:
@@ -187,7 +188,7 @@ class ReplayRuntime(Runtime):
         if bool(torch.isfinite(out.detach().sum())):
             return
         for unit, block, cache in self._reused:
-            t = cache if isinstance(cache, torch.Tensor) else cache.hist.dd
+            t = cache if isinstance(cache, torch.Tensor) else cache.hist.vals
             if not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
                 where = "the whole-model residual cache" if block < 0 else f"the cached {unit} output of block {block}"

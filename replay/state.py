@@ -19,7 +19,7 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
 
 @dataclass
 class RowCache:
-    """One unit's cached rows: the forecast history (``History``: values, steps, divided differences;
+    """One unit's cached rows: the forecast history (``History``: the last computed values and their steps;
     degree 0 = the last value only) and, for scored rules, per row the age (steps since computed) and
     the accumulated relative input drift since then (``[R]`` float32). ``valid``: something was stored
     since the context started (a Python flag: the first step of a context always computes)."""
@@ -31,8 +31,8 @@ class RowCache:
 
     def ensure(self, degree: int, rows: int, width: int, track: bool, device: torch.device) -> None:
         """Allocate the buffers for ``rows x width`` (once; again only if the shape changed)."""
-        if self.hist is None or self.hist.rows != rows or self.hist.dd.shape[-1] != width \
-                or self.hist.dd.device != device:
+        if self.hist is None or self.hist.rows != rows or self.hist.vals.shape[-1] != width \
+                or self.hist.vals.device != device:
             self.hist = History.empty(degree, rows, width, device)
             self.age = torch.zeros(rows, dtype=torch.float32, device=device) if track else None
             self.acc = torch.zeros(rows, dtype=torch.float32, device=device) if track else None

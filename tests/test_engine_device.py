@@ -63,7 +63,7 @@ def test_device_path_checks_finiteness_once_per_run(tiny_model):
 
     def poison(step):
         if step == 4:
-            rt._contexts["batched"].blocks[1].attn.hist.dd[0, 0, 0] = float("nan")
+            rt._contexts["batched"].blocks[1].attn.hist.vals[:, 0, 0] = float("nan")
 
     with tiny_model.use_runtime(rt), pytest.raises(FloatingPointError, match=r"cached attention output of block 1"):
         sample(tiny_model, SAMPLER, LABELS, seed=3, on_step=poison)

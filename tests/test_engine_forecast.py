@@ -1,4 +1,4 @@
-"""Forecast order (``forecast: taylor``, ``forecast_order``): Newton divided differences in float32,
+"""Forecast order (``forecast: taylor``, ``forecast_order``): the interpolating polynomial in float32,
 ``linear`` == ``taylor`` order 1 bit for bit, and higher orders in a real replay."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ LABELS = torch.tensor([0, 1, 2, 1])
 
 
 @pytest.mark.parametrize("degree", [0, 1, 2, 3, 4])
-def test_newton_history_is_exact_for_polynomials_of_its_degree_on_unequal_steps(degree):
+def test_history_is_exact_for_polynomials_of_its_degree_on_unequal_steps(degree):
     torch.manual_seed(degree)
     coef = torch.randn(degree + 1, 5, 3, dtype=torch.float64)
 
@@ -28,7 +28,7 @@ def test_newton_history_is_exact_for_polynomials_of_its_degree_on_unequal_steps(
     h = History.empty(degree, 5, 3, torch.device("cpu"))
     for s in (0, 1, 3, 4, 7, 8):               # unequal spacing; older values drop out of the history
         h.push_all(poly(s), s)
-    assert h.dd.dtype == torch.float32 and h.forecast(9).dtype == torch.float32
+    assert h.vals.dtype == torch.float32 and h.forecast(9).dtype == torch.float32
     torch.testing.assert_close(h.forecast(11).double(), poly(11), rtol=2e-4, atol=2e-4)
     # rows computed fewer times use the order their history allows: a row pushed once is reused plainly
     fresh = torch.tensor([2])
@@ -61,7 +61,7 @@ def test_gate_weighted_combine_equals_the_weighted_sum_of_forecasts(degree):
 
 
 def test_taylor_matches_taylorseer_finite_differences_on_equal_spacing():
-    """Equal spacing ``h``: the Newton forecast equals the finite-difference Taylor expansion
+    """Equal spacing ``h``: the forecast equals the finite-difference Taylor expansion
     ``sum_j Delta^j y / (j! h^j) * prod_{i<j} (s - s_0 + i h)`` (TaylorSeer's)."""
     ys = torch.randn(4, 2, 3)                      # values at steps 0, 2, 4, 6 (oldest first)
     h = History.empty(3, 2, 3, torch.device("cpu"))
@@ -116,7 +116,7 @@ def test_forecast_state_is_float32_for_a_bfloat16_model():
     def inspect(step):
         if step == 5:   # a forecast step: every unit's history is in use
             block = rt._contexts["batched"].blocks[0]
-            dtypes.extend(u.hist.dd.dtype for u in (block.attn, block.shared, block.experts))
+            dtypes.extend(u.hist.vals.dtype for u in (block.attn, block.shared, block.experts))
 
     rt = ReplayRuntime(_schedule("taylor", 2))
     with model.use_runtime(rt):
@@ -139,8 +139,10 @@ def test_pushes_of_all_rows_skip_the_row_mask_with_the_same_values(degree):
         masked.uniform = None                  # force the masked form
         fast.push_all(y, s)
         masked.push_all(y, s)
-        for a, b in ((fast.dd, masked.dd), (fast.ts, masked.ts), (fast.cnt, masked.cnt)):
+        for a, b in ((fast.vals, masked.vals), (fast.ts, masked.ts), (fast.cnt, masked.cnt)):
             assert torch.equal(a, b)
+        assert fast.slots == masked.slots
+        torch.testing.assert_close(fast.forecast(s + 2), masked.forecast(s + 2), rtol=1e-6, atol=1e-6)
     assert fast.uniform == degree + 1
     fast.push_rows(torch.tensor([1]), torch.ones(1, 4), 10)
     assert fast.uniform is None
@@ -181,3 +183,27 @@ def test_a_step_forecasting_every_block_runs_as_one_sum_over_the_stack(tiny_mode
     for name in stacked.counters.FIELDS:
         assert np.array_equal(getattr(stacked.counters, name), getattr(blockwise.counters, name)), name
     assert stacked.counters.totals() == blockwise.counters.totals()
+
+
+@pytest.mark.parametrize("degree", [1, 2])
+def test_an_eager_push_of_all_rows_writes_one_buffer_and_compiled_code_shifts_to_the_same_values(degree, monkeypatch):
+    """Eager: a push of all rows turns the ring of buffers and writes only the newest one (one copy).
+    Compiled code (``is_compiling``) keeps the ring fixed and shifts the buffers; the forecasts agree."""
+    torch.manual_seed(degree)
+    ring = History.empty(degree, 5, 3, torch.device("cpu"))
+    pushes = [(s, torch.randn(5, 3)) for s in (0, 1, 3, 4)]
+    for s, y in pushes:
+        before = [(ring.level(j).data_ptr(), ring.level(j).clone()) for j in range(degree + 1)]
+        ring.push_all(y, s)
+        assert torch.equal(ring.level(0), y) and ring.level(0).data_ptr() == before[-1][0]
+        for j in range(1, degree + 1):      # older values were not moved: the same buffers, unchanged
+            assert ring.level(j).data_ptr() == before[j - 1][0] and torch.equal(ring.level(j), before[j - 1][1])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    shifted = History.empty(degree, 5, 3, torch.device("cpu"))
+    for s, y in pushes:
+        shifted.push_all(y, s)
+    assert shifted.slots == list(range(degree + 1)) and shifted.uniform is None
+    for j in range(degree + 1):
+        assert torch.equal(shifted.level(j), ring.level(j))
+    monkeypatch.undo()
+    torch.testing.assert_close(shifted.forecast(6), ring.forecast(6))

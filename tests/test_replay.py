@@ -272,7 +272,7 @@ def test_cfg_contexts_are_separate_and_reset_between_calls(tiny_model):
 
     class Spy(ReplayRuntime):
         def end_forward(self, model, ctx):
-            seen[ctx.cfg_branch] = self._cs.blocks[0].attn.hist.dd.data_ptr()
+            seen[ctx.cfg_branch] = self._cs.blocks[0].attn.hist.vals.data_ptr()
             super().end_forward(model, ctx)
 
     spy = Spy(s)
@@ -303,7 +303,7 @@ def test_nan_in_cached_output_stops_with_message(tiny_model):
 
     def poison(step):
         if step == 1:
-            rt._contexts["batched"].blocks[1].attn.hist.dd[0, 0, 0] = float("nan")
+            rt._contexts["batched"].blocks[1].attn.hist.vals[:, 0, 0] = float("nan")
 
     with tiny_model.use_runtime(rt), pytest.raises(FloatingPointError, match=r"cached attention output of block 1"):
         sample(tiny_model, cfg, LABELS, seed=3, on_step=poison)

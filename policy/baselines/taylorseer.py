@@ -12,12 +12,12 @@ reuse, ``m = 1`` the linear forecast. The paper sweeps ``N`` = 3..7 and orders u
 
 Here the MLP is the whole MoE update (router, routed experts and shared expert), as in :mod:`.fora`.
 The expansion is the schedule format's ``forecast: taylor`` of order ``m`` (format version 3): the
-replay engine predicts every reused output by Newton's divided-difference polynomial through the
-unit's last ``m + 1`` computed values (float32). With equally spaced full steps this is the
-published expansion up to how the derivatives are estimated: the two agree exactly at order 1; at
-order 2 and above Newton's form is the interpolating polynomial (exact on a polynomial trajectory of
-degree ``m``), where the published backward-difference derivatives carry an ``O(N)`` bias. A unit
-with fewer than ``m + 1`` computed values is forecast with the order its history allows.
+replay engine predicts every reused output by the interpolating polynomial through the unit's last
+``m + 1`` computed values (float32). With equally spaced full steps this is the published expansion up
+to how the derivatives are estimated: the two agree exactly at order 1; at order 2 and above the
+interpolating polynomial is exact on a polynomial trajectory of degree ``m``, where the published
+backward-difference derivatives carry an ``O(N)`` bias. A unit with fewer than ``m + 1`` computed values
+is forecast with the order its history allows.
 """
 from __future__ import annotations
 
