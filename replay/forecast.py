@@ -134,8 +134,8 @@ class History:
         known = self.uniform is not None and not torch.compiler.is_compiling()
         n = min(self.uniform, p + 1) if known else p + 1
         if known and self.host_ts is not None and not isinstance(step, torch.Tensor):
-            return [math.prod((step - self.host_ts[i]) / (self.host_ts[j] - self.host_ts[i]) for i in range(n) if i != j)
-                    for j in range(n)]
+            ts = self.host_ts
+            return [math.prod((step - ts[i]) / (ts[j] - ts[i]) for i in range(n) if i != j) for j in range(n)]
         ts = self.ts[:, :1] if known else self.ts
         out = []
         for j in range(n):
