@@ -77,6 +77,9 @@ class History:
     def push_all(self, values: torch.Tensor, step: Step) -> None:
         """Every row computed now: ``values [R, D]`` (any float dtype) at ``step``; in place."""
         p = self.degree
+        if self.host_ts and not isinstance(step, torch.Tensor) and not float(step) > self.host_ts[0]:
+            raise ValueError(f"History.push_all: step {step} does not follow the last computed step "
+                             f"{self.host_ts[0]:g}; a forecast history needs increasing steps")
         if torch.compiler.is_compiling():
             for j in range(p, 0, -1):
                 self.level(j).copy_(self.level(j - 1))

@@ -198,6 +198,8 @@ def test_an_eager_push_of_all_rows_writes_one_buffer_and_compiled_code_shifts_to
         assert torch.equal(ring.level(0), y) and ring.level(0).data_ptr() == before[-1][0]
         for j in range(1, degree + 1):      # older values were not moved: the same buffers, unchanged
             assert ring.level(j).data_ptr() == before[j - 1][0] and torch.equal(ring.level(j), before[j - 1][1])
+    with pytest.raises(ValueError, match="increasing steps"):
+        ring.push_all(pushes[0][1], 4)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     shifted = History.empty(degree, 5, 3, torch.device("cpu"))
     for s, y in pushes:
