@@ -128,6 +128,12 @@ def run(args: argparse.Namespace) -> int:
     from .results import write_results
 
     targets = _parse_targets(args.targets)
+    if args.target_kind == "wallclock" and args.refresh != "sync":
+        raise ValueError("--target-kind wallclock needs --refresh sync (the budget rule predicts FLOPs only); "
+                         "use --target-kind flops with --refresh budget")
+    configs = {t: DeriveConfig(target_speedup=t, target=args.target_kind, refresh=args.refresh, forecast=args.forecast,
+                               warmup_steps=args.warmup_steps, sync_interval=args.sync_interval)
+               for t in targets}        # bad knobs fail here, before the trace and the calibration
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,13 +156,8 @@ def run(args: argparse.Namespace) -> int:
     quality_labels = torch.tensor([i % 10 for i in range(args.quality_samples)])
     reference = sample_batches(model, sampler, quality_labels, args.seed + 1, 100) if args.quality_samples else None
     rows, schedules = [], {}
-    wallclock = args.target_kind == "wallclock"
-    if wallclock and args.refresh != "sync":
-        raise ValueError("--target-kind wallclock needs --refresh sync (the budget rule predicts FLOPs only)")
-    costs = ensure_costs(model, sampler, args.timing_samples) if wallclock else None
-    for target in targets:
-        cfg = DeriveConfig(target_speedup=target, target=args.target_kind, refresh=args.refresh,
-                           forecast=args.forecast, warmup_steps=args.warmup_steps, sync_interval=args.sync_interval)
+    costs = ensure_costs(model, sampler, args.timing_samples) if args.target_kind == "wallclock" else None
+    for target, cfg in configs.items():
         try:
             schedule = derive_schedule(summary, meta, cfg, costs)
         except ValueError as exc:
@@ -202,8 +203,7 @@ def run(args: argparse.Namespace) -> int:
            + (" --compile" if args.compile else ""))
     meta_out = {"trace": str(trace_dir), "trace_samples": meta.get("num_samples"), "sampler": sampler.to_dict(),
                 "targets": targets, "target_kind": args.target_kind,
-                "calibration": None if costs is None else {"key": dict(costs.key), "full_step_ms": costs.full_step_ms,
-                                                           "fit_rel_error": costs.fit_rel_error},
+                "calibration": None if costs is None else costs.summary(),
                 "passing_settings": [r["setting"] for r in passing],
                 "speedup_vs_flops_met": all(r["speedup_vs_flops"] >= 0.85 for r in rows if r["model"] == "demo"),
                 "demo_target_met": bool(passing), "wall_s": time.time() - started,

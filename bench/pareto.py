@@ -485,8 +485,7 @@ class ParetoSweep:
         if "wallclock" not in ctx.extra:
             from moeca.replay.calibrate import ensure_costs
             costs = ensure_costs(self.model, self.sampler, self.settings.timing_batch, progress=self.log)
-            self.state.set_calibration("wallclock", {"key": dict(costs.key), "full_step_ms": costs.full_step_ms,
-                                                     "fit_rel_error": costs.fit_rel_error, "created": costs.created})
+            self.state.set_calibration("wallclock", costs.summary())
             ctx.extra["wallclock"] = costs
         return ctx.extra["wallclock"]
 

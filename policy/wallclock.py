@@ -138,6 +138,11 @@ class WallClockCosts:
         """Full compute's time over the predicted time of ``steps`` (one entry per sampling step)."""
         return len(steps) * self.full_step_ms / sum(self.step_ms_of(w) for w in steps)
 
+    def summary(self) -> dict:
+        """What a results file records of the calibration it used: key, full step, fit error, creation time."""
+        return {"key": dict(self.key), "full_step_ms": self.full_step_ms, "fit_rel_error": self.fit_rel_error,
+                "created": self.created}
+
     def to_json(self) -> dict:
         out = asdict(self)
         out["key"] = dict(self.key)

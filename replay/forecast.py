@@ -13,19 +13,21 @@ computed once: plain reuse). Degree 0 is plain reuse. Everything is float32 what
 
 Why values and not divided differences: a push is then one copy of the new values, and a forecast one
 multiply-add per kept value on ``[R, D]``; the weights ``l_j`` are computed on ``[R]``, or once for all rows
-(see ``uniform``), as host arithmetic when the step is a number.
+as host arithmetic (see ``host_ts``).
 
 Shapes: ``vals [degree + 1, R, D]`` (the buffers; ``level(j)`` is the ``j``-th newest value), ``ts
 [degree + 1, R]`` (steps, newest first), ``cnt [R]`` (values kept, float32 in ``0..degree + 1``). ``step``
-is a 0-d float32 tensor on the rows' device (the replay runtime's ``step_value``, so compiled code does
-not specialise on it) or a number. All operations are fixed-shape and free of host syncs.
+is a number (eager replay) or a 0-d float32 tensor on the rows' device (the replay runtime's
+``step_value`` in compiled code, so the graph does not specialise on it). All operations are fixed-shape
+and free of host syncs.
 
 Host-side notes, used in eager code only (compiled code keeps the general form: a host value would
-specialise the graph): ``uniform`` -- the values every row keeps when all rows keep the same number
-(every push so far was a :meth:`History.push_all`), else None; the rows then share their steps, so the
-weights are computed once for all rows and need no per-row masks. ``slots`` -- which buffer of ``vals``
-holds the ``j``-th newest value: an eager push of all rows turns this ring instead of shifting the
-buffers (one copy per push); compiled code shifts the buffers and never turns it.
+specialise the graph): ``host_ts`` -- the steps every row keeps, newest first, while all rows share them
+(every push so far a :meth:`History.push_all` at a step given as a number), else None; the weights are
+then host arithmetic, once for all rows, with no per-row masks (``uniform``, the number of values every
+row keeps, is its length). ``slots`` -- which buffer of ``vals`` holds the ``j``-th newest value: an eager
+push of all rows turns this ring instead of shifting the buffers (one copy per push); compiled code shifts
+the buffers and never turns it.
 """
 from __future__ import annotations
 
@@ -44,7 +46,6 @@ class History:
     vals: torch.Tensor
     ts: torch.Tensor
     cnt: torch.Tensor
-    uniform: int | None = 0
     slots: list[int] = field(default_factory=list)
     host_ts: list[float] | None = field(default_factory=list)
 
@@ -66,6 +67,11 @@ class History:
     def rows(self) -> int:
         return self.vals.shape[1]
 
+    @property
+    def uniform(self) -> int | None:
+        """The number of values every row keeps while all rows share their steps (``host_ts``), else None."""
+        return None if self.host_ts is None else len(self.host_ts)
+
     def level(self, j: int) -> torch.Tensor:
         """The ``j``-th newest computed values ``[R, D]`` (a view of the buffers)."""
         return self.vals[self.slots[j]]
@@ -77,10 +83,12 @@ class History:
     def push_all(self, values: torch.Tensor, step: Step) -> None:
         """Every row computed now: ``values [R, D]`` (any float dtype) at ``step``; in place."""
         p = self.degree
-        if self.host_ts and not isinstance(step, torch.Tensor) and not float(step) > self.host_ts[0]:
+        compiling = torch.compiler.is_compiling()
+        shared = self.host_ts is not None and not compiling and not isinstance(step, torch.Tensor)
+        if shared and self.host_ts and not float(step) > self.host_ts[0]:
             raise ValueError(f"History.push_all: step {step} does not follow the last computed step "
                              f"{self.host_ts[0]:g}; a forecast history needs increasing steps")
-        if torch.compiler.is_compiling():
+        if compiling:
             for j in range(p, 0, -1):
                 self.level(j).copy_(self.level(j - 1))
         else:
@@ -89,13 +97,11 @@ class History:
         if p:
             self.ts[1:] = self.ts[:-1].clone()
         self.ts[0].fill_(step)
-        if self.uniform is not None and not torch.compiler.is_compiling():
-            self.uniform = min(self.uniform + 1, p + 1)
-            self.cnt.fill_(float(self.uniform))
-            self.host_ts = None if self.host_ts is None or isinstance(step, torch.Tensor) else \
-                [float(step)] + self.host_ts[:p]
+        if shared:
+            self.host_ts = [float(step)] + self.host_ts[:p]
+            self.cnt.fill_(float(len(self.host_ts)))
         else:
-            self.uniform = self.host_ts = None
+            self.host_ts = None
             self.cnt.add_(1.0).clamp_(max=float(p + 1))
 
     def push_rows(self, rows: torch.Tensor, values: torch.Tensor, step: Step) -> None:
@@ -107,7 +113,7 @@ class History:
         ts = self.ts.index_select(1, rows)
         self.ts.index_copy_(1, rows, torch.cat([torch.zeros_like(ts[:1]).add_(step), ts[:-1]]))
         self.cnt.index_copy_(0, rows, (self.cnt.index_select(0, rows) + 1.0).clamp_(max=float(p + 1)))
-        self.uniform = self.host_ts = None
+        self.host_ts = None
 
     def push_where(self, mask: torch.Tensor, values: torch.Tensor, step: Step) -> None:
         """Rows where ``mask [R]`` holds computed now as ``values [R, D]`` (other rows of ``values`` are
@@ -120,34 +126,31 @@ class History:
         shifted = torch.cat([torch.zeros_like(self.ts[:1]).add_(step), self.ts[:-1]])
         self.ts.copy_(torch.where(mask.unsqueeze(0), shifted, self.ts))
         self.cnt.copy_(torch.where(mask, (self.cnt + 1.0).clamp(max=float(p + 1)), self.cnt))
-        self.uniform = self.host_ts = None
+        self.host_ts = None
 
     def forget(self, mask: torch.Tensor) -> None:
         """Rows where ``mask [R]`` holds have no history any more (their next push starts afresh)."""
         self.cnt.masked_fill_(mask, 0.0)
-        self.uniform = self.host_ts = None
+        self.host_ts = None
 
     # -- forecasts -----------------------------------------------------------------------------
     def weights(self, step: Step) -> list[torch.Tensor | float]:
         """The Lagrange weights ``l_j(step)`` of the kept values, newest first: ``[R]`` float32 each (0
-        where a row keeps fewer values); while ``uniform`` is known, one weight for all rows (only the levels
-        the rows keep are listed): Python floats when the steps are numbers (eager replay passes the step as
-        a number: no tensor work at all), else ``[1]`` tensors."""
-        p = self.degree
-        known = self.uniform is not None and not torch.compiler.is_compiling()
-        n = min(self.uniform, p + 1) if known else p + 1
-        if known and self.host_ts is not None and not isinstance(step, torch.Tensor):
-            ts = self.host_ts
+        where a row keeps fewer values); while all rows share their steps (``host_ts``), one weight for all
+        rows, for the levels they keep: a Python float (a 0-d tensor if ``step`` is one), no per-row work."""
+        ts = self.host_ts
+        if ts is not None and not torch.compiler.is_compiling():
+            n = len(ts)
             return [math.prod((step - ts[i]) / (ts[j] - ts[i]) for i in range(n) if i != j) for j in range(n)]
-        ts = self.ts[:, :1] if known else self.ts
+        n = self.degree + 1
         out = []
         for j in range(n):
-            w = torch.ones_like(ts[0])
+            w = torch.ones_like(self.ts[0])
             for i in range(n):
                 if i != j:
-                    f = (step - ts[i]) / (ts[j] - ts[i])
-                    w = w * (f if known else torch.where(self.cnt > i, f, 1.0))
-            out.append(w if known else torch.where(self.cnt > j, w, 0.0))
+                    f = (step - self.ts[i]) / (self.ts[j] - self.ts[i])
+                    w = w * torch.where(self.cnt > i, f, 1.0)
+            out.append(torch.where(self.cnt > j, w, 0.0))
         return out
 
     def forecast(self, step: Step) -> torch.Tensor:

@@ -136,7 +136,7 @@ def test_pushes_of_all_rows_skip_the_row_mask_with_the_same_values(degree):
     masked = History.empty(degree, 6, 4, torch.device("cpu"))
     for s in (0, 2, 3, 5, 8, 9):
         y = torch.randn(6, 4)
-        masked.uniform = None                  # force the masked form
+        masked.host_ts = None                  # force the masked form
         fast.push_all(y, s)
         masked.push_all(y, s)
         for a, b in ((fast.vals, masked.vals), (fast.ts, masked.ts), (fast.cnt, masked.cnt)):
