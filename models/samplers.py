@@ -186,6 +186,31 @@ class DiffusionSchedule:
         )
 
 
+def model_share(cfg: SamplerConfig) -> np.ndarray:
+    """``[num_steps]`` (step 0 = noisiest): the share of each step's update of ``x`` that the model's
+    prediction decides, ``c / sqrt(c**2 + sigma**2)``.
+
+    ``c`` is the coefficient of the prediction (epsilon or velocity) in the update and ``sigma`` the
+    standard deviation of the fresh noise the step adds. Where fresh noise dominates (early DDPM steps), an
+    error in the prediction is a small part of what the step changes and later steps still correct it;
+    where it does not (the last DDPM steps, every Euler and deterministic DDIM step: share 1), the error stays
+    in the sample. Dimensionless, in (0, 1].
+    """
+    if cfg.kind == "rectified_flow":
+        return np.ones(cfg.num_steps)
+    sched = DiffusionSchedule.build(cfg.train_timesteps, cfg.num_steps)
+    i = np.arange(len(sched.timesteps))[::-1]                 # sampling order: noisiest first
+    ac, ac_prev = sched.alphas_cumprod[i], sched.alphas_cumprod_prev[i]
+    if cfg.kind == "ddim":
+        sigma = cfg.eta * np.sqrt((1 - ac_prev) / (1 - ac)) * np.sqrt(1 - ac / ac_prev)
+        c = np.abs(np.sqrt(np.maximum(1 - ac_prev - sigma ** 2, 0.0)) - np.sqrt(ac_prev) * np.sqrt(1 - ac) / np.sqrt(ac))
+    else:   # posterior mean coef1 * x0, x0 = (x - sqrt(1 - ac) eps) / sqrt(ac); the last step adds no noise
+        c = sched.posterior_mean_coef1[i] * np.sqrt(1 - ac) / np.sqrt(ac)
+        sigma = np.sqrt(sched.posterior_variance[i])
+    sigma = np.where(i == 0, 0.0, sigma)
+    return np.where(c > 0, c / np.sqrt(c ** 2 + sigma ** 2 + 1e-300), 1.0)
+
+
 # ----------------------------------------------------------------------------- sampling
 def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str, dtype=torch.float32) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(token, expert) pairs are computed and every other branch, the shared expert and attention "
                     "are forecast linearly from their last two computed outputs\n(--forecast linear) and combined "
                     "with the current gate weights. The refresh steps go where the traced drift is\n"
-                    "(--placement drift: equal drift between refreshes) or are evenly spaced (--placement even). "
+                    "(--placement drift: a refresh when the drift accumulated since the last one reaches a threshold) or are evenly spaced (--placement even). "
                     "Their number is the most that reaches\n--target-speedup (wall-clock on the device that "
                     "replays, predicted from unit costs measured once per device, model and batch:\n`moeca "
                     "calibrate`; measured on first use) or --target-flops-speedup (analytic FLOPs), or follows "
@@ -49,8 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="refresh rule: sync = evenly spaced synchronized full refreshes, everything forecast in "
                         "between (default); budget = per-expert token budgets between --sync-interval refreshes")
     d.add_argument("--placement", choices=("drift", "even"), default="drift",
-                   help="--refresh sync: refresh steps at equal traced drift between them (default) or evenly "
-                        "spaced")
+                   help="--refresh sync: a refresh step wherever the traced drift accumulated since the last "
+                        "refresh reaches a threshold (default; on DDPM weighted toward the last steps, whose "
+                        "errors stay in the sample) or evenly spaced")
     d.add_argument("--forecast-level", choices=("auto", "branch", "token"), default="auto",
                    help="--refresh sync: forecast steps run the router and the newly routed pairs and forecast per "
                         "(token, expert) branch (branch), or skip the router and forecast each block's MoE output "

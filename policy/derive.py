@@ -11,10 +11,12 @@ Two refresh rules (``DeriveConfig.refresh``); both forecast reused outputs linea
 ``refresh="sync"`` (default), synchronized refresh with branch-level forecasting:
 
 1. Step 0 (``warmup_steps``), the last ``final_steps`` steps and ``n`` more steps recompute every
-   unit of every block together. ``placement="drift"`` puts the ``n`` steps at the quantiles of the
-   traced per-step drift ``d`` (the FLOPs-weighted mean lag-1 drift of attention, shared and routed
-   experts): every interval between refreshes carries the same accumulated drift, so refreshes are
-   denser where the model's features move fastest (:func:`drift_sync_steps`); ``placement="even"``
+   unit of every block together. ``placement="drift"`` places the ``n`` steps on the traced per-step
+   drift ``d`` (the FLOPs-weighted mean lag-1 drift of attention, shared and routed experts) times the
+   share of the step's update the model decides (:func:`moeca.models.samplers.model_share`: 1 for Euler
+   and deterministic DDIM, rising to 1 over the last DDPM steps): a step refreshes when that weight,
+   accumulated since the last refresh, reaches a threshold (:func:`drift_sync_steps`), so refreshes are
+   denser where the features move fastest and a step that moves far refreshes itself; ``placement="even"``
    spaces them evenly (``round(i * S / n)``).
 2. Every other step forecasts. At the ``branch`` level it runs the router in every block, computes the
    newly routed (token, expert) pairs (they have no cache entry) and forecasts every other branch, the
@@ -80,8 +82,9 @@ class DeriveConfig:
     target: what ``target_speedup`` means: ``flops`` (analytic FLOPs speedup) or ``wallclock`` (the
     speedup predicted from calibrated unit costs, :class:`~moeca.policy.wallclock.WallClockCosts`,
     which :func:`derive_schedule` then needs; ``sync`` rule only).
-    placement: ``sync`` rule: where the synchronized refreshes go: ``drift`` (quantiles of the
-    traced per-step drift, :func:`drift_sync_steps`) or ``even`` (evenly spaced).
+    placement: ``sync`` rule: where the synchronized refreshes go: ``drift`` (a threshold on the traced
+    drift accumulated since the last refresh, :func:`drift_sync_steps` on :func:`placement_weight`) or
+    ``even`` (evenly spaced).
     forecast_level: ``sync`` rule: what a forecast step forecasts. ``branch``: the router runs, newly
     routed (token, expert) pairs are computed, every other branch is forecast and combined with the current
     gates; ``token``: no router, each block's whole MoE output is forecast per token (cheaper per step);
@@ -340,27 +343,56 @@ def even_sync_steps(num_steps: int, count: int, cfg: DeriveConfig) -> frozenset[
 
 
 def drift_sync_steps(weight: np.ndarray, count: int, cfg: DeriveConfig) -> frozenset[int]:
-    """Warm-up and final steps plus ``count`` steps at the quantiles of the cumulative ``weight [S]``.
+    """Warm-up and final steps plus ``count`` refresh steps placed on the per-step ``weight [S]``.
 
-    Refresh 0 is step 0; refresh ``i`` (``i = 1 .. count-1``) goes to the step where the cumulative
-    weight first exceeds ``i / count`` of the total, so each interval between refreshes carries the same
-    share of the weight: where the weight (drift) is high, refreshes are closer. Colliding quantiles move
-    to the next free step, so exactly ``count`` distinct steps are chosen (as many as ``S`` allows).
+    Step 0 refreshes; after it a step refreshes when the weight accumulated since the last refresh, its
+    own included, reaches a threshold (the accumulate-and-reset rule TeaCache applies at run time, here on
+    the traced drift): a step whose own drift is large refreshes itself, and refreshes are closer where the
+    drift is high. The threshold is the smallest that gives at most ``count`` refreshes (bisection); when no
+    threshold gives exactly ``count``, the interval carrying the most weight is split at its weight midpoint
+    until it does (as many as ``S`` allows).
     """
     S = len(weight)
     w = np.clip(np.nan_to_num(np.asarray(weight, dtype=float)), 0.0, None)
-    if not w.sum() > 0:
+    count = min(count, S)
+    if not w[1:].sum() > 0:
         return even_sync_steps(S, count, cfg)
-    cum = np.concatenate([[0.0], np.cumsum(w)]) / w.sum()
-    chosen: set[int] = set()
-    for i in range(min(count, S)):
-        step = min(int(np.searchsorted(cum, i / count, side="right")) - 1, S - 1) if i else 0
-        while step in chosen and step < S - 1:
-            step += 1
-        while step in chosen:
-            step -= 1
-        chosen.add(step)
-    return frozenset(chosen | _edge_steps(S, cfg))
+
+    def placed(threshold: float) -> list[int]:
+        steps, acc = [0], 0.0
+        for s in range(1, S):
+            acc += w[s]
+            if acc >= threshold:
+                steps.append(s)
+                acc = 0.0
+        return steps
+
+    lo, hi = 0.0, float(w.sum()) * 2   # placed(hi) = [0] and more (up to S) as the threshold falls
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if len(placed(mid)) > count:
+            lo = mid
+        else:
+            hi = mid
+    steps = placed(hi)
+    while len(steps) < count:   # split the heaviest interval (then the longest) after a refresh
+        ends = steps[1:] + [S]
+        j = max((i for i in range(len(steps)) if ends[i] - steps[i] > 1),
+                key=lambda i: (w[steps[i] + 1:ends[i]].sum(), ends[i] - steps[i]))
+        a, b = steps[j], ends[j]
+        cum = np.cumsum(w[a + 1:b])
+        at = int(np.searchsorted(cum, cum[-1] / 2)) if cum[-1] > 0 else (b - a - 2) // 2
+        steps.insert(j + 1, a + 1 + min(at, b - a - 2))
+    return frozenset(steps) | _edge_steps(S, cfg)
+
+
+def placement_weight(tables: DriftTables, costs: UnitCosts, sampler) -> np.ndarray:
+    """``[S]``: what the ``drift`` placement spreads evenly: the traced per-step drift
+    (:func:`step_drift`) times the share of the step's update the model decides
+    (:func:`moeca.models.samplers.model_share`: 1 for Euler and deterministic DDIM; on DDPM it rises from
+    ~0.5 to 1 over the last steps, whose errors later steps no longer correct)."""
+    from moeca.models.samplers import model_share
+    return step_drift(tables, costs) * model_share(sampler)
 
 
 def step_drift(tables: DriftTables, costs: UnitCosts) -> np.ndarray:
@@ -389,16 +421,18 @@ class _SyncChoice:
     level: str
 
 
-def _derive_sync(tables: DriftTables, cfg: DeriveConfig, S: int, costs: UnitCosts,
+def _derive_sync(tables: DriftTables, cfg: DeriveConfig, sampler, costs: UnitCosts,
                  wallclock: WallClockCosts | None) -> _SyncChoice:
     """The ``sync`` rule: the refresh steps, forecast level and plan that meet the target (tau: predicted
     staleness error)."""
+    S = sampler.num_steps
     d = step_drift(tables, costs)
+    weight = placement_weight(tables, costs, sampler)
     alpha = (tables.alpha["attn"] + tables.alpha["shared"] + tables.alpha["expert"]) / 3
     order = {"none": 0, "linear": 1}[cfg.forecast]
 
     def steps_of(count: int) -> frozenset[int]:
-        return drift_sync_steps(d, count, cfg) if cfg.placement == "drift" else even_sync_steps(S, count, cfg)
+        return drift_sync_steps(weight, count, cfg) if cfg.placement == "drift" else even_sync_steps(S, count, cfg)
 
     def choice(count: int, level: str) -> _SyncChoice:
         sync = steps_of(count)
@@ -465,7 +499,7 @@ def derive_schedule(summary, run_meta: dict, cfg: DeriveConfig, wallclock: WallC
     sync = frozenset(sync_steps(S, cfg))
     timing: dict = {}
     if cfg.refresh == "sync":
-        chosen = _derive_sync(tables, cfg, S, costs, wallclock)
+        chosen = _derive_sync(tables, cfg, sampler, costs, wallclock)
         plan, sync, tau = chosen.plan, chosen.sync, chosen.tau
         timing["forecast_level"] = chosen.level
         if wallclock is not None:

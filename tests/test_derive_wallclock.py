@@ -178,3 +178,40 @@ def test_cli_derive_wallclock_and_flops_targets(tmp_path, capsys, monkeypatch):
     assert "not allowed with argument" in capsys.readouterr().err
     assert main(["schedule", "derive", str(trace), "--batch", "0", "--out", str(out), "--overwrite"]) == 2
     assert "--batch 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_a_step_that_moves_far_refreshes_itself_and_the_count_is_exact():
+    """The threshold rule: a spike of drift triggers a refresh at that very step; every count is reached."""
+    w = np.full(30, 0.1)
+    w[17] = 5.0
+    cfg = DeriveConfig()
+    for n in range(1, 31):
+        sync = drift_sync_steps(w, n, cfg)
+        assert len(sync) == n and 0 in sync
+        if n >= 2:
+            assert 17 in sync
+    zero = np.zeros(12)
+    zero[5] = 1.0
+    sync = drift_sync_steps(zero, 4, cfg)          # no weight elsewhere: the longest intervals are split
+    assert sorted(sync) == [0, 2, 5, 8]
+
+
+def test_model_share_weights_the_last_ddpm_steps():
+    from moeca.models.samplers import SamplerConfig, model_share
+    flow = model_share(SamplerConfig(kind="rectified_flow", num_steps=50))
+    ddim = model_share(SamplerConfig(kind="ddim", num_steps=50))
+    ddpm = model_share(SamplerConfig(kind="ddpm", num_steps=50))
+    assert np.array_equal(flow, np.ones(50)) and np.allclose(ddim, 1.0)
+    assert ddpm.shape == (50,) and np.all((ddpm > 0) & (ddpm <= 1)) and ddpm[-1] == 1.0
+    assert ddpm[:40].max() < 0.7 < ddpm[-3]           # fresh noise dominates early; the last steps keep errors
+    eta1 = model_share(SamplerConfig(kind="ddim", num_steps=50, eta=1.0))
+    assert np.allclose(eta1, ddpm)                    # DDIM with eta 1 adds DDPM's noise
+
+
+def test_ddpm_placement_puts_more_refreshes_late_than_the_same_drift_under_euler():
+    summary = synthetic_summary(num_steps=24)
+    flow = run_meta(sampler=SAMPLER.__class__(kind="rectified_flow", num_steps=24, cfg_scale=1.5, cfg_mode="batched"))
+    ddpm = run_meta(sampler=SAMPLER.__class__(kind="ddpm", num_steps=24, cfg_scale=1.5, cfg_mode="batched"))
+    cfg = DeriveConfig(target_speedup=2.5)
+    a, b = (derive_schedule(summary, m, cfg).sync_refresh_steps for m in (flow, ddpm))
+    assert len(a) == len(b) and sum(s >= 18 for s in b) > sum(s >= 18 for s in a)
