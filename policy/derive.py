@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -69,6 +70,9 @@ from moeca.policy.cost import UnitCosts
 from moeca.policy.wallclock import StepWork, WallClockCosts
 from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
                                    ScoreConfig, StepRule)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from moeca.models.samplers import SamplerConfig
 
 SUMMARY_COLUMNS = ("unit", "block", "step", "expert", "lag", "n", "mean_rel_l2", "mean_gate_weight",
                    "persist_frac")
@@ -368,7 +372,7 @@ def drift_sync_steps(weight: np.ndarray, count: int, cfg: DeriveConfig) -> froze
         return steps
 
     lo, hi = 0.0, float(w.sum()) * 2   # placed(hi) = [0] and more (up to S) as the threshold falls
-    for _ in range(100):
+    for _ in range(60):
         mid = (lo + hi) / 2
         if len(placed(mid)) > count:
             lo = mid
@@ -386,8 +390,8 @@ def drift_sync_steps(weight: np.ndarray, count: int, cfg: DeriveConfig) -> froze
     return frozenset(steps) | _edge_steps(S, cfg)
 
 
-def placement_weight(tables: DriftTables, costs: UnitCosts, sampler) -> np.ndarray:
-    """``[S]``: what the ``drift`` placement spreads evenly: the traced per-step drift
+def placement_weight(tables: DriftTables, costs: UnitCosts, sampler: "SamplerConfig") -> np.ndarray:
+    """``[S]``: the per-step weight the ``drift`` placement accumulates: the traced per-step drift
     (:func:`step_drift`) times the share of the step's update the model decides
     (:func:`moeca.models.samplers.model_share`: 1 for Euler and deterministic DDIM; on DDPM it rises from
     ~0.5 to 1 over the last steps, whose errors later steps no longer correct)."""
@@ -421,7 +425,7 @@ class _SyncChoice:
     level: str
 
 
-def _derive_sync(tables: DriftTables, cfg: DeriveConfig, sampler, costs: UnitCosts,
+def _derive_sync(tables: DriftTables, cfg: DeriveConfig, sampler: "SamplerConfig", costs: UnitCosts,
                  wallclock: WallClockCosts | None) -> _SyncChoice:
     """The ``sync`` rule: the refresh steps, forecast level and plan that meet the target (tau: predicted
     staleness error)."""
@@ -431,8 +435,13 @@ def _derive_sync(tables: DriftTables, cfg: DeriveConfig, sampler, costs: UnitCos
     alpha = (tables.alpha["attn"] + tables.alpha["shared"] + tables.alpha["expert"]) / 3
     order = {"none": 0, "linear": 1}[cfg.forecast]
 
+    placements: dict[int, frozenset[int]] = {}
+
     def steps_of(count: int) -> frozenset[int]:
-        return drift_sync_steps(weight, count, cfg) if cfg.placement == "drift" else even_sync_steps(S, count, cfg)
+        if count not in placements:   # the same for every forecast level
+            placements[count] = (drift_sync_steps(weight, count, cfg) if cfg.placement == "drift"
+                                 else even_sync_steps(S, count, cfg))
+        return placements[count]
 
     def choice(count: int, level: str) -> _SyncChoice:
         sync = steps_of(count)

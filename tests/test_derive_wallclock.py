@@ -40,7 +40,7 @@ def test_drift_placement_puts_refreshes_where_the_drift_is():
     late = sum(s >= 20 for s in sync)
     assert late >= 7                                            # even spacing would give 5
     assert sum(s >= 20 for s in even_sync_steps(40, 10, cfg)) == 5
-    # equal drift per interval: far more even than with evenly spaced refreshes
+    # the drift accumulated per interval is far more even than with evenly spaced refreshes
     spread = lambda s: intervals(s, w).max() / intervals(s, w).min()  # noqa: E731
     assert spread(sync) < spread(even_sync_steps(40, 10, cfg))
 
@@ -49,7 +49,7 @@ def test_uniform_drift_gives_even_spacing_and_collisions_stay_distinct():
     cfg = DeriveConfig(final_steps=1)
     assert drift_sync_steps(np.ones(50), 10, cfg) == even_sync_steps(50, 10, cfg)
     spike = np.zeros(12)
-    spike[5] = 1.0                                               # every quantile lands on step 5
+    spike[5] = 1.0                                               # all the drift on step 5
     sync = drift_sync_steps(spike, 4, DeriveConfig())
     assert len(sync) == 4 and 5 in sync and 0 in sync
 
