@@ -186,6 +186,12 @@ class DiffusionSchedule:
         )
 
 
+def ddim_sigma(eta: float, ac, ac_prev):
+    """DDIM's noise scale of a step from ``alphas_cumprod`` ``ac`` and its predecessor ``ac_prev`` (numbers or
+    arrays): ``eta * sqrt((1 - ac_prev) / (1 - ac)) * sqrt(1 - ac / ac_prev)``; eta 0 is deterministic."""
+    return eta * np.sqrt((1 - ac_prev) / (1 - ac)) * np.sqrt(1 - ac / ac_prev)
+
+
 def model_share(cfg: SamplerConfig) -> np.ndarray:
     """``[num_steps]`` (step 0 = noisiest): the share of each step's update of ``x`` that the model's
     prediction decides, ``c / sqrt(c**2 + sigma**2)``.
@@ -202,8 +208,9 @@ def model_share(cfg: SamplerConfig) -> np.ndarray:
     i = np.arange(len(sched.timesteps))[::-1]                 # sampling order: noisiest first
     ac, ac_prev = sched.alphas_cumprod[i], sched.alphas_cumprod_prev[i]
     if cfg.kind == "ddim":
-        sigma = cfg.eta * np.sqrt((1 - ac_prev) / (1 - ac)) * np.sqrt(1 - ac / ac_prev)
-        c = np.abs(np.sqrt(np.maximum(1 - ac_prev - sigma ** 2, 0.0)) - np.sqrt(ac_prev) * np.sqrt(1 - ac) / np.sqrt(ac))
+        sigma = ddim_sigma(cfg.eta, ac, ac_prev)
+        c = np.abs(np.sqrt(np.maximum(1 - ac_prev - sigma ** 2, 0.0))
+                   - np.sqrt(ac_prev) * np.sqrt(1 - ac) / np.sqrt(ac))
     else:   # posterior mean coef1 * x0, x0 = (x - sqrt(1 - ac) eps) / sqrt(ac); the last step adds no noise
         c = sched.posterior_mean_coef1[i] * np.sqrt(1 - ac) / np.sqrt(ac)
         sigma = np.sqrt(sched.posterior_variance[i])
@@ -273,7 +280,7 @@ def _gaussian(denoise, x, labels, cfg, gen, on_step):
         ac, ac_prev = sched.alphas_cumprod[i], sched.alphas_cumprod_prev[i]
         x0 = (x - np.sqrt(1.0 - ac) * eps) / np.sqrt(ac)
         if cfg.kind == "ddim":
-            sigma = cfg.eta * np.sqrt((1 - ac_prev) / (1 - ac)) * np.sqrt(1 - ac / ac_prev)
+            sigma = ddim_sigma(cfg.eta, ac, ac_prev)
             x = np.sqrt(ac_prev) * x0 + np.sqrt(max(1 - ac_prev - sigma ** 2, 0.0)) * eps
             if sigma > 0 and i > 0:
                 x = x + sigma * _noise_like(x, gen)

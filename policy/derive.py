@@ -390,13 +390,13 @@ def drift_sync_steps(weight: np.ndarray, count: int, cfg: DeriveConfig) -> froze
     return frozenset(steps) | _edge_steps(S, cfg)
 
 
-def placement_weight(tables: DriftTables, costs: UnitCosts, sampler: "SamplerConfig") -> np.ndarray:
-    """``[S]``: the per-step weight the ``drift`` placement accumulates: the traced per-step drift
+def placement_weight(drift: np.ndarray, sampler: "SamplerConfig") -> np.ndarray:
+    """``[S]``: the per-step weight the ``drift`` placement accumulates: the traced per-step ``drift [S]``
     (:func:`step_drift`) times the share of the step's update the model decides
     (:func:`moeca.models.samplers.model_share`: 1 for Euler and deterministic DDIM; on DDPM it rises from
     ~0.5 to 1 over the last steps, whose errors later steps no longer correct)."""
     from moeca.models.samplers import model_share
-    return step_drift(tables, costs) * model_share(sampler)
+    return drift * model_share(sampler)
 
 
 def step_drift(tables: DriftTables, costs: UnitCosts) -> np.ndarray:
@@ -431,7 +431,7 @@ def _derive_sync(tables: DriftTables, cfg: DeriveConfig, sampler: "SamplerConfig
     staleness error)."""
     S = sampler.num_steps
     d = step_drift(tables, costs)
-    weight = placement_weight(tables, costs, sampler)
+    weight = placement_weight(d, sampler)
     alpha = (tables.alpha["attn"] + tables.alpha["shared"] + tables.alpha["expert"]) / 3
     order = {"none": 0, "linear": 1}[cfg.forecast]
 
