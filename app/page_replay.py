@@ -141,7 +141,8 @@ out: rr.ReplayOutcome = result["outcome"]
 m = st.columns(5)
 m[0].metric("measured speedup", f"{out.speedup:.2f}x",
             help=f"full {out.full_seconds * 1000:.0f} ms vs cached {out.cached_seconds * 1000:.0f} ms "
-                 f"(median of {result['settings'].repeats}) on {out.device}")
+                 f"(medians of {result['settings'].repeats}; the speedup is the median of the back-to-back "
+                 f"ratios) on {out.device}")
 m[1].metric("mean PSNR vs full", f"{float(out.psnr.mean()):.1f} dB")
 m[2].metric("FLOPs computed", f"{out.flops_ratio:.1%}")
 m[3].metric("accuracy (full)", "n/a" if out.accuracy_full is None else f"{out.accuracy_full:.1%}")

@@ -36,13 +36,14 @@ class ReplaySettings:
 @dataclass(frozen=True)
 class ReplayOutcome:
     """full, cached: images ``[N, C, H, W]`` in [-1, 1] (float32 numpy); labels ``[N]``; seconds are
-    medians; psnr ``[N]`` dB (capped at 100); accuracies in [0, 1] or None without a classifier."""
+    medians; speedup the replay report's (the median of the back-to-back full/cached ratios); psnr ``[N]`` dB (capped at 100); accuracies in [0, 1] or None without a classifier."""
 
     full: np.ndarray
     cached: np.ndarray
     labels: np.ndarray
     full_seconds: float
     cached_seconds: float
+    speedup: float
     psnr: np.ndarray
     ssim_mean: float
     accuracy_full: float | None
@@ -51,10 +52,6 @@ class ReplayOutcome:
     reuse: dict
     cache_bytes: int
     device: str
-
-    @property
-    def speedup(self) -> float:
-        return self.full_seconds / self.cached_seconds if self.cached_seconds > 0 else float("nan")
 
 
 def grid(images: np.ndarray, labels: np.ndarray | None = None, columns: int = 8, scale: int | None = None) -> np.ndarray:
@@ -106,7 +103,7 @@ def run_replay(model, schedule, settings: ReplaySettings, on_step: Callable[[int
         acc_cached = float((classifier.predict(cached) == labels).float().mean())
     return ReplayOutcome(
         full=full.numpy(), cached=cached.numpy(), labels=labels.numpy(),
-        full_seconds=report.time_full_s, cached_seconds=report.time_cached_s,
+        full_seconds=report.time_full_s, cached_seconds=report.time_cached_s, speedup=report.speedup,
         psnr=psnr(cached, full, max_db=100.0).numpy(), ssim_mean=float(ssim(cached, full).mean()),
         accuracy_full=acc_full, accuracy_cached=acc_cached, flops_ratio=report.flops_ratio,
         reuse=dict(report.reuse), cache_bytes=report.cache_bytes, device=str(device))

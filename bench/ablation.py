@@ -3,7 +3,7 @@
 For every wall-clock target (``--targets``, the speedup predicted from this device's calibrated unit
 costs, ``moeca calibrate``) the default rule and one variant per component are derived from the same
 trace, so each pair has the same predicted wall-clock speedup, and replayed against full compute in this
-process (measured speedup: median of ``--repeats`` on ``--timing-samples`` samples; PSNR/SSIM against
+process (measured speedup: median of the ``--repeats`` back-to-back full/cached ratios on ``--timing-samples`` samples; PSNR/SSIM against
 full compute from the same noise on ``--quality-samples`` samples; on the demo model also class accuracy
 and Frechet distance). Variants:
 

@@ -5,7 +5,7 @@ batched), summarise drift, derive one MoECa schedule per ``--targets`` entry the
 derive --target-speedup`` does (``--target-kind wallclock``: speedups predicted from this device's
 calibrated unit costs, forecast level ``auto``; ``flops``: analytic FLOPs speedups), then for each
 schedule measure, in this process, full vs cached wall-clock on
-``--timing-samples`` samples (median of ``--repeats``, alternating), FLOPs computed, cache memory,
+``--timing-samples`` samples (median of the ``--repeats`` back-to-back full/cached ratios), FLOPs computed, cache memory,
 PSNR/SSIM vs full on ``--quality-samples`` samples (classes cycled, same noise), class accuracy and
 Frechet distance of full and cached samples. Targets: some setting with measured speedup >= 2.83x,
 FD <= 1.10x full's and accuracy within 1 point of full's; at every setting, measured speedup >= 0.85 of
@@ -226,7 +226,7 @@ def _ratio_met(rows) -> bool:
 def _notes(rows, passing, shape, args) -> str:
     demo = [r for r in rows if r["model"] == "demo"]
     lines = [f"Demo model, 50 rectified-flow steps, CFG 1.5 batched, {args.timing_samples} samples per timed call "
-             f"(median of {args.repeats}, full and cached alternating in one process, {args.threads} threads"
+             f"(median of {args.repeats} back-to-back full/cached ratios in one process, {args.threads} threads"
              f"{'; both compiled with torch.compile' if args.compile else ''}); "
              f"quality on {args.quality_samples} samples from the same noise as full compute."]
     if passing:

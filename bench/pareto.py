@@ -741,8 +741,8 @@ def notes_markdown(meta: dict) -> str:
     sampler = meta["sampler"]
     lines = [f"Model `{st['model']}` (weights `{meta['weights_hash']}`), {sampler['kind']} sampler, "
              f"{sampler['num_steps']} steps, CFG {sampler['cfg_scale']} ({sampler['cfg_mode']}). Timing: "
-             f"{st['timing_batch']} samples, every method warmed up once, median of {st['repeats']} interleaved "
-             f"runs per side. Quality: {st['eval_samples']} samples for each of the noise seeds {st['seeds']} "
+             f"{st['timing_batch']} samples, every method warmed up once, speedup the median of {st['repeats']} "
+             f"back-to-back full/cached ratios. Quality: {st['eval_samples']} samples for each of the noise seeds {st['seeds']} "
              "against full compute from the same noise and labels; every figure is the mean of the two seeds "
              "± half their difference (the seed spread). Full compute: accuracy "
              f"{_fmt(ref.get('accuracy'), ref.get('accuracy_spread'))}, FD {_fmt(ref.get('fd'), ref.get('fd_spread'))} "

@@ -214,7 +214,7 @@ def _table(rows: list[dict], cfg: PipelineConfig) -> str:
     kind = ("wall-clock, predicted from this device's calibrated unit costs (`moeca calibrate`)"
             if cfg.target_kind == "wallclock" else "analytic FLOPs")
     head = (f"# moeca run: {cfg.model}, {cfg.steps} steps, CFG {cfg.cfg_scale}\n\n"
-            f"MoECa schedules vs full compute. Speedup: median wall clock of {cfg.repeats} repeats on "
+            f"MoECa schedules vs full compute. Speedup: median of {cfg.repeats} back-to-back full/cached wall-clock ratios on "
             f"{cfg.timing_samples} samples, same process; targets and predicted speedup: {kind}. Quality: "
             f"{cfg.quality_samples} samples from the same noise as full compute (PSNR/SSIM against full "
             "compute; accuracy and Frechet distance from the shipped digits classifier). Analysis report: report/report.md.\n\n")

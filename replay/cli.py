@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Sample the same labels from the same noise with full compute and with the schedule's "
                     "cache reuse, in this process,\nand report the measured wall-clock speedup (median of "
-                    "--repeats), FLOPs computed vs full, cache memory, PSNR/SSIM vs full and,\non the demo "
+                    "the --repeats back-to-back full/cached ratios), FLOPs computed vs full, cache memory, PSNR/SSIM vs full and,\non the demo "
                     "model with --quality-samples, class accuracy and Frechet distance of both sample sets.",
         epilog="example:\n  moeca replay --schedule out/schedule.json --model demo --samples 16 --out out/replay")
     p.add_argument("--schedule", required=True, help="schedule JSON (from `moeca schedule derive`)")
