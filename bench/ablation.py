@@ -14,7 +14,9 @@ and Frechet distance). Variants:
   refreshes at the same predicted speed);
 - ``branch level`` / ``token level``: the rule with its forecast level fixed (router and newly routed
   pairs computed, branches forecast with the current gates / no router, each block's MoE output forecast
-  per token).
+  per token);
+- ``- folded stack``: the engine forecasts the token-level steps unit by unit with the exact gates
+  (``ReplayRuntime(fold=False)``, priced so by the derivation) instead of the folded stack sum.
 
 A variant whose target is out of reach on this device is listed with the reachable maximum.
 """
@@ -26,7 +28,8 @@ NAME = "ablation"
 COLUMNS = ["target", "variant", "level", "refreshes", "predicted_speedup", "speedup", "flops_speedup", "psnr", "ssim",
            "accuracy_cached", "fd_full", "fd_cached", "note"]
 VARIANTS = (("moeca", {}), ("- drift placement", {"placement": "even"}), ("- forecast", {"forecast": "none"}),
-            ("branch level", {"forecast_level": "branch"}), ("token level", {"forecast_level": "token"}))
+            ("branch level", {"forecast_level": "branch"}), ("token level", {"forecast_level": "token"}),
+            ("- folded stack", {"fold": False}))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from moeca.policy.derive import DeriveConfig, derive_schedule
     from moeca.replay.calibrate import ensure_costs
     from moeca.replay.driver import replay_compare
+    from moeca.replay.runtime import ReplayRuntime
     from moeca.tracer import resolve_labels
 
     from .results import write_results
@@ -96,9 +100,10 @@ def run(args: argparse.Namespace) -> int:
                 rows.append({**row, "note": str(exc).split(";")[0]})
                 print(f"{target:g}x {variant}: {exc}", flush=True)
                 continue
+            engine = {"runtime_factory": lambda s: ReplayRuntime(s, fold=False)} if knobs.get("fold") is False else {}
             result = replay_compare(model, schedule, sampler, timing, seed=args.seed, repeats=args.repeats,
                                     quality_labels=quality, quality_reference=reference, progress=False,
-                                    compile=args.compile)
+                                    compile=args.compile, **engine)
             reference = result.quality_full
             r = result.report
             rows.append({**row, "level": schedule.provenance.get("forecast_level"),
@@ -133,7 +138,7 @@ def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = dict(zip([v for v, _ in VARIANTS], "o^sDv"))
+    markers = dict(zip([v for v, _ in VARIANTS], "o^sDvP"))
     for variant, _ in VARIANTS:
         pts = sorted((r["speedup"], r["psnr"], r["target"]) for r in rows
                      if r["variant"] == variant and r.get("speedup") is not None and r.get("psnr") is not None)

@@ -106,6 +106,9 @@ class DeriveConfig:
     min_fraction: lower bound of the per-token refresh fraction of experts and shared expert.
     staleness_weight: the online score is ``accumulated input drift + staleness_weight * age``.
     fit_alpha: fit the lag exponent per unit kind (else ``alpha = 1``, linear accumulation).
+    fold: the wall-clock prediction prices token-level forecast steps as the replay engine runs them by
+    default, the folded stack sum (``moeca.replay.units.stack``); False prices the exact per-unit sum
+    (``ReplayRuntime(fold=False)``: the ablation's ``- folded stack``).
     """
 
     target_speedup: float | None = 3.0
@@ -125,6 +128,7 @@ class DeriveConfig:
     min_fraction: float = 0.0
     staleness_weight: float = 0.02
     fit_alpha: bool = True
+    fold: bool = True
 
     def __post_init__(self) -> None:
         if (self.target_speedup is None) == (self.error_budget is None):
@@ -408,12 +412,16 @@ def step_drift(tables: DriftTables, costs: UnitCosts) -> np.ndarray:
 
 
 def sync_work(tables: DriftTables, sync: frozenset[int], wallclock: WallClockCosts, order: int,
-              level: str = "branch") -> list[StepWork]:
-    """What each step of the ``sync`` rule's plan executes, for the wall-clock prediction."""
+              level: str = "branch", fold: bool = True) -> list[StepWork]:
+    """What each step of the ``sync`` rule's plan executes, for the wall-clock prediction. A token-level
+    plan forecasts the stack folded (``moeca.replay.units.stack``): every refresh rebuilds the fold's
+    products, and forecast steps after the second refresh sum them (``fold=False``: unit by unit)."""
     S, L, _ = tables.expert.shape
     new_pairs = wallclock.top_k * np.sum(tables.share * (1 - tables.persist), axis=(1, 2))   # [S] per token
-    return [wallclock.full_step(L, order) if s in sync
-            else wallclock.forecast_step(L, order, float(new_pairs[s]), level) for s in range(S)]
+    folds = fold and level == "token"
+    return [wallclock.full_step(L, order, folds) if s in sync
+            else wallclock.forecast_step(L, order, float(new_pairs[s]), level,
+                                         folded=folds and sum(r < s for r in sync) >= 2) for s in range(S)]
 
 
 @dataclass(frozen=True)
@@ -446,7 +454,7 @@ def _derive_sync(tables: DriftTables, cfg: DeriveConfig, sampler: "SamplerConfig
     def choice(count: int, level: str) -> _SyncChoice:
         sync = steps_of(count)
         speed = None if wallclock is None else wallclock.predicted_speedup(
-            sync_work(tables, sync, wallclock, order, level))
+            sync_work(tables, sync, wallclock, order, level, cfg.fold))
         return _SyncChoice(_plan_sync(tables, sync, costs, level), sync, float(np.max(d) * (S / count) ** alpha),
                            speed, level)
 

@@ -8,7 +8,7 @@ CFG counting both halves)::
 
     ms(step) = step_ms + attn_row_ms * attn + shared_row_ms * shared + pair_ms * pairs
                + forecast_term_ms * reused * order + history_term_ms * computed * order
-               + router_block_ms * routed_blocks
+               + router_block_ms * routed_blocks + stack_term_ms * stack_terms
 
 ``step_ms`` is a step that reuses every row plainly without routing: the sampler update, patch embedding,
 final layer, and per block the norms and modulation (the batch size is part of the calibration key, so
@@ -18,7 +18,10 @@ and a full step route in every block; a token-level forecast step, which forecas
 output per token, in none).
 The row costs are what computing a row adds over reusing it; ``forecast_term_ms`` what forecasting a
 reused row adds per polynomial term (``order`` 0 = plain reuse, 1 = linear, ``p`` = Taylor order ``p``);
-``history_term_ms`` what pushing a computed row into the forecast history adds per term.
+``history_term_ms`` what pushing a computed row into the forecast history adds per term;
+``stack_term_ms`` a row of the folded stack forecast's work (``moeca.replay.units.stack``: rebuilding its
+products after a full refresh, ``2 depth (order + 2)`` rows per token; summing them on a folded step,
+up to ``2 (order + 1)``), whose forecast steps have no per-unit ``reused`` rows.
 ``computed`` = attention + shared rows + pairs computed; ``reused`` = the rest of the step's
 ``2 N + k N`` rows per block, ``2 N`` in a block that does not route (attention and whole-MoE rows); every
 such step has the same total, which is why a per-row cost of plain reuse cannot be told apart from
@@ -46,7 +49,7 @@ from typing import Any, Callable, Mapping
 CACHE_FORMAT = 1
 CACHE_FILE = "calibration.json"
 COEFFICIENTS = ("step_ms", "attn_row_ms", "shared_row_ms", "pair_ms", "forecast_term_ms", "history_term_ms",
-                "router_block_ms")
+                "router_block_ms", "stack_term_ms")
 
 
 class CalibrationError(ValueError):
@@ -60,7 +63,8 @@ class StepWork:
     attn / shared: rows computed by attention (queries) and the shared expert; pairs: (token, expert)
     pairs run through a routed expert (padding excluded); reused: rows of the three units not computed
     (reused or forecast; in a block that does not route, attention and whole-MoE rows); order: forecast
-    order (0 = plain reuse, 1 = linear, p = Taylor order p); routed_blocks: blocks whose router ran.
+    order (0 = plain reuse, 1 = linear, p = Taylor order p); routed_blocks: blocks whose router ran;
+    stack_terms: rows of the folded stack forecast's work (see the module docstring).
     """
 
     attn: float
@@ -69,12 +73,13 @@ class StepWork:
     reused: float
     order: int
     routed_blocks: float
+    stack_terms: float = 0.0
 
     def features(self) -> tuple[float, ...]:
         """The row vector of the linear model, in the order of :data:`COEFFICIENTS`."""
         computed = self.attn + self.shared + self.pairs
         return (1.0, self.attn, self.shared, self.pairs, self.reused * self.order, computed * self.order,
-                self.routed_blocks)
+                self.routed_blocks, self.stack_terms)
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class WallClockCosts:
     key: Mapping[str, str] = field(default_factory=dict)
     fit_rel_error: float = 0.0
     created: str = ""
+    stack_term_ms: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (*COEFFICIENTS, "full_step_ms", "fit_rel_error"):
@@ -118,16 +124,23 @@ class WallClockCosts:
         coef = tuple(getattr(self, c) for c in COEFFICIENTS)
         return float(sum(c * f for c, f in zip(coef, work.features())))
 
-    def full_step(self, depth: int, order: int) -> StepWork:
-        """A synchronized refresh step: every unit of every block computed."""
+    def full_step(self, depth: int, order: int, folds: bool = False) -> StepWork:
+        """A synchronized refresh step: every unit of every block computed (``folds``: and the folded stack
+        forecast's products rebuilt)."""
         n = self.rows_per_block * depth
-        return StepWork(attn=n, shared=n, pairs=self.top_k * n, reused=0.0, order=order, routed_blocks=depth)
+        return StepWork(attn=n, shared=n, pairs=self.top_k * n, reused=0.0, order=order, routed_blocks=depth,
+                        stack_terms=2.0 * (order + 2) * n if folds else 0.0)
 
-    def forecast_step(self, depth: int, order: int, new_pairs_per_token: float, level: str = "branch") -> StepWork:
+    def forecast_step(self, depth: int, order: int, new_pairs_per_token: float, level: str = "branch",
+                      folded: bool = False) -> StepWork:
         """A forecast step of the sync rule. ``branch``: the router runs in every block and only the newly
         routed pairs are computed (``new_pairs_per_token``: newly routed pairs per token summed over the
-        blocks, from the trace); ``token``: no router, every block's MoE output forecast per token."""
+        blocks, from the trace); ``token``: no router, every block's MoE output forecast per token, unit by
+        unit or (``folded``) as the folded stack sum."""
         n = self.rows_per_block
+        if level == "token" and folded:
+            return StepWork(attn=0.0, shared=0.0, pairs=0.0, reused=0.0, order=order, routed_blocks=0.0,
+                            stack_terms=2.0 * (order + 1) * n)
         if level == "token":   # per block: attention and the whole MoE output, one row per token each
             return StepWork(attn=0.0, shared=0.0, pairs=0.0, reused=2 * n * depth, order=order, routed_blocks=0.0)
         pairs = new_pairs_per_token * n

@@ -1,10 +1,11 @@
 """Measure the wall-clock unit costs of the replay engine on this device (``moeca calibrate``).
 
 :func:`measure_costs` samples a short run (``steps`` steps of the schedule's sampler) with the default
-runtime and with nine calibration schedules that each exercise a different mix of units -- every step
+runtime and with ten calibration schedules that each exercise a different mix of units -- every step
 full, with and without a forecast history; everything forecast (linear) or reused plainly between full
 steps; only attention, only the shared expert or only the routed experts recomputed between full steps;
-every other step full; token-level forecast steps (no router) between full steps -- times every step (median of ``repeats`` interleaved runs, after a warm-up; the
+every other step full; token-level forecast steps (no router, the stack forecast folded after the
+second refresh) between full steps, every 5th and every 3rd step full -- times every step (median of ``repeats`` interleaved runs, after a warm-up; the
 device is synchronised at each step on CUDA), counts what each step executed (:class:`~moeca.replay.counters.ReplayCounters`) and fits
 the non-negative coefficients of :class:`~moeca.policy.wallclock.WallClockCosts` by least squares. The
 first step of a run (cache allocation) is not fitted.
@@ -92,7 +93,7 @@ def calibration_key(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: i
 
 
 def calibration_schedules(config, sampler_cfg: SamplerConfig) -> list[Schedule]:
-    """The nine schedules whose steps the fit uses (see the module docstring)."""
+    """The ten schedules whose steps the fit uses (see the module docstring)."""
     S, L, E = sampler_cfg.num_steps, config.depth, config.num_experts
     identity, sampler = ModelIdentity.of(config), SamplerIdentity.of(sampler_cfg)
     full = BlockRule.full(E)
@@ -114,6 +115,7 @@ def calibration_schedules(config, sampler_cfg: SamplerConfig) -> list[Schedule]:
         make(BlockRule(attn=NEVER, shared=NEVER, experts=(ALWAYS,) * E), "linear", every=5),
         make(forecast_all, "linear", every=2),
         make(BlockRule(attn=NEVER, moe=NEVER, shared=NEVER, experts=(NEVER,) * E), "linear", every=5),
+        make(BlockRule(attn=NEVER, moe=NEVER, shared=NEVER, experts=(NEVER,) * E), "linear", every=3),
     ]
 
 
@@ -123,13 +125,17 @@ def step_work(counters, schedule: Schedule) -> list[StepWork]:
     attn_b, shared_b = counters.attn_q, counters.shared
     pairs_b = counters.expert - counters.padded
     # a block that routes forecasts attention, shared and pair rows; one that does not, attention and MoE rows
+    # (unit by unit: a folded stack step forecasts none per unit, its work is the stack rows)
     reused_b = np.where(routes, 2 * counters.tokens + counters.pairs - attn_b - shared_b - pairs_b,
                         2 * counters.tokens - attn_b)
+    stack = counters.stack.sum(1)
+    folded = (stack > 0) & ~routes.any(1)
+    reused_b = np.where(folded[:, None], 0, reused_b)
     attn, shared, pairs, reused = attn_b.sum(1), shared_b.sum(1), pairs_b.sum(1), reused_b.sum(1)
     order = schedule.forecast_degree
     routed = routes.sum(1)
-    return [StepWork(float(a), float(s), float(p), float(r), order, float(b))
-            for a, s, p, r, b in zip(attn, shared, pairs, reused, routed)]
+    return [StepWork(float(a), float(s), float(p), float(r), order, float(b), float(k))
+            for a, s, p, r, b, k in zip(attn, shared, pairs, reused, routed, stack)]
 
 
 def _timed_steps(model, sampler_cfg: SamplerConfig, labels: torch.Tensor, runtime) -> list[float]:

@@ -24,6 +24,9 @@ class ReplayCounters:
       ``threshold`` rule computes every row and keeps the selected ones); already in their unit's line;
     - ``forecast`` -- forecast terms: rows extrapolated or pushed into a forecast history times the
       forecast degree (one multiply-add per element each, ``2 D`` FLOPs);
+    - ``stack`` -- rows of the folded stack forecast's multiply-adds (:mod:`.units.stack`): rebuilding its
+      products after a full refresh (filed under each block) and summing them on a folded step (filed
+      under block 0), ``2 D`` FLOPs each; a folded step counts no ``forecast`` terms;
     - ``gather`` -- rows gathered, scattered or merged by the cache bookkeeping (memory traffic, reported
       apart from FLOPs);
     - ``tokens`` / ``pairs`` -- the full-compute references (``N`` and ``N*k`` per visited block).
@@ -32,7 +35,7 @@ class ReplayCounters:
     forwards whose blocks were skipped whole.
     """
 
-    FIELDS = ("attn_q", "attn_kv", "shared", "expert", "router", "tokens", "pairs", "padded", "forecast", "gather")
+    FIELDS = ("attn_q", "attn_kv", "shared", "expert", "router", "tokens", "pairs", "padded", "forecast", "stack", "gather")
 
     def __init__(self, num_steps: int, depth: int):
         self._arrays = {f: np.zeros((num_steps, depth), dtype=np.int64) for f in self.FIELDS}
@@ -69,12 +72,12 @@ class ReplayCounters:
     def flops(self, costs: UnitCosts) -> tuple[float, float]:
         """(FLOPs computed, FLOPs of full compute) over everything counted so far.
 
-        Computed FLOPs include padded rows (they are in their unit's line) and the forecast terms
-        (``2 D`` each); gathers move memory and are not FLOPs (see ``gather``)."""
+        Computed FLOPs include padded rows (they are in their unit's line), the forecast terms and the
+        folded stack's rows (``2 D`` each); gathers move memory and are not FLOPs (see ``gather``)."""
         t = self.totals()
         fixed = self.samples * costs.fixed_per_sample()
         done = (t["attn_q"] * costs.attn_q + t["attn_kv"] * costs.attn_kv + t["shared"] * costs.shared
-                + t["expert"] * costs.expert + t["router"] * costs.router + t["forecast"] * costs.forecast_term)
+                + t["expert"] * costs.expert + t["router"] * costs.router + (t["forecast"] + t["stack"]) * costs.forecast_term)
         full = t["tokens"] * (costs.attn + costs.shared + costs.router) + t["pairs"] * costs.expert
         return float(done + fixed), float(full + fixed)
 

@@ -24,16 +24,20 @@ class StepKind:
     whole-model mode (``compute``, ``reuse``, ``adaptive``; sync steps ``compute``); expert_summary: per
     block ``(all always, any fraction, any scored, all never)`` of the routed-expert rules; forecast_all:
     every block reuses attention and the whole MoE output and nothing tracks drift, so the whole block
-    stack can be forecast at once (:mod:`.units.stack`). Compared by identity (interned)."""
+    stack can be forecast at once (:mod:`.units.stack`); full: every unit of every block computes. Compared
+    by identity (interned)."""
 
     rules: tuple[BlockRule, ...]
     model: str
     expert_summary: tuple[tuple[bool, bool, bool, bool], ...]
     forecast_all: bool = False
+    full: bool = False
 
 
 class SchedulePlan:
-    """Per-block flags and per-(step, block) rule summaries of one schedule."""
+    """Per-block flags and per-(step, block) rule summaries of one schedule. ``fold_stack``: every step
+    either computes every unit or forecasts every unit of every block (the sync rule per token, FORA,
+    TaylorSeer), so the stack forecast runs folded (:func:`.units.stack.forecast_folded`)."""
 
     def __init__(self, schedule: Schedule):
         self.schedule = schedule
@@ -67,8 +71,11 @@ class SchedulePlan:
                                 for br in rules)
                 forecast_all = model == "compute" and untracked and all(
                     br.attn.mode == "never" and br.moe.mode == "never" for br in rules)
-                kinds[key] = StepKind(rules, model, summary, forecast_all)
+                full = model == "compute" and all(br == BlockRule.full(len(br.experts)) for br in rules)
+                kinds[key] = StepKind(rules, model, summary, forecast_all, full)
             self.kinds.append(kinds[key])
+        # every step computes everything or forecasts everything: the stack forecast can be folded
+        self.fold_stack = any(k.forecast_all for k in self.kinds) and all(k.full or k.forecast_all for k in self.kinds)
         self._tables: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _scored(self, block: int, kind: str) -> bool:

@@ -44,7 +44,7 @@ from .state import BlockState, ContextState, RowCache
 from .units.attention import reused_attention, run_attention
 from .units.model_skip import run_with_model_skip
 from .units.routed import all_pairs, run_routed
-from .units.stack import forecast_stack, stack_ready
+from .units.stack import fold_ready, fold_refresh, forecast_folded, forecast_stack, stack_ready
 from .units.token import run_token_unit
 
 
@@ -56,15 +56,18 @@ class ReplayRuntime(Runtime):
 
     device_path: True = the sync-free fixed-shape path, False = the host path, None = device path on
     CUDA only. check_finite: ``"forward"`` (a host check after every forward) or ``"run"`` (once, at the
-    last step); None = per forward on the host path, per run on the device path.
+    last step); None = per forward on the host path, per run on the device path. fold: run the stack
+    forecast folded where the plan allows (:mod:`.units.stack`); False = the exact gates, unit by unit.
     """
 
-    def __init__(self, schedule: Schedule, device_path: bool | None = None, check_finite: str | None = None):
+    def __init__(self, schedule: Schedule, device_path: bool | None = None, check_finite: str | None = None,
+                 fold: bool = True):
         if check_finite not in (None, "forward", "run"):
             raise ValueError(f"check_finite must be 'forward', 'run' or None, got {check_finite!r}")
         super().__init__()
         self.schedule = schedule
         self.plan = SchedulePlan(schedule)
+        self.fold = fold and self.plan.fold_stack
         self.counters = ReplayCounters(schedule.num_steps, schedule.model.depth)
         self.peak_cache_bytes = 0
         self._device_path_arg = device_path
@@ -205,11 +208,14 @@ class ReplayRuntime(Runtime):
 
     def _blocks(self, model, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """All blocks. A step that forecasts every unit of every block runs as one sum over the stack
-        (:mod:`.units.stack`). Where attention is reused whole and its input is not tracked, the block runs
+        (:mod:`.units.stack`), folded where the plan allows; after a full refresh of such a plan the folded
+        state is rebuilt. Where attention is reused whole and its input is not tracked, the block runs
         without ``norm1``/modulation (their only consumer is attention): the same arithmetic as
         :meth:`DiTMoEBlock.forward` with the cached attention output, minus the dead work."""
-        if stack_ready(self, model, x.shape[0] * x.shape[1]):
-            return forecast_stack(self, model, x, c)
+        rows = x.shape[0] * x.shape[1]
+        if stack_ready(self, model, rows):
+            return (forecast_folded if fold_ready(self, rows) else forecast_stack)(self, model, x, c)
+        shape = x.shape
         for block in model.blocks:
             cached = reused_attention(self, block, self._cs.blocks[block.index], x.shape, x.dtype) \
                 if isinstance(block, DiTMoEBlock) else None
@@ -219,6 +225,8 @@ class ReplayRuntime(Runtime):
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
             x = x + gate_msa.unsqueeze(1) * cached
             x = x + gate_mlp.unsqueeze(1) * self.moe(block, modulate(block.norm2(x), shift_mlp, scale_mlp))
+        if self.fold and self.kind.full:
+            fold_refresh(self, model, shape, c)
         return x
 
     def attention(self, block, x_mod: torch.Tensor) -> torch.Tensor:

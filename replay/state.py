@@ -116,10 +116,29 @@ class BlockState:
 
 
 @dataclass
+class StackProducts:
+    """Folded forecast state of the whole block stack (:mod:`.units.stack`), for ``U = 2 * depth`` units
+    (attention and whole MoE output of every block, unit ``2 b`` and ``2 b + 1``).
+
+    gates: the units' adaLN gates at the last two full refreshes, a degree-1 :class:`History` of ``U * B``
+    rows of width ``D`` (unit-major: rows ``u B .. u B + B - 1`` hold unit ``u``'s gates ``[B, D]``);
+    prods ``[2, p + 1, N, D]`` float32: ``prods[i, j] = sum_u gate_i(u) * value_j(u)``, the ``i``-th
+    newest refresh's gates (broadcast over the tokens) times the unit's ``j``-th newest kept value;
+    refreshes: full refreshes folded so far (host int, saturating at 2: the fold needs two gate values)."""
+
+    gates: History
+    prods: torch.Tensor
+    refreshes: int = 0
+
+    def nbytes(self) -> int:
+        return self.gates.nbytes() + _nbytes(self.prods)
+
+
+@dataclass
 class ContextState:
     """Everything cached for one CFG context (``none``, ``batched``, ``cond`` or ``uncond``); the
     whole-model skip keeps the previous change indicator ``model_prev``, the accumulated rescaled change
-    and the residual of all blocks at the last computed step."""
+    and the residual of all blocks at the last computed step; ``stack``: the folded stack forecast's state."""
 
     batch: int
     blocks: list[BlockState]
@@ -127,6 +146,8 @@ class ContextState:
     model_prev: torch.Tensor | None = None
     model_acc: float = 0.0
     residual: torch.Tensor | None = None
+    stack: StackProducts | None = None
 
     def nbytes(self) -> int:
-        return sum(b.nbytes() for b in self.blocks) + _nbytes(self.model_prev, self.residual)
+        return (sum(b.nbytes() for b in self.blocks) + _nbytes(self.model_prev, self.residual)
+                + (self.stack.nbytes() if self.stack is not None else 0))

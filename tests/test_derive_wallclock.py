@@ -21,7 +21,7 @@ def costs(step_ms: float = 4.0, **over) -> WallClockCosts:
     ``step_ms + 64 * 2 * (attn + shared + 2 pair + 2 history)`` ms."""
     base = dict(step_ms=step_ms, attn_row_ms=0.01, shared_row_ms=0.01, pair_ms=0.01,
                 forecast_term_ms=0.001, history_term_ms=0.001, router_block_ms=0.0, full_step_ms=12.0, rows_per_block=64, top_k=2,
-                key={"device": "test"})
+                key={"device": "test"}, stack_term_ms=0.0005)
     return WallClockCosts(**{**base, **over})
 
 
@@ -78,7 +78,7 @@ def test_wallclock_target_uses_the_calibrated_costs():
     by_hand = SAMPLER.num_steps * wc.full_step_ms / sum(
         wc.step_ms + wc.attn_row_ms * w.attn + wc.shared_row_ms * w.shared + wc.pair_ms * w.pairs
         + wc.forecast_term_ms * w.reused + wc.history_term_ms * (w.attn + w.shared + w.pairs)
-        + wc.router_block_ms * w.routed_blocks for w in work)
+        + wc.router_block_ms * w.routed_blocks + wc.stack_term_ms * w.stack_terms for w in work)
     assert s.provenance["predicted_speedup"] == pytest.approx(by_hand, rel=1e-3)
     assert s.provenance["predicted_speedup"] >= 1.8
     assert s.provenance["calibration"]["device"] == "test"
@@ -129,6 +129,31 @@ def test_forecast_level_follows_the_price_of_routing():
     assert token.provenance["forecast_level"] == "token" and token.predicted_flops_ratio < 1 / 1.8
     with pytest.raises(ValueError, match="forecast_level"):
         DeriveConfig(forecast_level="expert")
+
+
+def test_predicted_work_of_a_token_level_plan_is_what_the_replay_counts():
+    """The wall-clock prediction's step work (``sync_work``) of a token-level plan -- per-unit forecasts
+    until the second refresh, the folded stack after it, the fold's products rebuilt at every refresh --
+    is, step by step, what the replay engine counts (``moeca.replay.calibrate.step_work``)."""
+    from moeca.models.samplers import sample
+    from moeca.replay.calibrate import step_work
+    from moeca.replay.runtime import ReplayRuntime
+
+    summary, meta = synthetic_summary(), run_meta()
+    s = derive_schedule(summary, meta, DeriveConfig(target_speedup=2.5, forecast_level="token"))
+    labels = torch.tensor([0, 1])
+    rt = ReplayRuntime(s)
+    model = make_tiny()
+    with model.use_runtime(rt):
+        sample(model, SAMPLER, labels, seed=2)
+    tables = drift_tables(summary, SAMPLER.num_steps, TINY.depth, TINY.num_experts)
+    sync = frozenset(s.sync_refresh_steps)
+    predicted = sync_work(tables, sync, costs(), order=1, level="token")
+    counted = step_work(rt.counters, s)
+    assert len(sync) >= 3 and any(w.stack_terms and not w.attn for w in counted)      # some steps were folded
+    for step, (p, c) in enumerate(zip(predicted, counted)):
+        assert (p.attn, p.shared, p.pairs, p.reused, p.routed_blocks, p.stack_terms) == \
+            (c.attn, c.shared, c.pairs, c.reused, c.routed_blocks, c.stack_terms), step
 
 
 def test_token_level_schedule_skips_the_router_when_replayed():

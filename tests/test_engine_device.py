@@ -14,6 +14,7 @@ from moeca.policy.baselines import fora
 from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
                                    StepRule, full_schedule)
 from moeca.replay.runtime import ReplayRuntime
+from test_stack_fold import token_schedule
 
 STEPS = 6
 SAMPLER = SamplerConfig(kind="rectified_flow", num_steps=STEPS, cfg_scale=1.5)
@@ -87,15 +88,21 @@ def _graph_breaks(model, runtime, step: int) -> tuple[int, list[str]]:
 
 def test_device_path_forward_has_no_graph_breaks():
     """The default, FORA, MoECa-refresh and MoECa-forecast forwards each trace as one graph (traced with
-    dynamo, not compiled: inductor would take minutes here)."""
+    dynamo, not compiled: inductor would take minutes here), the folded stack forecast and its rebuild
+    after a refresh included."""
     model = make_tiny()
     prepare_model(model)
     fora_s = fora.build_schedule(fora.ForaConfig(interval=3), TINY, SamplerConfig(num_steps=STEPS, cfg_scale=1.0))
+    token_s = token_schedule(TINY, SAMPLER, (0, 2))
+    assert ReplayRuntime(fora_s).fold and ReplayRuntime(token_s).fold
     cases = {"default": (Runtime(dispatch="grouped"), 0),
              "fora reuse step": (ReplayRuntime(fora_s, device_path=True), 1),
              "moeca refresh step": (ReplayRuntime(moeca_schedule(), device_path=True), 3),
              "moeca forecast step": (ReplayRuntime(moeca_schedule(), device_path=True), 2),
-             "moeca taylor forecast step": (ReplayRuntime(moeca_schedule("taylor", 3), device_path=True), 5)}
+             "moeca taylor forecast step": (ReplayRuntime(moeca_schedule("taylor", 3), device_path=True), 5),
+             "fora folded reuse step": (ReplayRuntime(fora_s, device_path=True), 4),
+             "token-level refresh step (fold rebuilt)": (ReplayRuntime(token_s, device_path=True), 2),
+             "token-level folded forecast step": (ReplayRuntime(token_s, device_path=True), 3)}
     for name, (runtime, step) in cases.items():
         assert _graph_breaks(model, runtime, step) == (0, []), name
 
@@ -139,3 +146,35 @@ def test_compiled_sampling_run_has_one_graph_per_kind_of_step():
     assert n_first == 3, n_first
     assert len(graphs) == n_first, len(graphs)     # later runs reuse every graph
     assert rt.counters.totals() == {k: 2 * v for k, v in eager_rt.counters.totals().items()}
+
+
+def test_compiled_folded_run_gives_the_eager_numbers():
+    """A compiled sampling run of a token-level schedule (dynamo with a counting backend, no inductor): the
+    folded forecast steps in compiled code (Lagrange weights as tensors) give the eager numbers, and later
+    runs reuse every graph (the fold's state adds a few graphs per kind, never one per step number)."""
+    from moeca.models.compile import CompileOptions, compile_model
+
+    steps = 12
+    sampler = SamplerConfig(kind="rectified_flow", num_steps=steps, cfg_scale=1.5)
+    s = token_schedule(TINY, sampler, (0, 3, 6, 9))
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    eager_model, model = make_tiny(), make_tiny()
+    with eager_model.use_runtime(ReplayRuntime(s, device_path=True)):
+        eager = sample(eager_model, sampler, LABELS, seed=3)
+    dynamo.reset()
+    compile_model(model, CompileOptions(backend=counting_backend))
+    with model.use_runtime(ReplayRuntime(s)):
+        compiled = sample(model, sampler, LABELS, seed=3)
+    n_first = len(graphs)
+    with model.use_runtime(ReplayRuntime(s)):
+        again = sample(model, sampler, LABELS, seed=3)
+    dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert torch.equal(again, compiled)
+    assert n_first <= 6, n_first                   # first step, refreshes and forecast steps, before/after the fold
+    assert len(graphs) == n_first, len(graphs)

@@ -163,18 +163,19 @@ def _forecast_all_schedule(order: int) -> Schedule:
 def test_a_step_forecasting_every_block_runs_as_one_sum_over_the_stack(tiny_model, monkeypatch, order):
     """On a step whose every block reuses attention and the whole MoE output, the runtime adds the stack's
     gated forecasts to the residual at once: no block module runs (no norm, attention, router or expert), the
-    result equals the block-by-block path up to summation order, and the counters are the same."""
+    result equals the block-by-block path up to summation order, and the counters are the same (the exact
+    sum; the folded one is tested in test_stack_fold.py)."""
     from moeca.replay import runtime as replay_runtime
     schedule = _forecast_all_schedule(order)
     calls = {"norm2": 0}
     for block in tiny_model.blocks:
         block.norm2.register_forward_hook(lambda *a: calls.__setitem__("norm2", calls["norm2"] + 1))
-    stacked = ReplayRuntime(schedule)
+    stacked = ReplayRuntime(schedule, fold=False)
     with tiny_model.use_runtime(stacked):
         fast = sample(tiny_model, SAMPLER, LABELS, seed=5)
     assert calls["norm2"] == 4 * TINY.depth      # the four computed steps (batched CFG: one forward per step)
     monkeypatch.setattr(replay_runtime, "stack_ready", lambda *a: False)
-    blockwise = ReplayRuntime(schedule)
+    blockwise = ReplayRuntime(schedule, fold=False)
     with tiny_model.use_runtime(blockwise):
         slow = sample(tiny_model, SAMPLER, LABELS, seed=5)
     assert calls["norm2"] == 4 * TINY.depth + STEPS * TINY.depth

@@ -24,7 +24,9 @@ def test_dry_run_measures_every_method_eager_and_compiled(tmp_path):
         assert r["full_ms_per_step"] > 0 and r["ms_per_step"] > 0 and r["speedup"] > 0
         assert r["forecast_sync_free"] is None          # checked on CUDA only
     fora = next(r for r in rows if r["method"] == "fora")
-    assert abs(fora["flops_ratio"] - fora["predicted_flops_ratio"]) < 1e-6 and fora["flops_ratio"] < 1
+    # counted = the predicted compute + the folded stack forecast's rows (2 D FLOPs each), left out of the prediction
+    assert fora["predicted_flops_ratio"] < fora["flops_ratio"] < fora["predicted_flops_ratio"] + 0.01
+    assert fora["flops_ratio"] < 1
     meta = payload["meta"]
     assert meta["dry_run"] and meta["num_steps"] == 2 and meta["compile"]["backend"] == "eager"
     assert meta["code_version"] and not meta["skipped"]

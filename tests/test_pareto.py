@@ -63,7 +63,8 @@ def test_rows_measure_each_schedule_on_two_seeds_with_their_spread(sweep_run):
     assert full["psnr"] == pareto.PSNR_CAP_DB and full["psnr_spread"] == 0 and full["flops_ratio"] == pytest.approx(1.0)
     f2, f3 = by["fora:interval=2"], by["fora:interval=3"]
     assert f3["flops_ratio"] < f2["flops_ratio"] < 1
-    assert f2["flops_ratio"] == pytest.approx(f2["predicted_flops_ratio"], rel=1e-6)
+    # counted = predicted compute + the folded stack forecast's rows (2 D FLOPs each), which the prediction leaves out
+    assert f2["predicted_flops_ratio"] < f2["flops_ratio"] < 1.01 * f2["predicted_flops_ratio"]
     for r in rows:
         a, b = r["per_seed"]["psnr"]
         assert r["psnr"] == pytest.approx((a + b) / 2) and r["psnr_spread"] == pytest.approx(abs(a - b) / 2)
