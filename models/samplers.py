@@ -12,6 +12,8 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
+from .allocator import keep_freed_memory
+
 from .runtime import ForwardContext
 
 SamplerKind = Literal["ddpm", "ddim", "rectified_flow"]
@@ -233,8 +235,11 @@ def sample(model: torch.nn.Module, cfg: SamplerConfig, labels: torch.Tensor, see
     The model's runtime is reset first, so caches never leak between calls. ``noise`` overrides the
     seeded initial noise; DDPM/DDIM step noise comes from a generator seeded with ``seed + 1``. Labels
     are checked once per run; NaN/Inf outputs per step on the CPU, once at the end on an accelerator.
-    ``on_step(step)`` is called after each step (progress bars).
+    ``on_step(step)`` is called after each step (progress bars). The process keeps freed CPU memory from
+    the first call on (:func:`moeca.models.allocator.keep_freed_memory`: steps reuse each other's pages
+    instead of page-faulting them in).
     """
+    keep_freed_memory()
     mc = model.config
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
