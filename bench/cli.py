@@ -13,6 +13,7 @@ BENCH_MODULES = (
     "moeca.bench.refresh",    # replays behind MoECa's refresh rule
     "moeca.bench.ablation",   # MoECa's default rule with and without each component, equal wall-clock speed
     "moeca.bench.compile",    # eager vs --compile in one process, full compute and a MoECa replay
+    "moeca.bench.steps",      # ms per step: full compute, MoECa refresh and forecast steps
     "moeca.bench.app",        # explorer page render times
 )
 

@@ -9,13 +9,15 @@ refresh faults its activations back in), 5-10% of a cached run's time and a 10-2
 steps. :func:`keep_freed_memory` turns both off with ``mallopt`` (no ``mmap`` for allocations, no heap
 trimming): the process keeps its peak memory instead of returning it, and steps stop faulting (0 faults
 per run measured). :func:`moeca.models.samplers.sample` calls it (full compute and cached runs alike),
-so a process that has sampled keeps its peak CPU memory until it exits. Elsewhere than glibc it does
-nothing.
+so a process that has sampled keeps its peak CPU memory until it exits. Elsewhere than glibc, or with
+``MOECA_KEEP_FREED_MEMORY=0`` in the environment (glibc's defaults: to measure them, or to give memory back
+between runs), it does nothing.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 
 M_TRIM_THRESHOLD = -1
@@ -31,6 +33,8 @@ def keep_freed_memory() -> bool:
     if _done is not None:
         return _done
     _done = False
+    if os.environ.get("MOECA_KEEP_FREED_MEMORY", "1") == "0":
+        return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:

@@ -13,7 +13,7 @@ from moeca.policy.wallclock import (COEFFICIENTS, CalibrationError, StepWork, Wa
                                     load_costs, save_costs)
 from moeca.replay import calibrate as cal
 
-from conftest import make_tiny
+from conftest import TINY, make_tiny
 
 SAMPLER = SamplerConfig(kind="rectified_flow", num_steps=8, cfg_scale=1.5, cfg_mode="batched")
 KEY = {"device": "cpu:test", "torch": "2.13.0", "engine": "abc", "weights": "w", "model": "m", "batch": "2",
@@ -147,6 +147,23 @@ def test_measured_calibration_is_cached_and_redone_when_the_engine_changes(cache
     assert len(measured) == 2 and again.key["engine"] == "a-changed-engine"  # stale: measured again
     assert cal.ensure_costs(model, SAMPLER, 4, steps=4, repeats=1, progress=None).key["batch"] == "4"
     assert len(measured) == 3                                               # another batch, another key
+
+
+def test_refresh_bookkeeping_is_timed_directly_not_fitted(monkeypatch):
+    """history_term_ms and stack_term_ms come from their direct timing (a refresh step's noise would
+    swamp them in the fit); the other coefficients are fitted around them."""
+    seen, real = [], cal.bookkeeping_ms
+
+    def fake(rows, width, device):
+        seen.append((rows, width))
+        return 0.0005, 0.00025
+
+    monkeypatch.setattr(cal, "bookkeeping_ms", fake)
+    costs = cal.measure_costs(make_tiny(), SAMPLER, 2, steps=4, repeats=1)
+    assert seen == [(2 * 16 * 2, TINY.hidden_size)]
+    assert (costs.history_term_ms, costs.stack_term_ms) == (0.0005, 0.00025)
+    push, stack = real(64, 32, torch.device("cpu"), repeats=3)
+    assert 0 < push < 1 and 0 < stack < 1                      # ms per row
 
 
 def test_calibration_schedules_separate_every_coefficient():
