@@ -22,19 +22,13 @@ COLUMNS = ["run", "ms_eager", "ms_compiled", "compile_speedup", "speedup_eager",
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from moeca.bench.results import DEFAULT_OUT
+    from .derived import add_arguments
     p = sub.add_parser(NAME, help="eager vs --compile in one process: full compute and a MoECa replay",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trace", required=True, help="trace directory of the model (moeca trace)")
-    p.add_argument("--target", type=float, default=3.0, help="MoECa wall-clock target speedup (default 3)")
-    p.add_argument("--timing-samples", type=int, default=16, help="samples per timed call (default 16)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="auto")
+    add_arguments(p, target=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="inductor",
                    help="torch.compile backend (default inductor; eager traces the graphs without generating code)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
     p.set_defaults(func=run)
 
 
@@ -47,31 +41,14 @@ def run(args: argparse.Namespace) -> int:
     import torch._dynamo
 
     from moeca.models.compile import CompileOptions, compile_model
-    from moeca.models.registry import load_model
-    from moeca.models.samplers import SamplerConfig, sample
-    from moeca.policy.cli import load_summary
-    from moeca.policy.derive import DeriveConfig, derive_schedule
-    from moeca.replay.calibrate import ensure_costs
+    from moeca.models.samplers import sample
     from moeca.replay.runtime import ReplayRuntime
-    from moeca.tracer import resolve_labels
 
+    from .derived import command, derive
     from .results import write_results
 
-    for name, value in (("--timing-samples", args.timing_samples), ("--repeats", args.repeats),
-                        ("--threads", args.threads)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} {value} must be >= 1")
-    if not args.target > 1:
-        raise ValueError(f"--target {args.target} must be a speedup above 1")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    summary, meta = load_summary([args.trace])
-    model = load_model(meta["model"]["name"], meta["model"].get("checkpoint"), device=args.device)
-    device = next(model.parameters()).device
-    sampler = SamplerConfig(**meta["sampler"])
-    costs = ensure_costs(model, sampler, args.timing_samples, progress=lambda msg: print(msg, flush=True))
-    schedule = derive_schedule(summary, meta, DeriveConfig(target_speedup=args.target, target="wallclock"), costs)
-    labels = torch.tensor(resolve_labels(model.config.num_classes, samples=args.timing_samples), device=device)
+    d = derive(args)
+    model, device, sampler, labels, schedule = d.model, d.device, d.sampler, d.labels, d.schedule
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     graphs = {"full": 0, "moeca": 0}
     torch._dynamo.reset()
@@ -118,9 +95,7 @@ def run(args: argparse.Namespace) -> int:
              "graphs": graphs["moeca"], "repeats": args.repeats}]
     for row in rows:
         print(row, flush=True)
-    cmd = (f"moeca bench compile --trace {args.trace} --target {args.target:g} --timing-samples {args.timing_samples} "
-           f"--repeats {args.repeats}" + (f" --threads {args.threads}" if args.threads else "")
-           + (f" --backend {args.backend}" if args.backend != "inductor" else ""))
+    cmd = command(NAME, args, f" --backend {args.backend}" if args.backend != "inductor" else "")
     paths = write_results(NAME, rows, args.out, columns=COLUMNS, command=cmd, plot=lambda path: plot(rows, path),
                           title="Eager against --compile in one process",
                           meta={"trace": args.trace, "sampler": sampler.to_dict(), "device": str(device),

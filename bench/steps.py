@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 NAME = "steps"
 COLUMNS = ["run", "ms_step", "ms_refresh", "refresh_over_full", "ms_forecast_first", "ms_forecast", "ms_total",
@@ -21,70 +20,28 @@ COLUMNS = ["run", "ms_step", "ms_refresh", "refresh_over_full", "ms_forecast_fir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from moeca.bench.results import DEFAULT_OUT
+    from .derived import add_arguments
     p = sub.add_parser(NAME, help="ms per step: full compute, MoECa refresh and forecast steps (folded or not)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trace", required=True, help="trace directory of the model (moeca trace)")
-    p.add_argument("--target", type=float, default=3.5, help="MoECa wall-clock target speedup (default 3.5)")
-    p.add_argument("--timing-samples", type=int, default=16, help="samples per sampling call (default 16)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs of each (default 5)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
+    add_arguments(p, target=3.5)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import resource
 
-    import torch
-
-    from moeca.models.registry import load_model
-    from moeca.models.samplers import SamplerConfig, sample
-    from moeca.policy.cli import load_summary
-    from moeca.policy.derive import DeriveConfig, derive_schedule
-    from moeca.replay.calibrate import ensure_costs
+    from moeca.replay.calibrate import timed_steps
     from moeca.replay.runtime import ReplayRuntime
-    from moeca.tracer import resolve_labels
 
+    from .derived import command, derive
     from .results import write_results
 
-    for name, value in (("--timing-samples", args.timing_samples), ("--repeats", args.repeats),
-                        ("--threads", args.threads)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} {value} must be >= 1")
-    if not args.target > 1:
-        raise ValueError(f"--target {args.target} must be a speedup above 1")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    summary, meta = load_summary([args.trace])
-    model = load_model(meta["model"]["name"], meta["model"].get("checkpoint"), device=args.device)
-    device = next(model.parameters()).device
-    sampler = SamplerConfig(**meta["sampler"])
-    costs = ensure_costs(model, sampler, args.timing_samples, progress=lambda msg: print(msg, flush=True))
-    schedule = derive_schedule(summary, meta, DeriveConfig(target_speedup=args.target, target="wallclock"), costs)
-    labels = torch.tensor(resolve_labels(model.config.num_classes, samples=args.timing_samples), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    refresh = sorted(schedule.sync_refresh_steps)
+    d = derive(args)
+    refresh = sorted(d.schedule.sync_refresh_steps)
 
     def steps(fold: bool | None) -> list[float]:
         """ms of each step of one sampling call (``fold`` None: full compute)."""
-        marks: list[float] = []
-
-        def tick(_step: int) -> None:
-            sync()
-            marks.append(time.perf_counter())
-
-        sync()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            if fold is None:
-                sample(model, sampler, labels, seed=0, on_step=tick)
-            else:
-                with model.use_runtime(ReplayRuntime(schedule, fold=fold)):
-                    sample(model, sampler, labels, seed=0, on_step=tick)
-        edges = [start, *marks]
-        return [1e3 * (b - a) for a, b in zip(edges, edges[1:])]
+        return timed_steps(d.model, d.sampler, d.labels, None if fold is None else ReplayRuntime(d.schedule, fold=fold))
 
     kinds = {"full compute": None, "moeca, folded stack": True, "moeca, exact gates": False}
     faults, times = {}, {k: [] for k in kinds}
@@ -119,14 +76,13 @@ def run(args: argparse.Namespace) -> int:
                      "page_faults": faults[name], "repeats": args.repeats})
     for row in rows:
         print(row, flush=True)
-    cmd = (f"moeca bench steps --trace {args.trace} --target {args.target:g} --timing-samples {args.timing_samples} "
-           f"--repeats {args.repeats}" + (f" --threads {args.threads}" if args.threads else ""))
+    cmd = command(NAME, args)
     paths = write_results(NAME, rows, args.out, columns=COLUMNS, command=cmd,
                           plot=lambda path: plot(med, refresh, path),
                           title="What one step costs: full compute, MoECa refresh and forecast steps",
-                          meta={"trace": args.trace, "sampler": sampler.to_dict(), "device": str(device),
+                          meta={"trace": args.trace, "sampler": d.sampler.to_dict(), "device": str(d.device),
                                 "timing_samples": args.timing_samples, "sync_refresh_steps": refresh,
-                                "schedule_provenance": schedule.provenance},
+                                "schedule_provenance": d.schedule.provenance},
                           notes="ms: medians over the runs of each step, then over the steps of a kind; "
                                 "refresh_over_full: a refresh step over full compute's step of the same index; "
                                 "ms_forecast_first: forecast steps before the second refresh (unit by unit in "

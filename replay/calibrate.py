@@ -176,8 +176,9 @@ def step_work(counters, schedule: Schedule) -> list[StepWork]:
             for a, s, p, r, b, k in zip(attn, shared, pairs, reused, routed, stack)]
 
 
-def _timed_steps(model, sampler_cfg: SamplerConfig, labels: torch.Tensor, runtime) -> list[float]:
-    """Milliseconds of each sampling step (the device synchronised at every step)."""
+def timed_steps(model, sampler_cfg: SamplerConfig, labels: torch.Tensor, runtime) -> list[float]:
+    """Milliseconds of each sampling step of one run (``runtime`` None: full compute; the device
+    synchronised at every step)."""
     device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     marks: list[float] = []
@@ -217,7 +218,7 @@ def measure_costs(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int
         say(f"calibrating: round {r + 1} of {repeats + 1} ({len(schedules) + 1} runs of {steps} steps, batch {batch})")
         for i in range(-1, len(schedules)):
             rt = None if i < 0 else ReplayRuntime(schedules[i])
-            t = _timed_steps(model, short, labels, rt)
+            t = timed_steps(model, short, labels, rt)
             if r:
                 times[i].append(t)
             if rt is not None:

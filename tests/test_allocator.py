@@ -3,7 +3,6 @@ pages instead of page-faulting fresh ones (glibc only)."""
 from __future__ import annotations
 
 import platform
-import resource
 import subprocess
 import sys
 

@@ -17,7 +17,6 @@ from moeca.policy.cost import UnitCosts
 from moeca.policy.schedule import NEVER, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
 from moeca.replay.counters import ReplayCounters
 from moeca.replay.runtime import ReplayRuntime
-from moeca.replay.units import stack as stack_unit
 
 STEPS = 12
 SAMPLER = SamplerConfig(kind="rectified_flow", num_steps=STEPS, cfg_scale=1.5)
