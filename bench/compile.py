@@ -32,16 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _median_ratio(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b))
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
     import torch._dynamo
 
     from moeca.models.compile import CompileOptions, compile_model
     from moeca.models.samplers import sample
+    from moeca.replay.driver import median_ratio
     from moeca.replay.runtime import ReplayRuntime
 
     from .derived import command, derive
@@ -83,14 +80,14 @@ def run(args: argparse.Namespace) -> int:
             f"{m} {'moeca' if c else 'full'} {1e3 * times[(m, c)][-1]:.0f} ms" for m, c in runs), flush=True)
     ms = {key: 1e3 * statistics.median(v) for key, v in times.items()}
     rows = [{"run": "full compute", "ms_eager": ms[("eager", False)], "ms_compiled": ms[("compiled", False)],
-             "compile_speedup": _median_ratio(times[("eager", False)], times[("compiled", False)]),
+             "compile_speedup": median_ratio(times[("eager", False)], times[("compiled", False)]),
              "max_abs_diff": float((outs[("eager", False)] - outs[("compiled", False)]).abs().max()),
              "graphs": graphs["full"], "repeats": args.repeats},
             {"run": f"moeca {args.target:g}x ({len(schedule.sync_refresh_steps)} refreshes)",
              "ms_eager": ms[("eager", True)], "ms_compiled": ms[("compiled", True)],
-             "compile_speedup": _median_ratio(times[("eager", True)], times[("compiled", True)]),
-             "speedup_eager": _median_ratio(times[("eager", False)], times[("eager", True)]),
-             "speedup_compiled": _median_ratio(times[("compiled", False)], times[("compiled", True)]),
+             "compile_speedup": median_ratio(times[("eager", True)], times[("compiled", True)]),
+             "speedup_eager": median_ratio(times[("eager", False)], times[("eager", True)]),
+             "speedup_compiled": median_ratio(times[("compiled", False)], times[("compiled", True)]),
              "max_abs_diff": float((outs[("eager", True)] - outs[("compiled", True)]).abs().max()),
              "graphs": graphs["moeca"], "repeats": args.repeats}]
     for row in rows:

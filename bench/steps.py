@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import resource
 
     from moeca.replay.calibrate import timed_steps
+    from moeca.replay.driver import median_ratio
     from moeca.replay.runtime import ReplayRuntime
 
     from .derived import command, derive
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                      "ms_forecast_first": statistics.median(first) if first else None,
                      "ms_forecast": statistics.median(later) if later else None,
                      "ms_total": statistics.median(totals[name]),
-                     "speedup": statistics.median(f / c for f, c in zip(totals["full compute"], totals[name])),
+                     "speedup": median_ratio(totals["full compute"], totals[name]),
                      "page_faults": faults[name], "repeats": args.repeats})
     for row in rows:
         print(row, flush=True)

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from .allocator import keep_freed_memory
-
 from .runtime import ForwardContext
 
 SamplerKind = Literal["ddpm", "ddim", "rectified_flow"]

@@ -419,9 +419,15 @@ def sync_work(tables: DriftTables, sync: frozenset[int], wallclock: WallClockCos
     S, L, _ = tables.expert.shape
     new_pairs = wallclock.top_k * np.sum(tables.share * (1 - tables.persist), axis=(1, 2))   # [S] per token
     folds = fold and level == "token"
+    refreshed = np.cumsum([s in sync for s in range(S)])      # refreshes up to and including each step
     return [wallclock.full_step(L, order, folds) if s in sync
             else wallclock.forecast_step(L, order, float(new_pairs[s]), level,
-                                         folded=folds and sum(r < s for r in sync) >= 2) for s in range(S)]
+                                         folded=folds and refreshed[s] >= FOLD_REFRESHES) for s in range(S)]
+
+
+FOLD_REFRESHES = 2
+"""Full refreshes after which the replay engine folds the stack forecast (it forecasts the gates through
+their last two values: ``moeca.replay.units.stack.GATE_DEGREE + 1``)."""
 
 
 @dataclass(frozen=True)
