@@ -20,7 +20,7 @@ The row costs are what computing a row adds over reusing it; ``forecast_term_ms`
 reused row adds per polynomial term (``order`` 0 = plain reuse, 1 = linear, ``p`` = Taylor order ``p``);
 ``history_term_ms`` what pushing a computed row into the forecast history adds per term;
 ``stack_term_ms`` a row of the folded stack forecast's work (``moeca.replay.units.stack``: rebuilding its
-products after a full refresh, ``2 depth (order + 2)`` rows per token; summing them on a folded step,
+products after a full refresh, ``2 depth (order + 1) + 1`` rows per token; summing them on a folded step,
 up to ``2 (order + 1)``), whose forecast steps have no per-unit ``reused`` rows.
 ``computed`` = attention + shared rows + pairs computed; ``reused`` = the rest of the step's
 ``2 N + k N`` rows per block, ``2 N`` in a block that does not route (attention and whole-MoE rows); every
@@ -129,7 +129,7 @@ class WallClockCosts:
         forecast's products rebuilt)."""
         n = self.rows_per_block * depth
         return StepWork(attn=n, shared=n, pairs=self.top_k * n, reused=0.0, order=order, routed_blocks=depth,
-                        stack_terms=2.0 * (order + 2) * n if folds else 0.0)
+                        stack_terms=2.0 * (order + 1) * n + self.rows_per_block if folds else 0.0)
 
     def forecast_step(self, depth: int, order: int, new_pairs_per_token: float, level: str = "branch",
                       folded: bool = False) -> StepWork:

@@ -44,7 +44,7 @@ from .state import BlockState, ContextState, RowCache
 from .units.attention import reused_attention, run_attention
 from .units.model_skip import run_with_model_skip
 from .units.routed import all_pairs, run_routed
-from .units.stack import fold_ready, fold_refresh, forecast_folded, forecast_stack, stack_ready
+from .units.stack import fold_ready, forecast_folded, forecast_stack, refresh_folded, stack_ready
 from .units.token import run_token_unit
 
 
@@ -215,7 +215,8 @@ class ReplayRuntime(Runtime):
         rows = x.shape[0] * x.shape[1]
         if stack_ready(self, model, rows):
             return (forecast_folded if fold_ready(self, rows) else forecast_stack)(self, model, x, c)
-        shape = x.shape
+        if self.fold and self.kind.full:
+            return refresh_folded(self, model, x, c)
         for block in model.blocks:
             cached = reused_attention(self, block, self._cs.blocks[block.index], x.shape, x.dtype) \
                 if isinstance(block, DiTMoEBlock) else None
@@ -225,8 +226,6 @@ class ReplayRuntime(Runtime):
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
             x = x + gate_msa.unsqueeze(1) * cached
             x = x + gate_mlp.unsqueeze(1) * self.moe(block, modulate(block.norm2(x), shift_mlp, scale_mlp))
-        if self.fold and self.kind.full:
-            fold_refresh(self, model, shape, c)
         return x
 
     def attention(self, block, x_mod: torch.Tensor) -> torch.Tensor:

@@ -118,7 +118,8 @@ def test_fold_counts_what_it_runs(name):
     assert folded and (c.forecast[folded] == 0).all() and (c.stack[folded, 1:] == 0).all()
     assert (c.stack[folded, 0] >= ROWS).all() and (c.stack[folded, 0] <= 2 * (p + 1) * ROWS).all()
     assert (c.stack[exact] == 0).all() and (c.forecast[exact] == 2 * ROWS * p).all()   # two units per block
-    assert (c.stack[sync] == 2 * (p + 2) * ROWS).all()    # the products rebuilt at every refresh
+    # the products rebuilt at every refresh: p + 1 multiply-adds per unit, and the residual (block 0)
+    assert (c.stack[sync, 1:] == 2 * (p + 1) * ROWS).all() and (c.stack[sync, 0] == (2 * p + 3) * ROWS).all()
     costs = UnitCosts.of(TINY)
     t = c.totals()
     no_stack = ReplayCounters(STEPS, TINY.depth)
