@@ -141,7 +141,8 @@ class ReplayRuntime(Runtime):
         self._counts = []
         self.counters.skipped_forwards += self._skipped
         self._skipped = 0
-        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
+        if not self.kind.forecast_all:   # a step that forecasts every unit only reads the caches
+            self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
         self._check_finite(out)
         self._reused = []
 

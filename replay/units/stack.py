@@ -165,14 +165,15 @@ def forecast_folded(rt: "ReplayRuntime", model, x: torch.Tensor, c: torch.Tensor
     step = rt.step
     sp = rt.context.stack
     lag = [1.0] if rt.plan.degree == 0 else rt.context.blocks[0].attn.hist.weights(step)
-    acc = x.to(torch.float32, copy=True).view(N, D)
+    acc = None                    # the first term adds into a new float32 tensor, the others in place
     for i, m in enumerate(sp.gates.weights(step)):
         for j, l in enumerate(lag):
-            w = _scalar(m) * _scalar(l)
+            w, term = _scalar(m) * _scalar(l), sp.prods[i, j]
             if isinstance(w, torch.Tensor):
-                acc.addcmul_(sp.prods[i, j], w.view(-1, 1))
+                w = w.view(-1, 1)
+                acc = torch.addcmul(x.reshape(N, D).float(), term, w) if acc is None else acc.addcmul_(term, w)
             else:
-                acc.add_(sp.prods[i, j], alpha=w)
+                acc = torch.add(x.reshape(N, D).float(), term, alpha=w) if acc is None else acc.add_(term, alpha=w)
             rt.count("stack", 0, N)
     _note(rt, model, N)
     return acc.view(B, T, D).to(x.dtype)
