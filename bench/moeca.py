@@ -5,7 +5,8 @@ batched), summarise drift, derive one MoECa schedule per ``--targets`` entry the
 derive --target-speedup`` does (``--target-kind wallclock``: speedups predicted from this device's
 calibrated unit costs, forecast level ``auto``; ``flops``: analytic FLOPs speedups), then for each
 schedule measure, in this process, full vs cached wall-clock on
-``--timing-samples`` samples (median of the ``--repeats`` back-to-back full/cached ratios), FLOPs computed, cache memory,
+``--timing-samples`` samples (median of the ``--repeats`` back-to-back full/cached ratios; ``speedup_q1`` /
+``speedup_q3``: their quartiles, the machine's run-to-run noise behind the median), FLOPs computed, cache memory,
 PSNR/SSIM vs full on ``--quality-samples`` samples (classes cycled, same noise), class accuracy and
 Frechet distance of full and cached samples. Targets: some setting with measured speedup >= 2.83x,
 FD <= 1.10x full's and accuracy within 1 point of full's; at every setting, measured speedup >= 0.85 of
@@ -19,6 +20,7 @@ shape and resampled to ``--shape-steps`` steps (same reuse fractions); target: m
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,9 +29,9 @@ NAME = "moeca"
 RATIO_TARGET = 0.85
 """Measured speedup over the FLOPs reduction that every setting (and the S/2 shape) should reach."""
 COLUMNS = ["setting", "model", "target", "forecast_level", "predicted_speedup", "predicted_flops_ratio", "flops_ratio",
-           "flops_speedup", "speedup", "speedup_vs_flops", "reuse_attn", "reuse_shared", "reuse_expert", "psnr", "ssim",
-           "psnr_16", "accuracy_full", "accuracy_cached", "fd_full", "fd_cached", "fd_ratio", "cache_mb",
-           "activation_mb", "ms_full", "ms_cached"]
+           "flops_speedup", "speedup", "speedup_q1", "speedup_q3", "speedup_vs_flops", "reuse_attn", "reuse_shared",
+           "reuse_expert", "psnr", "ssim", "psnr_16", "accuracy_full", "accuracy_cached", "fd_full", "fd_cached",
+           "fd_ratio", "cache_mb", "activation_mb", "ms_full", "ms_cached"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,14 +79,27 @@ def _parse_targets(text: str) -> list[float]:
     return out
 
 
+def pair_quartiles(times_full: list[float], times_cached: list[float]) -> tuple[float, float]:
+    """First and third quartiles of the per-pair ratios ``full[i] / cached[i]`` (runs timed back to back):
+    the spread behind their median, the reported speedup (one pair: its ratio twice)."""
+    ratios = [f / c for f, c in zip(times_full, times_cached)]
+    if not ratios:
+        raise ValueError("pair_quartiles needs at least one timed pair")
+    if len(ratios) == 1:
+        return ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, q3
+
+
 def _row(setting: str, model: str, target, schedule, rep) -> dict:
     fd_ratio = (rep.fd_cached / rep.fd_full) if rep.fd_full else None
+    q1, q3 = pair_quartiles(rep.times_full_s, rep.times_cached_s)
     return {"setting": setting, "model": model, "target": target,
             "forecast_level": schedule.provenance.get("forecast_level"),
             "predicted_speedup": schedule.provenance.get("predicted_speedup"),
             "predicted_flops_ratio": schedule.predicted_flops_ratio, "flops_ratio": rep.flops_ratio,
             "flops_speedup": rep.flops_speedup, "speedup": rep.speedup,
-            "speedup_vs_flops": rep.speedup / rep.flops_speedup,
+            "speedup_q1": q1, "speedup_q3": q3, "speedup_vs_flops": rep.speedup / rep.flops_speedup,
             "reuse_attn": rep.reuse["attn"], "reuse_shared": rep.reuse["shared"], "reuse_expert": rep.reuse["expert"],
             "psnr": rep.psnr_quality_mean if rep.psnr_quality_mean is not None else rep.psnr_mean,
             "ssim": rep.ssim_quality_mean if rep.ssim_quality_mean is not None else rep.ssim_mean,
@@ -243,7 +258,8 @@ def _notes(rows, passing, shape, args) -> str:
     kind = ("wall-clock speedups predicted from this device's calibrated unit costs" if args.target_kind == "wallclock"
             else "analytic FLOPs speedups")
     ratios = ", ".join(f"{r['target']:g}x: {r['speedup']:.2f}x measured / {r['flops_speedup']:.2f}x FLOPs = "
-                       f"{r['speedup_vs_flops']:.3f}" for r in demo)
+                       f"{r['speedup_vs_flops']:.3f} (pairs' quartiles {r['speedup_q1'] / r['flops_speedup']:.3f}-"
+                       f"{r['speedup_q3'] / r['flops_speedup']:.3f})" for r in demo)
     met = _ratio_met(rows)
     lines.append(f"Targets are {kind}. Measured speedup over the FLOPs reduction (target >= {RATIO_TARGET} at every "
                  f"setting: {'met' if met else 'NOT met'}): {ratios}.")
@@ -278,14 +294,16 @@ def _plot(rows, path) -> None:
     b.set_ylabel("Frechet distance to real digits")
     b.legend()
     flops = [r["flops_speedup"] for r in demo]
-    c.plot(flops, [r["speedup"] for r in demo], "o-", label="MoECa (measured)")
+    c.errorbar(flops, [r["speedup"] for r in demo], fmt="o-", capsize=3,
+               yerr=[[r["speedup"] - r["speedup_q1"] for r in demo], [r["speedup_q3"] - r["speedup"] for r in demo]],
+               label="MoECa measured (bars: quartiles of the pairs)")
     top = max(flops, default=1.0)
     c.plot([1, top], [1, top], color="grey", ls=":", label="= FLOPs reduction")
     c.plot([1, top], [RATIO_TARGET, RATIO_TARGET * top], color="red", ls="--",
            label=f"{RATIO_TARGET} x FLOPs reduction")
     c.set_xlabel("FLOPs reduction (x)")
     c.set_ylabel("measured speedup (x)")
-    c.legend()
+    c.legend(fontsize=8, loc="upper left")
     for r in demo:
         a.annotate(r["setting"].split()[-1], (r["speedup"], r["psnr"]), fontsize=7)
         c.annotate(r["setting"].split()[-1], (r["flops_speedup"], r["speedup"]), fontsize=7)

@@ -81,7 +81,7 @@ def branch_schedule_flops(schedule, config, rows: int, computed_pairs) -> tuple[
     """
     import math
     c = UnitCosts.of(config)
-    T, k, E, L = c.num_tokens, c.top_k, config.num_experts, c.depth
+    T, k, L = c.num_tokens, c.top_k, c.depth
     N = rows * T
     deg = schedule.forecast_degree
     S = schedule.num_steps

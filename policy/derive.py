@@ -420,7 +420,7 @@ def sync_work(tables: DriftTables, sync: frozenset[int], wallclock: WallClockCos
     new_pairs = wallclock.top_k * np.sum(tables.share * (1 - tables.persist), axis=(1, 2))   # [S] per token
     folds = fold and level == "token"
     refreshed = np.cumsum([s in sync for s in range(S)])      # refreshes up to and including each step
-    return [wallclock.full_step(L, order, folds) if s in sync
+    return [wallclock.full_step(L, order, folds, level) if s in sync
             else wallclock.forecast_step(L, order, float(new_pairs[s]), level,
                                          folded=folds and refreshed[s] >= FOLD_REFRESHES) for s in range(S)]
 

@@ -7,7 +7,7 @@ The model is linear per sampling step (all counts are rows summed over the block
 CFG counting both halves)::
 
     ms(step) = step_ms + attn_row_ms * attn + shared_row_ms * shared + pair_ms * pairs
-               + forecast_term_ms * reused * order + history_term_ms * computed * order
+               + forecast_term_ms * reused * order + history_term_ms * pushed * order
                + router_block_ms * routed_blocks + stack_term_ms * stack_terms
 
 ``step_ms`` is a step that reuses every row plainly without routing: the sampler update, patch embedding,
@@ -22,6 +22,8 @@ reused row adds per polynomial term (``order`` 0 = plain reuse, 1 = linear, ``p`
 ``stack_term_ms`` a row of the folded stack forecast's work (``moeca.replay.units.stack``: rebuilding its
 products after a full refresh, ``2 depth (order + 1) + 1`` rows per token; summing them on a folded step,
 up to ``2 (order + 1)``), whose forecast steps have no per-unit ``reused`` rows.
+``pushed`` = the computed rows kept in a forecast history: every one at the branch level (attention, shared
+and pair rows), attention and whole-MoE rows at the token level (one of each per token and block);
 ``computed`` = attention + shared rows + pairs computed; ``reused`` = the rest of the step's
 ``2 N + k N`` rows per block, ``2 N`` in a block that does not route (attention and whole-MoE rows); every
 such step has the same total, which is why a per-row cost of plain reuse cannot be told apart from
@@ -64,7 +66,8 @@ class StepWork:
     pairs run through a routed expert (padding excluded); reused: rows of the three units not computed
     (reused or forecast; in a block that does not route, attention and whole-MoE rows); order: forecast
     order (0 = plain reuse, 1 = linear, p = Taylor order p); routed_blocks: blocks whose router ran;
-    stack_terms: rows of the folded stack forecast's work (see the module docstring).
+    stack_terms: rows of the folded stack forecast's work (see the module docstring); pushed: rows pushed
+    into a forecast history (None: every computed row, as at the branch level).
     """
 
     attn: float
@@ -74,11 +77,12 @@ class StepWork:
     order: int
     routed_blocks: float
     stack_terms: float = 0.0
+    pushed: float | None = None
 
     def features(self) -> tuple[float, ...]:
         """The row vector of the linear model, in the order of :data:`COEFFICIENTS`."""
-        computed = self.attn + self.shared + self.pairs
-        return (1.0, self.attn, self.shared, self.pairs, self.reused * self.order, computed * self.order,
+        pushed = self.attn + self.shared + self.pairs if self.pushed is None else self.pushed
+        return (1.0, self.attn, self.shared, self.pairs, self.reused * self.order, pushed * self.order,
                 self.routed_blocks, self.stack_terms)
 
 
@@ -124,12 +128,14 @@ class WallClockCosts:
         coef = tuple(getattr(self, c) for c in COEFFICIENTS)
         return float(sum(c * f for c, f in zip(coef, work.features())))
 
-    def full_step(self, depth: int, order: int, folds: bool = False) -> StepWork:
+    def full_step(self, depth: int, order: int, folds: bool = False, level: str = "branch") -> StepWork:
         """A synchronized refresh step: every unit of every block computed (``folds``: and the folded stack
-        forecast's products rebuilt)."""
+        forecast's products rebuilt); ``level`` says what its forecast histories keep (``token``: attention
+        and the whole MoE output per token, ``branch``: every computed row)."""
         n = self.rows_per_block * depth
         return StepWork(attn=n, shared=n, pairs=self.top_k * n, reused=0.0, order=order, routed_blocks=depth,
-                        stack_terms=2.0 * (order + 1) * n + self.rows_per_block if folds else 0.0)
+                        stack_terms=2.0 * (order + 1) * n + self.rows_per_block if folds else 0.0,
+                        pushed=2.0 * n if level == "token" else None)
 
     def forecast_step(self, depth: int, order: int, new_pairs_per_token: float, level: str = "branch",
                       folded: bool = False) -> StepWork:

@@ -172,8 +172,10 @@ def step_work(counters, schedule: Schedule) -> list[StepWork]:
     attn, shared, pairs, reused = attn_b.sum(1), shared_b.sum(1), pairs_b.sum(1), reused_b.sum(1)
     order = schedule.forecast_degree
     routed = routes.sum(1)
-    return [StepWork(float(a), float(s), float(p), float(r), order, float(b), float(k))
-            for a, s, p, r, b, k in zip(attn, shared, pairs, reused, routed, stack)]
+    # forecast terms count the reused rows and the rows pushed into a history, each times the order
+    pushed = (counters.forecast.sum(1) - reused * order) / order if order else attn + shared + pairs
+    return [StepWork(float(a), float(s), float(p), float(r), order, float(b), float(k), float(h))
+            for a, s, p, r, b, k, h in zip(attn, shared, pairs, reused, routed, stack, pushed)]
 
 
 def timed_steps(model, sampler_cfg: SamplerConfig, labels: torch.Tensor, runtime) -> list[float]:

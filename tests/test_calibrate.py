@@ -117,6 +117,9 @@ def test_step_model_adds_the_calibrated_terms():
     assert (full.attn, full.shared, full.pairs, full.reused) == (128, 128, 256, 0)
     assert c.step_ms_of(full) == pytest.approx(2.0 + 128 * 0.01 + 128 * 0.005 + 256 * 0.004 + 512 * 0.0003
                                                + 2 * 0.05)
+    token_full = c.full_step(depth=2, order=1, level="token")     # histories keep attention + MoE per token
+    assert token_full.pushed == 256
+    assert c.step_ms_of(token_full) == pytest.approx(c.step_ms_of(full) - 256 * 0.0003)
     fc = c.forecast_step(depth=2, order=1, new_pairs_per_token=0.5)
     assert fc.pairs == 32 and fc.reused == 4 * 64 * 2 - 32 and fc.routed_blocks == 2
     assert c.step_ms_of(fc) == pytest.approx(2.0 + 32 * 0.004 + 480 * 0.0002 + 32 * 0.0003 + 2 * 0.05)

@@ -74,10 +74,12 @@ def test_wallclock_target_uses_the_calibrated_costs():
     s = derive_schedule(summary, meta, DeriveConfig(target_speedup=1.8, target="wallclock"), wc)
     tables = drift_tables(summary, SAMPLER.num_steps, TINY.depth, TINY.num_experts)
     work = sync_work(tables, frozenset(s.sync_refresh_steps), wc, order=1, level=s.provenance["forecast_level"])
-    # the recorded prediction is the cost model evaluated on the plan, coefficient by coefficient
+    # the recorded prediction is the cost model evaluated on the plan, coefficient by coefficient; the
+    # histories keep every computed row at the branch level, attention + MoE output per token at the token level
+    token = s.provenance["forecast_level"] == "token"
     by_hand = SAMPLER.num_steps * wc.full_step_ms / sum(
         wc.step_ms + wc.attn_row_ms * w.attn + wc.shared_row_ms * w.shared + wc.pair_ms * w.pairs
-        + wc.forecast_term_ms * w.reused + wc.history_term_ms * (w.attn + w.shared + w.pairs)
+        + wc.forecast_term_ms * w.reused + wc.history_term_ms * (2 * w.attn if token else w.attn + w.shared + w.pairs)
         + wc.router_block_ms * w.routed_blocks + wc.stack_term_ms * w.stack_terms for w in work)
     assert s.provenance["predicted_speedup"] == pytest.approx(by_hand, rel=1e-3)
     assert s.provenance["predicted_speedup"] >= 1.8
@@ -134,7 +136,8 @@ def test_forecast_level_follows_the_price_of_routing():
 def test_predicted_work_of_a_token_level_plan_is_what_the_replay_counts():
     """The wall-clock prediction's step work (``sync_work``) of a token-level plan -- per-unit forecasts
     until the second refresh, the folded stack after it, the fold's products rebuilt at every refresh --
-    is, step by step, what the replay engine counts (``moeca.replay.calibrate.step_work``)."""
+    is, step by step, what the replay engine counts (``moeca.replay.calibrate.step_work``): its refreshes push
+    attention and the whole MoE output of each token into the forecast histories, not every computed row."""
     from moeca.models.samplers import sample
     from moeca.replay.calibrate import step_work
     from moeca.replay.runtime import ReplayRuntime
@@ -154,6 +157,9 @@ def test_predicted_work_of_a_token_level_plan_is_what_the_replay_counts():
     for step, (p, c) in enumerate(zip(predicted, counted)):
         assert (p.attn, p.shared, p.pairs, p.reused, p.routed_blocks, p.stack_terms) == \
             (c.attn, c.shared, c.pairs, c.reused, c.routed_blocks, c.stack_terms), step
+        assert p.features() == c.features(), step        # the history pushes too (attention + MoE per token)
+    refresh = predicted[min(sync)]
+    assert refresh.pushed == 2 * refresh.attn < refresh.attn + refresh.shared + refresh.pairs
 
 
 def test_token_level_schedule_skips_the_router_when_replayed():

@@ -240,6 +240,16 @@ def test_bench_moeca_shape_study_uses_a_rectified_flow_preset():
     retarget(full_schedule(TINY, RF), model.config).check_compatible(model.config, RF)
 
 
+
+def test_bench_moeca_reports_the_quartiles_of_its_timed_pairs():
+    from moeca.bench.moeca import pair_quartiles
+    # ratios 2, 3, 4, 5, 10: median 4, quartiles 3 and 5 (an outlier pair moves neither)
+    q1, q3 = pair_quartiles([2.0, 3.0, 4.0, 5.0, 10.0], [1.0] * 5)
+    assert (q1, q3) == pytest.approx((3.0, 5.0))
+    assert pair_quartiles([3.0], [2.0]) == (1.5, 1.5)
+    with pytest.raises(ValueError, match="at least one timed pair"):
+        pair_quartiles([], [])
+
 # ----------------------------------------------------------------------------- 4. stale temporaries of a killed run
 _KILLED = textwrap.dedent("""
     import os, signal, sys
