@@ -172,8 +172,11 @@ def step_work(counters, schedule: Schedule) -> list[StepWork]:
     attn, shared, pairs, reused = attn_b.sum(1), shared_b.sum(1), pairs_b.sum(1), reused_b.sum(1)
     order = schedule.forecast_degree
     routed = routes.sum(1)
-    # forecast terms count the reused rows and the rows pushed into a history, each times the order
-    pushed = (counters.forecast.sum(1) - reused * order) / order if order else attn + shared + pairs
+    # on a step that reuses nothing, the forecast terms are the rows pushed into a history times the order
+    # (a token-level refresh keeps attention and the MoE output per token, not every computed row); on a
+    # forecast step they also count the forecast rows, so its pushes are taken as its computed rows
+    computed = attn + shared + pairs
+    pushed = np.where(reused == 0, counters.forecast.sum(1) / max(order, 1), computed) if order else computed
     return [StepWork(float(a), float(s), float(p), float(r), order, float(b), float(k), float(h))
             for a, s, p, r, b, k, h in zip(attn, shared, pairs, reused, routed, stack, pushed)]
 

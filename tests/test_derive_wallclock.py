@@ -162,6 +162,28 @@ def test_predicted_work_of_a_token_level_plan_is_what_the_replay_counts():
     assert refresh.pushed == 2 * refresh.attn < refresh.attn + refresh.shared + refresh.pairs
 
 
+
+def test_refresh_pushes_of_a_branch_level_plan_are_what_the_replay_counts():
+    """A branch-level refresh keeps every computed row (attention, shared and pair rows) in a history: the
+    prediction and the counters agree on its work, history pushes included."""
+    from moeca.models.samplers import sample
+    from moeca.replay.calibrate import step_work
+    from moeca.replay.runtime import ReplayRuntime
+
+    summary, meta = synthetic_summary(), run_meta()
+    s = derive_schedule(summary, meta, DeriveConfig(target_speedup=2.0, forecast_level="branch"))
+    rt = ReplayRuntime(s)
+    model = make_tiny()
+    with model.use_runtime(rt):
+        sample(model, SAMPLER, torch.tensor([0, 1]), seed=2)
+    tables = drift_tables(summary, SAMPLER.num_steps, TINY.depth, TINY.num_experts)
+    predicted = sync_work(tables, frozenset(s.sync_refresh_steps), costs(), order=1, level="branch")
+    counted = step_work(rt.counters, s)
+    for step in s.sync_refresh_steps:
+        p, c = predicted[step], counted[step]
+        assert p.features() == c.features(), step
+        assert c.pushed == c.attn + c.shared + c.pairs > 0, step
+
 def test_token_level_schedule_skips_the_router_when_replayed():
     """A token-level schedule really skips routing on its forecast steps and stays close to full compute."""
     from moeca.models.samplers import sample
