@@ -176,7 +176,7 @@ def step_work(counters, schedule: Schedule) -> list[StepWork]:
     # (a token-level refresh keeps attention and the MoE output per token, not every computed row); on a
     # forecast step they also count the forecast rows, so its pushes are taken as its computed rows
     computed = attn + shared + pairs
-    pushed = np.where(reused == 0, counters.forecast.sum(1) / max(order, 1), computed) if order else computed
+    pushed = np.where(reused == 0, counters.forecast.sum(1) / order, computed) if order else computed
     return [StepWork(float(a), float(s), float(p), float(r), order, float(b), float(k), float(h))
             for a, s, p, r, b, k, h in zip(attn, shared, pairs, reused, routed, stack, pushed)]
 
