@@ -82,7 +82,8 @@ def _parse_targets(text: str) -> list[float]:
 def pair_quartiles(times_full: list[float], times_cached: list[float]) -> tuple[float, float]:
     """First and third quartiles of the per-pair ratios ``full[i] / cached[i]`` (runs timed back to back):
     the spread behind their median, the reported speedup (one pair: its ratio twice)."""
-    ratios = [f / c for f, c in zip(times_full, times_cached)]
+    from moeca.replay.driver import pair_ratios
+    ratios = pair_ratios(times_full, times_cached)
     if not ratios:
         raise ValueError("pair_quartiles needs at least one timed pair")
     if len(ratios) == 1:

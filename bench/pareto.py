@@ -313,7 +313,8 @@ def with_spread(per_seed: Sequence[Mapping[str, float | None]], names: Iterable[
 
 def timing_spread(times_full: Sequence[float], times_cached: Sequence[float]) -> float:
     """Half the range of the per-pair speedups ``full_i / cached_i`` of the interleaved timed runs."""
-    ratios = [f / c for f, c in zip(times_full, times_cached)]
+    from moeca.replay.driver import pair_ratios
+    ratios = pair_ratios(times_full, times_cached)
     return (max(ratios) - min(ratios)) / 2
 
 

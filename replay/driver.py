@@ -126,10 +126,15 @@ class ReplayResult:
     quality_cached: torch.Tensor | None = None
 
 
+def pair_ratios(full: Sequence[float], cached: Sequence[float]) -> list[float]:
+    """The per-pair speedups ``full[i] / cached[i]`` of runs timed back to back."""
+    return [f / c for f, c in zip(full, cached)]
+
+
 def median_ratio(full: Sequence[float], cached: Sequence[float]) -> float:
     """The median of the per-pair ratios ``full[i] / cached[i]`` of runs timed back to back (the module
     docstring's estimator of a speedup)."""
-    return statistics.median(f / c for f, c in zip(full, cached))
+    return statistics.median(pair_ratios(full, cached))
 
 
 def activation_bytes_step(config, rows: int, element_size: int = 4) -> int:

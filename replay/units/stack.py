@@ -165,15 +165,16 @@ def forecast_folded(rt: "ReplayRuntime", model, x: torch.Tensor, c: torch.Tensor
     step = rt.step
     sp = rt.context.stack
     lag = [1.0] if rt.plan.degree == 0 else rt.context.blocks[0].attn.hist.weights(step)
-    acc = None                    # the first term adds into a new float32 tensor, the others in place
+    base = x.reshape(N, D).float()  # no copy for float32: the first term adds into a new tensor, the others in place
+    acc = None
     for i, m in enumerate(sp.gates.weights(step)):
         for j, l in enumerate(lag):
             w, term = _scalar(m) * _scalar(l), sp.prods[i, j]
             if isinstance(w, torch.Tensor):
                 w = w.view(-1, 1)
-                acc = torch.addcmul(x.reshape(N, D).float(), term, w) if acc is None else acc.addcmul_(term, w)
+                acc = torch.addcmul(base, term, w) if acc is None else acc.addcmul_(term, w)
             else:
-                acc = torch.add(x.reshape(N, D).float(), term, alpha=w) if acc is None else acc.add_(term, alpha=w)
+                acc = torch.add(base, term, alpha=w) if acc is None else acc.add_(term, alpha=w)
             rt.count("stack", 0, N)
     _note(rt, model, N)
     return acc.view(B, T, D).to(x.dtype)
