@@ -69,7 +69,7 @@ def sampler_config(num_steps: int = 50):
 def moeca_shaped(config, sampler, interval: int):
     """A MoECa schedule of the sync rule with refreshes every ``interval`` steps: those steps compute
     every unit; the others forecast every unit linearly (the router and newly routed pairs computed)."""
-    from moeca.policy.baselines.common import assemble
+    from moeca.policy.methods.common import assemble
     from moeca.policy.schedule import NEVER, BlockRule, StepRule
     S, L, E = sampler.num_steps, config.depth, config.num_experts
     sync = set(range(0, S, interval))
@@ -87,12 +87,13 @@ def matched_schedules(config, sampler, interval: int) -> dict:
     steps, and ToCa with the fresh threshold whose predicted FLOPs ratio is closest to FORA's."""
     from dataclasses import replace
 
-    from moeca.policy.baselines import fora, toca
-    f_sched = fora.build_schedule(fora.ForaConfig(interval=interval), config, sampler)
+    from moeca.policy.methods import Context, fora, toca
+    ctx = Context(config, sampler)
+    f_sched = fora.build(fora.Config(interval=interval), ctx)
     goal = f_sched.predicted_flops_ratio
-    best = min(range(2, 25), key=lambda n: abs(toca.build_schedule(
-        toca.TocaConfig(fresh_threshold=n), config, sampler).predicted_flops_ratio - goal))
-    t_sched = toca.build_schedule(toca.TocaConfig(fresh_threshold=best), config, sampler)
+    best = min(range(2, 25), key=lambda n: abs(toca.build(toca.Config(fresh_threshold=n), ctx).predicted_flops_ratio
+                                               - goal))
+    t_sched = toca.build(toca.Config(fresh_threshold=best), ctx)
     ff_sched = replace(f_sched, method="custom", forecast="linear")
     return {"fora": (f_sched, f"interval={interval}"), "fora-forecast": (ff_sched, f"interval={interval}"),
             "toca": (t_sched, f"fresh_threshold={best}"),
@@ -101,10 +102,11 @@ def matched_schedules(config, sampler, interval: int) -> dict:
 
 def timed_schedules(config, sampler, interval: int) -> dict:
     """``{method: (schedule, knob)}`` of :data:`METHODS` refreshing every ``interval`` steps."""
-    from moeca.policy.baselines import fora, taylorseer
-    ts = taylorseer.TaylorSeerConfig(interval=interval, order=2)
-    return {"fora": (fora.build_schedule(fora.ForaConfig(interval=interval), config, sampler), f"interval={interval}"),
-            "taylorseer": (taylorseer.build_schedule(ts, config, sampler), f"interval={interval}, order={ts.order}"),
+    from moeca.policy.methods import Context, fora, taylorseer
+    ctx = Context(config, sampler)
+    ts = taylorseer.Config(interval=interval, order=2)
+    return {"fora": (fora.build(fora.Config(interval=interval), ctx), f"interval={interval}"),
+            "taylorseer": (taylorseer.build(ts, ctx), f"interval={interval}, order={ts.order}"),
             "moeca": (moeca_shaped(config, sampler, interval), f"interval={interval}")}
 
 

@@ -1,8 +1,8 @@
 """``moeca bench pareto --model NAME``: MoECa against step-, token- and model-level caching on one model.
 
-Every method runs as a schedule through the same replay engine (:mod:`moeca.policy.baselines`), on the
-same model, noise and labels, each tuned over the knobs its authors tune (:data:`DEFAULT_GRID`). The
-protocol (issue 12), per sweep point:
+Every method is a registered unit (:mod:`moeca.policy.methods`: names, knobs and defaults come from its
+registry) whose schedule runs through the same replay engine, on the same model, noise and labels, each
+tuned over the knobs its authors tune (:data:`DEFAULT_GRID`). The protocol (issue 12), per sweep point:
 
 - ``speedup``: wall-clock of full compute (default runtime) over the cached run on ``timing_batch``
   samples in this process: every point warms both runtimes up once (untimed), then times them
@@ -16,15 +16,23 @@ protocol (issue 12), per sweep point:
   test digits. Each figure is the mean of the two seeds; ``<metric>_spread`` is half the seed-to-seed
   difference ``|seed0 - seed1| / 2`` (the two seeds lie at value +- spread); ``per_seed`` keeps both.
 
-Per method and measured speed the results keep the best point: the method's Pareto front (points no
-other point of the same method beats on both speed and the metric) is interpolated at 2x, 2.5x, 3x
-and 4x (:func:`at_speedups`), with the seed spread, and :func:`comparison` states per speed and metric
-whether MoECa beats the best baseline by more than the two spreads together.
+Per method and measured speed the results keep the best point: the method's PSNR Pareto front (points no
+other point of the same method beats on both speed and PSNR) is interpolated at 2x, 2.5x, 3x and 4x
+(:func:`at_speedups`), with the seed spread; every other figure of the cell (SSIM, accuracy, FD) is
+interpolated between the *same* two points of the PSNR front, so a cell describes one setting.
+:func:`comparison` states per speed and metric whether MoECa beats the best baseline by more than the two
+spreads together.
 
-Calibration never uses the evaluation noise: TeaCache's polynomial and L2C's routers are fitted on
-their own seeds, MoECa's schedule is derived from a trace of its own seeds. Every cached artefact
-(full-compute references, traces, TeaCache fit, L2C router) is keyed by the settings that change it
-*and the model's weights hash*, so a retrained checkpoint at the same path never reuses stale results.
+What FD measures here: the Frechet distance of classifier features of the samples to the real test
+digits. It rewards sample statistics, not fidelity to full compute: smoothing (aggressive caching) can
+lower it below full compute's own, so PSNR/SSIM against full compute rank fidelity and FD is reported
+beside them, not ranked on its own.
+
+Calibration never uses the evaluation noise: TeaCache's polynomial, MagCache's ratios and L2C's routers are
+fitted on their own seeds (:mod:`moeca.replay.fit`), MoECa's schedule is derived from a trace of its own
+seeds. Every cached artefact (full-compute references, traces, fits, L2C routers) is keyed by the settings
+that change it *and the model's weights hash*, so a retrained checkpoint at the same path never reuses
+stale results.
 
 The sweep is resumable: ``WORK/pareto_state.json`` holds the settings, weights hash, sampler and every
 finished point (written atomically after each point); ``--resume`` continues a sweep with the same
@@ -44,10 +52,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from moeca.policy.methods import BASELINES, REGISTRY
+
 NAME = "pareto"
 STATE_FILE = "pareto_state.json"
-STATE_VERSION = 3
-"""3: MoECa points derive for wall-clock targets; L2C points carry their sparsity penalty."""
+STATE_VERSION = 4
+"""3: MoECa points derive for wall-clock targets; L2C points carry their sparsity penalty. 4: the methods as
+published (issue 26): FORA's phase, TaylorSeer's finite-difference forecast, ToCa's DDIM-50 recipe, L2C's
+alternating steps; First-Block Cache and MagCache."""
 TARGET_SPEEDUPS = (2.0, 2.5, 3.0, 4.0)
 PSNR_CAP_DB = 100.0
 SEED_STRIDE = 1_000_000
@@ -56,8 +68,6 @@ CALIBRATION_SEED = 900_000_000
 """Base seed of all calibration noise (TeaCache fit, L2C routers, MoECa trace); apart from evaluation."""
 METRICS = ("psnr", "ssim", "rel_l2", "accuracy", "fd")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "rel_l2": False, "accuracy": True, "fd": False}
-BASELINES = ("taylorseer", "fora", "toca", "teacache", "l2c")
-"""Published methods MoECa is compared with (:func:`comparison`)."""
 ABLATIONS = {
     "moeca-branch": "MoECa at the branch level (router and newly routed pairs on every forecast step, each (token, "
                     "expert) branch forecast), same wall-clock targets: what the expert-branch bookkeeping costs "
@@ -77,28 +87,40 @@ METHODS = ("none", "moeca", *BASELINES, *ABLATIONS)
 DEFAULT_METHODS = ("none", "moeca", *BASELINES)
 
 WALLCLOCK_TARGETS = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
+BENCH_KNOBS = {"teacache": ("thresh_x_mean_change",), "l2c": ("sparsity",)}
+"""Sweep knobs that are not the unit's own: TeaCache's threshold in units of the fitted mean rescaled change
+per step (``rel_l1_thresh = thresh_x_mean_change * mean change``), L2C's training sparsity penalty (one
+router per value)."""
 DEFAULT_GRID: dict[str, tuple[dict[str, float], ...]] = {
     "none": ({},),
     # wall-clock targets (`moeca schedule derive --target-speedup`, calibrated at the timing batch): the default
     # the CLI derives, forecast level `auto`
     "moeca": tuple({"target_speedup": v} for v in WALLCLOCK_TARGETS),
-    # N x m; order 1 is the linear forecast (the former fora-forecast ablation); the paper sweeps N = 3..7
-    "taylorseer": tuple({"interval": n, "order": m} for n, m in ((4, 2), (6, 2), (4, 1), (3, 2), (6, 1), (5, 1), (8, 1))),
-    "fora": tuple({"interval": v} for v in (3, 5)),
-    # fresh_ratio x fresh_threshold (published 0.07 x 4), out to 3x+ measured
-    "toca": tuple({"fresh_ratio": r, "fresh_threshold": t} for r, t in ((0.07, 4), (0.03, 8), (0.02, 16))),
-    # thresholds in units of the mean rescaled change per step (the fit gives the unit; see teacache.py)
-    "teacache": tuple({"thresh_x_mean_change": v} for v in (3.0, 6.0, 1.5)),
-    # routers trained per sparsity penalty lambda (the speed knob of L2C's training), reuse where the learned
-    # router value beta < 0.5 (the paper's export rule)
-    "l2c": tuple({"sparsity": v, "threshold": 0.5} for v in (0.003, 0.001, 0.01, 0.0003, 0.03, 0.1)),
+    # N x m, the authors' DiT setting (4, 4) first; N 2..8, orders 1..4
+    "taylorseer": tuple({"interval": n, "order": m} for n, m in
+                        ((4, 4), (3, 3), (2, 2), (5, 2), (6, 1), (4, 2), (8, 1), (4, 1), (6, 2), (5, 4))),
+    # the paper's sweep, N = 2..7
+    "fora": tuple({"interval": v} for v in (3, 2, 5, 4, 7, 6)),
+    # the authors' DDIM-50 recipe (fresh_threshold 3, ratio 0.07) and faster settings of the same scheduler
+    "toca": tuple({"fresh_threshold": t, "fresh_ratio": r} for t, r in ((3, 0.07), (5, 0.07), (8, 0.03))),
+    # dense enough that 2, 2.5, 3 and 4x each have a measured point within 10% (1.5 -> 1.85x, 3 -> 2.7x, 6 ->
+    # 4.9x before issue 26)
+    "teacache": tuple({"thresh_x_mean_change": v} for v in (1.75, 3.0, 2.25, 4.5, 2.6, 3.6, 1.4)),
+    # routers trained per sparsity penalty, exported at the authors' threshold 0.1 on alternating steps
+    "l2c": tuple({"sparsity": v} for v in (0.003, 0.01, 0.03)),
+    # diffusers' default 0.05 first, then faster; one DBCache F2B1 point
+    "fbcache": ({"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3},
+                {"threshold": 0.2, "first_blocks": 2, "last_blocks": 1}),
+    # diffusers' default 0.24 (K = 5) first
+    "magcache": tuple({"threshold": v} for v in (0.24, 0.06, 0.12, 0.5, 1.0)),
     "moeca-branch": tuple({"target_speedup": v} for v in (2.0, 2.5, 3.0, 4.0)),
     "moeca-even": tuple({"target_speedup": v} for v in (2.5, 3.0, 4.0)),
     "moeca-plain": tuple({"target_speedup": v} for v in (2.0, 3.0, 4.0)),
     "moeca-budget": tuple({"target_speedup": v} for v in (2.0, 3.0, 4.0)),
 }
-"""Per method: its points, each a dict of knob values. The order only decides what a sweep stopped early
-has measured (points are visited round-robin over methods, in this order)."""
+"""Per method: its points, each a dict of knob values (the unit's knobs, plus :data:`BENCH_KNOBS`). The
+order only decides what a sweep stopped early has measured (points are visited round-robin over methods,
+in this order)."""
 
 COLUMNS = ["method", "setting", "speedup", "speedup_spread", "flops_ratio", "psnr", "psnr_spread", "ssim",
            "ssim_spread", "accuracy", "accuracy_spread", "fd", "fd_spread", "ms_full", "ms_cached", "reuse_attn",
@@ -432,7 +454,7 @@ class ParetoSweep:
         ``teacache-fit-<key>.json`` (key: samples, sampler, weights hash)."""
         import torch
 
-        from moeca.policy.baselines.teacache import fit_rescale_polynomial
+        from moeca.replay.fit.teacache import fit_rescale_polynomial
         n = self.settings.calibration_samples
         path = self.work / f"teacache-fit-{self.cache_key('teacache-fit', samples=n)}.json"
         if path.is_file():
@@ -448,17 +470,39 @@ class ParetoSweep:
             self.state.set_calibration("teacache_fit", got)
         return got
 
-    def l2c_config(self, sparsity: float):
-        from moeca.policy.baselines.l2c import L2CConfig
-        s = self.settings
-        return L2CConfig(sparsity=sparsity, max_iterations=s.l2c_max_iterations,
-                         batch_samples=min(L2CConfig.batch_samples, s.calibration_samples),
-                         calibration_samples=s.calibration_samples, calibration_seed=CALIBRATION_SEED + 2)
+    def mag_ratios(self) -> tuple[float, ...]:
+        """MagCache's magnitude-ratio curve on ``calibration_samples`` full-compute samples (own noise),
+        cached in ``magcache-ratios-<key>.json`` (key: samples, sampler, weights hash)."""
+        import torch
 
-    def l2c_router(self, sparsity: float = 0.003):
-        """L2C's routers trained with sparsity penalty ``sparsity`` until the loss converges, cached in
-        ``l2c-router-<key>.json`` with their loss curves (key: training knobs, sampler, weights hash)."""
-        from moeca.policy.baselines.l2c import L2CRouter, train_router
+        from moeca.replay.fit.magcache import fit_mag_ratios
+        n = self.settings.calibration_samples
+        path = self.work / f"magcache-ratios-{self.cache_key('magcache-ratios', samples=n)}.json"
+        if path.is_file():
+            got = json.loads(path.read_text())
+        else:
+            labels = torch.arange(n) % self.model.config.num_classes
+            self.log(f"pareto: calibrating MagCache's magnitude ratios on {n} samples")
+            got = {"mag_ratios": list(fit_mag_ratios(self.model, self.sampler, labels, seeds=(CALIBRATION_SEED + 4,))),
+                   "samples": n, "weights_hash": self.weights_hash}
+            _atomic_json(path, got)
+        if self.state.calibration("magcache_ratios") != got:
+            self.state.set_calibration("magcache_ratios", got)
+        return tuple(got["mag_ratios"])
+
+    def l2c_config(self, sparsity: float):
+        from moeca.replay.fit.l2c import TrainConfig
+        s = self.settings
+        return TrainConfig(sparsity=sparsity, max_iterations=s.l2c_max_iterations,
+                           batch_samples=min(TrainConfig.batch_samples, s.calibration_samples),
+                           calibration_samples=s.calibration_samples, calibration_seed=CALIBRATION_SEED + 2)
+
+    def l2c_router(self, sparsity: float = 0.003) -> Path:
+        """L2C's routers trained with sparsity penalty ``sparsity`` until the loss converges (candidate steps
+        only), cached in ``l2c-router-<key>.json`` with their loss curves (key: training knobs, sampler,
+        weights hash); returns the file."""
+        from moeca.policy.methods.l2c import L2CRouter
+        from moeca.replay.fit.l2c import train_router
         cfg = self.l2c_config(sparsity)
         path = self.work / f"l2c-router-{self.cache_key('l2c-router', **cfg.training_key())}.json"
         if path.is_file():
@@ -476,7 +520,7 @@ class ParetoSweep:
         if routers.get(f"{sparsity:g}") != summary:
             routers[f"{sparsity:g}"] = summary
             self.state.set_calibration("l2c_routers", routers)
-        return router, cfg
+        return path
 
     def wallclock_costs(self):
         """MoECa's calibrated unit costs on this device at the timing batch (what ``moeca schedule derive
@@ -512,45 +556,46 @@ class ParetoSweep:
 
     # -- schedules -------------------------------------------------------------------------------------
     def schedule_for(self, point: Point):
-        """``(schedule, detail)`` of a point; ``detail`` holds derived knob values worth recording."""
-        from dataclasses import replace
-
-        from moeca.policy.baselines import fora, l2c, none, taylorseer, teacache, toca
-        mc, sampler, wh = self.model.config, self.sampler, self.weights_hash
-        if point.method == "none":
-            return none.build_schedule(none.NoneConfig(), mc, sampler, wh), {}
-        if point.method == "fora":
-            return fora.build_schedule(fora.ForaConfig(interval=int(point["interval"])), mc, sampler, wh), {}
-        if point.method == "taylorseer":
-            cfg = taylorseer.TaylorSeerConfig(interval=int(point["interval"]), order=int(point["order"]))
-            return taylorseer.build_schedule(cfg, mc, sampler, wh), {}
-        if point.method == "toca":
-            cfg = toca.TocaConfig(fresh_ratio=point["fresh_ratio"], fresh_threshold=int(point["fresh_threshold"]))
-            return toca.build_schedule(cfg, mc, sampler, wh), {}
-        if point.method == "teacache":
+        """``(schedule, detail)`` of a point: the registered unit's ``build`` on the point's knob values
+        (plus the fits a unit needs and the bench knobs turned into unit knobs); ``detail`` holds derived
+        knob values worth recording."""
+        from moeca.policy.methods import Context
+        name = "moeca" if point.method in MOECA_KNOBS else point.method
+        unit = REGISTRY[name]
+        types = {k.name: k.type for k in unit.knobs()}
+        values: dict[str, Any] = {k: int(v) if types.get(k) == "int" else v for k, v in point.params
+                                  if k not in BENCH_KNOBS.get(name, ())}
+        context = Context(self.model.config, self.sampler, self.weights_hash)
+        detail: dict[str, Any] = {}
+        if name == "teacache":
             fit = self.teacache_fit()
-            thresh = point["thresh_x_mean_change"] * fit["mean_change"]
-            cfg = teacache.TeaCacheConfig(rel_l1_thresh=thresh, coefficients=tuple(fit["coefficients"]))
-            return teacache.build_schedule(cfg, mc, sampler, wh), {"rel_l1_thresh": thresh}
-        if point.method == "l2c":
-            router, cfg = self.l2c_router(point["sparsity"])
-            schedule = l2c.build_schedule(router, replace(cfg, threshold=point["threshold"]), mc, sampler, wh)
-            return schedule, {"reused_decisions": schedule.provenance["reused_decisions"]}
-        if point.method in MOECA_KNOBS:
-            from moeca.policy.derive import DeriveConfig, derive_schedule
+            values.update(rel_l1_thresh=point["thresh_x_mean_change"] * fit["mean_change"],
+                          coefficients=tuple(fit["coefficients"]))
+            detail["rel_l1_thresh"] = values["rel_l1_thresh"]
+        elif name == "l2c":
+            values["router"] = str(self.l2c_router(point["sparsity"]))
+        elif name == "magcache":
+            values["mag_ratios"] = self.mag_ratios()
+        elif name == "moeca":
             summary, run_meta = self.moeca_inputs()
-            knobs = MOECA_KNOBS[point.method]
-            flops = knobs.get("refresh") == "budget"    # the budget rule predicts FLOPs only
-            cfg = DeriveConfig(target_speedup=point["target_speedup"], target="flops" if flops else "wallclock",
-                               **knobs)
-            costs = None if flops else self.wallclock_costs()
-            try:
-                schedule = derive_schedule(summary, run_meta, cfg, costs)
-            except ValueError as exc:
-                raise SkipPoint(str(exc)) from None
+            values.update(MOECA_KNOBS[point.method])
+            flops = values.get("refresh") == "budget"    # the budget rule predicts FLOPs only
+            values["target"] = "flops" if flops else "wallclock"
+            context = Context(self.model.config, self.sampler, self.weights_hash, summary, run_meta,
+                              None if flops else self.wallclock_costs())
+        try:
+            schedule = unit.build(unit.config(values), context)
+        except ValueError as exc:
+            if name != "moeca":
+                raise
+            raise SkipPoint(str(exc)) from None
+        if name == "moeca":
             detail = {k: schedule.provenance[k] for k in ("forecast_level", "predicted_speedup") if k in schedule.provenance}
-            return schedule, {**detail, "refresh_steps": len(schedule.sync_refresh_steps)}
-        raise ValueError(f"unknown method {point.method!r}")
+        if name == "magcache":
+            detail["skipped_steps"] = len(schedule.provenance["skipped_steps"])
+        if name == "l2c":
+            detail["reused_decisions"] = schedule.provenance["reused_decisions"]
+        return schedule, {**detail, "refresh_steps": len(schedule.sync_refresh_steps)}
 
     # -- measurement ------------------------------------------------------------------------------------
     def measure(self, point: Point) -> dict:
@@ -652,16 +697,20 @@ def front(rows: Sequence[Mapping], method: str, metric: str, axis: str = "speedu
     return sorted(unique.values(), key=lambda r: _x(r, axis))
 
 
-def interpolate(rows: Sequence[Mapping], method: str, metric: str, target: float, axis: str = "speedup"
-                ) -> tuple[float, float | None] | None:
+def interpolate(rows: Sequence[Mapping], method: str, metric: str, target: float, axis: str = "speedup",
+                along: str | None = None) -> tuple[float, float | None] | None:
     """``(value, spread)`` of ``metric`` for ``method`` at speed ``target``, linear between the two points
-    of its Pareto front (:func:`front`) that bracket it; below the front's slowest point, that point's
-    (a setting at least as fast and the front's best); None when the front does not reach ``target``.
-    ``axis``: ``speedup`` (measured wall clock) or ``flops`` (``1 / flops_ratio``, no timing noise). The
-    spread (``<metric>_spread``, None when the rows have none) is interpolated the same way."""
-    pts = front(rows, method, metric, axis)
+    of its Pareto front for ``along`` (default ``metric``; :func:`front`) that bracket it; below the front's
+    slowest point, that point's (a setting at least as fast and the front's best); None when the front does
+    not reach ``target`` or a bracketing point has no ``metric``. ``axis``: ``speedup`` (measured wall clock)
+    or ``flops`` (``1 / flops_ratio``, no timing noise). The spread (``<metric>_spread``, None when the rows
+    have none) is interpolated the same way. With ``along="psnr"`` every metric describes the same points
+    as the PSNR beside it."""
+    pts = front(rows, method, along or metric, axis)
 
     def at(r: Mapping) -> tuple[float, float | None]:
+        if r.get(metric) is None:
+            return None, None
         return r[metric], r.get(f"{metric}_spread")
 
     if pts and target < _x(pts[0], axis):
@@ -671,10 +720,12 @@ def interpolate(rows: Sequence[Mapping], method: str, metric: str, target: float
         if s0 <= target <= s1:
             w = 0.0 if s1 == s0 else (target - s0) / (s1 - s0)
             (v0, e0), (v1, e1) = at(a), at(b)
+            if v0 is None or v1 is None:
+                return None
             spread = None if e0 is None or e1 is None else e0 + (e1 - e0) * w
             return v0 + (v1 - v0) * w, spread
     exact = [r for r in pts if abs(_x(r, axis) - target) < 1e-12]
-    return at(exact[0]) if exact else None
+    return at(exact[0]) if exact and exact[0].get(metric) is not None else None
 
 
 TABLE_METRICS = ("psnr", "ssim", "accuracy", "fd")
@@ -682,7 +733,9 @@ TABLE_METRICS = ("psnr", "ssim", "accuracy", "fd")
 
 def at_speedups(rows: Sequence[Mapping], methods: Sequence[str], targets: Sequence[float] = TARGET_SPEEDUPS,
                 axis: str = "speedup") -> dict:
-    """``{method: {"2x": {"psnr": v, "psnr_spread": s, "fd": ..., ...}}}`` along each method's fronts."""
+    """``{method: {"2x": {"psnr": v, "psnr_spread": s, "fd": ..., ...}}}`` along each method's PSNR front:
+    every metric of a cell is interpolated between the same two points of that front (the FD is the FD of
+    the settings whose PSNR is shown, not the best FD of any setting)."""
     out: dict = {}
     for m in methods:
         if m == "none":
@@ -691,7 +744,7 @@ def at_speedups(rows: Sequence[Mapping], methods: Sequence[str], targets: Sequen
         for t in targets:
             cell: dict[str, float | None] = {}
             for metric in TABLE_METRICS:
-                got = interpolate(rows, m, metric, t, axis)
+                got = interpolate(rows, m, metric, t, axis, along="psnr")
                 cell[metric], cell[f"{metric}_spread"] = got if got is not None else (None, None)
             out[m][f"{t:g}x"] = cell
     return out
@@ -747,14 +800,18 @@ def notes_markdown(meta: dict) -> str:
              "against full compute from the same noise and labels; every figure is the mean of the two seeds "
              "± half their difference (the seed spread). Full compute: accuracy "
              f"{_fmt(ref.get('accuracy'), ref.get('accuracy_spread'))}, FD {_fmt(ref.get('fd'), ref.get('fd_spread'))} "
-             f"(real-vs-real floor {_fmt(ref.get('fd_floor'))}). PSNR is capped at {PSNR_CAP_DB:g} dB (identical). "
+             f"(real-vs-real floor {_fmt(ref.get('fd_floor'))}). FD is the Frechet distance of classifier features to "
+             "the real test digits: it measures sample statistics, not fidelity to full compute (aggressive "
+             "caching can score below full compute), so PSNR/SSIM rank fidelity. PSNR is capped at "
+             f"{PSNR_CAP_DB:g} dB (identical). "
              f"Code: git {str(meta['code'].get('git_commit'))[:10]} with {meta['code'].get('git_changed_files')} "
              f"changed files, schedule format {meta['code'].get('schedule_format')}."]
     for title, key in (("measured wall-clock speedups", "at_speedup"), ("FLOPs speedups (1 / FLOPs ratio; counted "
                                                                          "rows, no timing noise)", "at_flops_speedup")):
         targets = list(next(iter(meta[key].values()), {}).keys())
-        lines += ["", f"Best point of each method along its Pareto front at {title}: PSNR dB / FD "
-                      "(each ± seed spread):", "",
+        lines += ["", f"Best point of each method along its PSNR Pareto front at {title}: PSNR dB / FD of the "
+                      "same point (each ± seed spread; both interpolated between the same two measured points):",
+                  "",
                   "| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
         for m, per in meta[key].items():
             cells = [f"{_fmt(v['psnr'], v['psnr_spread'])} / {_fmt(v['fd'], v['fd_spread'])}" for v in per.values()]
@@ -776,7 +833,8 @@ def notes_markdown(meta: dict) -> str:
         cal = meta["calibration"]
         for sparsity, r in (cal.get("l2c_routers") or {}).items():
             lines += ["", f"L2C routers (sparsity {sparsity}): {r['training']['calibration_samples']} calibration "
-                          f"samples, {r['converged_steps']} of {r['num_steps'] - 1} steps converged, "
+                          f"samples, {r['converged_steps']} of {r.get('trained_steps', r['num_steps'] - 1)} trained "
+                          "steps converged, "
                           f"{r['iterations']['min']}-{r['iterations']['max']} iterations per step "
                           f"(loss curves in `{r['file']}`)."]
         if "wallclock" in cal:
@@ -784,6 +842,10 @@ def notes_markdown(meta: dict) -> str:
             lines += ["", f"MoECa's wall-clock targets: unit costs calibrated on {w['key']['device']} at batch "
                           f"{w['key']['batch']} ({w['key']['threads']} threads), full step {_fmt(w['full_step_ms'])} ms, "
                           f"fit error {w['fit_rel_error']:.1%} per step."]
+        if "magcache_ratios" in cal:
+            mr = cal["magcache_ratios"]["mag_ratios"]
+            lines += ["", f"MagCache ratios: calibrated on {cal['magcache_ratios']['samples']} samples, "
+                          f"{min(mr):.3g}..{max(mr):.3g} per step."]
         if "teacache_fit" in cal:
             f = cal["teacache_fit"]
             lines += ["", f"TeaCache polynomial: fitted on {f['samples']} samples ({f['pairs']} call pairs, "
@@ -807,7 +869,8 @@ def plot(rows: Sequence[dict], reference: dict, path: Path) -> None:
         panels.append(("fd", "speedup", "Frechet distance to real digits (lower is better)"))
     panels.append(("psnr", "flops", "PSNR vs full compute (dB)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
-    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    cmap = plt.get_cmap("tab20")
+    colors = {m: cmap(i % 20) for i, m in enumerate(METHODS)}
     for ax, (metric, axis, label) in zip(axes[0], panels):
         for method in METHODS:
             pts = [r for r in rows if r["method"] == method and r.get(metric) is not None and _x(r, axis) is not None]
@@ -857,8 +920,8 @@ def write(sweep: SweepInfo, rows: Sequence[dict], methods: Sequence[str], out_di
     from moeca.bench.results import write_results
     meta = build_meta(sweep, rows, methods, grid)
     return write_results(results_name(sweep.model_name), [_clean(r) for r in rows], out_dir, meta=meta,
-                         columns=COLUMNS, title=f"Pareto on `{sweep.model_name}`: MoECa vs TaylorSeer, FORA, ToCa, "
-                                                "TeaCache, L2C", notes=notes_markdown(meta),
+                         columns=COLUMNS, title=f"Pareto on `{sweep.model_name}`: MoECa vs "
+                                                + ", ".join(b for b in BASELINES if b in methods), notes=notes_markdown(meta),
                          plot=lambda p: plot(rows, meta["reference"], p), command=command)
 
 

@@ -31,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def schedules(config, sampler) -> list[tuple[str, str, object]]:
     """``(group, setting, schedule)`` for every replay of the benchmark."""
-    from moeca.policy.baselines import fora
-    from moeca.policy.baselines.common import assemble
+    from moeca.policy.methods import Context, fora
+    from moeca.policy.methods.common import assemble
     from moeca.policy.schedule import ALWAYS, NEVER, BlockRule, Rule, StepRule
 
     S, L, E = sampler.num_steps, config.depth, config.num_experts
@@ -44,7 +44,7 @@ def schedules(config, sampler) -> list[tuple[str, str, object]]:
 
     out = []
     for n in (3, 5):
-        plain = fora.build_schedule(fora.ForaConfig(interval=n), config, sampler)
+        plain = fora.build(fora.Config(interval=n), Context(config, sampler))
         out += [("forecast", f"FORA every {n}, plain reuse", plain),
                 ("forecast", f"FORA every {n}, linear forecast", replace(plain, forecast="linear"))]
     part = Rule.fraction(0.3)
@@ -57,7 +57,7 @@ def schedules(config, sampler) -> list[tuple[str, str, object]]:
                         every(6, BlockRule(attn=attn, shared=shared, experts=(expert,) * E))))
     branch = BlockRule(attn=NEVER, shared=NEVER, experts=(NEVER,) * E)
     for n in (3, 4, 5):
-        block = fora.build_schedule(fora.ForaConfig(interval=n), config, sampler)
+        block = fora.build(fora.Config(interval=n), Context(config, sampler))
         out += [("granularity", f"every {n}, block-level forecast", replace(block, forecast="linear")),
                 ("granularity", f"every {n}, branch-level forecast", every(n, branch, "linear", "moeca"))]
     return out

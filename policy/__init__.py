@@ -10,8 +10,9 @@ Public API (imported lazily, so ``import moeca.policy`` stays cheap):
 - ``UnitCosts`` (analytic FLOPs per unit row, :mod:`moeca.policy.cost`);
 - ``reuse_grid``, ``describe`` (:mod:`moeca.policy.summary`);
 - ``retarget`` (another model shape), ``resample_steps`` (:mod:`moeca.policy.transfer`);
-- baselines as schedules: :mod:`moeca.policy.baselines` (``fora``, ``toca``, ``teacache``, ``l2c``, ``none``);
-- :mod:`moeca.policy.cli` -- ``moeca schedule show|derive``.
+- caching methods, one registered unit each: :mod:`moeca.policy.methods` (``REGISTRY``: ``none``,
+  ``moeca``, ``fora``, ``taylorseer``, ``toca``, ``teacache``, ``l2c``, ``fbcache``, ``magcache``);
+- :mod:`moeca.policy.cli` -- ``moeca schedule show|derive|build``.
 """
 from __future__ import annotations
 

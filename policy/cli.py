@@ -1,4 +1,5 @@
-"""``moeca schedule show FILE`` and ``moeca schedule derive TRACE_DIR... --out FILE``."""
+"""``moeca schedule show FILE``, ``moeca schedule derive TRACE_DIR... --out FILE`` and
+``moeca schedule build METHOD --set KNOB=VALUE ... --trace TRACE_DIR --out FILE``."""
 from __future__ import annotations
 
 import argparse
@@ -83,7 +84,89 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out file moeca did not write (a schedule it wrote is replaced anyway)")
     d.set_defaults(func=cmd_derive)
+    _register_build(ssub)
     p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def methods_help() -> str:
+    """Every registered method with its summary and knobs (name=default: doc), for ``--help``."""
+    import textwrap
+
+    from .methods import REGISTRY
+    lines = ["methods and their knobs (--set NAME=VALUE; defaults are the authors'):"]
+    for m in REGISTRY.values():
+        lines.append(f"\n  {m.name}: {m.summary}")
+        for k in m.knobs():
+            default = ",".join(map(str, k.default)) if isinstance(k.default, tuple) else k.default
+            text = f"{k.name}={default!s} ({k.type}): {k.doc}"
+            lines += textwrap.wrap(text, width=110, initial_indent="    ", subsequent_indent="        ")
+    return "\n".join(lines)
+
+
+def _register_build(ssub) -> None:
+    b = ssub.add_parser(
+        "build", help="export any registered caching method's schedule (moeca, fora, taylorseer, toca, ...)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build the schedule of one registered caching method for the model and sampler of a trace "
+                    "(its run.json), the same file `moeca replay` and the diffusers integration apply.\n\n"
+                    + methods_help(),
+        epilog="examples:\n  moeca schedule build taylorseer --set interval=4 --set order=4 --trace out/trace "
+               "--out ts.json\n  moeca schedule build moeca --set target_speedup=2.5 --trace out/trace --out m.json")
+    b.add_argument("method", metavar="METHOD", help="a registered method (listed above)")
+    b.add_argument("--set", dest="knobs", action="append", default=[], metavar="KNOB=VALUE",
+                   help="a knob value (repeatable); tuples as comma-separated numbers")
+    b.add_argument("--trace", required=True, metavar="TRACE_DIR",
+                   help="a trace (`moeca trace`): the model and sampler the schedule is for; moeca also reads its drift")
+    b.add_argument("--out", required=True, help="schedule JSON to write")
+    b.add_argument("--batch", type=int, default=16, help="moeca with target=wallclock: samples per replay call")
+    b.add_argument("--device", default="auto", help="moeca with target=wallclock: the device that replays")
+    b.add_argument("--threads", type=int, default=None, help="moeca with target=wallclock: torch CPU threads")
+    b.add_argument("--checkpoint", default=None, help="moeca with target=wallclock: the model's weights")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out file moeca did not write")
+    b.set_defaults(func=cmd_build)
+
+
+def parse_knobs(pairs: list[str]) -> dict[str, str]:
+    """``["a=1", "b=x,y"]`` -> ``{"a": "1", "b": "x,y"}``; a pair without ``=`` is an error."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--set {pair!r}: expected KNOB=VALUE, e.g. --set interval=4")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moeca.common.outputs import check_replace_file
+    from moeca.models.config import DiTMoEConfig
+    from moeca.models.samplers import SamplerConfig
+
+    from .methods import Context, method
+    from .summary import describe
+
+    unit = method(args.method)
+    config = unit.config(parse_knobs(args.knobs))
+    out = Path(args.out)
+    if out.is_dir():
+        raise FileExistsError(f"--out {out} is a folder; give the schedule's file path, e.g. {out / 'schedule.json'}")
+    check_replace_file(out, "schedule", args.overwrite)
+    if args.method == "moeca":
+        summary, meta = load_summary([args.trace])
+    else:
+        from moeca.tracer.store import read_run_meta, require_trace_folder
+        require_trace_folder(args.trace)
+        summary, meta = None, read_run_meta(args.trace)
+    costs = replay_costs(meta, args) if args.method == "moeca" and config.target == "wallclock" else None
+    context = Context(DiTMoEConfig.from_dict(meta["model"]["config"]), SamplerConfig(**meta["sampler"]),
+                      meta["model"].get("weights_hash"), summary, meta, costs)
+    schedule = unit.build(config, context).with_provenance(trace=str(args.trace))
+    schedule.save(out, overwrite=args.overwrite)
+    print(describe(schedule).split("\n\n")[0])
+    print(f"wrote {out}")
+    return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:

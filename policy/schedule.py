@@ -4,11 +4,12 @@ A schedule is versioned JSON validated against the published JSON Schema ``sched
 (next to this file) and then against the model it claims to describe. In Python it is a tree of frozen
 dataclasses:
 
-- :class:`Schedule` -- identity (``method``, :class:`ModelIdentity`, :class:`SamplerIdentity`), the
+- :class:`Schedule` -- identity (``method``: a name of the method registry
+  :mod:`moeca.policy.methods`, or ``custom``; :class:`ModelIdentity`, :class:`SamplerIdentity`), the
   per-step rules ``steps[s]`` (:class:`StepRule`), ``sync_refresh_steps`` (steps where every block
   recomputes everything), the token scores (:class:`ScoreConfig` per unit kind), an optional
-  whole-model skip rule (:class:`ModelSkip`, TeaCache-like), the ``forecast`` mode of reused outputs
-  and the predicted FLOPs ratio;
+  whole-model skip rule (:class:`ModelSkip`: TeaCache's or First-Block Cache's indicator), the
+  ``forecast`` mode of reused outputs and the predicted FLOPs ratio;
 - :class:`StepRule` -- ``model`` (``compute`` | ``reuse`` | ``adaptive``) and one :class:`BlockRule`
   per transformer block;
 - :class:`BlockRule` -- one :class:`Rule` for each unit of a block: ``attn`` (attention output per
@@ -26,14 +27,17 @@ JSON encoding of a rule: the strings ``"always"`` / ``"never"`` or ``{"fraction"
 ``forecast`` says what a reused output is: ``none`` -- the cached output as last computed (plain
 reuse); ``linear`` -- the first-order extrapolation from the unit's last two computed outputs,
 ``y1 + (y1 - y0) * (s - s1) / (s1 - s0)`` per token (or per (token, expert) pair), where ``s1``/``s0``
-are the steps at which they were computed and ``s`` is the current step; ``taylor`` -- the Newton
-interpolating polynomial through the last ``forecast_order + 1`` computed outputs of the row,
-evaluated at ``s``: ``y[s_n] + y[s_n, s_n-1] (s - s_n) + y[s_n, s_n-1, s_n-2] (s - s_n)(s - s_n-1) + ...``
-with divided differences over the steps at which they were computed (exact for unequal spacing; for
-equally spaced refreshes it is TaylorSeer's finite-difference Taylor expansion of that order).
-``forecast_order`` (1..4) is the order of ``taylor``; ``linear`` is ``taylor`` of order 1 (bit for bit);
-``none`` ignores it. A row computed fewer than ``order + 1`` times so far uses the order its history
-allows (computed once: plain reuse). Forecast state is float32 whatever the model dtype.
+are the steps at which they were computed and ``s`` is the current step; ``taylor`` -- TaylorSeer's
+finite-difference Taylor expansion of order ``m = forecast_order``: derivative estimates
+``d_0 = y[s_n]``, ``d_{i+1}(s_n) = (d_i(s_n) - d_i(s_n-1)) / (s_n - s_n-1)`` (each divided by the spacing
+*at the step it was formed*), evaluated as ``sum_i d_i(s_n) k^i / i!`` with ``k = s - s_n``;
+``polynomial`` -- the interpolating (Newton / Lagrange) polynomial through the last ``m + 1`` computed
+outputs, evaluated at ``s``. The two agree at order 1 (both are ``linear``, bit for bit) and differ from
+order 2 on, *also* with equally spaced refreshes ``N``: at order 2 ``taylor = polynomial - (k N / 2) d_2``
+(the Taylor form estimates the second derivative one refresh back). ``forecast_order`` (1..4) is the
+order of ``taylor`` and ``polynomial``; ``none`` ignores it. A row computed fewer than ``m + 1`` times
+so far uses the order its history allows (computed once: plain reuse), as TaylorSeer does while its
+derivative table fills. Forecast state is float32 whatever the model dtype.
 
 ``token_selection`` names how a scored rule picks its tokens (a hook the replay engine implements, so a
 caching method never needs its own runtime): ``{"kind": "moeca_score"}`` (default; the highest online
@@ -42,8 +46,11 @@ scores over the whole batch) or ``{"kind": "toca", "soft_fresh_weight", "fresh_t
 ``soft_fresh_weight * age / fresh_threshold``, then the 2x2 spatial bonus; applies to the whole-MoE
 ``fraction`` rules, other rules keep the MoECa score).
 
-Format versions: 2 added ``forecast``; 3 added ``taylor``, ``forecast_order`` and ``token_selection``.
-Version-1 files are read as ``forecast: none``, version-1/2 files as order 1 and ``moeca_score``.
+Format versions: 2 added ``forecast``; 3 added ``taylor``, ``forecast_order`` and ``token_selection``;
+4 renamed version 3's ``taylor`` (the interpolating polynomial) to ``polynomial``, made ``taylor``
+TaylorSeer's finite-difference expansion and added ``model_skip.indicator`` / ``first_blocks`` /
+``last_blocks``. Version-1 files are read as ``forecast: none``, version-1/2 files as order 1 and
+``moeca_score``, version-3 ``taylor`` as ``polynomial`` (what those files were replayed with).
 """
 from __future__ import annotations
 
@@ -55,13 +62,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
-FORECASTS = ("none", "linear", "taylor")
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+FORECASTS = ("none", "linear", "taylor", "polynomial")
 MAX_FORECAST_ORDER = 4
 TOKEN_SELECTIONS = ("moeca_score", "toca")
 SCHEMA_FILE = "schedule.schema.json"
-METHODS = ("moeca", "fora", "toca", "teacache", "l2c", "taylorseer", "none", "custom")
+MODEL_SKIP_INDICATORS = ("modulated_input", "first_blocks_residual")
 RuleMode = Literal["always", "never", "fraction", "threshold"]
 ModelMode = Literal["compute", "reuse", "adaptive"]
 UNIT_KINDS = ("attn", "moe", "shared", "expert")
@@ -198,23 +205,45 @@ class ScoreConfig:
 
 @dataclass(frozen=True)
 class ModelSkip:
-    """Whole-model skip (TeaCache-like), used on steps whose ``model`` mode is ``adaptive``.
+    """Whole-model skip, used on steps whose ``model`` mode is ``adaptive``; ``indicator`` names the rule.
 
-    Each forward computes the first block's modulated attention input ``m`` and its relative L1
-    change ``r = mean|m - m_prev| / mean|m_prev|``, rescaled by the polynomial ``poly`` (coefficients,
-    highest power first, as ``numpy.polyval``). The rescaled changes accumulate since the last computed
-    step; while the sum stays below ``threshold`` the blocks are skipped and the cached residual
-    (output minus input of all blocks at the last computed step) is added instead.
+    ``modulated_input`` (TeaCache): each forward computes the first block's modulated attention input
+    ``m`` and its relative L1 change ``r = mean|m - m_prev| / mean|m_prev|`` against the previous forward,
+    rescaled by the polynomial ``poly`` (coefficients, highest power first, as ``numpy.polyval``). The
+    rescaled changes accumulate since the last computed step; while the sum stays below ``threshold`` the
+    blocks are skipped and the cached residual (output minus input of all blocks at the last computed
+    step) is added instead.
+
+    ``first_blocks_residual`` (First-Block Cache; DBCache's ``Fn`` / ``Bn``): each forward runs the first
+    ``first_blocks`` blocks and compares their residual ``r`` (output minus input) with the one of the last
+    *computed* forward, ``d = mean|r - r_prev| / mean|r_prev|`` (no accumulation, ``poly`` unused); when
+    ``d < threshold`` the middle blocks are skipped and their cached residual is added, else they run and
+    their residual and ``r`` are cached. The last ``last_blocks`` blocks always run.
     """
 
     threshold: float
     poly: tuple[float, ...] = (1.0, 0.0)
+    indicator: str = "modulated_input"
+    first_blocks: int = 1
+    last_blocks: int = 0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.threshold) and self.threshold >= 0):
             raise ScheduleError(f"model_skip.threshold must be a finite number >= 0, got {self.threshold}")
         if not self.poly or not all(math.isfinite(c) for c in self.poly):
             raise ScheduleError("model_skip.poly must be a non-empty list of finite coefficients")
+        if self.indicator not in MODEL_SKIP_INDICATORS:
+            raise ScheduleError(f"field model_skip.indicator: {self.indicator!r} is not one of "
+                                f"{', '.join(MODEL_SKIP_INDICATORS)}")
+        if not isinstance(self.first_blocks, int) or self.first_blocks < 1 or not isinstance(self.last_blocks, int) \
+                or self.last_blocks < 0:
+            raise ScheduleError(f"field model_skip: first_blocks must be an integer >= 1 and last_blocks >= 0, got "
+                                f"{self.first_blocks!r} and {self.last_blocks!r}")
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "ModelSkip":
+        return cls(float(data["threshold"]), tuple(data["poly"]), data.get("indicator", "modulated_input"),
+                   data.get("first_blocks", 1), data.get("last_blocks", 0))
 
     def rescale(self, r: float) -> float:
         out = 0.0
@@ -223,7 +252,8 @@ class ModelSkip:
         return out
 
     def to_json(self) -> dict:
-        return {"threshold": self.threshold, "poly": list(self.poly)}
+        return {"threshold": self.threshold, "poly": list(self.poly), "indicator": self.indicator,
+                "first_blocks": self.first_blocks, "last_blocks": self.last_blocks}
 
 
 @dataclass(frozen=True)
@@ -361,9 +391,15 @@ class Schedule:
 
     @property
     def forecast_degree(self) -> int:
-        """Degree of the forecast polynomial: 0 for ``none`` (plain reuse), 1 for ``linear``, else
-        ``forecast_order``. The engine keeps ``degree + 1`` computed values per cached row."""
+        """Order of the forecast: 0 for ``none`` (plain reuse), 1 for ``linear``, else ``forecast_order``.
+        The engine keeps ``degree + 1`` computed values per cached row."""
         return {"none": 0, "linear": 1}.get(self.forecast, self.forecast_order)
+
+    @property
+    def forecast_kind(self) -> str:
+        """How the engine weighs the kept values: ``taylor`` (finite differences) or ``polynomial``
+        (interpolation; also ``linear`` and ``none``, where the two coincide)."""
+        return "taylor" if self.forecast == "taylor" else "polynomial"
 
     def score(self, kind: str) -> ScoreConfig:
         return self.scores.get(kind, ScoreConfig())
@@ -439,9 +475,8 @@ class Schedule:
                 steps=tuple(StepRule.from_json(s) for s in data["steps"]),
                 sync_refresh_steps=tuple(data["sync_refresh_steps"]),
                 scores={k: ScoreConfig(**v) for k, v in data["scores"].items()},
-                model_skip=None if data["model_skip"] is None else ModelSkip(
-                    float(data["model_skip"]["threshold"]), tuple(data["model_skip"]["poly"])),
-                forecast=data.get("forecast", "none"),
+                model_skip=None if data["model_skip"] is None else ModelSkip.from_json(data["model_skip"]),
+                forecast=_forecast_of(data),
                 forecast_order=data.get("forecast_order", 1),
                 token_selection=TokenSelection.from_json(data.get("token_selection")),
                 predicted_flops_ratio=data["predicted_flops_ratio"],
@@ -492,6 +527,12 @@ class Schedule:
         return replace(self, provenance={**self.provenance, **extra})
 
 
+def _forecast_of(data: Mapping) -> str:
+    """The file's forecast in this version's names (version 3's ``taylor`` was the interpolating polynomial)."""
+    forecast = data.get("forecast", "none")
+    return "polynomial" if forecast == "taylor" and data.get("format_version") == 3 else forecast
+
+
 # ----------------------------------------------------------------------------- validation
 def schema() -> dict:
     """The published JSON Schema of the schedule format."""
@@ -534,11 +575,12 @@ def check_structure(s: Schedule) -> None:
         raise ScheduleError(f"field forecast_order: {s.forecast_order!r} must be an integer in 1..{MAX_FORECAST_ORDER}")
     if s.forecast == "linear" and s.forecast_order != 1:
         raise ScheduleError(f"field forecast_order: forecast 'linear' is order 1, got {s.forecast_order}; use "
-                            "forecast 'taylor' for higher orders")
+                            "forecast 'taylor' or 'polynomial' for higher orders")
     if not isinstance(s.token_selection, TokenSelection):
         raise ScheduleError("field token_selection: expected a TokenSelection (JSON: {\"kind\": \"moeca_score\"})")
-    if s.method not in METHODS:
-        raise ScheduleError(f"field method: {s.method!r} is not one of {', '.join(METHODS)}")
+    from moeca.policy.methods import METHOD_NAMES   # the registry (imports this module: import here)
+    if s.method not in (*METHOD_NAMES, "custom"):
+        raise ScheduleError(f"field method: {s.method!r} is not one of {', '.join((*METHOD_NAMES, 'custom'))}")
     if n != s.sampler.num_steps:
         raise ScheduleError(f"field steps: {n} step rules but sampler.num_steps is {s.sampler.num_steps}")
     for i, step in enumerate(s.steps):

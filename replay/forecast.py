@@ -1,19 +1,28 @@
 """Forecast state of cached rows: the last computed values, float32, in preallocated buffers.
 
 A cached unit keeps, per row (a token, or a (token, slot) pair), the last ``degree + 1`` values it
-computed and the steps at which it computed them. The forecast at step ``s`` is the polynomial through
-them, in Lagrange form: with ``y_j`` computed at ``s_j`` (``j = 0`` the newest, ``s_0 > s_1 > ...``)::
+computed and the steps at which it computed them. A forecast at step ``s`` is a weighted sum of them; the
+weights depend on the forecast *kind* (the schedule's ``forecast``), with ``y_j`` computed at ``s_j``
+(``j = 0`` the newest, ``s_0 > s_1 > ...``):
 
-    P(s) = sum_j l_j(s) y_j,      l_j(s) = prod_{i != j} (s - s_i) / (s_j - s_i)
+- ``polynomial`` -- the interpolating polynomial through them, in Lagrange form::
 
-Exact for unequal spacing; for equally spaced refreshes it is TaylorSeer's finite-difference Taylor
-expansion of that order; degree 1 is the linear forecast ``y_0 + (y_0 - y_1) (s - s_0) / (s_0 - s_1)``.
-A row computed only ``c < degree + 1`` times uses its ``c`` values (the order its history allows;
-computed once: plain reuse). Degree 0 is plain reuse. Everything is float32 whatever the model dtype.
+      P(s) = sum_j l_j(s) y_j,      l_j(s) = prod_{i != j} (s - s_i) / (s_j - s_i)
 
-Why values and not divided differences: a push is then one copy of the new values, and a forecast one
-multiply-add per kept value on ``[R, D]``; the weights ``l_j`` are computed on ``[R]``, or once for all rows
-as host arithmetic (see ``host_ts``).
+- ``taylor`` -- TaylorSeer's finite-difference Taylor expansion: derivative estimates by differences
+  divided by the *latest* spacing, ``d_0^(j) = y_j``, ``d_{i+1}^(j) = (d_i^(j) - d_i^(j+1)) / (s_j - s_{j+1})``
+  (``d_i^(j+1)`` is the estimate stored at the ``j+1``-th newest computation), evaluated as
+  ``F(s) = sum_i d_i^(0) k^i / i!`` with ``k = s - s_0``.
+
+The two agree at degree 1 (the linear forecast ``y_0 + (y_0 - y_1) (s - s_0) / (s_0 - s_1)``) and differ
+from degree 2 on, even with equal spacing ``N``: at degree 2 the Taylor form is ``P(s) - (k N / 2) d_2``
+(its second derivative is estimated at the older point). A row computed only ``c < degree + 1`` times uses
+its ``c`` values (the order its history allows; computed once: plain reuse), as TaylorSeer does while its
+derivative table fills. Degree 0 is plain reuse. Everything is float32 whatever the model dtype.
+
+Why values and not derivative estimates: a push is then one copy of the new values, and a forecast one
+multiply-add per kept value on ``[R, D]``; the weights are computed on ``[R]``, or once for all rows as
+host arithmetic (see ``host_ts``). Both kinds are linear in the kept values, so both are weights.
 
 Shapes: ``vals [degree + 1, R, D]`` (the buffers; ``level(j)`` is the ``j``-th newest value), ``ts
 [degree + 1, R]`` (steps, newest first), ``cnt [R]`` (values kept, float32 in ``0..degree + 1``). ``step``
@@ -37,6 +46,29 @@ from dataclasses import dataclass, field
 import torch
 
 Step = torch.Tensor | float
+KINDS = ("polynomial", "taylor")
+"""Forecast kinds a history evaluates (the module docstring); plain reuse and ``linear`` are degrees 0 and 1."""
+
+
+def polynomial_weights(step: float, ts: list[float]) -> list[float]:
+    """Lagrange weights ``l_j(step)`` of values computed at ``ts`` (newest first)."""
+    n = len(ts)
+    return [math.prod((step - ts[i]) / (ts[j] - ts[i]) for i in range(n) if i != j) for j in range(n)]
+
+
+def taylor_weights(step: float, ts: list[float]) -> list[float]:
+    """TaylorSeer's weights of values computed at ``ts`` (newest first): the finite-difference Taylor
+    expansion of order ``len(ts) - 1`` around ``ts[0]`` evaluated at ``step``, written per kept value."""
+    n = len(ts)
+    unit = [[1.0 if i == j else 0.0 for i in range(n)] for j in range(n)]
+    d = unit                                                   # d[j]: coefficients of d_i^(j), i = 0 here
+    out = [0.0] * n
+    k = step - ts[0] if n else 0.0
+    for order in range(n):
+        term = k ** order / math.factorial(order)
+        out = [o + term * c for o, c in zip(out, d[0])]
+        d = [[(a - b) / (ts[j] - ts[j + 1]) for a, b in zip(d[j], d[j + 1])] for j in range(len(d) - 1)]
+    return out
 
 
 @dataclass
@@ -48,16 +80,20 @@ class History:
     cnt: torch.Tensor
     slots: list[int] = field(default_factory=list)
     host_ts: list[float] | None = field(default_factory=list)
+    kind: str = "polynomial"
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"forecast kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if not self.slots:
             self.slots = list(range(self.vals.shape[0]))
 
     @classmethod
-    def empty(cls, degree: int, rows: int, width: int, device: torch.device) -> "History":
+    def empty(cls, degree: int, rows: int, width: int, device: torch.device, kind: str = "polynomial") -> "History":
+        """Zeroed buffers for ``rows x width``; ``kind`` one of :data:`KINDS` (equal up to degree 1)."""
         return cls(torch.zeros(degree + 1, rows, width, dtype=torch.float32, device=device),
                    torch.zeros(degree + 1, rows, dtype=torch.float32, device=device),
-                   torch.zeros(rows, dtype=torch.float32, device=device))
+                   torch.zeros(rows, dtype=torch.float32, device=device), kind=kind)
 
     @property
     def degree(self) -> int:
@@ -135,13 +171,16 @@ class History:
 
     # -- forecasts -----------------------------------------------------------------------------
     def weights(self, step: Step) -> list[torch.Tensor | float]:
-        """The Lagrange weights ``l_j(step)`` of the kept values, newest first: ``[R]`` float32 each (0
-        where a row keeps fewer values); while all rows share their steps (``host_ts``), one weight for all
-        rows, for the levels they keep: a Python float (a 0-d tensor if ``step`` is one), no per-row work."""
+        """The weights of the kept values at ``step``, newest first (:func:`polynomial_weights` or
+        :func:`taylor_weights` by ``kind``): ``[R]`` float32 each (0 where a row keeps fewer values); while
+        all rows share their steps (``host_ts``), one weight for all rows, for the levels they keep: a
+        Python float (a 0-d tensor if ``step`` is one), no per-row work."""
         ts = self.host_ts
         if ts is not None and not torch.compiler.is_compiling():
-            n = len(ts)
-            return [math.prod((step - ts[i]) / (ts[j] - ts[i]) for i in range(n) if i != j) for j in range(n)]
+            return (taylor_weights if self.kind == "taylor" else polynomial_weights)(step, ts)
+        return self._taylor_rows(step) if self.kind == "taylor" else self._polynomial_rows(step)
+
+    def _polynomial_rows(self, step: Step) -> list[torch.Tensor]:
         n = self.degree + 1
         out = []
         for j in range(n):
@@ -151,6 +190,21 @@ class History:
                     f = (step - self.ts[i]) / (self.ts[j] - self.ts[i])
                     w = w * torch.where(self.cnt > i, f, 1.0)
             out.append(torch.where(self.cnt > j, w, 0.0))
+        return out
+
+    def _taylor_rows(self, step: Step) -> list[torch.Tensor]:
+        """Per-row :func:`taylor_weights`: order ``i`` contributes where the row keeps ``> i`` values;
+        spacings a row does not have are replaced by 1 (their terms are masked out)."""
+        n = self.degree + 1
+        zero, one = torch.zeros_like(self.ts[0]), torch.ones_like(self.ts[0])
+        d = [[one if i == j else zero for i in range(n)] for j in range(n)]
+        out = [zero] * n
+        k = step - self.ts[0]
+        for order in range(n):
+            term = torch.where(self.cnt > order, k ** order / math.factorial(order), zero)
+            out = [o + term * c for o, c in zip(out, d[0])]
+            d = [[(a - b) / torch.where(self.cnt > j + 1, self.ts[j] - self.ts[j + 1], one)
+                  for a, b in zip(d[j], d[j + 1])] for j in range(len(d) - 1)]
         return out
 
     def forecast(self, step: Step) -> torch.Tensor:

@@ -43,6 +43,7 @@ class SchedulePlan:
         self.schedule = schedule
         S, depth = schedule.num_steps, schedule.model.depth
         self.degree = schedule.forecast_degree
+        self.forecast_kind = schedule.forecast_kind
         cached = [s for s in range(S) if not schedule.is_sync(s) and schedule.steps[s].model != "reuse"]
 
         def reused(block: int, pick) -> bool:

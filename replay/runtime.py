@@ -169,9 +169,10 @@ class ReplayRuntime(Runtime):
         """Rows of ``name`` run at ``block`` in this forward (``n`` may be a device scalar: no sync)."""
         self._counts.append((name, block, n))
 
-    def count_skipped_forward(self, rows: int, pairs: int, depth: int) -> None:
-        """A forward whose blocks were skipped whole: the full-compute references of every block."""
-        for block in range(depth):
+    def count_skipped_forward(self, rows: int, pairs: int, blocks: range) -> None:
+        """A forward whose ``blocks`` were skipped (all of them, or First-Block Cache's middle): their
+        full-compute references."""
+        for block in blocks:
             self._counts.append(("tokens", block, rows))
             self._counts.append(("pairs", block, pairs))
         self._skipped += 1
@@ -253,7 +254,8 @@ class ReplayRuntime(Runtime):
                                        lambda rows: self.shared_expert(block, rows), self.plan.shared_reused[bi],
                                        self.plan.track_moe[bi], drift, lambda n: self.count("shared", bi, n))
         if self.plan.moe_token_level[bi]:
-            st.moe.ensure(self.plan.degree, N, D, self.plan.track_moe[bi], flat.device)
+            st.moe.ensure(self.plan.degree, N, D, self.plan.track_moe[bi], flat.device,
+                         self.plan.forecast_kind)
             st.moe.hist.push_all(out, self.step)
             st.moe.computed(None)
             st.moe.valid = True

@@ -29,11 +29,13 @@ class RowCache:
     acc: torch.Tensor | None = None
     valid: bool = False
 
-    def ensure(self, degree: int, rows: int, width: int, track: bool, device: torch.device) -> None:
-        """Allocate the buffers for ``rows x width`` (once; again only if the shape changed)."""
+    def ensure(self, degree: int, rows: int, width: int, track: bool, device: torch.device,
+               kind: str = "polynomial") -> None:
+        """Allocate the buffers for ``rows x width`` (once; again only if the shape changed); ``kind``: the
+        forecast kind of the history (:data:`~.forecast.KINDS`, the plan's ``forecast_kind``)."""
         if self.hist is None or self.hist.rows != rows or self.hist.vals.shape[-1] != width \
                 or self.hist.vals.device != device:
-            self.hist = History.empty(degree, rows, width, device)
+            self.hist = History.empty(degree, rows, width, device, kind)
             self.age = torch.zeros(rows, dtype=torch.float32, device=device) if track else None
             self.acc = torch.zeros(rows, dtype=torch.float32, device=device) if track else None
             self.valid = False
@@ -137,8 +139,10 @@ class StackProducts:
 @dataclass
 class ContextState:
     """Everything cached for one CFG context (``none``, ``batched``, ``cond`` or ``uncond``); the
-    whole-model skip keeps the previous change indicator ``model_prev``, the accumulated rescaled change
-    and the residual of all blocks at the last computed step; ``stack``: the folded stack forecast's state."""
+    whole-model skip keeps the previous change indicator ``model_prev`` (TeaCache: block 0's modulated input
+    at the previous forward; First-Block Cache: the first blocks' residual at the last computed forward),
+    the accumulated rescaled change and the residual of the skippable blocks at the last computed step;
+    ``stack``: the folded stack forecast's state."""
 
     batch: int
     blocks: list[BlockState]

@@ -17,7 +17,7 @@ import pytest
 
 from moeca.models.checkpoint import weights_hash
 from moeca.models.samplers import SamplerConfig
-from moeca.policy.baselines.fora import ForaConfig, build_schedule
+from moeca.policy.methods import Context, fora
 from moeca.replay.__main__ import main
 from moeca.replay.sample_ddp import JOB_FILE, SampleJob, sample_to_npz, shard_dir, shard_path
 from moeca.tracer.testing import TINY, tiny_checkpoint, tiny_model
@@ -44,7 +44,7 @@ def ckpt(tmp_path_factory):
 def schedule_path(tmp_path_factory):
     model = tiny_model(0)
     path = tmp_path_factory.mktemp("sched") / "fora.json"
-    build_schedule(ForaConfig(interval=3), TINY, SAMPLER, weights_hash=weights_hash(model)).save(path)
+    fora.build(fora.Config(interval=3), Context(TINY, SAMPLER, weights_hash(model))).save(path)
     return path
 
 
@@ -151,7 +151,7 @@ def test_bad_input_is_refused_with_a_message(ckpt, schedule_path, tmp_path, caps
     assert "does not exist; create it first" in _error(capsys, _cmd(ckpt, "none", tmp_path / "no" / "s.npz"))
     # a schedule derived for another model (3 blocks instead of 2)
     other = tmp_path / "other.json"
-    build_schedule(ForaConfig(), replace(TINY, depth=3), SAMPLER).save(other)
+    fora.build(fora.Config(), Context(replace(TINY, depth=3), SAMPLER)).save(other)
     err = _error(capsys, _cmd(ckpt, str(other), out))
     assert "schedule field model.fingerprint" in err and "derive a schedule for this model" in err
     # ... or for another step count

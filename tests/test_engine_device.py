@@ -10,7 +10,7 @@ from conftest import TINY, make_tiny
 from moeca.models.dispatch import prepare_model
 from moeca.models.runtime import ForwardContext, Runtime
 from moeca.models.samplers import SamplerConfig, sample
-from moeca.policy.baselines import fora
+from moeca.policy.methods import Context, fora
 from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
                                    StepRule, full_schedule)
 from moeca.replay.runtime import ReplayRuntime
@@ -92,7 +92,7 @@ def test_device_path_forward_has_no_graph_breaks():
     after a refresh included."""
     model = make_tiny()
     prepare_model(model)
-    fora_s = fora.build_schedule(fora.ForaConfig(interval=3), TINY, SamplerConfig(num_steps=STEPS, cfg_scale=1.0))
+    fora_s = fora.build(fora.Config(interval=3), Context(TINY, SamplerConfig(num_steps=STEPS, cfg_scale=1.0)))
     token_s = token_schedule(TINY, SAMPLER, (0, 2))
     assert ReplayRuntime(fora_s).fold and ReplayRuntime(token_s).fold
     cases = {"default": (Runtime(dispatch="grouped"), 0),

@@ -150,7 +150,7 @@ def test_pushes_of_all_rows_skip_the_row_mask_with_the_same_values(degree):
 
 def _forecast_all_schedule(order: int) -> Schedule:
     """Steps 0, 1, 4, 7 computed; every other step reuses attention and the whole MoE output of every block."""
-    from moeca.policy.baselines.common import assemble, block_rule, full_blocks
+    from moeca.policy.methods.common import assemble, block_rule, full_blocks
     from dataclasses import replace as dc_replace
     sync = (0, 1, 4, 7)
     reuse = tuple(block_rule(TINY.num_experts, attn=NEVER, moe=NEVER) for _ in range(TINY.depth))

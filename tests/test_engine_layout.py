@@ -24,13 +24,20 @@ def test_policy_sources_never_import_replay():
     offenders = {str(p.relative_to(ROOT)): sorted(n for n in _imports(p) if n.startswith("moeca.replay"))
                  for p in (ROOT / "policy").rglob("*.py")}
     assert not {k: v for k, v in offenders.items() if v}
-    assert not (ROOT / "policy" / "baselines" / "runtimes.py").exists()
+    assert not (ROOT / "policy" / "baselines").exists()
+
+
+def test_policy_methods_never_run_the_model():
+    """Model-running fits live with the engine (replay/fit): no method unit imports torch or a runtime."""
+    offenders = {p.name: sorted(n for n in _imports(p) if n == "torch" or n.startswith("moeca.models.runtime"))
+                 for p in (ROOT / "policy" / "methods").glob("*.py")}
+    assert not {k: v for k, v in offenders.items() if v}
 
 
 def test_importing_every_policy_module_loads_no_replay_module():
     code = ("import importlib, pkgutil, sys\n"
-            "import moeca.policy, moeca.policy.baselines\n"
-            "for pkg in (moeca.policy, moeca.policy.baselines):\n"
+            "import moeca.policy, moeca.policy.methods\n"
+            "for pkg in (moeca.policy, moeca.policy.methods):\n"
             "    for m in pkgutil.iter_modules(pkg.__path__):\n"
             "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
             "print(sorted(n for n in sys.modules if n.startswith('moeca.replay')))\n")

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY, make_tiny
 from moeca.models.registry import load_model
 from moeca.models.samplers import SamplerConfig, sample
-from moeca.policy.baselines import fora
+from moeca.policy.methods import Context, fora
 from moeca.policy.cost import UnitCosts
 from moeca.policy.schedule import NEVER, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
 from moeca.replay.counters import ReplayCounters
@@ -35,7 +35,7 @@ def token_schedule(config, sampler: SamplerConfig, sync: tuple[int, ...], foreca
 
 SCHEDULES = {"linear": token_schedule(TINY, SAMPLER, (0, 3, 6, 9)),
              "taylor order 2": token_schedule(TINY, SAMPLER, (0, 1, 4, 7, 10), "taylor", 2),
-             "fora (plain reuse)": fora.build_schedule(fora.ForaConfig(interval=3), TINY, SAMPLER)}
+             "fora (plain reuse)": fora.build(fora.Config(interval=3), Context(TINY, SAMPLER))}
 
 
 def run(model, runtime):

@@ -35,7 +35,7 @@ def run_attention(rt: "ReplayRuntime", block, st: BlockState, x_mod: torch.Tenso
         rt.count("attn_q", bi, N)
         rt.count("attn_kv", bi, N)
         if rt.plan.attn_reused[bi]:
-            cache.ensure(degree, N, D, track, x_mod.device)
+            cache.ensure(degree, N, D, track, x_mod.device, rt.plan.forecast_kind)
             cache.hist.push_all(out.reshape(N, D), step)
             cache.computed(None)
             cache.valid = True

@@ -137,7 +137,7 @@ def _store_all(rt: "ReplayRuntime", bi: int, cache: PairCache, topk_idx: torch.T
         cache.hist.push_all(torch.empty_like(values).index_copy_(0, spos, values), rt.step)
         rt.count("gather", bi, N * k)
     else:
-        cache.ensure(degree, N * k, values.shape[1], rt.plan.track_moe[bi], values.device)
+        cache.ensure(degree, N * k, values.shape[1], rt.plan.track_moe[bi], values.device, rt.plan.forecast_kind)
         if cache.ids is None or cache.ids.shape != topk_idx.shape:
             cache.ids = torch.empty_like(topk_idx)
         cache.ids.copy_(topk_idx)

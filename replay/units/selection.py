@@ -2,8 +2,10 @@
 
 - ``moeca_score``: the online score ``drift_weight * accumulated drift + staleness_weight * age``, the
   ``ceil(f * N)`` highest rows of the batch (``fraction f``) or the rows above ``x`` (``threshold x``);
-- ``toca`` (whole-MoE ``fraction`` rules): per sample, the L2-normalised accumulated drift plus
-  ``soft_fresh_weight * age / fresh_threshold``, ToCa's spatial bonus, the ``round(f * T)`` best tokens.
+- ``toca`` (whole-MoE ``fraction`` rules): per sample, the L2-normalised accumulated relative L2 drift
+  of the MoE input since each token was computed (in place of ToCa's attention score s1, which needs the
+  attention map SDPA hides) plus ``soft_fresh_weight * age / fresh_threshold`` (s3), ToCa's spatial bonus
+  (s4, :func:`spatial_bonus`), the ``round(f * T)`` best tokens. This is the one home of ToCa's scoring.
 
 The host path returns the selected rows; the device path never asks the host for a data-dependent
 count: a ``threshold`` rule returns a mask over all rows instead (the unit computes every row and keeps
@@ -17,7 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moeca.policy.baselines.toca import spatial_bonus
 from moeca.policy.schedule import Rule, ScoreConfig, TokenSelection
 
 from ..state import RowCache
@@ -60,6 +61,21 @@ def select_rows(cache: RowCache, rule: Rule, cfg: ScoreConfig, selection: TokenS
         return Selected(mask=above)
     picked = torch.nonzero(above).squeeze(1)
     return Selected(rows=picked) if picked.numel() else Selected()
+
+
+def spatial_bonus(score: torch.Tensor, bonus: float, patch: int) -> torch.Tensor:
+    """ToCa's s4: in every ``patch x patch`` group of the square token grid the best token gets ``+bonus x``
+    its score. ``score [B, T]`` -> ``[B, T]``; unchanged when ``bonus == 0`` or the grid does not tile
+    (non-square ``T``, or a side not divisible by ``patch``)."""
+    B, T = score.shape
+    side = int(round(math.sqrt(T)))
+    if bonus == 0 or patch <= 1 or side * side != T or side % patch:
+        return score
+    g = side // patch
+    blocks = score.view(B, g, patch, g, patch).permute(0, 1, 3, 2, 4).reshape(B, g * g, patch * patch)
+    best, idx = blocks.max(dim=-1, keepdim=True)
+    blocks = blocks + torch.zeros_like(blocks).scatter_(-1, idx, 1.0) * best * bonus
+    return blocks.view(B, g, g, patch, patch).permute(0, 1, 3, 2, 4).reshape(B, T)
 
 
 def _toca(cache: RowCache, fraction: float, sel: TokenSelection, batch: int, rows: int) -> Selected:

@@ -32,7 +32,7 @@ def run_token_unit(rt: "ReplayRuntime", block: int, kind: str, cache: RowCache, 
         out = fn(flat)
         count(N)
         if stores:
-            cache.ensure(rt.plan.degree, N, D, track, flat.device)
+            cache.ensure(rt.plan.degree, N, D, track, flat.device, rt.plan.forecast_kind)
             cache.hist.push_all(out, step)
             cache.computed(None)
             cache.valid = True

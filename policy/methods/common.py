@@ -1,16 +1,36 @@
-"""Shared pieces of the baseline schedule builders: block rules, assembly and the predicted FLOPs ratio.
+"""Shared pieces of the method units: the build context, block rules, assembly and the predicted FLOPs ratio.
 
-Every baseline is expressed in the MoECa schedule format (:mod:`moeca.policy.schedule`); a reused
-"MoE" here always means the whole MoE output of a token (router, routed experts and shared expert),
-the format's token-level MoE rule.
+Every method is expressed in the MoECa schedule format (:mod:`moeca.policy.schedule`); a reused "MoE"
+here always means the whole MoE output of a token (router, routed experts and shared expert), the
+format's token-level MoE rule.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from moeca.policy.cost import UnitCosts
 from moeca.policy.schedule import (ALWAYS, BlockRule, ModelIdentity, ModelSkip, Rule, SamplerIdentity,
                                    Schedule, ScoreConfig, StepRule)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a method's ``build(config, context)`` reads besides its knobs.
+
+    model_config: the model's ``DiTMoEConfig``; sampler_cfg: the ``SamplerConfig`` the schedule is for;
+    weights_hash: the weights it was derived for (None = any weights of the architecture);
+    summary / run_meta: a trace's drift summary (``moeca.analysis.drift_summary``) and run metadata (MoECa
+    only); costs: calibrated wall-clock unit costs (:class:`~moeca.policy.wallclock.WallClockCosts`; MoECa's
+    wall-clock target only).
+    """
+
+    model_config: Any
+    sampler_cfg: Any
+    weights_hash: str | None = None
+    summary: Any = None
+    run_meta: Mapping[str, Any] | None = None
+    costs: Any = None
 
 
 def block_rule(num_experts: int, attn: Rule = ALWAYS, moe: Rule = ALWAYS) -> BlockRule:

@@ -1,43 +1,29 @@
-"""L2C baseline: learned per-step, per-layer reuse decisions (Learning-to-Cache).
+"""Learning-to-Cache router training (engine-side: it runs the model).
 
-Original method (Ma et al., "Learning-to-Cache: Accelerating Diffusion Transformer via Layer
-Caching", NeurIPS 2024): every (step, layer) gets a router weight ``beta = sigmoid(theta) in [0, 1]``;
-during training a layer's output is the interpolation ``beta * fresh + (1 - beta) * cached`` where the
-cache holds that layer's output at the previous step. The routers are trained on calibration samples
-(the model is frozen) to minimise the error of the model output against full compute plus a sparsity
-penalty ``lambda * sum(beta)`` that pushes layers towards reuse. After training the routers are frozen
-into a static schedule: a layer is reused at a step when its ``beta`` falls below a threshold; the
-threshold sets the speed. Layers are attention and MLP sub-layers separately (here: attention and the
-whole MoE update of each block); the first step is always computed.
-
-This module holds the knobs (:class:`L2CConfig`), training (:func:`train_router`, returning
-:class:`L2CRouter`) and the export rule (:meth:`L2CRouter.reuse_mask`).
+Trains the per-(step, block, unit) router values ``beta`` of :mod:`moeca.policy.methods.l2c` on
+full-compute calibration trajectories and returns an :class:`~moeca.policy.methods.l2c.L2CRouter` (save it,
+then export with ``moeca schedule build l2c --set router=PATH``).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 
 from moeca.models.runtime import Runtime
+from moeca.policy.methods.l2c import UNITS, L2CRouter, candidate_steps
 
 if TYPE_CHECKING:  # pragma: no cover
     from moeca.models.dit_moe import DiTMoE
     from moeca.models.samplers import SamplerConfig
 
-UNITS = ("attn", "moe")
-"""The two cacheable sub-layers of a block, in router order (last axis of the router tensors)."""
-
 
 @dataclass(frozen=True)
-class L2CConfig:
-    """Knobs of L2C training and export.
+class TrainConfig:
+    """Knobs of L2C router training.
 
     sparsity: ``lambda``, weight of the mean router value in the loss (the output error term is the
         relative MSE ``||out - out_full||^2 / ||out_full||^2`` of the model output at the step). Larger
@@ -55,8 +41,9 @@ class L2CConfig:
     init_logit: initial ``theta`` (sigmoid 3.0 = 0.95: start close to full compute).
     calibration_samples: number of calibration samples (labels cycle through the classes).
     calibration_seed: seed of the calibration noise (keep it apart from evaluation seeds).
-    threshold: export rule of the paper, reuse a (step, block, unit) where its learned ``beta`` falls
-        below ``threshold`` (in [0, 1]; ``0`` reuses nothing). The threshold sets the speed.
+    alternating: train only the candidate steps of the published alternating structure (odd steps, the
+        cache from the full step before; :func:`moeca.policy.methods.l2c.candidate_steps`); the other steps
+        keep ``beta = 1``. False trains every step after the first.
     """
 
     sparsity: float = 0.02
@@ -68,7 +55,7 @@ class L2CConfig:
     init_logit: float = 3.0
     calibration_samples: int = 16
     calibration_seed: int = 1000
-    threshold: float = 0.5
+    alternating: bool = True
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.sparsity) or self.sparsity < 0:
@@ -81,67 +68,13 @@ class L2CConfig:
                              f"None, got {self.batch_samples}")
         if not math.isfinite(self.tolerance) or self.tolerance < 0:
             raise ValueError(f"l2c tolerance must be a finite number >= 0, got {self.tolerance}")
-        if not 0 <= self.threshold <= 1:
-            raise ValueError(f"l2c threshold must be in [0, 1], got {self.threshold}")
 
     def training_key(self) -> dict:
-        """The knobs that change the trained routers (export knobs excluded)."""
+        """Every knob (they all change the trained routers), for cache keys and the router's meta."""
         return {"sparsity": self.sparsity, "max_iterations": self.max_iterations,
-                "batch_samples": self.batch_samples, "tolerance": self.tolerance, "window": self.window, "lr": self.lr, "init_logit": self.init_logit,
-                "calibration_samples": self.calibration_samples, "calibration_seed": self.calibration_seed}
-
-    def to_dict(self) -> dict:
-        return {**self.training_key(), "threshold": self.threshold}
-
-
-ROUTER_FORMAT_VERSION = 2
-"""Version of the router file: 2 added the per-step loss curves."""
-
-
-@dataclass(frozen=True)
-class L2CRouter:
-    """Trained router values ``beta [num_steps, depth, 2]`` (units attn, moe) in [0, 1], float64.
-
-    Step 0 is always 1 (computed). ``losses [S]``: the final relative output error per step.
-    ``curves[s]``: the training loss (error + sparsity term) of step ``s`` at every iteration run (empty
-    for step 0); its length is the number of iterations the step needed to converge. ``meta`` records
-    the training knobs, model fingerprint and weights hash, sampler and convergence summary.
-    """
-
-    beta: np.ndarray
-    losses: np.ndarray
-    meta: dict
-    curves: tuple[tuple[float, ...], ...] = ()
-
-    def reuse_mask(self, config: L2CConfig) -> np.ndarray:
-        """Boolean ``[S, depth, 2]``: True where the (step, block, unit) is reused (``beta < threshold``).
-        Step 0 never is."""
-        mask = self.beta < config.threshold
-        mask[0] = False
-        return mask
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write JSON (atomically: temporary sibling, then rename)."""
-        path = Path(path)
-        payload = {"format": "moeca-l2c-router", "version": ROUTER_FORMAT_VERSION, "beta": self.beta.tolist(),
-                   "losses": self.losses.tolist(), "curves": [list(c) for c in self.curves], "meta": self.meta}
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "L2CRouter":
-        data = json.loads(Path(path).read_text())
-        if data.get("format") != "moeca-l2c-router":
-            raise ValueError(f"{path} is not an L2C router file (format {data.get('format')!r})")
-        if data.get("version") != ROUTER_FORMAT_VERSION:
-            raise ValueError(f"{path}: L2C router file version {data.get('version')!r}, this moeca reads version "
-                             f"{ROUTER_FORMAT_VERSION}; retrain the router")
-        beta = np.asarray(data["beta"], dtype=np.float64)
-        if beta.ndim != 3 or beta.shape[2] != len(UNITS):
-            raise ValueError(f"{path}: beta must have shape [steps, depth, {len(UNITS)}], got {beta.shape}")
-        return cls(beta, np.asarray(data["losses"], dtype=np.float64), data.get("meta", {}),
-                   tuple(tuple(float(v) for v in c) for c in data["curves"]))
+                "batch_samples": self.batch_samples, "tolerance": self.tolerance, "window": self.window,
+                "lr": self.lr, "init_logit": self.init_logit, "calibration_samples": self.calibration_samples,
+                "calibration_seed": self.calibration_seed, "alternating": self.alternating}
 
 
 # ----------------------------------------------------------------------------- training runtimes
@@ -200,7 +133,7 @@ def calibration_labels(num_classes: int, count: int) -> torch.Tensor:
     return torch.arange(count) % num_classes
 
 
-def train_router(model: "DiTMoE", sampler: "SamplerConfig", config: L2CConfig = L2CConfig(),
+def train_router(model: "DiTMoE", sampler: "SamplerConfig", config: TrainConfig = TrainConfig(),
                  progress: Callable[[int, int], None] | None = None, weights_hash: str | None = None) -> L2CRouter:
     """Train L2C routers on ``config.calibration_samples`` full-compute trajectories of ``model``.
 
@@ -210,7 +143,8 @@ def train_router(model: "DiTMoE", sampler: "SamplerConfig", config: L2CConfig = 
        optimise ``theta[s]`` (``[depth, 2]``) with Adam on
        ``||out(beta) - out_full||^2 / ||out_full||^2 + sparsity * mean(beta)``, summed over the step's
        calls, on minibatches of ``batch_samples`` calibration samples (cycling), until the loss
-       converges (:class:`L2CConfig` ``tolerance`` / ``window``) or ``max_iterations``. Every
+       converges (:class:`TrainConfig` ``tolerance`` / ``window``) or ``max_iterations``. Only the
+       candidate steps are trained (``alternating``: the odd steps); the others keep ``beta = 1``. Every
        iteration's loss is kept (the router's ``curves``).
     The model's parameters are frozen during training (their ``requires_grad`` is restored after).
     ``progress(done, total)`` is called after each step. ``weights_hash`` is recorded in the meta.
@@ -234,7 +168,13 @@ def train_router(model: "DiTMoE", sampler: "SamplerConfig", config: L2CConfig = 
     try:
         for p in params:
             p.requires_grad_(False)
+        candidates = set(candidate_steps(S, config.alternating))
         for s in range(1, S):
+            if s not in candidates:
+                curves.append(())
+                if progress:
+                    progress(s, S - 1)
+                continue
             theta = torch.full((depth, len(UNITS)), config.init_logit, requires_grad=True,
                                device=next(model.parameters()).device)
             opt = torch.optim.Adam([theta], lr=config.lr)
@@ -268,11 +208,12 @@ def train_router(model: "DiTMoE", sampler: "SamplerConfig", config: L2CConfig = 
     finally:
         for p, flag in zip(params, saved_flags):
             p.requires_grad_(flag)
-    iters = [len(c) for c in curves[1:]]
+    iters = [len(c) for c in curves[1:] if c]
     meta = {"training": config.training_key(), "num_steps": S, "depth": depth, "sampler": sampler.to_dict(),
             "model": model.config.fingerprint(), "weights_hash": weights_hash,
             "iterations": {"min": min(iters, default=0), "max": max(iters, default=0), "total": sum(iters)},
-            "converged_steps": sum(converged(list(c), config.tolerance, config.window) for c in curves[1:])}
+            "trained_steps": len(iters),
+            "converged_steps": sum(converged(list(c), config.tolerance, config.window) for c in curves[1:] if c)}
     return L2CRouter(beta_out, losses, meta, tuple(curves))
 
 
@@ -295,24 +236,3 @@ def _rows(idx: torch.Tensor, rows: int, samples: int) -> torch.Tensor:
 def _take(call: dict, rows: torch.Tensor) -> dict:
     """The recorded attention / MoE outputs of ``call`` restricted to ``rows``."""
     return {unit: {b: t[rows] for b, t in call[unit].items()} for unit in UNITS}
-
-
-def build_schedule(router: L2CRouter, config: L2CConfig, model_config, sampler_cfg,
-                   weights_hash: str | None = None):
-    """Export trained routers as a static schedule: a reused (step, block, unit) is ``never`` (attention
-    output or whole MoE output from the last step it was computed), the rest ``always``.
-    -> :class:`moeca.policy.schedule.Schedule`."""
-    from moeca.policy.schedule import ALWAYS, NEVER, StepRule
-    from .common import assemble, block_rule
-    S, depth, E = sampler_cfg.num_steps, model_config.depth, model_config.num_experts
-    if router.beta.shape != (S, depth, len(UNITS)):
-        raise ValueError(f"l2c router has shape {router.beta.shape} but the model/sampler need "
-                         f"({S}, {depth}, {len(UNITS)}); retrain it for this model and step count")
-    mask = router.reuse_mask(config)
-    steps = [StepRule("compute", tuple(block_rule(E, attn=NEVER if mask[s, b, 0] else ALWAYS,
-                                                  moe=NEVER if mask[s, b, 1] else ALWAYS) for b in range(depth)))
-             for s in range(S)]
-    sync = [s for s in range(S) if not mask[s].any()]
-    return assemble("l2c", model_config, sampler_cfg, steps, sync=sync, weights_hash=weights_hash,
-                    provenance={"baseline": "l2c", "config": config.to_dict(), "router": router.meta,
-                                "reused_decisions": int(mask.sum())})
