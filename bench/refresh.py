@@ -38,7 +38,7 @@ def schedules(config, sampler) -> list[tuple[str, str, object]]:
     S, L, E = sampler.num_steps, config.depth, config.num_experts
 
     def every(n: int, body: BlockRule, forecast: str = "none", method: str = "custom"):
-        sync = set(range(0, S, n))
+        sync = set(fora.refresh_steps(fora.Config(interval=n), S))   # FORA's refresh steps, so groups pair up
         steps = [StepRule("compute", (BlockRule.full(E) if s in sync else body,) * L) for s in range(S)]
         return replace(assemble(method, config, sampler, steps, sync=sync), forecast=forecast)
 

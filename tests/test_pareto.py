@@ -8,6 +8,7 @@ import jsonschema
 import pytest
 
 from moeca.bench import pareto
+from moeca.policy.methods.l2c import L2CRouter
 
 from conftest import make_tiny
 
@@ -16,7 +17,8 @@ SETTINGS = pareto.ParetoSettings(model="tiny", num_steps=8, cfg_scale=2.0, eval_
                                  l2c_max_iterations=4)
 GRID = {"none": ({},), "fora": ({"interval": 2}, {"interval": 3}), "taylorseer": ({"interval": 3, "order": 2},),
         "toca": ({"fresh_ratio": 0.2, "fresh_threshold": 3},), "teacache": ({"thresh_x_mean_change": 2.0},),
-        "l2c": ({"sparsity": 0.01, "threshold": 0.9},)}
+        "l2c": ({"sparsity": 0.01, "threshold": 0.9},), "fbcache": ({"threshold": 0.5},),
+        "magcache": ({"threshold": 1.0},)}
 
 
 def quiet(model, work, **kw):
@@ -39,7 +41,7 @@ def test_results_are_named_per_model_and_validate_against_their_schema(sweep_run
     assert paths["json"].name == "pareto_tiny.json" and paths["png"].name == "pareto_tiny.png"
     payload = json.loads(paths["json"].read_text())
     pareto.validate(payload)
-    assert len(payload["rows"]) == 7 and {r["method"] for r in payload["rows"]} == set(GRID)
+    assert len(payload["rows"]) == 9 and {r["method"] for r in payload["rows"]} == set(GRID)
     meta = payload["meta"]
     assert meta["weights_hash"] == sweep.weights_hash and meta["sampler"]["kind"] == "rectified_flow"
     assert meta["pending"] == [] and meta["grid"]["toca"] == [{"fresh_ratio": 0.2, "fresh_threshold": 3}]
@@ -117,7 +119,7 @@ def test_retrained_weights_never_reuse_cached_results(sweep_run, monkeypatch):
     assert all(fresh.settings.reference_key(s, fresh.weights_hash) != sweep.settings.reference_key(s, sweep.weights_hash)
                for s in SETTINGS.seeds)
     fit = fresh.teacache_fit()
-    router, _ = fresh.l2c_router()
+    router = L2CRouter.load(fresh.l2c_router())
     fresh.context()
     added = {p.name for p in work.iterdir()} - before
     assert {n.split("-")[0] for n in added} >= {"reference", "teacache", "l2c"}
@@ -251,11 +253,32 @@ def test_l2c_points_train_one_router_per_sparsity(sweep_run):
     """L2C's speed knob is its training's sparsity penalty: each sparsity of the grid gets its own router
     (its own cached file and calibration entry), a larger penalty reuses more."""
     sweep = sweep_run[0]
-    low, _ = sweep.l2c_router(0.0001)
-    high, _ = sweep.l2c_router(1.0)
+    low = L2CRouter.load(sweep.l2c_router(0.0001))
+    high = L2CRouter.load(sweep.l2c_router(1.0))
     routers = sweep.state.calibration("l2c_routers")
     assert {"0.0001", "1", "0.01"} <= set(routers) and routers["0.0001"]["file"] != routers["1"]["file"]
-    assert high.beta.mean() < low.beta.mean()
+    assert high.beta[1::2].mean() < low.beta[1::2].mean()
+
+
+def test_whole_model_skips_are_measured_with_their_calibration(sweep_run):
+    _, rows, _, _ = sweep_run
+    by = {r["point"]: r for r in rows}
+    assert by["magcache:threshold=1"]["detail"]["skipped_steps"] > 0
+    assert by["magcache:threshold=1"]["skipped_forwards"] > 0
+    assert len(sweep_run[0].state.calibration("magcache_ratios")["mag_ratios"]) == SETTINGS.num_steps
+    assert by["fbcache:threshold=0.5"]["flops_ratio"] <= 1.0
+
+
+def test_table_cells_report_the_fd_of_the_points_whose_psnr_is_shown():
+    """The best-PSNR point at 2x is the 2x point (FD 22.5); a faster point with a lower FD (21.6) must not
+    lend its FD to the 2x cell."""
+    rows = [{"method": "moeca", "speedup": 2.0, "psnr": 57.0, "psnr_spread": 0.1, "fd": 22.5, "fd_spread": 0.2},
+            {"method": "moeca", "speedup": 3.0, "psnr": 51.0, "psnr_spread": 0.1, "fd": 23.5, "fd_spread": 0.2},
+            {"method": "moeca", "speedup": 5.0, "psnr": 43.0, "psnr_spread": 0.1, "fd": 21.6, "fd_spread": 0.2}]
+    table = pareto.at_speedups(rows, ["moeca"], (2.0, 2.5, 4.0))["moeca"]
+    assert table["2x"]["psnr"] == 57.0 and table["2x"]["fd"] == 22.5
+    assert table["2.5x"]["fd"] == pytest.approx(23.0)           # halfway between the 2x and 3x points
+    assert table["4x"]["psnr"] == pytest.approx(47.0) and table["4x"]["fd"] == pytest.approx(22.55)
 
 
 def test_ablation_plot_draws_measured_rows_and_skips_unreached_targets(tmp_path):

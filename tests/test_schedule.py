@@ -77,7 +77,7 @@ def test_round_trip_and_published_schema(tmp_path):
     jsonschema.Draft202012Validator.check_schema(published)
     jsonschema.validate(data, published)
     assert published == schema()
-    assert data["format_version"] == 3 and data["forecast"] == "none" and data["steps"][2]["blocks"][0]["experts"][1] == {"fraction": 0.5}
+    assert data["format_version"] == 4 and data["forecast"] == "none" and data["steps"][2]["blocks"][0]["experts"][1] == {"fraction": 0.5}
     assert Schedule.load(path) == s
 
 
@@ -122,7 +122,7 @@ def test_version_1_files_read_as_plain_reuse_and_bad_forecast_is_named(tmp_path)
     p = tmp_path / "v1.json"
     p.write_text(json.dumps(data))
     old = Schedule.load(p)
-    assert old.forecast == "none" and old.format_version == 3 and old.steps == mixed_schedule().steps
+    assert old.forecast == "none" and old.format_version == 4 and old.steps == mixed_schedule().steps
     assert old.forecast_order == 1 and old.token_selection == TokenSelection()
     assert "forecast" in _bad(tmp_path, lambda d: d.__setitem__("forecast", "cubic"))
 
@@ -139,7 +139,9 @@ def test_version_2_files_load_and_v3_forecast_fields_round_trip(tmp_path):
     toca_sel = TokenSelection("toca", soft_fresh_weight=0.3, fresh_threshold=5, spatial_bonus=0.0, spatial_grid=2)
     s = dataclasses.replace(mixed_schedule(), forecast="taylor", forecast_order=3, token_selection=toca_sel)
     again = Schedule.load(s.save(tmp_path / "t.json"))
-    assert again == s and again.forecast_degree == 3
+    assert again == s and again.forecast_degree == 3 and again.forecast_kind == "taylor"
+    poly = dataclasses.replace(s, forecast="polynomial")
+    assert Schedule.load(poly.save(tmp_path / "p.json")).forecast_kind == "polynomial"
     assert json.loads((tmp_path / "t.json").read_text())["token_selection"]["kind"] == "toca"
     assert dataclasses.replace(s, forecast="none").forecast_degree == 0
     # bad values name the field
