@@ -42,9 +42,9 @@ derivative table fills. Forecast state is float32 whatever the model dtype.
 ``token_selection`` names how a scored rule picks its tokens (a hook the replay engine implements, so a
 caching method never needs its own runtime): ``{"kind": "moeca_score"}`` (default; the highest online
 scores over the whole batch) or ``{"kind": "toca", "soft_fresh_weight", "fresh_threshold",
-"spatial_bonus", "spatial_grid"}`` (ToCa: per sample, the L2-normalised accumulated input drift plus
-``soft_fresh_weight * age / fresh_threshold``, then the 2x2 spatial bonus; applies to the whole-MoE
-``fraction`` rules, other rules keep the MoECa score).
+"spatial_bonus", "spatial_grid"}`` (ToCa's ``similarity`` score: per sample ``normalize_L2(1 - cos(x, c))``,
+``x`` the unit's input and ``c`` its cached output, plus ``soft_fresh_weight * age / fresh_threshold``, then
+the 2x2 spatial bonus; applies to the whole-MoE ``fraction`` rules, other rules keep the MoECa score).
 
 Format versions: 2 added ``forecast``; 3 added ``taylor``, ``forecast_order`` and ``token_selection``;
 4 renamed version 3's ``taylor`` (the interpolating polynomial) to ``polynomial``, made ``taylor``

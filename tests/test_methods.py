@@ -201,14 +201,22 @@ def test_toca_ddim50_recipe_by_hand():
     assert toca.interval_at(ddpm, 250 - 1 - 60, 250) == 2        # r = 60: the sensitive window
 
 
-def test_toca_selection_is_per_sample_drift_staleness_and_spatial_bonus():
+def test_toca_selection_is_the_published_similarity_score_with_staleness_and_spatial_bonus():
     from moeca.policy.schedule import TokenSelection
     from moeca.replay.state import RowCache
     from moeca.replay.units.selection import _toca, spatial_bonus
     sel = TokenSelection("toca", soft_fresh_weight=0.25, fresh_threshold=4, spatial_bonus=0.0)
-    # sample 0: equal drift, token 2 stale for 8 steps (+0.25 * 8 / 4 = 0.5); sample 1: token 3 drifted most
-    cache = RowCache(age=torch.tensor([0.0, 0, 8, 0, 0, 0, 0, 0]), acc=torch.tensor([1.0, 1, 1, 1, 0.1, 0.1, 0.1, 2]))
-    assert _toca(cache, 0.25, sel, 2, 8).rows.tolist() == [2, 7]
+    cached = torch.zeros(8, 3)
+    cached[:, 0] = 1.0
+    cache = RowCache(hist=History.empty(0, 8, 3, torch.device("cpu")), age=torch.tensor([0.0, 0, 8, 0, 0, 0, 0, 0]))
+    cache.hist.push_all(cached, 0.0)
+    x = cached.clone()
+    x[7] = torch.tensor([0.0, 1.0, 0.0])       # sample 1, token 3: input orthogonal to its cached output
+    x[5] = torch.tensor([1.0, 1.0, 0.0])       # sample 1, token 1: 45 degrees
+    # sample 0: 1 - cos = 0 everywhere, token 2 stale for 8 steps: s3 = 0.25 * 8 / 4 = 0.5
+    # sample 1: 1 - cos = (0, 0.29, 0, 1) -> L2-normalised (0, 0.28, 0, 0.96): token 3, then token 1
+    assert _toca(cache, 0.25, sel, 2, x).rows.tolist() == [2, 7]
+    assert sorted(_toca(cache, 0.5, sel, 2, x).rows.tolist()[2:]) == [5, 7]
     bonus = spatial_bonus(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), 0.5, 2)
     assert bonus.tolist() == [[1.0, 2.0, 3.0, 6.0]]  # the best of the 2x2 patch gets +50%
 

@@ -21,13 +21,12 @@ tokens and reuse the cached outputs of the others.
 Authors' DDIM-50 command: ``--fresh-threshold 3 --fresh-ratio 0.07 --ratio-scheduler ToCa-ddim50
 --force-fresh global --soft-fresh-weight 0.25``; these are the defaults.
 
-Here the MLP is the whole MoE update (router, routed experts and shared expert) of a token. s1 needs
-the attention map, which SDPA does not expose, and none of ToCa's map-free options (``similarity``:
-``1 - cos`` against the cached value; ``norm``; ``random``) is what moeca's engine tracks: the score used
-is the replay engine's ToCa selection hook (:mod:`moeca.replay.units.selection`, the one home of ToCa's
-scoring): the token's accumulated relative L2 drift of its MoE input since it was last computed,
-L2-normalised over the tokens of each sample (the ``similarity`` option's role, measured as drift), plus
-s3 and s4 as published.
+Here the MLP is the whole MoE update (router, routed experts and shared expert) of a token. s1 (the
+authors' ``--cache-type attention``) needs the attention map, which SDPA does not expose; the score used is
+DiT-ToCa's published map-free option ``--cache-type similarity``: per sample ``normalize_L2(1 - cos(x,
+c))`` over the tokens, ``x`` the module's current input and ``c`` its cached output, plus s3 and s4 as
+published. It runs in the replay engine's ToCa selection hook (:mod:`moeca.replay.units.selection`, the one
+home of ToCa's scoring), named by the schedule's ``token_selection``.
 """
 from __future__ import annotations
 

@@ -2,10 +2,12 @@
 
 - ``moeca_score``: the online score ``drift_weight * accumulated drift + staleness_weight * age``, the
   ``ceil(f * N)`` highest rows of the batch (``fraction f``) or the rows above ``x`` (``threshold x``);
-- ``toca`` (whole-MoE ``fraction`` rules): per sample, the L2-normalised accumulated relative L2 drift
-  of the MoE input since each token was computed (in place of ToCa's attention score s1, which needs the
-  attention map SDPA hides) plus ``soft_fresh_weight * age / fresh_threshold`` (s3), ToCa's spatial bonus
-  (s4, :func:`spatial_bonus`), the ``round(f * T)`` best tokens. This is the one home of ToCa's scoring.
+- ``toca`` (whole-MoE ``fraction`` rules): DiT-ToCa's ``cache_type similarity`` score, the published
+  option that needs no attention map (its recommended ``attention`` score s1 needs the map SDPA hides):
+  per sample ``normalize_L2(1 - cos(x, c))`` over the tokens, ``x`` the unit's current input and ``c`` its
+  cached output (the value last computed for the token), plus ``soft_fresh_weight * age / fresh_threshold``
+  (s3), ToCa's spatial bonus (s4, :func:`spatial_bonus`), the ``int(f * T)`` best tokens. This is the one
+  home of ToCa's scoring.
 
 The host path returns the selected rows; the device path never asks the host for a data-dependent
 count: a ``threshold`` rule returns a mask over all rows instead (the unit computes every row and keeps
@@ -45,13 +47,14 @@ def score_of(cache: RowCache, cfg: ScoreConfig, rows: int, device: torch.device)
 
 
 def select_rows(cache: RowCache, rule: Rule, cfg: ScoreConfig, selection: TokenSelection, batch: int,
-                rows: int, device: torch.device, device_path: bool, kind: str) -> Selected:
-    """Rows of a per-token unit to recompute under ``never`` / ``fraction`` / ``threshold`` (``rows`` =
-    ``batch * T``; ``kind`` the unit kind, ``moe`` for the whole-MoE rule)."""
+                inputs: torch.Tensor, device_path: bool, kind: str) -> Selected:
+    """Rows of a per-token unit to recompute under ``never`` / ``fraction`` / ``threshold`` (``inputs [R, D]``
+    the unit's current input rows, ``R = batch * T``; ``kind`` the unit kind, ``moe`` for the whole-MoE rule)."""
     if rule.mode == "never":
         return Selected()
-    if rule.mode == "fraction" and selection.kind == "toca" and kind == "moe" and cache.acc is not None:
-        return _toca(cache, rule.value, selection, batch, rows)
+    rows, device = inputs.shape[0], inputs.device
+    if rule.mode == "fraction" and selection.kind == "toca" and kind == "moe" and cache.age is not None:
+        return _toca(cache, rule.value, selection, batch, inputs)
     score = score_of(cache, cfg, rows, device)
     if rule.mode == "fraction":
         m = min(rows, math.ceil(rule.value * rows))
@@ -78,13 +81,15 @@ def spatial_bonus(score: torch.Tensor, bonus: float, patch: int) -> torch.Tensor
     return blocks.view(B, g, g, patch, patch).permute(0, 1, 3, 2, 4).reshape(B, T)
 
 
-def _toca(cache: RowCache, fraction: float, sel: TokenSelection, batch: int, rows: int) -> Selected:
-    T = rows // batch
+def _toca(cache: RowCache, fraction: float, sel: TokenSelection, batch: int, inputs: torch.Tensor) -> Selected:
+    """ToCa's selection (module docstring): ``inputs [batch * T, D]``, the cached outputs ``cache.hist.level(0)``."""
+    T = inputs.shape[0] // batch
     count = int(round(fraction * T))
     if count == 0:
         return Selected()
-    drift = F.normalize(cache.acc.view(batch, T), dim=-1, p=2)
-    score = drift + sel.soft_fresh_weight * cache.age.view(batch, T) / sel.fresh_threshold
+    cos = F.cosine_similarity(inputs.float(), cache.hist.level(0), dim=-1)
+    score = F.normalize((1 - cos).view(batch, T), dim=-1, p=2)
+    score = score + sel.soft_fresh_weight * cache.age.view(batch, T) / sel.fresh_threshold
     score = spatial_bonus(score, sel.spatial_bonus, sel.spatial_grid)
     idx = score.argsort(dim=-1, descending=True)[:, :count]
     return Selected(rows=(idx + torch.arange(batch, device=idx.device).unsqueeze(1) * T).reshape(-1))

@@ -39,7 +39,7 @@ def run_token_unit(rt: "ReplayRuntime", block: int, kind: str, cache: RowCache, 
             rt.count("forecast", block, N * rt.plan.degree)
         return out
     cache.bump(drift)
-    sel = select_rows(cache, rule, rt.schedule.score(kind), rt.schedule.token_selection, rt.batch, N, flat.device,
+    sel = select_rows(cache, rule, rt.schedule.score(kind), rt.schedule.token_selection, rt.batch, flat,
                       rt.device_path, kind)
     if sel.rows is not None:
         m = int(sel.rows.numel())
