@@ -174,11 +174,12 @@ class History:
         """The weights of the kept values at ``step``, newest first (:func:`polynomial_weights` or
         :func:`taylor_weights` by ``kind``): ``[R]`` float32 each (0 where a row keeps fewer values); while
         all rows share their steps (``host_ts``), one weight for all rows, for the levels they keep: a
-        Python float (a 0-d tensor if ``step`` is one), no per-row work."""
+        Python float (a 0-d tensor if ``step`` is one), no per-row work. Up to two kept values the two kinds
+        are the same forecast and take the polynomial's arithmetic (``linear`` bit for bit)."""
         ts = self.host_ts
         if ts is not None and not torch.compiler.is_compiling():
-            return (taylor_weights if self.kind == "taylor" else polynomial_weights)(step, ts)
-        return self._taylor_rows(step) if self.kind == "taylor" else self._polynomial_rows(step)
+            return (taylor_weights if self.kind == "taylor" and len(ts) > 2 else polynomial_weights)(step, ts)
+        return self._taylor_rows(step) if self.kind == "taylor" and self.degree > 1 else self._polynomial_rows(step)
 
     def _polynomial_rows(self, step: Step) -> list[torch.Tensor]:
         n = self.degree + 1
