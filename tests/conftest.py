@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,5 +36,7 @@ def _calibration_cache(tmp_path_factory, monkeypatch):
 
 def run_torchrun(module: str, args: list[str], env: dict, nproc: int = 2) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node nproc -m module *args --backend gloo`` (CPU ranks), captured."""
-    cmd = ["torchrun", "--standalone", "--nproc-per-node", str(nproc), "-m", module, *args, "--backend", "gloo"]
+    # torchrun's module under this interpreter: the code under test, not whatever ``torchrun`` on PATH imports
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", module,
+           *args, "--backend", "gloo"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
