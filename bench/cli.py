@@ -24,11 +24,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                             description="Benchmarks. Each writes NAME.json, NAME.md and NAME.png under --out.")
     bench_sub = parser.add_subparsers(dest="bench", metavar="NAME")
     for name in BENCH_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
-        module.register(bench_sub)
+        importlib.import_module(name).register(bench_sub)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
