@@ -8,7 +8,7 @@ BENCH_MODULES = (
     "moeca.bench.full",       # full-compute ms/step and expert/attention share
     "moeca.bench.trace",      # tracing overhead
     "moeca.bench.analyze",    # analysis throughput on a large synthetic trace
-    "moeca.bench.moeca",      # MoECa speed/quality targets
+    "moeca.bench.targets",    # `bench moeca`: MoECa speed/quality targets
     "moeca.bench.pareto",     # MoECa vs baselines Pareto sweep
     "moeca.bench.refresh",    # replays behind MoECa's refresh rule
     "moeca.bench.ablation",   # MoECa's default rule with and without each component, equal wall-clock speed
