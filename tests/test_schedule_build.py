@@ -19,10 +19,10 @@ STEPS = 8
 def trace(tmp_path_factory) -> Path:
     from moeca.models.samplers import SamplerConfig
     from moeca.tracer.run import TraceConfig, trace_run
-    from moeca.tracer.testing import tiny_model
+    from conftest import make_tiny
     sampler = SamplerConfig(kind="rectified_flow", num_steps=STEPS, cfg_scale=1.5)
     out = tmp_path_factory.mktemp("build") / "trace"
-    trace_run(tiny_model(0), out, TraceConfig(sampler=sampler, labels=(0, 1), lags=2), progress=False)
+    trace_run(make_tiny(seed=0), out, TraceConfig(sampler=sampler, labels=(0, 1), lags=2), progress=False)
     return out
 
 
