@@ -57,7 +57,7 @@ class WholeCache:
         return sum(t.numel() * t.element_size() for t in (*self.y1, *self.y0))
 
     def push(self, values: tuple[torch.Tensor, ...], step: int) -> None:
-        if self.n and [v.shape for v in values] == [y.shape for y in self.y1]:
+        if self.n == 2 and [v.shape for v in values] == [y.shape for y in self.y0]:
             self.y0, self.y1 = self.y1, self.y0
             for dst, v in zip(self.y1, values):
                 dst.copy_(v)

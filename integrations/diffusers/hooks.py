@@ -11,7 +11,7 @@ diffusers class) and removed by name:
   each ``ff_t``: ``new_forward`` hands the call to the engine, which computes (through the module's
   original forward, or moeca's dispatch for the routed experts) or reuses.
 
-The engine protocol (``begin``/``end``/``moe``/``attention``/``dense``) is met by the replay engine
+The engine protocol (``begin``/``end``/``moe``/``attention``/``dense``, and ``block`` with block hooks) is met by the replay engine
 (:class:`~.engine.ScheduleEngine`) and by the tracer (:class:`~.trace.TraceEngine`).
 """
 from __future__ import annotations
@@ -113,6 +113,19 @@ class AttentionHook(ModelHook):
         return self.engine.attention(self.block, inputs, lambda: self.fn_ref.original_forward(*args, **kwargs))
 
 
+class BlockHook(ModelHook):
+    """A block's forward -> ``engine.block(block, its hidden_states input, original call)`` (the tracer
+    records the block's update there)."""
+
+    def __init__(self, engine: Engine, block: HiDreamBlock):
+        super().__init__()
+        self.engine, self.block = engine, block
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        x_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return self.engine.block(self.block, x_in, lambda: self.fn_ref.original_forward(*args, **kwargs))
+
+
 class DenseHook(ModelHook):
     """``ff_t(x)`` -> ``engine.dense(block, x, original call)``."""
 
@@ -125,8 +138,9 @@ class DenseHook(ModelHook):
 
 
 def attach(transformer: torch.nn.Module, blocks: tuple[HiDreamBlock, ...], engine: Engine, name: str,
-           attention: bool = True) -> TransformerHook:
-    """Register the hooks under ``name`` (refused when hooks of that name are attached already)."""
+           attention: bool = True, block_level: bool = False) -> TransformerHook:
+    """Register the hooks under ``name`` (refused when hooks of that name are attached already);
+    ``block_level`` adds a :class:`BlockHook` per block (the engine then needs ``block``)."""
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     if registry.get_hook(name) is not None:
         raise ValueError(f"moeca hooks named {name!r} are attached to this transformer already; call remove() on "
@@ -134,6 +148,8 @@ def attach(transformer: torch.nn.Module, blocks: tuple[HiDreamBlock, ...], engin
     top = TransformerHook(engine)
     registry.register_hook(top, name)
     for block in blocks:
+        if block_level:
+            HookRegistry.check_if_exists_or_initialize(block.module).register_hook(BlockHook(engine, block), name)
         HookRegistry.check_if_exists_or_initialize(block.ff).register_hook(MoEHook(engine, block), name)
         if attention:
             HookRegistry.check_if_exists_or_initialize(block.attn).register_hook(AttentionHook(engine, block), name)
