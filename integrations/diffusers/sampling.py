@@ -36,7 +36,7 @@ CONFIGS: dict[str, dict] = {
                     llama_layers=[0, 1, 2, 3], force_inference_output=True),
     # HiDream-I1's structure scaled to 2 CPU cores (``moeca bench diffusers``): 1:2 double:single, 4 experts top-2
     "bench": dict(patch_size=2, in_channels=16, out_channels=16, num_layers=4, num_single_layers=8,
-                  attention_head_dim=64, num_attention_heads=4, caption_channels=[64, 64], text_emb_dim=64,
+                  attention_head_dim=64, num_attention_heads=3, caption_channels=[64, 64], text_emb_dim=64,
                   num_routed_experts=4, num_activated_experts=2, axes_dims_rope=[32, 16, 16],
                   max_resolution=[128, 128], llama_layers=list(range(12)), force_inference_output=True),
     # HiDream-I1 (Full/Dev/Fast share the transformer shape): 17B parameters, for a GPU with random weights
@@ -46,7 +46,7 @@ CONFIGS: dict[str, dict] = {
                        max_resolution=[128, 128], llama_layers=list(range(32)) + [31] * 16),
 }
 """Named transformer configs for random weights (``--diffusers-config NAME``)."""
-TEXT_LENGTHS = {"tiny": (8, 8), "tiny-4e": (8, 8), "bench": (32, 32), "hidream-i1": (128, 128)}
+TEXT_LENGTHS = {"tiny": (8, 8), "tiny-4e": (8, 8), "bench": (16, 16), "hidream-i1": (128, 128)}
 """(T5 tokens, Llama tokens) of random text conditioning per named config."""
 EMBEDDING_KEYS = ("prompt_embeds_t5", "prompt_embeds_llama3", "pooled_prompt_embeds")
 """Keys of an embedding file; ``negative_*`` of each for the unconditional rows (zeros when absent)."""
