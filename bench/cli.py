@@ -15,6 +15,7 @@ BENCH_MODULES = (
     "moeca.bench.compile",    # eager vs --compile in one process, full compute and a MoECa replay
     "moeca.bench.steps",      # ms per step: full compute, MoECa refresh and forecast steps
     "moeca.bench.app",        # explorer page render times
+    "moeca.bench.diffusers",  # HiDream-I1 (diffusers) scaled down: stock vs moeca full vs MoECa (needs the extra)
 )
 
 
