@@ -264,3 +264,11 @@ def test_cli_errors_name_the_input(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert moeca_main(["trace", "--diffusers", str(tmp_path), "--out", str(tmp_path / "t")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_gpu_check_hidream_dry_run_measures_every_variant(tmp_path):
+    from moeca.bench.gpu_check_hidream import main
+    assert main(["--dry-run", "--out", str(tmp_path), "--repeats", "1", "--intervals", "2"]) == 0
+    rows = json.loads((tmp_path / "gpu_check_hidream_dry_run.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["stock forward", "moeca full compute", "MoECa, refresh every 2"]
+    assert rows[1]["max_abs_diff"] == 0.0 and rows[2]["flops_ratio"] > 1.2

@@ -73,7 +73,9 @@ class TransformerHook(ModelHook):
         ctx = sm.context
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         t = kwargs["timesteps"] if "timesteps" in kwargs else (args[1] if len(args) > 1 else None)
-        self.engine.begin(sm.get_state(), ctx.step_index, ctx.num_inference_steps, int(x.shape[0]), _timestep(t))
+        # the timestep (one host read) tells a new sampling call only where the caller gives no step index
+        t = _timestep(t) if ctx.step_index is None else None
+        self.engine.begin(sm.get_state(), ctx.step_index, ctx.num_inference_steps, int(x.shape[0]), t)
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
