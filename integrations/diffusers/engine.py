@@ -254,7 +254,7 @@ class ScheduleEngine:
             return whole.forecast(self.step, self.plan.linear, x.dtype)[0]
         drift = self._drift(bi, x.reshape(N, D)) if bi in self.plan.scored else None
         computes_all = self._sync or (rule.shared.mode == "always" and all(r.mode == "always" for r in rule.experts))
-        if computes_all or bi not in cs.pairs and bi not in cs.shared:
+        if computes_all or (bi not in cs.pairs and bi not in cs.shared):   # nothing cached yet
             res = moe_full(block, x, self.dispatch)
             out = res.out
             self._fill_caches(block, x, res, drift)
