@@ -272,3 +272,32 @@ def test_gpu_check_hidream_dry_run_measures_every_variant(tmp_path):
     rows = json.loads((tmp_path / "gpu_check_hidream_dry_run.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["stock forward", "moeca full compute", "MoECa, refresh every 2"]
     assert rows[1]["max_abs_diff"] == 0.0 and rows[2]["flops_ratio"] > 1.2
+
+
+def test_apply_inside_a_hidream_pipeline_call():
+    pytest.importorskip("transformers")                 # HiDreamImagePipeline needs it (not the text encoders)
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
+    model, cond, uncond, _ = _setup()
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), latent_channels=4, norm_num_groups=8)   # scale 8
+    encoders = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3", "_4")}
+    pipe = HiDreamImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, transformer=model,
+                                **encoders)
+    text = dict(prompt_embeds_t5=cond.t5, prompt_embeds_llama3=cond.llama, pooled_prompt_embeds=cond.pooled,
+                negative_prompt_embeds_t5=uncond.t5, negative_prompt_embeds_llama3=uncond.llama,
+                negative_pooled_prompt_embeds=uncond.pooled)
+
+    def call():
+        return pipe(**text, height=8 * LATENT[0], width=8 * LATENT[1], num_inference_steps=STEPS, guidance_scale=5.0,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    stock = call()
+    handle = apply_schedule(model, _none(model))
+    full = call()
+    handle.remove()
+    handle = apply_schedule(model, _derived_like(model))
+    first, second = call(), call()                      # steps counted per call, caches reset between calls
+    stats = handle.stats()
+    handle.remove()
+    assert torch.equal(full, stock)
+    assert torch.equal(first, second) and not torch.equal(first, stock)
+    assert stats["forwards"] == 2 * STEPS and stats["flops_ratio"] > 1.5
+    assert torch.equal(call(), stock)
