@@ -1,14 +1,65 @@
 """``moeca trace --diffusers ...`` and ``moeca replay --diffusers ...``: the HiDream family's commands.
 
-The integration (and diffusers) is imported inside the functions, so a missing or unsupported extra,
-or an unknown transformer class, becomes one clear error line instead of a traceback.
+:func:`register` (listed in ``moeca.cli.main``) adds the family's options to the ``trace`` and
+``replay`` commands the tracer and the replay engine register, and runs the family's version of the
+command when ``--diffusers`` or ``--diffusers-config`` is given (the stages themselves know nothing of
+it). The integration, and so diffusers (an optional extra), is imported only then, inside the
+functions: building the CLI never imports diffusers, and a missing or unsupported extra or an unknown
+transformer class becomes one clear error line instead of a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-from typing import Iterator
+from typing import Callable, Iterator
+
+CONFIG_NAMES = ("tiny", "tiny-4e", "bench", "hidream-i1")
+"""Named random-weight configs (``moeca.integrations.diffusers.sampling.CONFIGS``)."""
+
+
+def add_diffusers_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--diffusers``, ``--diffusers-config`` and the HiDream sampling options, in their own group."""
+    g = parser.add_argument_group("diffusers: HiDream-I1 (needs the extra: pip install \"moeca[diffusers]\")")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--diffusers", metavar="PATH", default=None,
+                     help="a local from_pretrained folder of HiDreamImageTransformer2DModel (the transformer's, or "
+                          "a pipeline's with transformer/); no hub access")
+    src.add_argument("--diffusers-config", metavar="NAME", choices=CONFIG_NAMES, default=None,
+                     help=f"random weights of a named config: {', '.join(CONFIG_NAMES)} (tiny = diffusers' own test "
+                          "config; hidream-i1 = the real shape, GPU only)")
+    g.add_argument("--embeddings", metavar="FILE", default=None,
+                   help="text conditioning: .safetensors/.pt with prompt_embeds_t5, prompt_embeds_llama3, "
+                        "pooled_prompt_embeds (and negative_*) from pipe.encode_prompt; default: random (named configs)")
+    g.add_argument("--height", type=int, default=None, help="image height in pixels (latents are 1/8; default: "
+                                                            "256 for tiny configs, 1024 otherwise)")
+    g.add_argument("--width", type=int, default=None, help="image width in pixels (default: as --height)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="model dtype (default: float32 on the CPU, bfloat16 on CUDA)")
+    g.add_argument("--flow-shift", type=float, default=3.0, help="sigma shift of the Euler sampler (HiDream-I1-Full: 3.0)")
+
+
+def wants_diffusers(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "diffusers", None) or getattr(args, "diffusers_config", None))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Extend ``moeca trace`` and ``moeca replay`` (registered before this) with the diffusers family."""
+    for command, run in (("trace", run_trace), ("replay", run_replay)):
+        parser = sub.choices[command]
+        add_diffusers_arguments(parser)
+        parser.set_defaults(func=_either(parser.get_default("func"), run))
+
+
+def _either(native: Callable, family: Callable) -> Callable:
+    def run(args: argparse.Namespace) -> int:
+        if not wants_diffusers(args):
+            return native(args)
+        if args.model or args.checkpoint or args.random_init:
+            raise ValueError("--diffusers/--diffusers-config name the model; leave out --model, --checkpoint and "
+                             "--random-init (they are for moeca's own DiT-MoE models)")
+        return family(args)
+    return run
 
 
 @contextlib.contextmanager
@@ -57,6 +108,8 @@ def _load(args: argparse.Namespace, samples: int):
 def run_trace(args: argparse.Namespace) -> int:
     from moeca.tracer.cli import format_summary
     from moeca.tracer.schema import DEFAULT_LAGS
+    if args.samples is not None and args.samples < 1:
+        raise ValueError(f"--samples {args.samples} must be >= 1")
     with _user_errors():
         from moeca.integrations.diffusers.sampling import FlowSampler
         from moeca.integrations.diffusers.trace import DiffusersTraceConfig, trace_diffusers
@@ -80,6 +133,8 @@ def run_replay(args: argparse.Namespace) -> int:
 
     from moeca.common.outputs import atomic_write_text, output_dir
     from moeca.policy.schedule import Schedule
+    if args.samples < 1 or args.repeats < 1:
+        raise ValueError("--samples and --repeats must be >= 1")
     with _user_errors():
         from moeca.integrations.diffusers.apply import check_identity, none_schedule
         from moeca.integrations.diffusers.hidream import moe_blocks

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from moeca.integrations.diffusers_args import add_diffusers_arguments, wants_diffusers
 from moeca.models.model_args import add_model_arguments
 
 
@@ -18,7 +17,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example:\n  moeca replay --schedule out/schedule.json --model demo --samples 16 --out out/replay")
     p.add_argument("--schedule", required=True, help="schedule JSON (from `moeca schedule derive`)")
     add_model_arguments(p)
-    add_diffusers_arguments(p)
     p.add_argument("--samples", type=int, default=16, help="samples in the timed batch (default 16)")
     p.add_argument("--quality-samples", type=int, default=0,
                    help="extra samples (classes cycled) for accuracy / Frechet distance / PSNR (default 0)")
@@ -49,9 +47,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     if args.samples < 1 or args.repeats < 1 or args.quality_samples < 0:
         raise ValueError("--samples and --repeats must be >= 1 and --quality-samples >= 0")
-    if wants_diffusers(args):   # the HiDream family (optional extra), imported only when asked for
-        from moeca.integrations.diffusers_cli import run_replay
-        return run_replay(args)
     if args.cfg_scale is not None and not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
         raise ValueError(f"--cfg-scale {args.cfg_scale} must be a finite number >= 0 (1 disables guidance)")
     check_output_dir(args.out, [("--schedule", args.schedule), ("--checkpoint", args.checkpoint)])

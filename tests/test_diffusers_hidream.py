@@ -301,3 +301,10 @@ def test_apply_inside_a_hidream_pipeline_call():
     assert torch.equal(first, second) and not torch.equal(first, stock)
     assert stats["forwards"] == 2 * STEPS and stats["flops_ratio"] > 1.5
     assert torch.equal(call(), stock)
+
+
+def test_cli_config_names_are_the_sampling_configs(tmp_path, capsys):
+    from moeca.integrations.diffusers_cli import CONFIG_NAMES
+    assert set(CONFIG_NAMES) == set(CONFIGS)
+    assert moeca_main(["trace", "--diffusers-config", "tiny", "--model", "demo", "--out", str(tmp_path / "t")]) == 2
+    assert "leave out --model" in capsys.readouterr().err

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-from moeca.integrations.diffusers_args import add_diffusers_arguments, wants_diffusers
 from moeca.models.model_args import add_model_arguments
 import json
 import os
@@ -47,7 +46,6 @@ def add_trace_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--resume", action="store_true", help="finish an interrupted trace in --out")
     t.add_argument("--overwrite", action="store_true", help="replace an existing trace in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_diffusers_arguments(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -103,9 +101,6 @@ def run_trace(args: argparse.Namespace) -> int:
         raise ValueError("--resume and --overwrite exclude each other")
     if args.samples is not None and args.samples < 1:
         raise ValueError(f"--samples {args.samples} must be >= 1")
-    if wants_diffusers(args):   # the HiDream family (optional extra), imported only when asked for
-        from moeca.integrations.diffusers_cli import run_trace as run_diffusers_trace
-        return run_diffusers_trace(args)
     name, model = load_model_from_args(args, _device(args.device))
     sampler = _sampler(args, model, name)
     check_sampler_objective(sampler.kind, model.config.objective,
