@@ -89,8 +89,9 @@ def run(args: argparse.Namespace) -> int:
             "latent_size": list(latent), "image_tokens": image_tokens, "text_tokens": cond.tokens, "cfg_rows": 2,
             "parameters": sum(p.numel() for p in model.parameters()),
             "load_average_before": load_before, "load_average_after": os.getloadavg()}
-    cmd = "moeca bench diffusers" + (f" --steps {args.steps}" if args.steps != 10 else "") + \
-          (f" --repeats {args.repeats}" if args.repeats != 3 else "")
+    defaults = {"steps": 10, "repeats": 3, "targets": "2,3", "trace_samples": 2, "size": 256, "threads": 2, "seed": 0}
+    cmd = "moeca bench diffusers" + "".join(f" --{k.replace('_', '-')} {getattr(args, k)}"
+                                            for k, v in defaults.items() if getattr(args, k) != v)
     notes = (f"HiDream-I1's transformer class (diffusers) with random weights at a scaled shape ({CONFIG!r}: "
              f"{meta['parameters'] / 1e6:.0f}M parameters, {image_tokens} image + {cond.tokens} text tokens, CFG "
              f"batched), {args.steps} flow-matching Euler steps, {args.threads} threads; load average "
