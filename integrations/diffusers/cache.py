@@ -42,6 +42,14 @@ class RowCache:
         c = torch.where(self.n[rows] >= 2, (step - s1) / (s1 - s0).clamp_(min=1.0), torch.zeros_like(s1))
         return y1 + (y1 - self.y0[rows]) * c.unsqueeze(1)
 
+    def forecast_all(self, step: int, linear: bool) -> torch.Tensor:
+        """:meth:`forecast` of every row (all held), without gathers -> ``[rows, dim]`` float32."""
+        if not linear:
+            return self.y1
+        s1, s0 = self.s1, self.s0
+        c = torch.where(self.n >= 2, (step - s1) / (s1 - s0).clamp(min=1.0), torch.zeros_like(s1))
+        return torch.addcmul(self.y1, self.y1 - self.y0, c.unsqueeze(1))
+
 
 class WholeCache:
     """A unit computed for all rows at once: the last two outputs of each of its tensors (float32)."""

@@ -332,10 +332,9 @@ class ScheduleEngine:
         pc.push(rows, out_c, self.step)
         if drift is not None:
             cs.drift_pairs[bi].view(-1)[rows] = 0.0
-        slot_out = torch.empty(N, k, D, dtype=x.dtype, device=x.device)
+        # every pair forecast in one gather, then the computed ones written over it (cheaper than two masks)
+        slot_out = pc.forecast(pair.reshape(-1), self.step, self.plan.linear).to(x.dtype).view(N, k, D)
         slot_out[tok, slot] = out_c
-        rt, rs = (~compute).nonzero(as_tuple=True)
-        slot_out[rt, rs] = pc.forecast(pair[rt, rs], self.step, self.plan.linear).to(x.dtype)
         routed = combine_in_expert_order(slot_out, ids, weights).view(B, T, D)
         return self._with_shared(block, x, rule, drift, full, routed, int(tok.shape[0]))
 
@@ -369,6 +368,8 @@ class ScheduleEngine:
         compute = ~cached
         if r.mode != "never":
             compute |= self._select(r, cached, self._score("shared", cs.drift_tokens[bi], sc.s1))
+        elif bool(cached.all()):              # every token forecast: no gathers, no computed rows
+            return sc.forecast_all(self.step, self.plan.linear).to(x.dtype).view(B, T, D), 0
         rows = compute.nonzero(as_tuple=True)[0]
         flat = x.reshape(N, D)
         out = torch.empty(N, D, dtype=x.dtype, device=x.device)
