@@ -71,12 +71,12 @@ def resolve_device(name: str, local_rank: int):
 
 def sampler_and_schedule(args: argparse.Namespace, model):
     """The :class:`SamplerConfig` and the schedule (None for ``--schedule none``) from the options."""
-    from moeca.models.samplers import SamplerConfig, default_sampler
+    from moeca.models.samplers import SamplerConfig, default_sampler_for
     from moeca.policy.schedule import Schedule
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    base = default_sampler(model.config.objective)
+    base = default_sampler_for(model.config)
     if args.schedule == "none":
         overrides = {k: v for k, v in (("num_steps", args.steps), ("cfg_scale", args.cfg_scale),
                                        ("cfg_mode", args.cfg_mode)) if v is not None}

@@ -39,7 +39,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     from moeca.common.outputs import check_output_dir
     from moeca.models.model_args import load_model_from_args
-    from moeca.models.samplers import SamplerConfig, check_sampler_objective, default_sampler
+    from moeca.models.samplers import SamplerConfig, check_sampler_objective, default_sampler_for
     from moeca.policy.schedule import Schedule
 
     from .calibrate import prediction_line
@@ -58,7 +58,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     name, model = load_model_from_args(args, args.device)
     check_sampler_objective(schedule.sampler.kind, model.config.objective,
                             f"schedule {args.schedule}: field sampler.kind")
-    base = default_sampler(model.config.objective)
+    base = default_sampler_for(model.config)
     smp = schedule.sampler
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else (base.cfg_scale if smp.guided else 1.0)
     sampler = SamplerConfig(kind=smp.kind, num_steps=smp.num_steps, cfg_scale=cfg_scale, cfg_mode=smp.cfg_mode,
