@@ -7,7 +7,6 @@ The Streamlit pages hand the raw bytes and the file name here; every failure rai
 from __future__ import annotations
 
 import io
-import json
 
 import pandas as pd
 
@@ -31,20 +30,16 @@ def parse_json(data: bytes, name: str = "upload") -> object:
     _check_size(data, name)
     if data[:4] == PARQUET_MAGIC:
         raise UploadError(f"{name}: this is a Parquet file, but a JSON file is expected here")
+    from moeca.common.jsontext import JSONInputError
+    from moeca.common.jsontext import parse_json as parse_checked
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UploadError(f"{name}: not UTF-8 text (byte {exc.start}); a JSON file is expected") from None
-
-    def no_constants(token: str) -> object:
-        raise UploadError(f"{name}: {token} is not valid JSON; write numbers or null")
-
     try:
-        return json.loads(text, parse_constant=no_constants)
-    except json.JSONDecodeError as exc:
-        raise UploadError(f"{name}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
-    except RecursionError:
-        raise UploadError(f"{name}: JSON nested too deeply") from None
+        return parse_checked(text, name, "upload a JSON file moeca wrote", constants=False)
+    except JSONInputError as exc:
+        raise UploadError(str(exc)) from None
 
 
 def parse_parquet(data: bytes, name: str = "upload") -> pd.DataFrame:

@@ -109,6 +109,11 @@ def cmd_sample(args: argparse.Namespace, rank: int, world: int, local_rank: int,
     device = resolve_device(args.device, local_rank)
     _, model = load_model_from_args(args, device)
     sampler, schedule, digest = sampler_and_schedule(args, model)
+    if schedule is not None and rank == 0:
+        from moeca.models.checkpoint import weights_hash
+        note = schedule.unchecked_weights_note(f"schedule {args.schedule}", weights_hash(model))
+        if note:
+            print(note, file=sys.stderr)
     result = sample_to_npz(model, sampler, job, out, schedule=schedule, schedule_sha256=digest, rank=rank,
                            world=world, barrier=barrier, overwrite=args.overwrite,
                            progress=not args.no_progress and rank == 0)

@@ -34,10 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     import math
+    import sys
 
     import torch
 
     from moeca.common.outputs import check_output_dir
+    from moeca.models.checkpoint import weights_hash
     from moeca.models.model_args import load_model_from_args
     from moeca.models.samplers import SamplerConfig, check_sampler_objective, default_sampler_for
     from moeca.policy.schedule import Schedule
@@ -56,6 +58,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     schedule = Schedule.load(args.schedule)
     name, model = load_model_from_args(args, args.device)
+    note = schedule.unchecked_weights_note(f"schedule {args.schedule}", weights_hash(model))
+    if note:
+        print(note, file=sys.stderr)
     check_sampler_objective(schedule.sampler.kind, model.config.objective,
                             f"schedule {args.schedule}: field sampler.kind")
     base = default_sampler_for(model.config)

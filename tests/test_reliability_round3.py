@@ -86,3 +86,81 @@ def test_cfg_mode_default_is_one_rule_whichever_way_the_weights_load(tmp_path, c
                  "--out", str(tmp_path / "s.png"), "--device", "cpu", "--no-progress"]) == 0
     assert "(batched)" in capsys.readouterr().out
     assert default_cfg_mode(PRESETS["XL/2-8E2A"]) == "separate" and default_cfg_mode(PRESETS["S/2-8E2A"]) == "batched"
+
+
+# ----------------------------------------------------------------------------- 4: schedule JSON edge cases
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("r3tiny") / "tiny.safetensors")
+
+
+def _schedule_text(weights_hash: str | None = None) -> str:
+    from moeca.models.samplers import SamplerConfig
+    from moeca.policy.schedule import full_schedule
+    sampler = SamplerConfig(kind="rectified_flow", num_steps=4, cfg_scale=1.5, cfg_mode="batched")
+    return json.dumps(full_schedule(TINY, sampler, weights_hash).to_json(), indent=1)
+
+
+def _replay(schedule: Path, ckpt: Path, out: Path) -> int:
+    return main(["replay", "--schedule", str(schedule), "--checkpoint", str(ckpt), "--samples", "1", "--repeats",
+                 "1", "--device", "cpu", "--out", str(out), "--no-progress"])
+
+
+def _ddp_sample(schedule: Path, ckpt: Path, out: Path) -> int:
+    from moeca.replay.__main__ import main as ddp_main
+    return ddp_main(["sample", "--schedule", str(schedule), "--checkpoint", str(ckpt), "--num-samples", "2",
+                     "--batch-size", "2", "--device", "cpu", "--out", str(out), "--no-progress"])
+
+
+def test_a_duplicate_key_in_a_schedule_is_refused_naming_the_key(tmp_path, tiny_ckpt, capsys):
+    text = _schedule_text()
+    assert '"forecast": "none"' in text
+    path = tmp_path / "dup.json"
+    path.write_text(text.replace('"forecast": "none"', '"forecast": "none",\n "forecast": "linear"'))
+    for run in (lambda: main(["schedule", "show", str(path)]), lambda: _replay(path, tiny_ckpt, tmp_path / "r"),
+                lambda: _ddp_sample(path, tiny_ckpt, tmp_path / "s.npz")):
+        assert run() == 2
+        err = capsys.readouterr().err
+        assert f"schedule {path}: key 'forecast' appears twice in one JSON object" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob("*.npz*"))
+
+
+def test_a_deeply_nested_schedule_is_one_line_everywhere(tmp_path, tiny_ckpt, capsys):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 10_000 + "]" * 10_000)
+    for run in (lambda: main(["schedule", "show", str(path)]), lambda: _replay(path, tiny_ckpt, tmp_path / "r"),
+                lambda: _ddp_sample(path, tiny_ckpt, tmp_path / "s.npz")):
+        assert run() == 2
+        err = capsys.readouterr().err
+        assert f"schedule {path}: JSON nested more than 64 levels deep" in err, err
+        assert "Traceback" not in err and "RecursionError" not in err
+
+
+def test_sync_refresh_steps_that_contradict_the_predicted_ratio_are_refused(tmp_path, capsys):
+    doc = json.loads(_schedule_text())
+    for rule in doc["steps"][1:]:                      # rules and ratio as if derived for 2x ...
+        rule["model"] = "reuse"
+    doc["predicted_flops_ratio"] = 0.25
+    doc["method"] = "moeca"
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(doc))
+    assert main(["schedule", "show", str(path)]) == 0
+    doc["sync_refresh_steps"] = [0, 1, 2, 3]            # ... but every step synchronized
+    path.write_text(json.dumps(doc))
+    assert main(["schedule", "show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert ("field predicted_flops_ratio is 0.250 (4.00x) but its sync_refresh_steps (4 of 4 steps) and step rules "
+            "compute at least 1.000 of the FLOPs (1.00x at most)") in err, err
+
+
+def test_a_schedule_without_a_weights_hash_is_replayed_with_a_warning(tmp_path, tiny_ckpt, capsys):
+    path = tmp_path / "s.json"
+    path.write_text(_schedule_text(weights_hash=None))
+    assert _replay(path, tiny_ckpt, tmp_path / "r") == 0
+    err = capsys.readouterr().err
+    assert (f"warning: schedule {path} records no weights hash (field model.weights_hash is null), so moeca cannot "
+            "check that it was derived for these weights") in err
+    path.write_text(_schedule_text(weights_hash="0" * 16))
+    assert _replay(path, tiny_ckpt, tmp_path / "r2") == 2
+    assert "weights" in capsys.readouterr().err
