@@ -40,6 +40,7 @@ def classifier():
 
 
 found = common.inventory(str(root))
+common.show_unreadable(found)
 
 
 def earlier_replays() -> None:

@@ -14,6 +14,7 @@ from moeca.app import schedule_view as sv
 root = common.root()
 st.title("Schedule")
 found = common.inventory(str(root))
+common.show_unreadable(found)
 
 try:
     from moeca.policy.schedule import Schedule

@@ -73,7 +73,7 @@ def parse_json(text: str | bytes, where: str, fix: str = "fix or regenerate the 
     except RecursionError:
         raise JSONInputError(deep) from None
     except json.JSONDecodeError as exc:
-        raise JSONInputError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+        raise JSONInputError(f"{where}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}; "
                              f"{fix}") from None
     except ValueError as exc:
         raise JSONInputError(f"{where}: not valid JSON ({exc}); {fix}") from None
@@ -93,4 +93,8 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", fix: str = "fix 
         if size > max_bytes:
             raise JSONInputError(f"{where}: {size:,} bytes, more than the {max_bytes:,} moeca reads for such a "
                                  f"file; {fix}")
-    return parse_json(path.read_bytes(), where, fix, max_depth=max_depth)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise JSONInputError(f"{where}: not UTF-8 text (byte {exc.start}); {fix}") from None
+    return parse_json(text, where, fix, max_depth=max_depth)

@@ -164,3 +164,113 @@ def test_a_schedule_without_a_weights_hash_is_replayed_with_a_warning(tmp_path, 
     path.write_text(_schedule_text(weights_hash="0" * 16))
     assert _replay(path, tiny_ckpt, tmp_path / "r2") == 2
     assert "weights" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 2-3: hostile files in the explorer
+APP_SCRIPT = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
+APP_PAGES = ("page_overview.py", "page_traces.py", "page_token_branch.py", "page_schedule.py", "page_replay.py",
+             "page_benchmarks.py")
+
+
+def _zigzag_varint(value: int) -> bytes:
+    z, out = (value << 1) ^ (value >> 63), bytearray()
+    while True:
+        low, z = z & 0x7F, z >> 7
+        out.append(low | 0x80 if z else low)
+        if not z:
+            return bytes(out)
+
+
+def lie_about_rows(path: Path, rows: int = 10**12) -> None:
+    """Rewrite the Parquet footer's FileMetaData.num_rows (thrift field 3, right before the row groups)."""
+    import pyarrow.parquet as pq
+    data = path.read_bytes()
+    n = pq.ParquetFile(path).metadata.num_rows
+    size = int.from_bytes(data[-8:-4], "little")
+    footer = data[-8 - size:-8]
+    old = b"\x16" + _zigzag_varint(n) + b"\x19"
+    assert footer.count(old) == 1
+    footer = footer.replace(old, b"\x16" + _zigzag_varint(rows) + b"\x19")
+    path.write_bytes(data[:-8 - size] + footer + len(footer).to_bytes(4, "little") + b"PAR1")
+    assert pq.ParquetFile(path).metadata.num_rows == rows
+
+
+@pytest.fixture(scope="module")
+def hostile_root(tmp_path_factory) -> Path:
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from moeca.app.synthetic import SyntheticTraceConfig, write_example_root
+    root = tmp_path_factory.mktemp("hostile")
+    write_example_root(root, SyntheticTraceConfig(samples=2, samples_per_shard=2, steps=6, blocks=2, tokens=4,
+                                                  experts=4, lags=2))
+    shutil.copytree(root / "out" / "trace", root / "out" / "lying")
+    lie_about_rows(root / "out" / "lying" / "branches" / "shard-00000.parquet")
+    shutil.copytree(root / "out" / "trace", root / "out" / "foreign")
+    shard = root / "out" / "foreign" / "tokens" / "shard-00000.parquet"
+    pq.write_table(pq.read_table(shard).rename_columns(
+        ["Token" if c == "token" else c for c in pq.read_table(shard).column_names]), shard)
+    (root / "deep.json").write_text("[" * 10_000 + "]" * 10_000)
+    text = (root / "out" / "schedule.json").read_text()
+    (root / "out" / "dup.json").write_text(text.replace('"forecast": ', '"forecast": "none",\n "forecast": ', 1))
+    shutil.copytree(root / "out" / "report", root / "out" / "report2")
+    lie_about_rows(root / "out" / "report2" / "summary.parquet")
+    return root
+
+
+def _app(root: Path, monkeypatch, page: str):
+    from streamlit.testing.v1 import AppTest
+
+    from moeca.app.common import ROOT_ENV
+    monkeypatch.setenv(ROOT_ENV, str(root))
+    at = AppTest.from_file(APP_SCRIPT, default_timeout=120)
+    at.run()
+    at.switch_page(page).run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def _shown(at) -> str:
+    return "\n".join(str(e.value) for kind in (at.warning, at.error, at.info, at.markdown, at.caption) for e in kind)
+
+
+def test_every_explorer_page_survives_hostile_files_and_names_each(hostile_root, monkeypatch):
+    for page in APP_PAGES:
+        at = _app(hostile_root, monkeypatch, page)
+        shown = _shown(at)
+        if page in ("page_overview.py", "page_schedule.py", "page_replay.py", "page_benchmarks.py"):
+            assert "2 JSON file(s) under the root could not be read" in shown, (page, shown)
+            assert "deep.json: JSON nested more than 64 levels deep" in shown
+            assert "out/dup.json: key 'forecast' appears twice in one JSON object" in shown
+        assert str(hostile_root) not in "\n".join(str(e.value) for e in (*at.warning, *at.error)), page
+    at = _app(hostile_root, monkeypatch, "page_overview.py")
+    assert [m.value for m in at.metric][0] == "3"
+
+
+def test_the_explorer_refuses_a_lying_footer_and_a_foreign_schema_with_the_clis_message(hostile_root, monkeypatch):
+    import resource
+
+    at = _app(hostile_root, monkeypatch, "page_traces.py")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    at.selectbox(key="trace_run").set_value("out/lying").run()
+    assert not at.exception
+    shown = "\n".join(str(w.value) for w in at.warning)
+    assert ("Cannot read trace `out/lying`: out/lying/branches/shard-00000.parquet: has 1,000,000,000,000 rows but "
+            "run.json implies") in shown, shown
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 512 * 1024     # KiB: nothing allocated
+    at.selectbox(key="trace_run").set_value("out/foreign").run()
+    shown = "\n".join(str(w.value) for w in at.warning)
+    assert ("out/foreign/tokens/shard-00000.parquet: schema does not match the tokens table of tracer/schema.py "
+            "with lags=2 (missing columns ['token']; foreign columns ['Token'])") in shown, shown
+    assert "SELECT" not in shown and str(hostile_root) not in shown
+    at.selectbox(key="trace_run").set_value("out/trace").run()
+    assert not at.exception and not at.warning and len(at.get("vega_lite_chart")) == 3
+
+
+def test_a_report_table_whose_footer_lies_is_refused_unread(hostile_root):
+    from moeca.app import results_data as rd
+    from moeca.app.paths import resolve_root
+    with pytest.raises(ValueError, match=r"out/report2/summary.parquet: its footer claims 1,000,000,000,000 rows, "
+                                         r"more than the 5,000,000 the explorer shows"):
+        rd.read_table(resolve_root(hostile_root), "out/report2/summary.parquet")
