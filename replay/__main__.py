@@ -131,9 +131,12 @@ def cmd_sample(args: argparse.Namespace, rank: int, world: int, local_rank: int,
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
+        from moeca.common.inputs import check_utf8_arguments
+        check_utf8_arguments(argv)
         with torchrun_group(args.backend, args.device) as group:
             return cmd_sample(args, group.rank, group.world, group.local_rank, group.barrier)
     except USER_ERRORS as exc:

@@ -32,7 +32,7 @@ import torch
 
 from moeca.models.samplers import SamplerConfig, sample
 from moeca.policy.schedule import ALWAYS, NEVER, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
-from moeca.policy.wallclock import COEFFICIENTS, StepWork, WallClockCosts, load_costs, save_costs
+from moeca.policy.wallclock import COEFFICIENTS, StepWork, WallClockCosts, check_cache_path, load_costs, save_costs
 
 from .runtime import ReplayRuntime
 
@@ -257,6 +257,7 @@ def ensure_costs(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int,
                  cache: Path | None = None, progress: Callable[[str], None] | None = print, **measure) -> WallClockCosts:
     """The cached calibration of this key, measured (and cached) first when there is none or ``recalibrate``."""
     key = calibration_key(model, sampler_cfg, batch)
+    check_cache_path(cache)                    # before measuring: a folder where the file should be is refused
     costs = None if recalibrate else load_costs(key, cache)
     if costs is None:
         if progress:

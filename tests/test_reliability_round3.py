@@ -274,3 +274,164 @@ def test_a_report_table_whose_footer_lies_is_refused_unread(hostile_root):
     with pytest.raises(ValueError, match=r"out/report2/summary.parquet: its footer claims 1,000,000,000,000 rows, "
                                          r"more than the 5,000,000 the explorer shows"):
         rd.read_table(resolve_root(hostile_root), "out/report2/summary.parquet")
+
+
+# ----------------------------------------------------------------------------- 5: leftovers after a kill
+def _python(code: str, *args: str) -> int:
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300).returncode
+
+
+_KILL_AT_INSTALL = """
+import os, signal, sys
+from pathlib import Path
+import moeca.common.outputs as o
+o._install = lambda tmp, out, listed, option: os.kill(os.getpid(), signal.SIGKILL)   # killed at the final rename
+with o.output_dir(Path(sys.argv[1]), command="test") as tmp:
+    (tmp / "report.md").write_text("complete")
+"""
+
+
+def test_a_temporary_killed_at_the_final_rename_is_removed_by_the_next_run(tmp_path, capsys):
+    from moeca.analysis.synthetic import write_synthetic_trace
+    trace = write_synthetic_trace(tmp_path / "trace", samples=2, samples_per_shard=1, num_steps=4)
+    out = tmp_path / "report"
+    assert _python(_KILL_AT_INSTALL, str(out)) == -9
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".report.tmp-")]
+    assert len(left) == 1 and (left[0] / "report.md").read_text() == "complete"      # a complete output, marked
+    assert main(["analyze", str(trace), "--out", str(out), "--quiet", "--no-figures"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "trace"]          # no temporary, no lock
+    assert not any(n.startswith(".moeca-temporary") for n in (p.name for p in out.iterdir()))
+
+
+_KILL_NPZ = """
+import os, signal, sys
+import moeca.common.outputs as o
+real = o._record_file
+def record(path, pending_from=None):
+    if sys.argv[1] == "before-rename" and pending_from is not None and path.suffix == ".npz":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, pending_from)
+    if sys.argv[1] == "before-sidecar" and pending_from is not None and path.suffix == ".npz":
+        os.replace(pending_from, path)
+        os.kill(os.getpid(), signal.SIGKILL)
+o._record_file = record
+from moeca.replay.__main__ import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_killed_npz_export_leaves_nothing_and_its_rerun_recognises_its_own_archive(tmp_path, tiny_ckpt, capsys):
+    import numpy as np
+
+    from moeca.replay.__main__ import main as ddp_main
+    out = tmp_path / "samples.npz"
+    argv = ["sample", "--schedule", "none", "--checkpoint", str(tiny_ckpt), "--num-samples", "2", "--batch-size", "2",
+            "--steps", "2", "--device", "cpu", "--out", str(out), "--no-progress"]
+    assert _python(_KILL_NPZ, "before-rename", *argv) == -9
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]                   # its temporary is left
+    assert ddp_main(argv) == 0, capsys.readouterr().err                                 # the rerun removes it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".moeca-files.json", "samples.npz"]
+    first = np.load(out)["arr_0"]
+    assert _python(_KILL_NPZ, "before-sidecar", *argv) == -9                            # renamed, not yet recorded
+    assert ddp_main(argv) == 0, capsys.readouterr().err                                 # its own archive: replaced
+    assert np.array_equal(np.load(out)["arr_0"], first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".moeca-files.json", "samples.npz"]
+    out.write_bytes(b"the user's")                                                      # a user's file still needs
+    assert ddp_main(argv) == 2 and "--overwrite" in capsys.readouterr().err             # --overwrite
+
+
+# ----------------------------------------------------------------------------- 6: concurrent writers
+_HOLD = """
+import sys, time
+from moeca.common.outputs import output_lock
+with output_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_writer_of_one_output_is_told_the_folder_is_in_use(tmp_path, tiny_ckpt, capsys):
+    import subprocess
+    import sys
+
+    trace = tmp_path / "trace"
+    assert main(["trace", "--checkpoint", str(tiny_ckpt), "--steps", "2", "--samples", "2", "--out", str(trace),
+                 "--device", "cpu", "--no-progress"]) == 0
+    other = trace
+    for out, argv in ((trace, ["trace", "--checkpoint", str(tiny_ckpt), "--steps", "2", "--samples", "2", "--out",
+                               str(trace), "--device", "cpu", "--no-progress", "--resume"]),
+                      (tmp_path / "report", ["analyze", str(other), "--out", str(tmp_path / "report"), "--quiet"]),
+                      (tmp_path / "s.json", ["schedule", "derive", str(other), "--target-flops-speedup", "1.5",
+                                             "--out", str(tmp_path / "s.json")])):
+        holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"{out} is in use by another moeca process (pid {holder.pid}); wait for it to finish" in err, err
+            assert "free space" not in err and "No such file" not in err
+        finally:
+            holder.kill()
+            holder.wait()
+        assert main(argv) == 0, capsys.readouterr().err                # the lock of a killed holder is taken over
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".lock")]
+
+
+# ----------------------------------------------------------------------------- 7: cache faults
+def test_a_folder_where_the_calibration_file_should_be_is_refused_before_measuring(tmp_path, tiny_ckpt,
+                                                                                   monkeypatch, capsys):
+    monkeypatch.setenv("MOECA_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "calibration.json").mkdir(parents=True)
+    assert main(["calibrate", "--checkpoint", str(tiny_ckpt), "--batch", "1", "--device", "cpu"]) == 2
+    got = capsys.readouterr()
+    path = tmp_path / "cache" / "calibration.json"
+    assert (f"calibration cache {path} is a folder, not the cache file moeca writes; move it away, or set "
+            "MOECA_CACHE_DIR to another folder") in got.err
+    assert "calibrating" not in got.out and ".tmp" not in got.err
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["calibration.json"]
+
+
+def test_a_nan_cost_in_the_calibration_file_names_the_file_and_the_field(tmp_path):
+    from moeca.policy.wallclock import CalibrationError, key_id, load_costs
+    from test_derive_wallclock import costs
+    key = {"device": "cpu", "batch": "1"}
+    entry = {**costs(key=key).to_json(), "pair_ms": float("nan")}
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"format": 1, "entries": {key_id(key): entry}}))
+    from moeca.policy.wallclock import CACHE_FORMAT
+    path.write_text(json.dumps({"format": CACHE_FORMAT, "entries": {key_id(key): entry}}))
+    with pytest.raises(CalibrationError, match=rf"^calibration cache {path}: calibration field pair_ms: nan must be a "
+                                               r"finite number >= 0; recalibrate with `moeca calibrate`"):
+        load_costs(key, path)
+
+
+# ----------------------------------------------------------------------------- 8: paths
+def test_a_non_utf8_out_is_named_and_nothing_is_written(tmp_path, tiny_ckpt, capsys):
+    import os
+    bad = os.fsdecode(bytes(tmp_path) + b"/out\xff")
+    for argv in (["trace", "--checkpoint", str(tiny_ckpt), "--steps", "2", "--out", bad, "--device", "cpu"],
+                 ["analyze", str(tmp_path), "--out", bad], ["run", f"--out={bad}"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"--out {tmp_path}/out\\xff: the path holds the byte 0xff, which is not UTF-8" in err, err
+        assert "codec" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_names_at_the_length_limit_get_temporaries_within_it(tmp_path, tiny_ckpt, capsys):
+    from moeca.common.outputs import NAME_MAX, sibling_prefix
+    trace = tmp_path / "trace"
+    assert main(["trace", "--checkpoint", str(tiny_ckpt), "--steps", "4", "--samples", "2", "--out", str(trace),
+                 "--device", "cpu", "--no-progress"]) == 0
+    for length in (245, NAME_MAX):
+        report, schedule = tmp_path / ("r" * length), tmp_path / ("s" * (length - 5) + ".json")
+        assert main(["analyze", str(trace), "--out", str(report), "--quiet", "--no-figures"]) == 0, \
+            capsys.readouterr().err
+        assert main(["analyze", str(trace), "--out", str(report), "--quiet", "--no-figures"]) == 0    # replaced
+        assert main(["schedule", "derive", str(trace), "--target-flops-speedup", "1.5", "--out", str(schedule)]) == 0
+        assert (report / "report.md").is_file() and schedule.is_file()
+        assert len(sibling_prefix("x" * length, "tmp", 8)) + 8 <= NAME_MAX
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert all(not n.startswith(".") or n == ".moeca-files.json" for n in names), names
