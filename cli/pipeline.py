@@ -190,7 +190,7 @@ def _stages(out: Path, cfg: PipelineConfig, checkpoint: str | None) -> str:
     print("[4/4] replay: full compute vs each schedule, same noise")
     timing_labels = resolve_labels(num_classes, samples=cfg.timing_samples)
     quality_labels = resolve_labels(num_classes, samples=cfg.quality_samples) if cfg.quality_samples else None
-    rows, reference = [], None
+    rows, reference, warnings = [], None, []
     for target, path, schedule in schedules:
         result = replay_compare(model, schedule, sampler, timing_labels, seed=cfg.seed, repeats=cfg.repeats,
                                 quality_labels=quality_labels, quality_reference=reference, model_name=cfg.model,
@@ -199,8 +199,9 @@ def _stages(out: Path, cfg: PipelineConfig, checkpoint: str | None) -> str:
         write_replay_outputs(result, out / f"replay-{target:g}x", schedule_path=str(path))
         predicted = schedule.provenance["predicted_speedup"] if costs else 1 / schedule.predicted_flops_ratio
         rows.append(_row(target, predicted, result.report))
+        warnings += [f"{target:g}x, measured {result.report.speedup:.2f}x: {w}" for w in result.report.timing_warnings]
     rows += [{"target": f"{t:g}x", "predicted speedup": "out of reach"} for t in unreachable]
-    table = _table(rows, cfg)
+    table = _table(rows, cfg) + "".join(f"\n**Warning** ({w})\n" for w in warnings)
     atomic_write_text(out / "summary.md", table, what="run summary")
     return table
 

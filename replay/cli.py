@@ -76,6 +76,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                             model_name=name or str(args.checkpoint), compile=args.compile)
     paths = write_replay_outputs(result, args.out, schedule_path=str(args.schedule))
     print(result.report.to_markdown())
+    for warning in result.report.timing_warnings:
+        print(f"warning: measured speedup {result.report.speedup:.2f}x: {warning}", file=sys.stderr)
     line = prediction_line(schedule, result.report.speedup, model, sampler, args.samples)
     if line:
         print(line)

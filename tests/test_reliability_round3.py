@@ -435,3 +435,58 @@ def test_names_at_the_length_limit_get_temporaries_within_it(tmp_path, tiny_ckpt
         assert len(sibling_prefix("x" * length, "tmp", 8)) + 8 <= NAME_MAX
     names = sorted(p.name for p in tmp_path.iterdir())
     assert all(not n.startswith(".") or n == ".moeca-files.json" for n in names), names
+
+
+# ----------------------------------------------------------------------------- 9: timings you can trust
+def test_timing_warnings_name_the_spread_the_load_and_the_flops_bound():
+    from moeca.replay.driver import timing_warnings
+    got = timing_warnings([9.0, 36.2, 40.4], flops_speedup=3.1, load=7.5, cores=2)
+    assert got[0] == ("the back-to-back pairs disagree: per-pair speedups 9.00x..40.40x (spread 4.49x); the "
+                      "machine's speed changed while timing")
+    assert got[1] == "the load average was 7.5 on 2 cores while timing: other processes competed for the CPU"
+    assert got[2].startswith("the measured 36.20x exceeds what the executed FLOPs allow (3.10x) by 11.7x; the "
+                             "full-compute runs were slowed by something else. Measure again on a quiet machine")
+    assert timing_warnings([2.0, 2.1, 1.9], flops_speedup=2.5, load=0.5, cores=2) == []
+
+
+def test_replay_prints_and_records_the_spread_and_the_warning(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    import moeca.replay.driver as driver
+    times = iter([1.0, 0.1, 4.0, 0.1, 1.0, 0.5])                 # full, cached, ...: pairs 10x, 40x, 2x
+    monkeypatch.setattr(driver, "_timed", lambda fn, sync: (next(times), fn()))
+    monkeypatch.setattr(driver, "load_average", lambda: 0.1)
+    schedule = tmp_path / "s.json"
+    schedule.write_text(_schedule_text())
+    assert main(["replay", "--schedule", str(schedule), "--checkpoint", str(tiny_ckpt), "--samples", "1", "--repeats",
+                 "3", "--device", "cpu", "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    got = capsys.readouterr()
+    assert "**10.00x** (pairs 2.00x..40.00x) (unreliable, see the warning)" in got.out
+    assert "**Warning:** the back-to-back pairs disagree: per-pair speedups 2.00x..40.00x" in got.out
+    assert "warning: measured speedup 10.00x: the measured 10.00x exceeds what the executed FLOPs allow" in got.err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["speedup_range"] == [2.0, 40.0] and report["load_average"] == 0.1
+    assert len(report["timing_warnings"]) == 2
+
+
+def test_a_calibration_that_fits_badly_is_measured_again_then_refused(tmp_path, monkeypatch):
+    import moeca.replay.calibrate as cal
+    from moeca.models.samplers import SamplerConfig
+    from moeca.policy.wallclock import CalibrationError
+    from moeca.tracer.testing import tiny_model
+    from test_derive_wallclock import costs
+
+    model, sampler = tiny_model(0), SamplerConfig(kind="rectified_flow", num_steps=4, cfg_scale=1.5)
+    key = cal.calibration_key(model, sampler, 1)
+    errors, said = [0.425, 0.41], []
+    monkeypatch.setattr(cal, "measure_costs", lambda *a, **k: costs(key=key, fit_rel_error=errors.pop(0)))
+    cache = tmp_path / "calibration.json"
+    with pytest.raises(CalibrationError, match=r"measured twice and its fit misses the timed steps by 41.0% \(median\), "
+                                               r"more than the 20% a wall-clock target can be derived from"):
+        cal.ensure_costs(model, sampler, 1, cache=cache, progress=said.append)
+    assert any("too noisy: its fit misses the timed steps by 42.5%" in m and "measuring once more" in m for m in said)
+    assert not cache.exists()                                               # nothing noisy is cached
+    errors[:] = [0.5, 0.04]
+    assert cal.ensure_costs(model, sampler, 1, cache=cache, progress=said.append).fit_rel_error == 0.04
+    cache.write_text(cache.read_text().replace('"fit_rel_error": 0.04', '"fit_rel_error": 0.3'))
+    errors[:] = [0.05]
+    assert cal.ensure_costs(model, sampler, 1, cache=cache, progress=said.append).fit_rel_error == 0.05
+    assert "the cached calibration for" in said[-3] and "is too noisy" in said[-3]

@@ -142,7 +142,8 @@ def format_summary(trace_dir, summary: dict | None = None) -> str:
 
 
 def run_trace_info(args: argparse.Namespace) -> int:
-    """Print each trace's summary; exit code 1 when any trace contradicts itself (problems listed)."""
+    """Print each trace's summary; exit code 2 (as every command's refusal) when any trace contradicts itself
+    (problems listed)."""
     import sys
     from .store import find_traces, trace_summary
     traces = list(dict.fromkeys(t.resolve() for p in args.paths for t in find_traces(p)))
@@ -160,5 +161,5 @@ def run_trace_info(args: argparse.Namespace) -> int:
     if bad:
         print(f"moeca trace-info: {bad} problem(s) found; the shards named above are not counted as complete",
               file=sys.stderr)
-        return 1
+        return 2
     return 0
