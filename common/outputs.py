@@ -14,9 +14,15 @@
   sidecar (or the folder's manifest) vouches for it and its bytes are unchanged; any other file needs
   ``overwrite=True`` (the commands' ``--overwrite``). A file the user edited after moeca wrote it is the
   user's again.
-- Temporary folders carry a marker file (``.moeca-temporary``, with the pid that made them); the next
-  :func:`output_dir` on the same output removes stale ones (name pattern AND marker AND a dead pid) and
-  nothing else.
+- Temporary folders carry a marker file (``.moeca-temporary``, with the pid that made them) until they are
+  installed (so a kill at the final rename leaves a marked, removable folder); the next :func:`output_dir` on
+  the same output removes stale ones (name pattern AND marker AND a dead pid) and nothing else. A file's
+  temporary (``.STEM.tmp-HOST-PID.SUFFIX``) is removed by the next :func:`atomic_file` of that file (this
+  host, dead pid), and the sidecar records the file as *pending* before the rename, so a kill between the
+  rename and the final record leaves a file moeca still recognises as its own.
+- :func:`output_lock`: one writer per output (``flock`` on a hidden ``.NAME.lock`` sibling); a second one
+  is refused at once, naming the pid that holds it. :func:`output_dir` and :func:`atomic_file` take it.
+- Hidden siblings keep within :data:`NAME_MAX` (:func:`sibling_prefix`), so a legal 255-byte name works.
 
 This module imports nothing from moeca, so every package may use it.
 """

@@ -490,3 +490,18 @@ def test_a_calibration_that_fits_badly_is_measured_again_then_refused(tmp_path, 
     errors[:] = [0.05]
     assert cal.ensure_costs(model, sampler, 1, cache=cache, progress=said.append).fit_rel_error == 0.05
     assert "the cached calibration for" in said[-3] and "is too noisy" in said[-3]
+
+
+def test_the_explorer_replays_a_custom_checkpoint_its_schedule_names(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "root"
+    root.mkdir()
+    ckpt = tiny_checkpoint(root / "my.safetensors", config=CUSTOM)
+    assert main(["trace", "--checkpoint", str(ckpt), "--steps", "4", "--samples", "2", "--out", str(root / "trace"),
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert main(["schedule", "derive", str(root / "trace"), "--target-flops-speedup", "1.3", "--out",
+                 str(root / "s.json")]) == 0, capsys.readouterr().err
+    at = _app(root, monkeypatch, "page_replay.py")
+    at.slider(key="replay_samples").set_value(2).run()
+    at.button(key="replay_run").click().run()
+    assert not at.exception and not at.warning, [str(w.value) for w in at.warning]
+    assert "measured speedup" in {m.label for m in at.metric} and len(at.get("image")) == 2
