@@ -5,7 +5,6 @@ Everything here reads metadata only (``run.json`` and Parquet footers); rows are
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path

@@ -92,8 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ValueError(f"{name} {value} must be >= {low}")
     if not 0 <= args.cfg_scale < float("inf"):
         raise ValueError(f"--cfg-scale {args.cfg_scale} must be a finite number >= 0 (1 disables guidance)")
-    cfg = PipelineConfig(model=args.model if args.model or args.checkpoint else "demo", steps=args.steps, cfg_scale=args.cfg_scale,
-                         trace_samples=args.trace_samples, quality_samples=args.quality_samples,
+    cfg = PipelineConfig(model=args.model if args.model or args.checkpoint else "demo", steps=args.steps,
+                         cfg_scale=args.cfg_scale, trace_samples=args.trace_samples, quality_samples=args.quality_samples,
                          timing_samples=args.timing_samples, repeats=args.repeats, target_speedups=targets,
                          target_kind="flops" if flops else "wallclock", seed=args.seed, device=args.device,
                          compile=args.compile)

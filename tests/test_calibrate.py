@@ -152,7 +152,8 @@ def test_measured_calibration_is_cached_and_redone_when_the_engine_changes(cache
     monkeypatch.setattr(cal, "engine_hash", lambda: "a-changed-engine")
     again = cal.ensure_costs(model, SAMPLER, 2, steps=4, repeats=1, progress=None, max_fit_error=NOISY)
     assert len(measured) == 2 and again.key["engine"] == "a-changed-engine"  # stale: measured again
-    assert cal.ensure_costs(model, SAMPLER, 4, steps=4, repeats=1, progress=None, max_fit_error=NOISY).key["batch"] == "4"
+    assert cal.ensure_costs(model, SAMPLER, 4, steps=4, repeats=1, progress=None,
+                            max_fit_error=NOISY).key["batch"] == "4"
     assert len(measured) == 3                                               # another batch, another key
 
 

@@ -479,8 +479,8 @@ def test_a_calibration_that_fits_badly_is_measured_again_then_refused(tmp_path, 
     errors, said = [0.425, 0.41], []
     monkeypatch.setattr(cal, "measure_costs", lambda *a, **k: costs(key=key, fit_rel_error=errors.pop(0)))
     cache = tmp_path / "calibration.json"
-    with pytest.raises(CalibrationError, match=r"measured twice and its fit misses the timed steps by 41.0% \(median\), "
-                                               r"more than the 20% a wall-clock target can be derived from"):
+    with pytest.raises(CalibrationError, match=r"measured twice and its fit misses the timed steps by 41.0% "
+                                               r"\(median\), more than the 20% a wall-clock target can be derived from"):
         cal.ensure_costs(model, sampler, 1, cache=cache, progress=said.append)
     assert any("too noisy: its fit misses the timed steps by 42.5%" in m and "measuring once more" in m for m in said)
     assert not cache.exists()                                               # nothing noisy is cached
