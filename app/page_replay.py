@@ -13,11 +13,6 @@ st.caption("Samples the model the schedule is for (the shipped demo model, or mo
            "that its traces name) twice from the same noise: with full compute and with the schedule (real compute "
            "skipping), then compares them.")
 
-missing = rr.replay_unavailable()
-if missing:
-    st.info(missing)
-    st.stop()
-
 
 @st.cache_resource(show_spinner="Loading the demo model...")
 def demo_model(device: str):
