@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from moeca.cli.main import main
-from moeca.tracer.testing import TINY, tiny_checkpoint
+from conftest import TINY, tiny_checkpoint
 
 CUSTOM = dataclasses.replace(TINY, name="my-custom", hidden_size=48, num_heads=3)
 """A model that is neither shipped nor a preset: only its checkpoint's metadata describes it."""
@@ -471,10 +471,10 @@ def test_a_calibration_that_fits_badly_is_measured_again_then_refused(tmp_path, 
     import moeca.replay.calibrate as cal
     from moeca.models.samplers import SamplerConfig
     from moeca.policy.wallclock import CalibrationError
-    from moeca.tracer.testing import tiny_model
+    from conftest import make_tiny
     from test_derive_wallclock import costs
 
-    model, sampler = tiny_model(0), SamplerConfig(kind="rectified_flow", num_steps=4, cfg_scale=1.5)
+    model, sampler = make_tiny(), SamplerConfig(kind="rectified_flow", num_steps=4, cfg_scale=1.5)
     key = cal.calibration_key(model, sampler, 1)
     errors, said = [0.425, 0.41], []
     monkeypatch.setattr(cal, "measure_costs", lambda *a, **k: costs(key=key, fit_rel_error=errors.pop(0)))
