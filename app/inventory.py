@@ -24,7 +24,8 @@ class Inventory:
     """Root-relative paths of everything found; each list is sorted.
 
     unreadable: ``(path, reason)`` of each JSON file discovery could not parse (damaged, not UTF-8, a key
-    twice, nested too deeply, too big), so the pages can say which files they skipped and why."""
+    twice, nested too deeply), so the pages can say which files they skipped and why. Files over
+    :data:`MAX_JSON_BYTES` are not opened (nor listed)."""
 
     traces: tuple[str, ...] = ()
     reports: tuple[str, ...] = ()
@@ -82,6 +83,8 @@ def discover(root: Path, max_depth: int = 5) -> Inventory:
                 continue
             path_rel = relative_to_root(root, current / name)
             try:
+                if (current / name).stat().st_size > MAX_JSON_BYTES:
+                    continue                  # not opened: moeca's schedules and results are far smaller
                 doc = load_small_json(current / name, path_rel)
             except (ValueError, OSError) as exc:
                 unreadable.append((path_rel, str(exc) if isinstance(exc, ValueError)
