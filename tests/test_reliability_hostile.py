@@ -1,4 +1,4 @@
-"""Reliability, third round (issue 28): custom checkpoints everywhere, hostile files in the explorer, schedule JSON
+"""Hostile inputs: custom checkpoints everywhere, hostile files in the explorer, schedule JSON
 edge cases, leftovers after kills, concurrent writers, cache faults, awkward paths, timings under load, one
 cfg_mode rule. Every hostile input is generated here."""
 from __future__ import annotations
