@@ -66,7 +66,7 @@ class Plan:
                 if rule.shared.scored or any(r.scored for r in rule.experts):
                     sets["scored"].add(b)
         return cls(**{k: frozenset(v) for k, v in sets.items()},
-                   linear=schedule.forecast in ("linear", "taylor"))
+                   linear=schedule.forecast in ("linear", "taylor", "polynomial"))
 
 
 def check_supported(schedule: Schedule, depth: int, num_experts: int) -> None:
@@ -74,9 +74,9 @@ def check_supported(schedule: Schedule, depth: int, num_experts: int) -> None:
     if schedule.model_skip is not None or any(st.model != "compute" for st in schedule.steps):
         raise ScheduleMismatch("schedule field steps[].model: whole-model reuse (TeaCache-like) is not run on HiDream "
                                "by moeca's diffusers integration; derive a schedule with the default branch rules")
-    if schedule.forecast == "taylor" and schedule.forecast_order > 1:
-        raise ScheduleMismatch(f"schedule field forecast_order: HiDream reuse forecasts none or linear (taylor order "
-                               f"1); this schedule asks taylor order {schedule.forecast_order}")
+    if schedule.forecast in ("taylor", "polynomial") and schedule.forecast_order > 1:
+        raise ScheduleMismatch(f"schedule field forecast_order: HiDream reuse forecasts none or linear (order 1); "
+                               f"this schedule asks {schedule.forecast} order {schedule.forecast_order}")
     if schedule.token_selection.kind != "moeca_score":
         raise ScheduleMismatch(f"schedule field token_selection.kind: only moeca_score runs on HiDream, got "
                                f"{schedule.token_selection.kind!r}")
