@@ -143,6 +143,10 @@ class History:
             n = len(ts)
             return [math.prod((step - ts[i]) / (ts[j] - ts[i]) for i in range(n) if i != j) for j in range(n)]
         n = self.degree + 1
+        if n == 2:          # the linear forecast in closed form: the loop below, with fewer operators
+            two = self.cnt > 1
+            return [torch.where(two, (step - self.ts[1]) / (self.ts[0] - self.ts[1]), self.cnt.clamp(max=1.0)),
+                    torch.where(two, (step - self.ts[0]) / (self.ts[1] - self.ts[0]), 0.0)]
         out = []
         for j in range(n):
             w = torch.ones_like(self.ts[0])
