@@ -548,7 +548,8 @@ class ParetoSweep:
                 schedule = derive_schedule(summary, run_meta, cfg, costs)
             except ValueError as exc:
                 raise SkipPoint(str(exc)) from None
-            detail = {k: schedule.provenance[k] for k in ("forecast_level", "predicted_speedup") if k in schedule.provenance}
+            detail = {k: schedule.provenance[k] for k in ("forecast_level", "predicted_speedup", "levels")
+                      if k in schedule.provenance}
             return schedule, {**detail, "refresh_steps": len(schedule.sync_refresh_steps)}
         raise ValueError(f"unknown method {point.method!r}")
 
