@@ -19,23 +19,9 @@ vs branch), ``figures``, ``report`` (the report folder), ``cli`` (``moeca analyz
 """
 from __future__ import annotations
 
-from .flops import unit_flops
+from moeca.common.lazy import lazy_exports
 
-__all__ = ["drift_summary", "load_summary", "analyze", "unit_flops"]
+_EXPORTS = {"drift_summary": "api", "load_summary": "summary", "analyze": "report", "unit_flops": "flops"}
+__all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name == "drift_summary":
-        from .api import drift_summary
-        return drift_summary
-    if name == "load_summary":
-        from .summary import load_summary
-        return load_summary
-    if name == "analyze":
-        from .report import analyze
-        return analyze
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

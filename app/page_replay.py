@@ -11,11 +11,6 @@ st.title("Replay")
 st.caption("Samples the shipped demo model twice from the same noise: with full compute and with the "
            "schedule (real compute skipping), then compares them.")
 
-missing = rr.replay_unavailable()
-if missing:
-    st.info(missing)
-    st.stop()
-
 
 @st.cache_resource(show_spinner="Loading the demo model...")
 def demo_model(device: str):

@@ -10,18 +10,11 @@ import streamlit as st
 
 from moeca.app import common, uploads
 from moeca.app import schedule_view as sv
+from moeca.policy.schedule import Schedule
 
 root = common.root()
 st.title("Schedule")
 found = common.inventory(str(root))
-
-try:
-    from moeca.policy.schedule import Schedule
-    import moeca.policy.derive  # noqa: F401
-except ImportError as exc:  # the policy stage is not installed in this build
-    st.info(f"The schedule module is not available in this installation ({exc}); "
-            "install moeca with its policy stage to derive and inspect schedules.")
-    st.stop()
 
 
 @st.cache_data(max_entries=4, show_spinner="Computing the drift summary from the trace (analysis engine)...")

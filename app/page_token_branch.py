@@ -49,10 +49,7 @@ def sweep_chart(curves: pd.DataFrame) -> None:
         tooltip=["policy", alt.Tooltip("budget:Q", format=".3g"), alt.Tooltip("mean_rel_err:Q", format=".3g"),
                  alt.Tooltip(f"{y}:Q", format=".3f")])
     st.altair_chart(chart, width="stretch", height=380)
-    try:
-        from moeca.analysis.compare import at_error
-    except ImportError:
-        return
+    from moeca.analysis.compare import at_error
     rows = []
     for err in (0.01, 0.02, 0.05, 0.1):
         tok = at_error(curves, view, span, "token", err, y)

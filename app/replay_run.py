@@ -61,16 +61,6 @@ def grid(images: np.ndarray, labels: np.ndarray | None = None, columns: int = 8,
     return label_grid(images, labels, columns=columns, scale=scale)
 
 
-def replay_unavailable() -> str | None:
-    """None when the replay runtime can be imported, else a message saying what is missing."""
-    try:
-        import moeca.replay.runtime  # noqa: F401
-    except ImportError as exc:
-        return (f"The replay runtime (moeca.replay) is not available in this installation ({exc}). "
-                "Install moeca with its replay stage to run schedules from the app.")
-    return None
-
-
 def sampler_for(schedule, cfg_scale: float):
     """The :class:`SamplerConfig` a schedule was derived for (kind, steps, CFG mode) with ``cfg_scale``."""
     from moeca.models.samplers import SamplerConfig

@@ -95,6 +95,7 @@ def _plot(rows: list[dict]):
 
 def run(args: argparse.Namespace) -> int:
     from moeca.app.synthetic import SyntheticTraceConfig, samples_for_rows, write_example_root
+    from moeca.bench.pareto_synthetic import write_synthetic_pareto
     from moeca.bench.results import write_results
 
     if args.rows < 1000:
@@ -110,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         start = time.perf_counter()
         write_example_root(root, cfg, replay=True)
+        write_synthetic_pareto(root / "bench" / "results")
         setup_s = time.perf_counter() - start
         trace = root / "out" / "trace"
         trace_bytes = sum(p.stat().st_size for p in trace.rglob("*.parquet"))

@@ -8,13 +8,14 @@ BENCH_MODULES = (
     "moeca.bench.full",       # full-compute ms/step and expert/attention share
     "moeca.bench.trace",      # tracing overhead
     "moeca.bench.analyze",    # analysis throughput on a large synthetic trace
-    "moeca.bench.moeca",      # MoECa speed/quality targets
+    "moeca.bench.targets",    # `bench moeca`: MoECa speed/quality targets
     "moeca.bench.pareto",     # MoECa vs baselines Pareto sweep
     "moeca.bench.refresh",    # replays behind MoECa's refresh rule
     "moeca.bench.ablation",   # MoECa's default rule with and without each component, equal wall-clock speed
     "moeca.bench.compile",    # eager vs --compile in one process, full compute and a MoECa replay
     "moeca.bench.steps",      # ms per step: full compute, MoECa refresh and forecast steps
     "moeca.bench.app",        # explorer page render times
+    "moeca.bench.report",     # docs/results/ pages from bench/results/
 )
 
 
@@ -23,11 +24,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                             description="Benchmarks. Each writes NAME.json, NAME.md and NAME.png under --out.")
     bench_sub = parser.add_subparsers(dest="bench", metavar="NAME")
     for name in BENCH_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
-        module.register(bench_sub)
+        importlib.import_module(name).register(bench_sub)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)

@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
 def _reformat_table(md_path, rows: list[dict]) -> None:
     """Rewrite the Markdown table with two decimals (the generic 3-significant-digit format prints
     thousands of ms in exponent notation); the JSON keeps full precision."""
-    from moeca.bench.results import markdown_table
+    from moeca.common.tables import markdown_table
     from moeca.common.outputs import atomic_write_text
     text = md_path.read_text()
     text = text.replace(markdown_table(rows, COLUMNS), markdown_table(rows, COLUMNS, floatfmt=".2f"))

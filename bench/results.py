@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from moeca.common.outputs import OutputError, atomic_file, atomic_write_text, check_replace_file, os_errors
+from moeca.common.tables import markdown_table
 
 DEFAULT_OUT = Path("bench/results")
 
@@ -40,21 +41,6 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: C
             sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times), times
-
-
-def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, floatfmt: str = ".3g") -> str:
-    if not rows:
-        return "_no rows_\n"
-    columns = list(columns or rows[0].keys())
-
-    def fmt(v: object) -> str:
-        if isinstance(v, float):
-            return format(v, floatfmt)
-        return "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 def is_bench_result(path: Path, name: str) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from moeca.common.outputs import (OutputError, atomic_write_text, check_no_overlap, os_errors, record_manifest,
                                   remove_listed)
+from moeca.common.tables import markdown_table
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,6 @@ def _row(target: float, predicted: float, r) -> dict:
 
 
 def _table(rows: list[dict], cfg: PipelineConfig) -> str:
-    from moeca.bench.results import markdown_table
     kind = ("wall-clock, predicted from this device's calibrated unit costs (`moeca calibrate`)"
             if cfg.target_kind == "wallclock" else "analytic FLOPs")
     head = (f"# moeca run: {cfg.model}, {cfg.steps} steps, CFG {cfg.cfg_scale}\n\n"

@@ -50,7 +50,6 @@ SHIPPED_MODELS: dict[str, ShippedModel] = {
                               dataclasses.replace(_DEMO, name="demo-ddpm", learn_sigma=True, objective="ddpm_eps"),
                               50, "DDPM epsilon prediction with learned-range variance, respaced DDPM sampler"),
 }
-DEMO_WEIGHTS_NAME = SHIPPED_MODELS["demo"].weights
 
 
 def data_dir() -> Path:

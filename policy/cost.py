@@ -61,10 +61,6 @@ class UnitCosts:
         """Work outside the blocks per sample and forward."""
         return self.per_sample + self.num_tokens * self.per_token_fixed
 
-    def full_forward(self, batch: int) -> float:
-        """FLOPs of one full forward on ``batch`` samples (rows; batched CFG counts both halves)."""
-        return batch * (self.fixed_per_sample() + self.depth * self.num_tokens * self.block_per_token())
-
 
 def branch_schedule_flops(schedule, config, rows: int, computed_pairs) -> tuple[float, float]:
     """FLOPs the replay engine counts for one sampling run of a branch-level schedule (MoECa's rules),

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-tracer_run = pytest.importorskip("moeca.tracer.run", reason="the tracer (moeca.tracer.run) is not installed")
+from moeca.tracer import run as tracer_run
 
 
 def _check_report(out: Path, trace: Path, *, samples: int, steps: int, depth: int, experts: int, tokens: int,

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from moeca.app.synthetic import SyntheticTraceConfig, write_example_root
+from moeca.bench.pareto_synthetic import write_synthetic_pareto
 
 CHROMIUM = os.environ.get("MOECA_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -66,6 +67,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser_root")
     write_example_root(root, SyntheticTraceConfig(samples=2, samples_per_shard=2, steps=16, blocks=3, tokens=16,
                                                   experts=4, lags=2))
+    write_synthetic_pareto(root / "bench" / "results")
     port = free_port()
     log = (tmp_path_factory.mktemp("log") / "app.log").open("w")
     moeca = shutil.which("moeca")

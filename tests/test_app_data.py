@@ -15,6 +15,7 @@ from conftest import make_tiny
 from moeca.app import inventory, replay_run, schedule_view, trace_data as td, uploads
 from moeca.app.paths import resolve_root
 from moeca.app.synthetic import SyntheticTraceConfig, write_example_root, write_synthetic_trace
+from moeca.bench.pareto_synthetic import write_synthetic_pareto
 
 SMALL = SyntheticTraceConfig(samples=3, samples_per_shard=2, steps=6, blocks=2, tokens=9, experts=4, lags=3)
 
@@ -164,6 +165,7 @@ def test_real_tracer_output_is_readable(tmp_path):
 
 def test_discover_example_root(tmp_path):
     paths = write_example_root(tmp_path / "root")
+    write_synthetic_pareto(tmp_path / "root" / "bench" / "results")
     outside = tmp_path / "elsewhere"
     write_synthetic_trace(outside / "t2", SMALL)
     (tmp_path / "root" / "linked").symlink_to(outside)          # a trace reachable only through a link out

@@ -13,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from moeca.app.common import ROOT_ENV
 from moeca.app.synthetic import SyntheticTraceConfig, write_example_root, write_synthetic_trace
+from moeca.bench.pareto_synthetic import write_synthetic_pareto
 from moeca.models.registry import demo_weights_path
 
 SCRIPT = str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py")
@@ -26,6 +27,7 @@ def example_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("explorer")
     cfg = SyntheticTraceConfig.for_preset("demo", samples=2, samples_per_shard=2, steps=50, lags=3)
     write_example_root(root, cfg)
+    write_synthetic_pareto(root / "bench" / "results")
     outside = tmp_path_factory.mktemp("outside")
     write_synthetic_trace(outside / "secret_trace", SyntheticTraceConfig(samples=1, steps=4, blocks=1, tokens=4))
     (root / "sneaky").symlink_to(outside)
@@ -203,7 +205,7 @@ def test_replay_page(example_root, monkeypatch):
 def test_replay_page_shows_earlier_replay_outputs(tmp_path, monkeypatch):
     """A `moeca replay --out` folder under the root (report.json + PNG grids) is listed and shown."""
     write_example_root(tmp_path, SyntheticTraceConfig(samples=2, steps=8, blocks=2, tokens=4, experts=4),
-                       report=False, pareto=False, replay=True)
+                       report=False, replay=True)
     (tmp_path / "out" / "replay" / "samples.pt").write_bytes(pickle.dumps(object()))  # never opened
     at = open_app(tmp_path, monkeypatch, "page_replay.py")
     assert at.selectbox(key="replay_earlier").options == ["out/replay"]
@@ -223,18 +225,6 @@ def test_benchmarks_page(example_root, monkeypatch):
     assert_ok(at)
     assert "Upload rejected" in texts(at.error)
     assert charts(at) == 1
-
-
-def test_missing_stages_are_explained(example_root, monkeypatch):
-    """Without the replay or policy stage installed, the pages say so instead of failing."""
-    import sys
-    monkeypatch.setitem(sys.modules, "moeca.replay.runtime", None)   # makes `import` raise ImportError
-    monkeypatch.setitem(sys.modules, "moeca.policy.derive", None)
-    at = open_app(example_root, monkeypatch, "page_replay.py")
-    assert "replay runtime (moeca.replay) is not available" in texts(at.info)
-    at.switch_page("page_schedule.py").run()
-    assert_ok(at)
-    assert "schedule module is not available" in texts(at.info)
 
 
 def test_replay_page_runs_and_refuses_foreign_schedules(example_root, tmp_path, monkeypatch):
@@ -269,7 +259,7 @@ def test_replay_page_runs_and_refuses_foreign_schedules(example_root, tmp_path, 
         # a schedule for the tiny synthetic model cannot run on the demo model: the field is named
         from moeca.policy.schedule import Schedule
         other = write_example_root(tmp_path / "other", SyntheticTraceConfig(samples=2, steps=50, blocks=2, tokens=4,
-                                                                             experts=4), report=False, pareto=False)
+                                                                             experts=4), report=False)
         at.session_state["chosen_schedule"] = {"label": "foreign", "schedule": Schedule.load(other["schedule"])}
         at.run()
         at.selectbox(key="replay_source").set_value("foreign").run()
@@ -282,7 +272,7 @@ def test_replay_page_runs_and_refuses_foreign_schedules(example_root, tmp_path, 
 
 def test_token_vs_branch_without_report_computes_from_trace(tmp_path, monkeypatch):
     write_example_root(tmp_path, SyntheticTraceConfig(samples=2, steps=8, blocks=2, tokens=4, experts=4, lags=2),
-                       report=False, schedule=False, pareto=False)
+                       report=False, schedule=False)
     at = open_app(tmp_path, monkeypatch, "page_token_branch.py")
     assert "moeca analyze" in texts(at.code)
     at.button(key="tvb_compute").click().run()

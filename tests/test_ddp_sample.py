@@ -20,7 +20,7 @@ from moeca.models.samplers import SamplerConfig
 from moeca.policy.baselines.fora import ForaConfig, build_schedule
 from moeca.replay.__main__ import main
 from moeca.replay.sample_ddp import JOB_FILE, SampleJob, sample_to_npz, shard_dir, shard_path
-from moeca.tracer.testing import TINY, tiny_checkpoint, tiny_model
+from conftest import make_tiny, TINY, tiny_checkpoint
 from conftest import run_torchrun
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -42,7 +42,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def schedule_path(tmp_path_factory):
-    model = tiny_model(0)
+    model = make_tiny(seed=0)
     path = tmp_path_factory.mktemp("sched") / "fora.json"
     build_schedule(ForaConfig(interval=3), TINY, SAMPLER, weights_hash=weights_hash(model)).save(path)
     return path
@@ -121,7 +121,7 @@ def test_kill_then_resume_matches_uninterrupted(ckpt, tmp_path):
 def test_images_do_not_depend_on_the_batch_partition(tmp_path):
     """Sample i's noise and label depend only on i and the seed: other shard sizes give the same images
     (up to float rounding of differently sized batches, at most one uint8 level)."""
-    model = tiny_model(0)
+    model = make_tiny(seed=0)
     sampler = replace(SAMPLER, num_steps=4)
     a = sample_to_npz(model, sampler, SampleJob(num_samples=7, seed=5, batch_size=7), tmp_path / "a.npz")
     b = sample_to_npz(model, sampler, SampleJob(num_samples=7, seed=5, batch_size=2), tmp_path / "b.npz")

@@ -74,7 +74,7 @@ def test_channels_and_bad_input():
 
 def test_moeca_sample_writes_a_labelled_64_pixel_grid(tmp_path):
     from moeca.cli.main import main
-    from moeca.tracer.testing import tiny_checkpoint
+    from conftest import tiny_checkpoint
 
     ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")            # 4x4 images -> 16x upscale
     out = tmp_path / "grid.png"
@@ -90,9 +90,9 @@ def test_replay_outputs_and_the_explorer_show_labelled_grids(tmp_path):
     from moeca.models.samplers import SamplerConfig
     from moeca.policy.schedule import full_schedule
     from moeca.replay.driver import replay_compare, write_replay_outputs
-    from moeca.tracer.testing import TINY, tiny_model
+    from conftest import make_tiny, TINY
 
-    model = tiny_model(0)
+    model = make_tiny(seed=0)
     sampler = SamplerConfig(kind="rectified_flow", num_steps=2, cfg_scale=1.0)
     schedule = full_schedule(TINY, sampler, weights_hash(model))
     result = replay_compare(model, schedule, sampler, [0, 1, 2, 0], repeats=1, progress=False, warmup=False)

@@ -16,7 +16,7 @@ from moeca.models.registry import load_model
 from moeca.models.samplers import SamplerConfig, check_sampler_objective
 from moeca.policy.schedule import full_schedule
 from moeca.tracer.run import TraceConfig, trace_run
-from moeca.tracer.testing import TINY, tiny_checkpoint, tiny_model
+from conftest import make_tiny, TINY, tiny_checkpoint
 
 SAMPLER = SamplerConfig(kind="rectified_flow", num_steps=3, cfg_scale=1.5, cfg_mode="batched")
 
@@ -29,7 +29,7 @@ def ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trace(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trace") / "tr"
-    return trace_run(tiny_model(0), out, TraceConfig(sampler=SAMPLER, labels=(0, 1, 2, 0), batch_size=2, lags=2),
+    return trace_run(make_tiny(seed=0), out, TraceConfig(sampler=SAMPLER, labels=(0, 1, 2, 0), batch_size=2, lags=2),
                      progress=False)
 
 
@@ -116,7 +116,7 @@ def test_trace_info_and_resume_name_a_truncated_shard(trace, tmp_path, ckpt, cap
     rc, out, _ = _run(["trace-info", bad], capsys)
     assert rc == 1 and f"{shard}: cannot read this Parquet file" in out and "1/2 complete" in out
     with pytest.raises(ValueError, match="shard-00001.parquet: cannot read"):
-        trace_run(tiny_model(0), bad, TraceConfig(sampler=SAMPLER, labels=(0, 1, 2, 0), batch_size=2, lags=2),
+        trace_run(make_tiny(seed=0), bad, TraceConfig(sampler=SAMPLER, labels=(0, 1, 2, 0), batch_size=2, lags=2),
                   resume=True, progress=False)
     assert shard.exists()                                           # reported, not deleted
 

@@ -203,9 +203,9 @@ def test_analyze_on_a_full_disk_removes_its_temporary_folder(trace, tmp_path, mo
 def test_derive_and_sample_on_a_full_disk_leave_no_temporary_file(tmp_path, monkeypatch, capsys):
     from moeca.models.samplers import SamplerConfig
     from moeca.tracer.run import TraceConfig, trace_run
-    from moeca.tracer.testing import tiny_checkpoint, tiny_model
+    from conftest import make_tiny, tiny_checkpoint
     sampler = SamplerConfig(kind="rectified_flow", num_steps=3, cfg_scale=1.5)
-    tr = trace_run(tiny_model(0), tmp_path / "tr", TraceConfig(sampler=sampler, labels=(0, 1), lags=2),
+    tr = trace_run(make_tiny(seed=0), tmp_path / "tr", TraceConfig(sampler=sampler, labels=(0, 1), lags=2),
                    progress=False)
     ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
     out = tmp_path / "out"

@@ -17,7 +17,7 @@ from moeca.tracer.run import (TraceConfig, build_run_meta, prepare_out_dir, samp
                               trace_shard)
 from moeca.tracer.store import open_table
 
-from moeca.tracer.testing import tiny_model
+from conftest import make_tiny
 
 LAGS = 2
 
@@ -105,7 +105,7 @@ def _cos(a, b):
 
 @pytest.mark.parametrize("cfg_mode", ["batched", "separate"])
 def test_metrics_equal_offline_recomputation(tmp_path, cfg_mode):
-    model = tiny_model(1)
+    model = make_tiny(seed=1)
     model64 = copy.deepcopy(model).double()
     sampler = SamplerConfig(kind="rectified_flow", num_steps=5, cfg_scale=2.0, cfg_mode=cfg_mode)
     config = TraceConfig(sampler=sampler, labels=(0, 2, 1, 1, 0), batch_size=2, lags=LAGS)  # reuses buffers
@@ -182,7 +182,7 @@ def test_metrics_equal_offline_recomputation(tmp_path, cfg_mode):
 
 @pytest.mark.parametrize("cfg_mode,scale", [("batched", 1.5), ("separate", 1.5), ("batched", 1.0)])
 def test_tracing_does_not_change_samples(tmp_path, cfg_mode, scale):
-    model = tiny_model(2)
+    model = make_tiny(seed=2)
     sampler = SamplerConfig(kind="rectified_flow", num_steps=6, cfg_scale=scale, cfg_mode=cfg_mode)
     config = TraceConfig(sampler=sampler, labels=(0, 1, 2, 1), batch_size=4, lags=3, dump_vectors=3)
     prepare_out_dir(tmp_path, build_run_meta(model, config))
@@ -195,8 +195,8 @@ def test_tracing_does_not_change_samples(tmp_path, cfg_mode, scale):
     assert set(vec["block"]) == {1} and set(vec["token"]) == {0, 2, 7}
     # the same again on a DDPM model (eps objective, learned sigma, per-step noise)
     from dataclasses import replace
-    from moeca.tracer.testing import TINY
-    ddpm_model = tiny_model(3, replace(TINY, objective="ddpm_eps", learn_sigma=True))
+    from conftest import TINY
+    ddpm_model = make_tiny(replace(TINY, objective="ddpm_eps", learn_sigma=True), 3)
     ddpm = SamplerConfig(kind="ddpm", num_steps=4, cfg_scale=scale, cfg_mode=cfg_mode, cfg_channels=1)
     config = replace(config, sampler=ddpm)
     prepare_out_dir(tmp_path / "ddpm", build_run_meta(ddpm_model, config))
@@ -209,7 +209,7 @@ def test_tracing_does_not_change_samples(tmp_path, cfg_mode, scale):
 
 def test_untraced_calls_pass_through():
     """Calls without a context or outside a shard are computed plainly and record nothing."""
-    model = tiny_model(0)
+    model = make_tiny(seed=0)
     runtime = TracingRuntime(lags=1)
     x = torch.randn(2, 1, 4, 4)
     t, y = torch.tensor([0.5, 0.5]), torch.tensor([0, 1])

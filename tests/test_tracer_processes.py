@@ -15,8 +15,7 @@ import pytest
 from moeca.tracer import schema
 from moeca.tracer.store import complete_shards, open_table, read_run_meta, temporary_files
 
-from moeca.tracer.testing import tiny_checkpoint
-from conftest import run_torchrun
+from conftest import run_torchrun, tiny_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -93,10 +92,11 @@ def test_two_rank_torchrun_gloo(ckpt, reference, tmp_path):
 MEMORY_SCRIPT = r"""
 import resource, sys, torch
 from dataclasses import replace
+sys.path.insert(0, sys.argv[3])   # the tests folder: conftest's tiny model
 from moeca.models.samplers import SamplerConfig
 from moeca.tracer.run import TraceConfig, trace_run
-from moeca.tracer.testing import TINY, tiny_model
-model = tiny_model(0, replace(TINY, input_size=8, hidden_size=64))
+from conftest import make_tiny, TINY
+model = make_tiny(replace(TINY, input_size=8, hidden_size=64), 0)
 sampler = SamplerConfig(kind="rectified_flow", num_steps=20, cfg_scale=1.5)
 config = TraceConfig(sampler=sampler, labels=tuple(i % 3 for i in range(int(sys.argv[1]))), batch_size=4)
 trace_run(model, sys.argv[2], config, progress=False)
@@ -107,7 +107,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def test_peak_memory_does_not_grow_with_samples(tmp_path):
     peaks = {}
     for n in (4, 32):
-        res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(n), str(tmp_path / f"m{n}")],
+        res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(n), str(tmp_path / f"m{n}"),
+                              str(Path(__file__).parent)],
                              env=ENV, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr
         peaks[n] = int(res.stdout.split()[-1])  # KiB

@@ -16,7 +16,7 @@ from moeca.tracer.run import TraceConfig, resolve_labels, trace_run
 from moeca.tracer.store import complete_shards, open_table, read_run_meta, temporary_files, trace_summary
 from moeca.tracer.writer import TraceWriteError
 
-from moeca.tracer.testing import tiny_checkpoint, tiny_model
+from conftest import make_tiny, tiny_checkpoint
 
 SAMPLER = SamplerConfig(kind="rectified_flow", num_steps=4, cfg_scale=1.5, cfg_mode="batched")
 
@@ -28,7 +28,7 @@ def _config(**kw):
 
 
 def test_schema_round_trip(tmp_path):
-    model = tiny_model(0)
+    model = make_tiny(seed=0)
     out = trace_run(model, tmp_path / "tr", _config(dump_vectors=3), progress=False)
     meta = read_run_meta(out)
     assert meta["schema_version"] == schema.SCHEMA_VERSION and meta["lags"] == 2 and meta["num_shards"] == 3
@@ -70,7 +70,7 @@ def test_schema_round_trip(tmp_path):
 
 
 def test_existing_directory_needs_a_flag(tmp_path):
-    model = tiny_model(0)
+    model = make_tiny(seed=0)
     out = trace_run(model, tmp_path / "tr", _config(), progress=False)
     with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
         trace_run(model, out, _config(), progress=False)
@@ -93,36 +93,36 @@ def test_existing_directory_needs_a_flag(tmp_path):
     (dict(lags=3), "lags"),
 ])
 def test_resume_mismatch_names_the_field(tmp_path, change, field):
-    model = tiny_model(0)
+    model = make_tiny(seed=0)
     trace_run(model, tmp_path, _config(), progress=False)
     with pytest.raises(ValueError, match=rf"cannot resume .*{field} \(trace has"):
         trace_run(model, tmp_path, _config(**change), resume=True, progress=False)
 
 
 def test_resume_with_another_model_names_weights(tmp_path):
-    trace_run(tiny_model(0), tmp_path, _config(), progress=False)
+    trace_run(make_tiny(seed=0), tmp_path, _config(), progress=False)
     with pytest.raises(ValueError, match=r"model\.weights_hash"):
-        trace_run(tiny_model(1), tmp_path, _config(), resume=True, progress=False)
+        trace_run(make_tiny(seed=1), tmp_path, _config(), resume=True, progress=False)
 
 
 def test_unwritable_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(PermissionError, match="cannot create trace directory"):
-        trace_run(tiny_model(0), blocker / "sub", _config(), progress=False)
+        trace_run(make_tiny(seed=0), blocker / "sub", _config(), progress=False)
     if os.geteuid() != 0:  # root ignores permission bits
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o500)
         try:
             with pytest.raises(PermissionError, match="cannot write"):
-                trace_run(tiny_model(0), ro / "tr", _config(), progress=False)
+                trace_run(make_tiny(seed=0), ro / "tr", _config(), progress=False)
         finally:
             ro.chmod(0o700)
 
 
 def test_disk_full_removes_temporaries_and_resume_finishes(tmp_path, monkeypatch):
-    model = tiny_model(0)
+    model = make_tiny(seed=0)
     calls = {"n": 0}
     real_close = pq.ParquetWriter.close
 
@@ -150,7 +150,7 @@ def test_disk_full_removes_temporaries_and_resume_finishes(tmp_path, monkeypatch
 
 
 def test_resume_redoes_half_written_shard(tmp_path):
-    model = tiny_model(0)
+    model = make_tiny(seed=0)
     trace_run(model, tmp_path, _config(), progress=False)
     (tmp_path / "tokens" / schema.shard_file_name(2)).unlink()          # crash between the two renames
     (tmp_path / "tokens" / (schema.shard_file_name(2) + ".tmp")).write_bytes(b"partial")

@@ -9,7 +9,7 @@ Public API (imported lazily, so ``import moeca.tracer`` stays cheap):
 """
 from __future__ import annotations
 
-import importlib
+from moeca.common.lazy import lazy_exports
 
 _EXPORTS = {
     "TraceConfig": "run", "trace_run": "run", "trace_shard": "run", "resolve_labels": "run",
@@ -21,12 +21,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

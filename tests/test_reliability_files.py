@@ -1,5 +1,5 @@
-"""Reliability, second round (issue 14): benches remove only what moeca wrote, single files the user owns
-need --overwrite, a killed run's temporaries are cleaned (and only those), sampler vs objective is checked on
+"""Whose files are whose: benches remove only what moeca wrote, single files the user owns need
+--overwrite, a killed run's temporaries are cleaned (and only those), sampler vs objective is checked on
 every replay path, and paths of the wrong kind are named as such."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from moeca.common.outputs import (FILES_SIDECAR, TMP_MARKER, OutputError, atomic
                                   remove_stale_temporaries, written_by_moeca)
 from moeca.models.samplers import SamplerConfig
 from moeca.policy.schedule import Schedule, ScheduleError, ScheduleMismatch, full_schedule
-from moeca.tracer.testing import TINY, tiny_checkpoint, tiny_model
+from conftest import make_tiny, TINY, tiny_checkpoint
 
 RF = SamplerConfig(kind="rectified_flow", num_steps=2, cfg_scale=1.5, cfg_mode="batched")
 
@@ -32,7 +32,7 @@ def trace(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def real_trace(tmp_path_factory) -> Path:
     from moeca.tracer.run import TraceConfig, trace_run
-    return trace_run(tiny_model(0), tmp_path_factory.mktemp("r2real") / "tr",
+    return trace_run(make_tiny(seed=0), tmp_path_factory.mktemp("r2real") / "tr",
                      TraceConfig(sampler=RF, labels=(0, 1), batch_size=1, lags=2), progress=False)
 
 
@@ -221,7 +221,7 @@ def test_replay_compare_and_the_explorer_refuse_a_sampler_the_model_cannot_use()
     """The schedule and the sampler agree (DDIM) but the model is rectified flow: refused on every path."""
     from moeca.app.replay_run import ReplaySettings, run_replay
     from moeca.replay.driver import replay_compare
-    model = tiny_model(0)
+    model = make_tiny(seed=0)
     ddim = SamplerConfig(kind="ddim", num_steps=2, cfg_scale=1.5)
     schedule = full_schedule(TINY, ddim)
     with pytest.raises(ScheduleMismatch, match="schedule field sampler.kind: 'ddim' .*rectified_flow"):
@@ -233,7 +233,7 @@ def test_replay_compare_and_the_explorer_refuse_a_sampler_the_model_cannot_use()
 
 
 def test_bench_moeca_shape_study_uses_a_rectified_flow_preset():
-    from moeca.bench.moeca import _rectified_flow_preset
+    from moeca.bench.targets import _rectified_flow_preset
     from moeca.policy.transfer import retarget
     model = _rectified_flow_preset("S/2-8E2A", seed=0)
     assert model.config.objective == "rectified_flow" and model.config.depth == 12
@@ -242,7 +242,7 @@ def test_bench_moeca_shape_study_uses_a_rectified_flow_preset():
 
 
 def test_bench_moeca_reports_the_quartiles_of_its_timed_pairs():
-    from moeca.bench.moeca import pair_quartiles
+    from moeca.bench.targets import pair_quartiles
     # ratios 2, 3, 4, 5, 10: median 4, quartiles 3 and 5 (an outlier pair moves neither)
     q1, q3 = pair_quartiles([2.0, 3.0, 4.0, 5.0, 10.0], [1.0] * 5)
     assert (q1, q3) == pytest.approx((3.0, 5.0))
