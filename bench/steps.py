@@ -49,9 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--trace", default=None, help="trace directory of the model (moeca trace)")
     src.add_argument("--target", type=float, default=3.5,
                      help="with --trace: the MoECa wall-clock target whose refresh steps are used (default 3.5)")
-    src.add_argument("--model", default=None, help="without --trace: a preset (e.g. S/2-8E2A), random weights")
+    src.add_argument("--model", default=None, help="without --trace: a shipped model (its weights and bench sampler) "
+                                                   "or a preset (e.g. S/2-8E2A) with random weights")
     src.add_argument("--steps", type=int, default=20, help="without --trace: sampling steps (default 20)")
     src.add_argument("--interval", type=int, default=4, help="without --trace: refresh every N steps (default 4)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="what a step's time is: wall-clock (default) or the process's CPU time (CPU devices only: "
+                        "on a machine shared with other jobs, with --threads 1, it leaves out the time other jobs "
+                        "take the cores)")
     p.add_argument("--timing-samples", type=int, default=16, help="samples per sampling call (default 16)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -62,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @dataclass(frozen=True)
 class Setup:
-    """The model (on ``device``), sampler, timing ``labels``, refresh steps and a results-file name."""
+    """The model (on ``device``), sampler, timing ``labels``, refresh steps, a results-file name and whether the
+    weights are random."""
 
     model: Any
     device: Any
@@ -70,6 +76,7 @@ class Setup:
     labels: Any
     refresh: tuple[int, ...]
     name: str
+    random_init: bool
 
 
 def setup(args: argparse.Namespace) -> Setup:
@@ -85,8 +92,8 @@ def setup(args: argparse.Namespace) -> Setup:
     if args.trace is not None:
         from .derived import derive
         d = derive(args)
-        return Setup(d.model, d.device, d.sampler, d.labels, tuple(sorted(d.schedule.sync_refresh_steps)), NAME)
-    from moeca.models.registry import load_model
+        return Setup(d.model, d.device, d.sampler, d.labels, tuple(sorted(d.schedule.sync_refresh_steps)), NAME, False)
+    from moeca.models.registry import SHIPPED_MODELS, load_model
     from moeca.models.samplers import default_sampler
     from moeca.tracer import resolve_labels
 
@@ -94,12 +101,14 @@ def setup(args: argparse.Namespace) -> Setup:
         torch.set_num_threads(args.threads)
     if args.interval >= args.steps:
         raise ValueError(f"--interval {args.interval} must be below --steps {args.steps}")
-    model = load_model(args.model, random_init=True, device=args.device)
+    shipped = args.model in SHIPPED_MODELS
+    model = load_model(args.model, random_init=not shipped, device=args.device)
     device = next(model.parameters()).device
-    sampler = default_sampler(model.config.objective, num_steps=args.steps, cfg_scale=1.5, cfg_mode="batched")
+    sampler = (SHIPPED_MODELS[args.model].bench_sampler(num_steps=args.steps) if shipped else
+               default_sampler(model.config.objective, num_steps=args.steps, cfg_scale=1.5, cfg_mode="batched"))
     labels = torch.tensor(resolve_labels(model.config.num_classes, samples=args.timing_samples), device=device)
     refresh = tuple(range(0, args.steps, args.interval))
-    return Setup(model, device, sampler, labels, refresh, f"{NAME}_{args.model.replace('/', '')}")
+    return Setup(model, device, sampler, labels, refresh, f"{NAME}_{args.model.replace('/', '')}", not shipped)
 
 
 def level_schedule(model, sampler, refresh: tuple[int, ...], level: str):
@@ -143,8 +152,13 @@ def run(args: argparse.Namespace) -> int:
     from .breakdown import PARTS, profile_steps
     from .results import write_results
 
+    import time
+
     st = setup(args)
     model, sampler, labels, refresh = st.model, st.sampler, st.labels, st.refresh
+    if args.clock == "cpu" and st.device.type != "cpu":
+        raise ValueError(f"--clock cpu times the process's CPU time: a {st.device.type} run needs --clock wall")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     S = sampler.num_steps
     schedules = {name: level_schedule(model, sampler, refresh, level) for name, level, _, _ in LEVELS}
     engine = {name: {"device_path": dev, "lean": lean} for name, _, dev, lean in LEVELS}
@@ -155,10 +169,10 @@ def run(args: argparse.Namespace) -> int:
     names: list[str | None] = [None, *schedules]
     times: dict[str | None, list[list[float]]] = {n: [] for n in names}
     for n in names:                                       # warm-up
-        timed_steps(model, sampler, labels, runtime(n))
+        timed_steps(model, sampler, labels, runtime(n), clock)
     for r in range(args.repeats):
         for n in names:
-            times[n].append(timed_steps(model, sampler, labels, runtime(n)))
+            times[n].append(timed_steps(model, sampler, labels, runtime(n), clock))
         print(f"run {r + 1} of {args.repeats}: " + ", ".join(f"{n or 'full'} {sum(v[-1]):.0f} ms"
                                                              for n, v in times.items()), flush=True)
     med = {n: [statistics.median(col) for col in zip(*v)] for n, v in times.items()}
@@ -206,15 +220,16 @@ def run(args: argparse.Namespace) -> int:
     src = (f"--trace {args.trace} --target {args.target:g}" if args.trace else
            f"--model {args.model} --steps {args.steps} --interval {args.interval}")
     cmd = (f"moeca bench steps {src} --timing-samples {args.timing_samples} --repeats {args.repeats}"
+           + (" --clock cpu" if args.clock == "cpu" else "")
            + (f" --threads {args.threads}" if args.threads else ""))
     out = write_results(st.name, rows, args.out, columns=COLUMNS, command=cmd,
                         plot=lambda path: plot(med, refresh, path),
                         title=f"What a forecast step costs at each level, against its floor ({model.config.name})",
-                        meta={"trace": args.trace, "model": model.config.name, "random_init": args.trace is None,
+                        meta={"trace": args.trace, "model": model.config.name, "random_init": st.random_init, "clock": args.clock,
                               "sampler": sampler.to_dict(), "device": str(st.device),
                               "timing_samples": args.timing_samples, "sync_refresh_steps": list(refresh),
                               "forecast_steps": forecast, "load_average": [round(v, 2) for v in load]},
-                        notes="ms: medians over the runs of each step, then over the forecast steps after the "
+                        notes=("ms: the process's CPU time. " if args.clock == "cpu" else "") + "ms: medians over the runs of each step, then over the forecast steps after the "
                               "second refresh (refresh: over the refresh steps after the first); gflop_step: "
                               "FLOPs counted from what ran; ms_floor: the token forecast step plus the router and "
                               "the newly routed pairs at full compute's FLOP rate; over_floor: ms_step / ms_floor; "

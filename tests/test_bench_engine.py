@@ -57,11 +57,12 @@ def test_bench_steps_prices_each_levels_forecast_step_against_its_floor(trace, t
     assert (out / "steps.md").exists() and (out / "steps.png").exists()
 
 
-def test_bench_steps_at_a_model_shape_with_random_weights(tmp_path):
+def test_bench_steps_without_a_trace_and_on_cpu_time(tmp_path):
     out = tmp_path / "results"
     assert main(["bench", "steps", "--model", "demo", "--steps", "9", "--interval", "3", "--timing-samples", "1",
-                 "--repeats", "1", "--threads", "1", "--out", str(out)]) == 0
+                 "--repeats", "1", "--threads", "1", "--clock", "cpu", "--out", str(out)]) == 0
     payload = json.loads((out / "steps_demo.json").read_text())
-    assert payload["meta"]["random_init"] and payload["meta"]["sync_refresh_steps"] == [0, 3, 6]
+    assert not payload["meta"]["random_init"] and payload["meta"]["clock"] == "cpu"
+    assert payload["meta"]["sync_refresh_steps"] == [0, 3, 6] and "--clock cpu" in payload["command"]
     assert payload["meta"]["forecast_steps"] == [4, 5, 7, 8] and len(payload["rows"]) == 6
     assert "--model demo --steps 9 --interval 3" in payload["command"]
