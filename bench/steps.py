@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
                               "sampler": sampler.to_dict(), "device": str(st.device),
                               "timing_samples": args.timing_samples, "sync_refresh_steps": list(refresh),
                               "forecast_steps": forecast, "load_average": [round(v, 2) for v in load]},
-                        notes=("ms: the process's CPU time. " if args.clock == "cpu" else "") + "ms: medians over the runs of each step, then over the forecast steps after the "
+                        notes=("Times are the process's CPU time (--clock cpu). " if args.clock == "cpu" else "") + "ms: medians over the runs of each step, then over the forecast steps after the "
                               "second refresh (refresh: over the refresh steps after the first); gflop_step: "
                               "FLOPs counted from what ran; ms_floor: the token forecast step plus the router and "
                               "the newly routed pairs at full compute's FLOP rate; over_floor: ms_step / ms_floor; "

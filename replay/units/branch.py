@@ -6,8 +6,8 @@ general selection path (:func:`.routed.run_routed`: ranking, budgets, scores) gi
 several times the operators; here, per block:
 
 1. match the new top-k against the cached experts (:func:`.routed.match_slots`) and store the new ids;
-2. compute the new pairs in one grouped GEMM per projection (:func:`few_pairs`; on the device path over a
-   fixed ``N*k`` buffer with device-side offsets, no host sync);
+2. compute the new pairs (:func:`few_pairs`: the models' per-expert loop on the host path; on the device
+   path grouped GEMMs over a fixed ``N*k`` buffer with device-side offsets, no host sync);
 3. write their value as the newest of their history with one kept value, at this step (what forgetting
    the freed slot and pushing the new value does: the older levels are masked by the count);
 4. forecast every slot and combine with the current gates (:meth:`~moeca.replay.forecast.History.combine`).
@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import functools
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from moeca.models.dispatch import expert_stack, run_experts
+from moeca.models.dispatch import run_experts
 from moeca.models.runtime import Runtime
 
 from ..state import PairCache
@@ -31,10 +32,6 @@ from .dispatch import grouped_prefix
 if TYPE_CHECKING:  # pragma: no cover
     from ..runtime import ReplayRuntime
 
-GROUPED_DTYPES = (torch.float32, torch.bfloat16)
-"""Dtypes whose CPU ``grouped_mm`` runs eagerly; others take the per-expert loop."""
-
-
 def lean_ready(rt: "ReplayRuntime", cache: PairCache, summary: tuple[bool, bool, bool, bool]) -> bool:
     """Whether a block's routed step can take this path: all its experts ``never``, a valid cache, no
     scores kept (host flags only)."""
@@ -42,22 +39,12 @@ def lean_ready(rt: "ReplayRuntime", cache: PairCache, summary: tuple[bool, bool,
 
 
 def few_pairs(rt: "ReplayRuntime", block, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """Unweighted outputs of a few pairs on the host path: expert ``experts[i]`` on ``rows[i]`` -> ``[m, D]``.
-    Rows sorted by expert run through the stacked SwiGLU weights as two ``grouped_mm`` (a handful of
-    operators whatever the number of experts); the runtime's overridden ``expert`` seam, experts that
-    cannot be stacked and other dtypes take the models' per-expert loop."""
-    stack = expert_stack(block.moe) if type(rt).expert is Runtime.expert else None
-    if stack is None or rows.dtype not in GROUPED_DTYPES:
-        seam = None if type(rt).expert is Runtime.expert else (lambda e, x: rt.expert(block, e, x))
-        return run_experts(block, rows, experts, path="loop", expert=seam)
-    E, H = stack.gate_up.shape[0], stack.hidden
-    sorted_ids, order = torch.sort(experts, stable=True)
-    offs = torch.searchsorted(sorted_ids, torch.arange(E, device=rows.device, dtype=sorted_ids.dtype),
-                              right=True).to(torch.int32)
-    xs = rows.index_select(0, order)
-    gu = F.grouped_mm(xs, stack.gate_up.transpose(1, 2), offs=offs)
-    ys = F.grouped_mm(F.silu(gu[:, :H]).mul_(gu[:, H:]), stack.down.transpose(1, 2), offs=offs)
-    return torch.empty_like(ys).index_copy_(0, order, ys)
+    """Unweighted outputs of a few pairs on the host path: expert ``experts[i]`` on ``rows[i]`` -> ``[m, D]``,
+    through the models' per-expert loop (the runtime's ``expert`` seam when overridden). Measured against two
+    CPU ``grouped_mm`` calls over the same sorted rows (fewer operators), the loop was faster: 6.8 against
+    7.6 ms per demo forecast step, 53 against 68 ms at S/2 (``bench/results/steps_*.md``)."""
+    seam = None if type(rt).expert is Runtime.expert else functools.partial(rt.expert, block)
+    return run_experts(block, rows, experts, path="loop", expert=seam)
 
 
 def match_host(ids: torch.Tensor, topk_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
