@@ -3,9 +3,10 @@
 Such a step (MoECa's ``sync`` rule at the branch level between refreshes) computes exactly the newly
 routed (token, expert) pairs and forecasts every pair's branch, combined with the current gates. The
 general selection path (:func:`.routed.run_routed`: ranking, budgets, scores) gives the same result with
-several times the operators; here, per block:
+about twice the operators; here, per block:
 
-1. match the new top-k against the cached experts (:func:`.routed.match_slots`) and store the new ids;
+1. match the new top-k against the cached experts (:func:`.routed.match_slots`; on the host path
+   :func:`match_host`) and store the new ids;
 2. compute the new pairs (:func:`few_pairs`: the models' per-expert loop on the host path; on the device
    path grouped GEMMs over a fixed ``N*k`` buffer with device-side offsets, no host sync);
 3. write their value as the newest of their history with one kept value, at this step (what forgetting
@@ -16,9 +17,8 @@ The counters record what the general path records. Shapes: ``flat [N, D]``, ``to
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from .dispatch import grouped_prefix
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..runtime import ReplayRuntime
+
 
 def lean_ready(rt: "ReplayRuntime", cache: PairCache, summary: tuple[bool, bool, bool, bool]) -> bool:
     """Whether a block's routed step can take this path: all its experts ``never``, a valid cache, no
@@ -53,7 +54,7 @@ def match_host(ids: torch.Tensor, topk_idx: torch.Tensor) -> tuple[torch.Tensor,
     ``(pos [N, k]: the storage slot of every new pair, sel [m]: the newly routed pairs n*k + j, rows [m]:
     their storage rows)``. Only the tokens with a new pair go through the freed-slot assignment."""
     cached, new_ids = ids.numpy(), topk_idx.numpy()
-    N, k = new_ids.shape
+    k = new_ids.shape[1]
     eq = cached[:, None, :] == new_ids[:, :, None]                            # [N, new j, storage s]
     has = eq.any(axis=2)
     pos = eq.argmax(axis=2)
