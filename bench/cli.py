@@ -16,6 +16,7 @@ BENCH_MODULES = (
     "moeca.bench.steps",      # ms per step: full compute, MoECa refresh and forecast steps
     "moeca.bench.app",        # explorer page render times
     "moeca.bench.report",     # docs/results/ pages from bench/results/
+    "moeca.bench.diffusers",  # HiDream-I1 (diffusers) scaled down: stock vs moeca full vs MoECa (needs the extra)
 )
 
 

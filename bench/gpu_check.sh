@@ -5,6 +5,9 @@
 # minutes with the final writes). Not part of the tests or CI. Options go to bench/gpu_check.py (see --help):
 #   bench/gpu_check.sh --out bench/results --repeats 3
 #   bench/gpu_check.sh --dry-run --out /tmp/gpu_check     # tiny shape, 2 steps, on the CPU (the script works)
+# HiDream-I1's real transformer shape (diffusers, random weights, bf16; needs the [diffusers] extra):
+#   bench/gpu_check.sh --hidream --out bench/results      # see bench/gpu_check_hidream.py --help
+#   bench/gpu_check.sh --hidream --dry-run --out /tmp/g   # tiny config on the CPU (the script works)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -13,7 +16,11 @@ if ! "$PY" -c "import importlib.util as u; assert u.find_spec('moeca.policy.base
   shim="$(mktemp -d)"
   trap 'rm -rf "$shim"' EXIT
   mkdir -p "$shim/moeca"
-  for d in models tracer analysis policy replay bench data cli common; do ln -s "$PWD/$d" "$shim/moeca/$d"; done
+  for d in models tracer analysis policy replay bench data cli common integrations; do ln -s "$PWD/$d" "$shim/moeca/$d"; done
   export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if [ "${1:-}" = "--hidream" ]; then
+  shift
+  exec "$PY" -m moeca.bench.gpu_check_hidream "$@"
 fi
 "$PY" -m moeca.bench.gpu_check "$@"

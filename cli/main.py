@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "moeca.policy.cli",     # schedule show|derive|...
     "moeca.replay.cli",     # replay
     "moeca.replay.calibrate_cli",  # calibrate: wall-clock unit costs for --target-speedup
+    "moeca.integrations.diffusers_cli",  # trace/replay --diffusers: HiDream-I1 (the [diffusers] extra, imported on use)
     "moeca.bench.cli",      # bench NAME
     "moeca.app.cli",        # app
 )

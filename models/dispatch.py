@@ -75,13 +75,27 @@ class ExpertStack:
                 and all(lin.weight.data_ptr() == a for lin, a in zip(self.linears, self.addresses)))
 
 
+SWIGLU_NAMES: tuple[tuple[str, str, str], ...] = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+"""Module names of a SwiGLU expert's ``(gate, up, down)`` projections: DiT-MoE's, then HiDream-I1's
+(``w2(silu(w1(h)) * w3(h))``), so both families share the stacked dispatch."""
+
+
+def _swiglu_linears(expert: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
+    """``(gate, up, down)`` of a bias-free SwiGLU expert under one of :data:`SWIGLU_NAMES`, else None."""
+    for names in SWIGLU_NAMES:
+        lins = tuple(getattr(expert, name, None) for name in names)
+        if all(isinstance(lin, nn.Linear) and lin.bias is None for lin in lins):
+            return lins
+    return None
+
+
 def _swiglu_projections(moe: nn.Module) -> list[tuple[nn.Linear, nn.Linear, nn.Linear]] | None:
     """``(gate_proj, up_proj, down_proj)`` per expert when every expert is a bias-free SwiGLU of one
     shape and dtype on one device, else None (other expert types run through their modules)."""
     projections = []
     for ex in moe.experts:
-        lins = tuple(getattr(ex, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
-        if not all(isinstance(lin, nn.Linear) and lin.bias is None for lin in lins):
+        lins = _swiglu_linears(ex)
+        if lins is None:
             return None
         projections.append(lins)
     first = projections[0][0].weight
@@ -117,6 +131,17 @@ def stack_experts(moe: nn.Module) -> ExpertStack | None:
                         tuple(lin.weight.data_ptr() for lin in linears))
     moe.expert_stack = stack
     return stack
+
+
+def unstack_experts(moe: nn.Module) -> None:
+    """Undo :func:`stack_experts`: every linked weight gets its own storage again (same values) and the
+    stack is dropped, so the experts' parameters no longer share memory (a foreign model handed back)."""
+    stack = getattr(moe, "expert_stack", None)
+    if stack is not None and stack.linked(moe):
+        with torch.inference_mode(False), torch.no_grad():
+            for lin in stack.linears:
+                lin.weight.data = lin.weight.data.clone()
+    moe.expert_stack = None
 
 
 def expert_stack(moe: nn.Module) -> ExpertStack | None:

@@ -52,6 +52,9 @@ class StepRecord:
     unit_vectors: torch.Tensor | None = None
     expert_vectors: torch.Tensor | None = None
     expert_ids: torch.Tensor | None = None
+    blocks: torch.Tensor | None = None
+    """Block index of each of the ``L`` entries when they are not ``0..L-1`` (a model whose blocks see
+    different token counts, e.g. HiDream's double- and single-stream blocks, files one record per group)."""
 
 
 class _BlockState:
@@ -101,6 +104,7 @@ class _Forward:
     tokens: list
     branches: list
     vectors: list
+    blocks: list
 
 
 class TracingRuntime(Runtime):
@@ -170,7 +174,7 @@ class TracingRuntime(Runtime):
                 raise ValueError(f"model call has {R} rows; expected the {B} samples of this shard")
             cfg_rows = torch.full((B,), int(ctx.cfg_branch == "uncond"), dtype=torch.int8)
             sample_rows = self._sample_ids
-        self._fwd = _Forward(ctx, cfg_rows, sample_rows, [], [], [])
+        self._fwd = _Forward(ctx, cfg_rows, sample_rows, [], [], [], [])
 
     def run_blocks(self, model, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self._fwd is None:
@@ -212,6 +216,14 @@ class TracingRuntime(Runtime):
             return
         step = fwd.ctx.step
         t = self.step_t[step] if self.step_t is not None and step < len(self.step_t) else math.nan
+        groups = _token_count_groups(fwd.tokens)
+        if len(groups) > 1:   # blocks of different token counts: one record per run of equal counts
+            for lo, hi in groups:
+                self._sink(StepRecord(step=step, t=float(t), cfg_rows=fwd.cfg_rows, sample_rows=fwd.sample_rows,
+                                      tokens=torch.stack(fwd.tokens[lo:hi]).cpu(),
+                                      branches=torch.stack(fwd.branches[lo:hi]).cpu(),
+                                      blocks=torch.tensor(fwd.blocks[lo:hi], dtype=torch.int32)))
+            return
         record = StepRecord(step=step, t=float(t), cfg_rows=fwd.cfg_rows, sample_rows=fwd.sample_rows,
                             tokens=torch.stack(fwd.tokens).cpu(), branches=torch.stack(fwd.branches).cpu())
         if fwd.vectors:
@@ -221,6 +233,22 @@ class TracingRuntime(Runtime):
             record.expert_vectors = torch.stack([v[2] for v in fwd.vectors]).cpu()
             record.expert_ids = torch.stack([v[3] for v in fwd.vectors]).cpu()
         self._sink(record)
+
+    def record_block(self, block, update: torch.Tensor, *, attn_in: torch.Tensor, attn: torch.Tensor,
+                     moe_in: torch.Tensor, moe: torch.Tensor, shared: torch.Tensor | None, ids: torch.Tensor,
+                     weights: torch.Tensor, slot_out: torch.Tensor) -> None:
+        """Record one block whose units ran outside :meth:`run_blocks` (a model family attached through
+        hooks, DESIGN section 1b). ``block`` has an ``index``; ``update``, ``attn_in``, ``attn``, ``moe_in``,
+        ``moe`` (the gate-weighted routed sum) and ``shared`` are ``[R, T, D]``; ``ids``/``weights`` ``[R*T, k]``;
+        ``slot_out`` the unweighted expert outputs ``[R*T, k, D]``. A no-op outside a recorded forward."""
+        if self._fwd is None:
+            return
+        self._scratch = dict(attn_in=attn_in, attn=attn, moe_in=moe_in, moe=moe, shared=shared, ids=ids,
+                             weights=weights, slot_out=slot_out)
+        try:
+            self._record_block(block, update)
+        finally:
+            self._scratch = None
 
     # ------------------------------------------------------------------ metrics
     def _state(self, key: tuple[str, int], shape: tuple[int, int, int], k: int, device: torch.device) -> _BlockState:
@@ -303,6 +331,7 @@ class TracingRuntime(Runtime):
                              in_rel[1].reshape(N, 1).expand(N, k)], dim=-1)              # [N, k, 5]
         branch = torch.cat([fixed, blagged.permute(1, 2, 0, 3).reshape(N, k, 2 * K)], dim=-1)
         fwd.branches.append(branch.view(R, T, k, -1))                                   # [R, T, k, F_br]
+        fwd.blocks.append(block.index)
 
         sel = self.vector_tokens.get(block.index)
         if sel:
@@ -313,3 +342,14 @@ class TracingRuntime(Runtime):
             experts = out_cur.view(R, T, k, -1).index_select(1, idx).half()
             fwd.vectors.append((idx, units, experts, ids.view(R, T, k).index_select(1, idx), block.index))
         st.count += 1
+
+
+def _token_count_groups(tokens: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """``[lo, hi)`` runs of consecutive per-block token records ``[R, T, F]`` with equal ``T``."""
+    groups: list[tuple[int, int]] = []
+    for i, rec in enumerate(tokens):
+        if groups and tokens[groups[-1][0]].shape[1] == rec.shape[1]:
+            groups[-1] = (groups[-1][0], i + 1)
+        else:
+            groups.append((i, i + 1))
+    return groups

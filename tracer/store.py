@@ -222,8 +222,15 @@ def _facts(meta: dict) -> dict:
     sampler = meta.get("sampler") or {}
     config = meta["model"]["config"]
     steps = int(sampler.get("num_steps") or meta.get("steps") or 0)
-    return {"steps": steps, "depth": int(config["depth"]), "top_k": int(config["top_k"]),
-            "tokens": (int(config["input_size"]) // int(config["patch_size"])) ** 2,
+    depth, tokens = int(config["depth"]), (int(config["input_size"]) // int(config["patch_size"])) ** 2
+    per_block, blocks_text = depth * tokens, f"{depth} blocks x {tokens} tokens"
+    layout = meta["model"].get("layout")
+    if layout:  # a family whose blocks see different token counts (HiDream: image only, or image + text)
+        counts = [int(layout["image_tokens"]) + (int(layout["text_tokens"]) if kind == "single" else 0)
+                  for kind in layout["block_kinds"]]
+        tokens, per_block, blocks_text = max(counts), sum(counts), f"{depth} blocks of {min(counts)}..{tokens} tokens"
+    return {"steps": steps, "depth": depth, "top_k": int(config["top_k"]), "tokens": tokens,
+            "block_tokens": per_block, "blocks_text": blocks_text,
             "cfg_rows": 1 if float(sampler.get("cfg_scale", 1.0)) == 1.0 else 2,
             "lags": int(meta["lags"]), "batch_size": meta.get("batch_size"), "num_samples": meta.get("num_samples")}
 
@@ -282,12 +289,12 @@ def check_shard_file(path: Path, table: str, shard: int, facts: dict, deep: bool
                             f"{lo}..{hi} per run.json; {fix}")
     else:
         samples = srange[1] - srange[0] + 1 if srange is not None else None
-    per_sample = facts["cfg_rows"] * facts["steps"] * facts["depth"] * facts["tokens"] * (
+    per_sample = facts["cfg_rows"] * facts["steps"] * facts["block_tokens"] * (
         facts["top_k"] if table == "branches" else 1)
     if samples is not None and rows != samples * per_sample:
         problems.append(f"{path}: has {rows:,} rows but run.json implies {samples * per_sample:,} ({samples} samples"
-                        f" x {facts['cfg_rows']} CFG rows x {facts['steps']} steps x {facts['depth']} blocks x "
-                        f"{facts['tokens']} tokens" + (f" x top-{facts['top_k']}" if table == "branches" else "")
+                        f" x {facts['cfg_rows']} CFG rows x {facts['steps']} steps x {facts['blocks_text']}"
+                        + (f" x top-{facts['top_k']}" if table == "branches" else "")
                         + f"); the shard and run.json disagree; {fix}")
     for column, top in (("step", facts["steps"] - 1), ("block", facts["depth"] - 1),
                         ("token", facts["tokens"] - 1), ("cfg_branch", facts["cfg_rows"] - 1)):

@@ -63,6 +63,8 @@ def record_to_tables(rec: StepRecord, run_name: str, lags: int) -> dict[str, pa.
     tok = rec.tokens.numpy()
     L, R, T, F = tok.shape
     block, row, token = _grid((L, R, T))
+    if rec.blocks is not None:
+        block = rec.blocks.numpy()[block]
     flat = tok.reshape(-1, F)
     names = token_metric_columns(lags)
     if len(names) != F:
@@ -76,6 +78,8 @@ def record_to_tables(rec: StepRecord, run_name: str, lags: int) -> dict[str, pa.
     br = rec.branches.numpy()
     L, R, T, k, F = br.shape
     block, row, token, slot = _grid((L, R, T, k))
+    if rec.blocks is not None:
+        block = rec.blocks.numpy()[block]
     flat = br.reshape(-1, F)
     lag_names = branch_metric_columns(lags)
     if F != 5 + len(lag_names):

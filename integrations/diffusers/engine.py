@@ -1,0 +1,401 @@
+"""Following a moeca schedule on HiDream's units: what to compute, what to reuse (the policy's mechanism).
+
+Per MoE block and step (the schedule's :class:`~moeca.policy.schedule.BlockRule`):
+
+- ``attn`` -- the block's ``attn1`` (joint attention; both streams' outputs in a double-stream block):
+  ``always`` computes, ``never`` forecasts the whole output;
+- ``moe`` -- ``never`` forecasts the whole ``ff_i`` output (token-level, no router); ``always`` decides
+  per branch:
+- ``experts[e]`` -- routed expert ``e`` per (token, expert) pair, keyed by expert id (HiDream's top-k
+  is unsorted): the router always runs, a newly routed pair is always computed, a cached pair is
+  recomputed under ``always``, forecast under ``never``, and under ``fraction f`` / ``threshold x`` the
+  cached pairs with the highest / above-``x`` score (accumulated input drift times ``drift_weight``
+  plus ``staleness_weight`` x steps since computed) are recomputed; outputs are combined with the
+  *current* gate weights;
+- ``shared`` -- the shared expert per token, with the same modes; the dense text feed-forward
+  (``ff_t``) of a double-stream block follows it whole (reused only under ``never``).
+
+Synchronized refresh steps compute everything. A step whose rules compute everything runs the stock
+arithmetic through moeca's dispatch (:func:`~.hidream.moe_full`), so the schedule ``none`` reproduces
+the stock forward bit for bit. Caches are per CFG context (:class:`ContextCaches`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from moeca.models.dispatch import run_experts, run_routed
+from moeca.policy.schedule import BlockRule, Schedule, ScheduleMismatch
+
+from .cache import RowCache, WholeCache
+from .hidream import Architecture, HiDreamBlock, UnitFlops, combine_in_expert_order, moe_full
+
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Static facts of a schedule: the blocks whose units are ever reused (so they are cached) and whose
+    rules need the online score. ``linear``: forecast reused outputs linearly."""
+
+    attn: frozenset[int]
+    moe: frozenset[int]
+    shared: frozenset[int]
+    dense: frozenset[int]
+    experts: frozenset[int]
+    scored: frozenset[int]
+    linear: bool
+
+    @classmethod
+    def of(cls, schedule: Schedule) -> "Plan":
+        sets: dict[str, set[int]] = {k: set() for k in ("attn", "moe", "shared", "dense", "experts", "scored")}
+        for s, step in enumerate(schedule.steps):
+            if schedule.is_sync(s):
+                continue
+            for b, rule in enumerate(step.blocks):
+                for name, r in (("attn", rule.attn), ("moe", rule.moe), ("shared", rule.shared)):
+                    if r.mode != "always":
+                        sets[name].add(b)
+                if rule.shared.mode == "never":
+                    sets["dense"].add(b)
+                if any(r.mode != "always" for r in rule.experts):
+                    sets["experts"].add(b)
+                if rule.shared.scored or any(r.scored for r in rule.experts):
+                    sets["scored"].add(b)
+        return cls(**{k: frozenset(v) for k, v in sets.items()},
+                   linear=schedule.forecast in ("linear", "taylor"))
+
+
+def check_supported(schedule: Schedule, depth: int, num_experts: int) -> None:
+    """Refuse rules the HiDream adapter does not run; the message names the field."""
+    if schedule.model_skip is not None or any(st.model != "compute" for st in schedule.steps):
+        raise ScheduleMismatch("schedule field steps[].model: whole-model reuse (TeaCache-like) is not run on HiDream "
+                               "by moeca's diffusers integration; derive a schedule with the default branch rules")
+    if schedule.forecast == "taylor" and schedule.forecast_order > 1:
+        raise ScheduleMismatch(f"schedule field forecast_order: HiDream reuse forecasts none or linear (taylor order "
+                               f"1); this schedule asks taylor order {schedule.forecast_order}")
+    if schedule.token_selection.kind != "moeca_score":
+        raise ScheduleMismatch(f"schedule field token_selection.kind: only moeca_score runs on HiDream, got "
+                               f"{schedule.token_selection.kind!r}")
+    for s, step in enumerate(schedule.steps):
+        if len(step.blocks) != depth:
+            raise ScheduleMismatch(f"schedule field steps[{s}].blocks: {len(step.blocks)} blocks, the model has {depth}")
+        for b, rule in enumerate(step.blocks):
+            for name, r in (("attn", rule.attn), ("moe", rule.moe)):
+                if r.mode not in ("always", "never"):
+                    raise ScheduleMismatch(f"schedule field steps[{s}].blocks[{b}].{name}: HiDream reuses {name} "
+                                           f"whole (always or never), got {r.mode}")
+            if len(rule.experts) != num_experts:
+                raise ScheduleMismatch(f"schedule field steps[{s}].blocks[{b}].experts: {len(rule.experts)} rules, "
+                                       f"the model has {num_experts} experts")
+
+
+@dataclass
+class ContextCaches:
+    """State of one CFG context (diffusers ``CacheContext``): the step bookkeeping and every cache.
+
+    ``next_step``: the step the next forward gets when the caller gives none; ``last_t``: the timestep of
+    the last forward (a rise starts a new sampling call); ``batch``: rows of the last forward."""
+
+    next_step: int = 0
+    last_t: float | None = None
+    batch: int | None = None
+    whole: dict[tuple[str, int], WholeCache] = field(default_factory=dict)
+    pairs: dict[int, RowCache] = field(default_factory=dict)
+    shared: dict[int, RowCache] = field(default_factory=dict)
+    prev_in: dict[int, torch.Tensor] = field(default_factory=dict)
+    drift_pairs: dict[int, torch.Tensor] = field(default_factory=dict)
+    drift_tokens: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def reset(self, *args, **kwargs) -> None:
+        """Forget every cache and the step count (a new sampling call)."""
+        self.next_step, self.last_t, self.batch = 0, None, None
+        self.clear()
+
+    def clear(self) -> None:
+        for d in (self.whole, self.pairs, self.shared, self.prev_in, self.drift_pairs, self.drift_tokens):
+            d.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return (sum(c.nbytes for c in self.whole.values()) + sum(c.nbytes for c in self.pairs.values())
+                + sum(c.nbytes for c in self.shared.values()))
+
+
+@dataclass
+class Counters:
+    """FLOPs run and FLOPs of full compute (:class:`~.hidream.UnitFlops`), summed over forwards, and the
+    routed pairs computed / routed."""
+
+    flops: float = 0.0
+    full_flops: float = 0.0
+    pairs: int = 0
+    routed_pairs: int = 0
+    forwards: int = 0
+
+    @property
+    def flops_ratio(self) -> float:
+        """Full-compute FLOPs over FLOPs run (>= 1: the FLOPs speedup)."""
+        return self.full_flops / self.flops if self.flops else math.nan
+
+    def add(self, done: float, full: float) -> None:
+        self.flops += done
+        self.full_flops += full
+
+
+class ScheduleEngine:
+    """Runs HiDream's units as ``schedule`` says for the context :meth:`begin` selects (see the module
+    docstring). ``dispatch``: the routed-expert path (``"auto"``: the fastest for the device)."""
+
+    def __init__(self, schedule: Schedule, arch: Architecture, dispatch: str = "auto"):
+        check_supported(schedule, arch.depth, arch.num_experts)
+        self.schedule, self.arch, self.dispatch = schedule, arch, dispatch
+        self.plan = Plan.of(schedule)
+        self.counters = Counters()
+        self.cs: ContextCaches | None = None
+        self.step = 0
+        self._flops: UnitFlops | None = None
+        self._sync = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def begin(self, cs: ContextCaches, step: int | None, num_steps: int | None, batch: int,
+              timestep: float | None) -> None:
+        """Start a forward in context ``cs``: its step is ``step`` when the caller gives one (a diffusers
+        ``CacheContext.step_index``), else counted; a new sampling call (step 0, a rising timestep, a new
+        batch size) clears the context's caches."""
+        S = self.schedule.num_steps
+        if num_steps is not None and num_steps != S:
+            raise ScheduleMismatch(f"schedule field sampler.num_steps: the schedule has {S} steps but the pipeline "
+                                   f"runs {num_steps}; derive a schedule for this step count")
+        if step is None:
+            new_call = cs.next_step == 0 or (timestep is not None and cs.last_t is not None and timestep >= cs.last_t)
+            if not new_call and cs.next_step >= S:
+                if timestep is None:
+                    new_call = True
+                else:
+                    raise ScheduleMismatch(f"schedule field sampler.num_steps: the schedule has {S} steps but this "
+                                           f"sampling call made a forward at step {cs.next_step}; derive a schedule "
+                                           "for this step count")
+            step = 0 if new_call else cs.next_step
+        elif not 0 <= step < S:
+            raise ScheduleMismatch(f"schedule field sampler.num_steps: step_index {step} is outside the schedule's "
+                                   f"0..{S - 1}")
+        if step == 0 or batch != cs.batch or step < cs.next_step - 1:
+            cs.clear()
+        cs.batch, cs.last_t, cs.next_step = batch, timestep, step + 1
+        self.cs, self.step = cs, step
+        self._sync = self.schedule.is_sync(step)
+        self._flops = None
+        self.counters.forwards += 1
+
+    def end(self) -> None:
+        self.cs = None
+
+    def rule(self, block: HiDreamBlock) -> BlockRule:
+        return self.schedule.rule(self.step, block.index)
+
+    def _unit_flops(self, joint_tokens: int) -> UnitFlops:
+        if self._flops is None:
+            self._flops = UnitFlops.of(self.arch, joint_tokens)
+        return self._flops
+
+    # -- attention and the dense text feed-forward ------------------------------------------------
+    def attention(self, block: HiDreamBlock, inputs: tuple[torch.Tensor, ...], compute: Callable[[], object]):
+        """``attn1``'s output (a tensor, or the image and text outputs of a double-stream block).
+        ``inputs``: the attention's token inputs ``[B, T_i, D]`` (they give the joint length)."""
+        if self.cs is None:
+            return compute()
+        B, J = inputs[0].shape[0], sum(x.shape[1] for x in inputs)
+        full = self._unit_flops(J).attn * B
+        rule, key = self.rule(block).attn, ("attn", block.index)
+        cache = self.cs.whole.get(key)
+        if rule.mode == "never" and not self._sync and cache is not None and cache.n:
+            self.counters.add(0.0, full)
+            out = cache.forecast(self.step, self.plan.linear, inputs[0].dtype)
+            return out if len(out) > 1 else out[0]
+        out = compute()
+        self.counters.add(full, full)
+        if block.index in self.plan.attn:
+            self.cs.whole.setdefault(key, WholeCache()).push(out if isinstance(out, tuple) else (out,), self.step)
+        return out
+
+    def dense(self, block: HiDreamBlock, x: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``ff_t`` on the text tokens ``x [B, T_t, D]`` of a double-stream block."""
+        if self.cs is None:
+            return compute()
+        full = x.shape[0] * x.shape[1] * 6.0 * self.arch.dim * self.arch.dense_hidden
+        key = ("dense", block.index)
+        cache = self.cs.whole.get(key)
+        if self.rule(block).shared.mode == "never" and not self._sync and cache is not None and cache.n:
+            self.counters.add(0.0, full)
+            return cache.forecast(self.step, self.plan.linear, x.dtype)[0]
+        out = compute()
+        self.counters.add(full, full)
+        if block.index in self.plan.dense:
+            self.cs.whole.setdefault(key, WholeCache()).push((out,), self.step)
+        return out
+
+    # -- the MoE ------------------------------------------------------------------------------
+    def moe(self, block: HiDreamBlock, x: torch.Tensor) -> torch.Tensor:
+        """``ff_i`` on ``x [B, T, D]`` -> ``[B, T, D]`` (routed + shared, before the block's ``gate_mlp``)."""
+        if self.cs is None:
+            return moe_full(block, x, self.dispatch).out
+        B, T, D = x.shape
+        N, bi, cs, a = B * T, block.index, self.cs, self.arch
+        full = N * (a.top_k * 6.0 * D * a.expert_hidden + 6.0 * D * a.shared_hidden + 2.0 * D * a.num_experts)
+        rule = self.rule(block)
+        whole = cs.whole.get(("moe", bi))
+        if rule.moe.mode == "never" and not self._sync and whole is not None and whole.n:
+            self.counters.add(0.0, full)
+            self.counters.routed_pairs += N * a.top_k
+            return whole.forecast(self.step, self.plan.linear, x.dtype)[0]
+        drift = self._drift(bi, x.reshape(N, D)) if bi in self.plan.scored else None
+        computes_all = self._sync or (rule.shared.mode == "always" and all(r.mode == "always" for r in rule.experts))
+        if computes_all or (bi not in cs.pairs and bi not in cs.shared):   # nothing cached yet
+            res = moe_full(block, x, self.dispatch)
+            out = res.out
+            self._fill_caches(block, x, res, drift)
+            self.counters.add(full, full)
+            self.counters.pairs += N * a.top_k
+        else:
+            out = self._branches(block, x, rule, drift, full)
+        self.counters.routed_pairs += N * a.top_k
+        if bi in self.plan.moe:
+            cs.whole.setdefault(("moe", bi), WholeCache()).push((out,), self.step)
+        return out
+
+    def _drift(self, bi: int, flat: torch.Tensor) -> torch.Tensor:
+        """Relative change of each token's MoE input since the last forward, accumulated into the pair and
+        token scores (float32 ``[N]``); 0 at a context's first forward."""
+        cs, x = self.cs, flat.float()
+        prev = cs.prev_in.get(bi)
+        d = (torch.zeros(x.shape[0], device=x.device) if prev is None
+             else torch.linalg.vector_norm(x - prev, dim=1) / (torch.linalg.vector_norm(prev, dim=1) + EPS))
+        cs.prev_in[bi] = x
+        if bi in cs.drift_pairs:
+            cs.drift_pairs[bi].add_(d.unsqueeze(1))
+            cs.drift_tokens[bi].add_(d)
+        else:
+            cs.drift_pairs[bi] = d.unsqueeze(1).repeat(1, self.arch.num_experts)
+            cs.drift_tokens[bi] = d.clone()
+        return d
+
+    def _fill_caches(self, block: HiDreamBlock, x: torch.Tensor, res, drift) -> None:
+        """After a full MoE compute: every routed pair and every shared output into the caches."""
+        bi, cs = block.index, self.cs
+        B, T, D = x.shape
+        N, E, k = B * T, self.arch.num_experts, self.arch.top_k
+        if bi in self.plan.experts:
+            pc = cs.pairs.get(bi) or cs.pairs.setdefault(bi, RowCache(N * E, D, x.device))
+            pc.push(self._pair_rows(res.ids).reshape(-1), res.slot_out.reshape(N * k, D), self.step)
+        if bi in self.plan.shared:
+            sc = cs.shared.get(bi) or cs.shared.setdefault(bi, RowCache(N, D, x.device))
+            sc.push(torch.arange(N, device=x.device), res.shared.reshape(N, D), self.step)
+        if drift is not None:
+            cs.drift_pairs[bi].zero_()
+            cs.drift_tokens[bi].zero_()
+
+    def _pair_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Row of each (token, slot) in a pair cache: ``token * E + expert`` -> ``[N, k]`` int64."""
+        return torch.arange(ids.shape[0], device=ids.device).unsqueeze(1) * self.arch.num_experts + ids
+
+    def _branches(self, block: HiDreamBlock, x: torch.Tensor, rule: BlockRule, drift, full: float) -> torch.Tensor:
+        """Branch-level step: route, compute the newly routed pairs and the pairs the expert rules select,
+        forecast the others, combine with the current gates; the shared expert per token."""
+        bi, cs, a = block.index, self.cs, self.arch
+        B, T, D = x.shape
+        N, E, k = B * T, a.num_experts, a.top_k
+        flat = x.reshape(N, D)
+        ids, weights = block.moe.gate(flat)
+        if bi not in self.plan.experts:       # only the shared expert is ever reused in this block
+            routed = combine_in_expert_order(run_routed(block.moe, flat, ids, path=self.dispatch), ids, weights)
+            return self._with_shared(block, x, rule, drift, full, routed.view(B, T, D), N * k)
+        pair = self._pair_rows(ids)                                                        # [N, k]
+        pc = cs.pairs.get(bi) or cs.pairs.setdefault(bi, RowCache(N * E, D, x.device))
+        cached = pc.n[pair] > 0
+        compute = ~cached
+        for e, r in enumerate(rule.experts):
+            if r.mode == "never":
+                continue
+            sel = cached & (ids == e)
+            if r.mode == "always":
+                compute |= sel
+                continue
+            score = self._score("expert", cs.drift_pairs[bi].view(-1)[pair], pc.s1[pair])
+            compute |= self._select(r, sel, score)
+        tok, slot = compute.nonzero(as_tuple=True)
+        rows = pair[tok, slot]
+        out_c = run_experts(block.moe, flat[tok], ids[tok, slot], path=self.dispatch)
+        pc.push(rows, out_c, self.step)
+        if drift is not None:
+            cs.drift_pairs[bi].view(-1)[rows] = 0.0
+        # every pair forecast in one gather, then the computed ones written over it (cheaper than two masks)
+        slot_out = pc.forecast(pair.reshape(-1), self.step, self.plan.linear).to(x.dtype).view(N, k, D)
+        slot_out[tok, slot] = out_c
+        routed = combine_in_expert_order(slot_out, ids, weights).view(B, T, D)
+        return self._with_shared(block, x, rule, drift, full, routed, int(tok.shape[0]))
+
+    def _with_shared(self, block: HiDreamBlock, x: torch.Tensor, rule: BlockRule, drift, full: float,
+                     routed: torch.Tensor, n_pairs: int) -> torch.Tensor:
+        """``routed [B, T, D]`` plus the shared expert under its rule; counts the step's FLOPs."""
+        a, D = self.arch, x.shape[2]
+        shared, n_shared = self._shared(block, x, rule, drift)
+        self.counters.pairs += n_pairs
+        done = (x.shape[0] * x.shape[1] * 2.0 * D * a.num_experts + n_pairs * 6.0 * D * a.expert_hidden
+                + n_shared * 6.0 * D * a.shared_hidden)
+        self.counters.add(done, full)
+        return routed + shared
+
+    def _shared(self, block: HiDreamBlock, x: torch.Tensor, rule: BlockRule, drift) -> tuple[torch.Tensor, int]:
+        """The shared expert per token under ``rule.shared`` -> (``[B, T, D]``, tokens computed)."""
+        bi, cs = block.index, self.cs
+        B, T, D = x.shape
+        N = B * T
+        sc = cs.shared.get(bi)
+        r = rule.shared
+        if r.mode == "always" or sc is None:
+            out = block.moe.shared_experts(x)
+            if bi in self.plan.shared:
+                sc = sc or cs.shared.setdefault(bi, RowCache(N, D, x.device))
+                sc.push(torch.arange(N, device=x.device), out.reshape(N, D), self.step)
+            if drift is not None:
+                cs.drift_tokens[bi].zero_()
+            return out, N
+        cached = sc.n > 0
+        compute = ~cached
+        if r.mode != "never":
+            compute |= self._select(r, cached, self._score("shared", cs.drift_tokens[bi], sc.s1))
+        elif bool(cached.all()):              # every token forecast: no gathers, no computed rows
+            return sc.forecast_all(self.step, self.plan.linear).to(x.dtype).view(B, T, D), 0
+        rows = compute.nonzero(as_tuple=True)[0]
+        flat = x.reshape(N, D)
+        out = torch.empty(N, D, dtype=x.dtype, device=x.device)
+        if rows.numel():
+            computed = block.moe.shared_experts(flat[rows])
+            out[rows] = computed
+            sc.push(rows, computed, self.step)
+            if drift is not None:
+                cs.drift_tokens[bi][rows] = 0.0
+        reuse = (~compute).nonzero(as_tuple=True)[0]
+        out[reuse] = sc.forecast(reuse, self.step, self.plan.linear).to(x.dtype)
+        return out.view(B, T, D), int(rows.numel())
+
+    def _score(self, kind: str, drift: torch.Tensor, computed_at: torch.Tensor) -> torch.Tensor:
+        sc = self.schedule.score(kind)
+        return sc.drift_weight * drift + sc.staleness_weight * (self.step - computed_at)
+
+    @staticmethod
+    def _select(rule, candidates: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """Candidates (bool, any shape) a ``fraction``/``threshold`` rule recomputes."""
+        if rule.mode == "threshold":
+            return candidates & (score > rule.value)
+        n = int(candidates.sum())
+        m = math.ceil(rule.value * n)
+        chosen = torch.zeros_like(candidates)
+        if m:
+            masked = torch.where(candidates, score, torch.full_like(score, -math.inf)).reshape(-1)
+            chosen.view(-1)[masked.topk(m).indices] = True
+        return chosen

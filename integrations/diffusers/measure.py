@@ -1,0 +1,97 @@
+"""Measuring MoECa on a HiDream transformer: stock forward, moeca full compute and schedules, interleaved.
+
+Every variant samples the same latents from the same noise and text. Timed runs are interleaved
+(stock, moeca full, each schedule, then again ``repeats`` times) after one warm-up run of each, hooks
+attached before and removed after each run (outside the timed region); a variant's ms/step is the median
+over runs, its speed the median of its per-run ratios to the stock run of the same round. FLOPs are
+counted by the engine from what ran (:class:`~.engine.Counters`); fidelity is the final latents' relative
+L2 and PSNR (peak = the stock latents' largest magnitude) against the stock run.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from moeca.policy.schedule import Schedule
+
+from .apply import apply_schedule
+from .sampling import FlowSampler, TextConditioning, sample
+
+
+@dataclass
+class Variant:
+    """One timed variant: ``name``, ``schedule`` (None: the stock forward, no hooks), its runs' seconds,
+    ``ratios`` to the stock run of the same round, the last run's latents and engine stats."""
+
+    name: str
+    schedule: Schedule | None
+    seconds: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+    latents: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_variant(transformer, variant: Variant, sampler: FlowSampler, noise: torch.Tensor, cond: TextConditioning,
+                uncond: TextConditioning, dispatch: str = "auto") -> float:
+    """One sampling call of ``variant``; returns its wall-clock seconds (hooks attached outside the timing)."""
+    device = next(transformer.parameters()).device
+    handle = apply_schedule(transformer, variant.schedule, dispatch=dispatch, check_weights=False) \
+        if variant.schedule is not None else None
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        latents = sample(transformer, sampler, noise, cond, uncond)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        variant.latents = latents
+        if handle is not None:
+            variant.stats = handle.stats()
+    finally:
+        if handle is not None:
+            handle.remove()
+    return seconds
+
+
+def compare(transformer, variants: list[Variant], sampler: FlowSampler, noise: torch.Tensor,
+            cond: TextConditioning, uncond: TextConditioning, *, repeats: int, dispatch: str = "auto",
+            progress=None) -> list[dict]:
+    """Time ``variants`` interleaved (the first must be the stock one, ``schedule=None``); rows per variant:
+    ``ms_step`` (median), ``speed`` (median ratio to stock), ``flops_ratio``, ``speed_over_flops``,
+    ``max_abs_diff``, ``rel_l2`` and ``psnr_db`` of the latents vs stock, ``cache_mb``."""
+    if not variants or variants[0].schedule is not None:
+        raise ValueError("compare: the first variant must be the stock forward (schedule None)")
+    for v in variants:                                    # warm-up, and the latents to compare
+        run_variant(transformer, v, sampler, noise, cond, uncond, dispatch)
+    for r in range(repeats):
+        stock = None
+        for v in variants:
+            s = run_variant(transformer, v, sampler, noise, cond, uncond, dispatch)
+            v.seconds.append(s)
+            stock = s if v.schedule is None else stock
+            v.ratios.append(stock / s)
+        if progress is not None:
+            progress(r, variants)
+    ref = variants[0].latents.float()
+    peak = float(ref.abs().max())
+    rows = []
+    for v in variants:
+        diff = v.latents.float() - ref
+        mse = float(diff.pow(2).mean())
+        flops = v.stats.get("flops_ratio", 1.0)
+        speed = statistics.median(v.ratios)
+        rows.append({"variant": v.name, "ms_step": 1000 * statistics.median(v.seconds) / sampler.num_steps,
+                     "speed": speed, "flops_ratio": flops, "speed_over_flops": speed / flops,
+                     "max_abs_diff": float(diff.abs().max()), "rel_l2": float(diff.norm() / (ref.norm() + 1e-12)),
+                     "psnr_db": math.inf if mse == 0 else 10 * math.log10(peak * peak / mse),
+                     "pairs_computed": v.stats.get("pairs_computed"), "pairs_routed": v.stats.get("pairs_routed"),
+                     "cache_mb": v.stats.get("cache_bytes", 0) / 2**20, "repeats": len(v.seconds)})
+    return rows
