@@ -26,7 +26,7 @@ import argparse
 
 NAME = "ablation"
 COLUMNS = ["target", "variant", "level", "refreshes", "predicted_speedup", "speedup", "flops_speedup", "psnr", "ssim",
-           "accuracy_cached", "fd_full", "fd_cached", "note"]
+           "accuracy_cached", "fd_full", "fd_cached", "levels", "note"]
 VARIANTS = (("moeca", {}), ("- drift placement", {"placement": "even"}), ("- forecast", {"forecast": "none"}),
             ("branch level", {"forecast_level": "branch"}), ("token level", {"forecast_level": "token"}),
             ("- folded stack", {"fold": False}))
@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", required=True, help="trace directory of the model (moeca trace)")
     p.add_argument("--checkpoint", default=None, help="the model's weights when run.json names none")
     p.add_argument("--targets", default="1.5,2", help="wall-clock speedup targets (comma-separated; default 1.5,2)")
+    p.add_argument("--variants", default=",".join(v for v, _ in VARIANTS),
+                   help="the variants to run, comma-separated (default: all of " + ", ".join(v for v, _ in VARIANTS) + ")")
     p.add_argument("--timing-samples", type=int, default=16, help="timed batch (default 16)")
     p.add_argument("--quality-samples", type=int, default=128, help="samples compared with full compute (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats, medians (default 3)")
@@ -61,6 +63,25 @@ def _targets(text: str) -> list[float]:
     return out
 
 
+def _variants(text: str) -> list[tuple[str, dict]]:
+    known = dict(VARIANTS)
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in known]
+    if unknown or not names:
+        raise ValueError(f"--variants {text!r}: {', '.join(unknown) or 'none given'}; choose from "
+                         + ", ".join(known))
+    return [(v, known[v]) for v in names]
+
+
+def level_note(levels: dict | None) -> str | None:
+    """``token 23 refreshes, 1.2 ms/forecast step; branch 14, 6.3 ms`` from a schedule's ``provenance.levels``."""
+    if not levels:
+        return None
+    return "; ".join(f"{lv} {c['refreshes']} refreshes, {c['forecast_step_ms']:.3g} ms/forecast step"
+                     if c.get("forecast_step_ms") is not None else f"{lv} {c['refreshes']} refreshes"
+                     for lv, c in levels.items())
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -76,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from .results import write_results
 
     targets = _targets(args.targets)
+    chosen = _variants(args.variants)
     for name, value, low in (("--timing-samples", args.timing_samples, 1), ("--quality-samples", args.quality_samples, 1),
                              ("--repeats", args.repeats, 1), ("--threads", args.threads, 1)):
         if value is not None and value < low:
@@ -91,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     quality = resolve_labels(n_cls, samples=args.quality_samples)
     rows, reference = [], None
     for target in targets:
-        for variant, knobs in VARIANTS:
+        for variant, knobs in chosen:
             row = {"target": f"{target:g}x", "variant": variant}
             try:
                 schedule = derive_schedule(summary, meta, DeriveConfig(target_speedup=target, target="wallclock",
@@ -110,11 +132,13 @@ def run(args: argparse.Namespace) -> int:
                          "refreshes": len(schedule.sync_refresh_steps),
                          "predicted_speedup": schedule.provenance["predicted_speedup"], "speedup": r.speedup,
                          "flops_speedup": r.flops_speedup, "psnr": r.psnr_quality_mean, "ssim": r.ssim_quality_mean,
-                         "accuracy_cached": r.accuracy_cached, "fd_full": r.fd_full, "fd_cached": r.fd_cached})
+                         "accuracy_cached": r.accuracy_cached, "fd_full": r.fd_full, "fd_cached": r.fd_cached,
+                         "levels": level_note(schedule.provenance.get("levels"))})
             print(f"{target:g}x {variant:20s} {rows[-1]['level']:6s} refreshes {rows[-1]['refreshes']:2d} predicted "
                   f"{rows[-1]['predicted_speedup']:.2f}x measured {r.speedup:.2f}x PSNR {r.psnr_quality_mean:.2f} dB",
                   flush=True)
-    cmd = (f"moeca bench ablation --trace {args.trace} --targets {args.targets} --timing-samples "
+    cmd = (f"moeca bench ablation --trace {args.trace} --targets {args.targets}"
+           + (f" --variants '{args.variants}'" if len(chosen) < len(VARIANTS) else "") + f" --timing-samples "
            f"{args.timing_samples} --quality-samples {args.quality_samples} --repeats {args.repeats}"
            + (f" --threads {args.threads}" if args.threads else "") + (" --compile" if args.compile else ""))
     paths = write_results(NAME, rows, args.out, columns=COLUMNS, command=cmd, plot=lambda path: plot(rows, path),
@@ -124,7 +148,10 @@ def run(args: argparse.Namespace) -> int:
                                 "timing_samples": args.timing_samples, "quality_samples": args.quality_samples},
                           notes="Each target's variants are derived for the same predicted wall-clock speedup "
                                 "(this device's calibrated unit costs) and replayed against full compute from the "
-                                "same noise; PSNR/SSIM on the quality samples.")
+                                "same noise; PSNR/SSIM on the quality samples. levels: what the derivation priced "
+                                "for each forecast level it tried (`auto` tries both and takes the one that fits "
+                                "more refreshes, branch on a tie): refreshes that fit the target and predicted ms "
+                                "per forecast step.")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

@@ -591,7 +591,8 @@ class ParetoSweep:
                 raise
             raise SkipPoint(str(exc)) from None
         if name == "moeca":
-            detail = {k: schedule.provenance[k] for k in ("forecast_level", "predicted_speedup") if k in schedule.provenance}
+            detail = {k: schedule.provenance[k] for k in ("forecast_level", "predicted_speedup", "levels")
+                      if k in schedule.provenance}
         if name == "magcache":
             detail["skipped_steps"] = len(schedule.provenance["skipped_steps"])
         if name == "l2c":

@@ -437,6 +437,7 @@ class _SyncChoice:
     tau: float
     wallclock_speedup: float | None
     level: str
+    levels: dict | None = None
 
 
 def _derive_sync(tables: DriftTables, cfg: DeriveConfig, sampler: "SamplerConfig", costs: UnitCosts,
@@ -473,12 +474,14 @@ def _derive_sync(tables: DriftTables, cfg: DeriveConfig, sampler: "SamplerConfig
     if cfg.error_budget is not None:
         count = next((n for n in range(1, S + 1) if np.max(d) * (S / n) ** alpha <= cfg.error_budget), S)
         return replace(choice(count, levels[0]), tau=cfg.error_budget)
-    best = None
+    best, per_level = None, {}
     for level in levels:   # branch first: a token-level plan must fit strictly more refreshes to be chosen
         for count in range(1, S + 1):  # more refreshes = better quality; keep the most that fit the target
             c = choice(count, level)
             reached = c.wallclock_speedup >= cfg.target_speedup if cfg.target == "wallclock" \
                 else c.plan.ratio <= 1.0 / cfg.target_speedup
+            if reached and (level not in per_level or len(c.sync) > len(per_level[level].sync)):
+                per_level[level] = c
             if reached and (best is None or len(c.sync) > len(best.sync)):
                 best = c
     if best is None:
@@ -491,7 +494,20 @@ def _derive_sync(tables: DriftTables, cfg: DeriveConfig, sampler: "SamplerConfig
             f"target speedup {cfg.target_speedup:g}x is out of reach: with warm-up {cfg.warmup_steps} and final "
             f"{cfg.final_steps} steps in full and {work} on every other step, the predicted {what} speedup is at "
             f"most {most:.2f}x; lower the target or --warmup-steps")
+    if wallclock is not None:
+        best = replace(best, levels={lv: level_choice(c, tables, wallclock, order, cfg.fold) for lv, c in per_level.items()})
     return best
+
+
+def level_choice(c: "_SyncChoice", tables: DriftTables, wallclock: WallClockCosts, order: int, fold: bool) -> dict:
+    """Why a forecast level was or was not taken: the refreshes its best plan fits into the target, that
+    plan's predicted wall-clock speedup and its predicted milliseconds per forecast step (median over the
+    steps after the second refresh, this device's calibrated unit costs)."""
+    work = sync_work(tables, c.sync, wallclock, order, c.level, fold)
+    second = sorted(c.sync)[1] if len(c.sync) > 1 else 0
+    ms = [wallclock.step_ms_of(w) for s, w in enumerate(work) if s not in c.sync and s > second]
+    return {"refreshes": len(c.sync), "predicted_speedup": round(c.wallclock_speedup, 4),
+            "forecast_step_ms": round(float(np.median(ms)), 4) if ms else None}
 
 
 def derive_schedule(summary, run_meta: dict, cfg: DeriveConfig, wallclock: WallClockCosts | None = None) -> Schedule:
@@ -525,6 +541,8 @@ def derive_schedule(summary, run_meta: dict, cfg: DeriveConfig, wallclock: WallC
         chosen = _derive_sync(tables, cfg, sampler, costs, wallclock)
         plan, sync, tau = chosen.plan, chosen.sync, chosen.tau
         timing["forecast_level"] = chosen.level
+        if chosen.levels:
+            timing["levels"] = chosen.levels
         if wallclock is not None:
             timing.update(predicted_speedup=round(chosen.wallclock_speedup, 4),
                           calibration={**dict(wallclock.key), "created": wallclock.created})

@@ -182,19 +182,21 @@ def step_work(counters, schedule: Schedule) -> list[StepWork]:
             for a, s, p, r, b, k, h in zip(attn, shared, pairs, reused, routed, stack, pushed)]
 
 
-def timed_steps(model, sampler_cfg: SamplerConfig, labels: torch.Tensor, runtime) -> list[float]:
+def timed_steps(model, sampler_cfg: SamplerConfig, labels: torch.Tensor, runtime,
+                clock: Callable[[], float] = time.perf_counter) -> list[float]:
     """Milliseconds of each sampling step of one run (``runtime`` None: full compute; the device
-    synchronised at every step)."""
+    synchronised at every step). ``clock``: seconds, wall-clock by default (``time.process_time``: the
+    process's CPU time, for a CPU run on a machine shared with other jobs)."""
     device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     marks: list[float] = []
 
     def on_step(_step: int) -> None:
         sync()
-        marks.append(time.perf_counter())
+        marks.append(clock())
 
     sync()
-    start = time.perf_counter()
+    start = clock()
     with torch.inference_mode():
         if runtime is None:
             sample(model, sampler_cfg, labels, seed=0, on_step=on_step)

@@ -58,16 +58,20 @@ class ReplayRuntime(Runtime):
     CUDA only. check_finite: ``"forward"`` (a host check after every forward) or ``"run"`` (once, at the
     last step); None = per forward on the host path, per run on the device path. fold: run the stack
     forecast folded where the plan allows (:mod:`.units.stack`); False = the exact gates, unit by unit.
+    lean: a branch-level forecast step (every expert ``never``, nothing scored) takes the lean path
+    (:mod:`.units.branch`); False = the general selection path of :mod:`.units.routed` (the same numbers
+    with more operators: the reference the lean path is tested against).
     """
 
     def __init__(self, schedule: Schedule, device_path: bool | None = None, check_finite: str | None = None,
-                 fold: bool = True):
+                 fold: bool = True, lean: bool = True):
         if check_finite not in (None, "forward", "run"):
             raise ValueError(f"check_finite must be 'forward', 'run' or None, got {check_finite!r}")
         super().__init__()
         self.schedule = schedule
         self.plan = SchedulePlan(schedule)
         self.fold = fold and self.plan.fold_stack
+        self.lean = lean
         self.counters = ReplayCounters(schedule.num_steps, schedule.model.depth)
         self.peak_cache_bytes = 0
         self._device_path_arg = device_path

@@ -1,6 +1,6 @@
 """``moeca bench compile`` (eager and compiled runs timed in one process; backend ``eager`` here: dynamo
 traces the graphs without generating code, so the flow runs in seconds) and ``moeca bench steps`` (ms per
-step of full compute and of MoECa's refresh and forecast steps, folded or not)."""
+forecast step at the token and the branch level, host and device path, against the branch step's floor)."""
 from __future__ import annotations
 
 import json
@@ -34,16 +34,35 @@ def test_bench_compile_times_eager_and_compiled_in_one_process(trace, tmp_path):
     assert (out / "compile.md").exists() and (out / "compile.png").exists()
 
 
-def test_bench_steps_times_each_kind_of_step(trace, tmp_path):
+def test_bench_steps_prices_each_levels_forecast_step_against_its_floor(trace, tmp_path):
     out = tmp_path / "results"
     assert main(["bench", "steps", "--trace", str(trace), "--target", "2", "--timing-samples", "2",
                  "--repeats", "1", "--threads", "1", "--out", str(out)]) == 0
     payload = json.loads((out / "steps.json").read_text())
-    full, folded, exact = payload["rows"]
-    refresh = payload["meta"]["sync_refresh_steps"]
-    assert full["run"] == "full compute" and full["ms_step"] > 0
-    assert "folded" in folded["run"] and "exact gates" in exact["run"] and len(refresh) >= 3
-    for row in (folded, exact):
-        assert row["ms_refresh"] > 0 and row["refresh_over_full"] > 0 and row["speedup"] > 0
-        assert row["ms_forecast"] is not None and row["ms_forecast"] < row["ms_refresh"]
+    full, token, host_general, device_general, host, device = payload["rows"]
+    assert len(payload["meta"]["sync_refresh_steps"]) >= 3 and payload["meta"]["forecast_steps"]
+    assert full["run"] == "full compute" and full["ms_step"] > 0 and full["gflop_step"] > 0
+    assert token["run"] == "token forecast" and 0 < token["ms_step"] < full["ms_step"]
+    for row, name in ((host, "branch, host path forecast"), (device, "branch, device path forecast"),
+                      (host_general, "branch, host path, general forecast"),
+                      (device_general, "branch, device path, general forecast")):
+        assert row["run"] == name and row["ms_step"] > 0 and row["ms_refresh"] > 0
+        # the floor: the token step plus the router and new pairs at full compute's rate
+        assert token["ms_step"] < row["ms_floor"] < full["ms_step"]
+        assert row["over_floor"] == pytest.approx(row["ms_step"] / row["ms_floor"])
+        assert 0 < row["new_pair_share"] < 0.5 and token["gflop_step"] < row["gflop_step"] < full["gflop_step"]
+    parts = [host[c] for c in ("ms_router", "ms_new_pairs", "ms_forecasts", "ms_gathers", "ms_rest")]
+    assert min(parts) >= 0 and sum(parts) == pytest.approx(host["ms_step"])
+    assert parts[0] > 0 and parts[1] > 0 and parts[2] > 0
     assert (out / "steps.md").exists() and (out / "steps.png").exists()
+
+
+def test_bench_steps_without_a_trace_and_on_cpu_time(tmp_path):
+    out = tmp_path / "results"
+    assert main(["bench", "steps", "--model", "demo", "--steps", "9", "--interval", "3", "--timing-samples", "1",
+                 "--repeats", "1", "--threads", "1", "--clock", "cpu", "--out", str(out)]) == 0
+    payload = json.loads((out / "steps_demo.json").read_text())
+    assert not payload["meta"]["random_init"] and payload["meta"]["clock"] == "cpu"
+    assert payload["meta"]["sync_refresh_steps"] == [0, 3, 6] and "--clock cpu" in payload["command"]
+    assert payload["meta"]["forecast_steps"] == [4, 5, 7, 8] and len(payload["rows"]) == 6
+    assert "--model demo --steps 9 --interval 3" in payload["command"]

@@ -120,6 +120,14 @@ def test_forecast_level_follows_the_price_of_routing():
                                                          forecast_level="branch"), dear)
     assert auto.provenance["forecast_level"] == "token" and branch.provenance["forecast_level"] == "branch"
     assert len(auto.sync_refresh_steps) > len(branch.sync_refresh_steps)
+    # why: both levels priced, the refreshes each fits and its predicted forecast step recorded
+    levels = auto.provenance["levels"]
+    assert set(levels) == {"branch", "token"}
+    assert levels["token"]["refreshes"] == len(auto.sync_refresh_steps) > levels["branch"]["refreshes"]
+    assert levels["branch"]["refreshes"] == len(branch.sync_refresh_steps)
+    assert levels["branch"]["forecast_step_ms"] > levels["token"]["forecast_step_ms"] > 0
+    assert min(c["predicted_speedup"] for c in levels.values()) >= 1.8
+    assert set(branch.provenance["levels"]) == {"branch"}
     forecast_steps = [s for s in range(SAMPLER.num_steps) if not auto.is_sync(s)]
     assert all(auto.rule(s, b).moe == NEVER for s in forecast_steps for b in range(TINY.depth))
     assert all(branch.rule(s, b).moe.mode == "always" for s in forecast_steps for b in range(TINY.depth))

@@ -28,6 +28,7 @@ from moeca.models.dispatch import run_experts
 from moeca.models.runtime import Runtime, combine_slots
 
 from ..state import BlockState, PairCache
+from .branch import forecast_branches, lean_ready
 from .dispatch import grouped_prefix
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,6 +68,8 @@ def run_routed(rt: "ReplayRuntime", block, st: BlockState, flat: torch.Tensor, t
         if rt.plan.experts_reused[bi]:
             _store_all(rt, bi, cache, topk_idx, slot_out.view(N * k, D))
         return combine_slots(slot_out, topk_w)
+    if lean_ready(rt, cache, rt.kind.expert_summary[bi]):
+        return forecast_branches(rt, block, cache, flat, topk_idx, topk_w)
 
     has, pos = match_slots(cache.ids, topk_idx)
     base = (torch.arange(N, device=flat.device) * k).unsqueeze(1)

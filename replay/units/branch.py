@@ -1,0 +1,138 @@
+"""The branch level's forecast step, lean: every routed expert's rule is ``never`` and nothing is scored.
+
+Such a step (MoECa's ``sync`` rule at the branch level between refreshes) computes exactly the newly
+routed (token, expert) pairs and forecasts every pair's branch, combined with the current gates. The
+general selection path (:func:`.routed.run_routed`: ranking, budgets, scores) gives the same result with
+about twice the operators; here, per block:
+
+1. match the new top-k against the cached experts (:func:`.routed.match_slots`; on the host path
+   :func:`match_host`) and store the new ids;
+2. compute the new pairs (:func:`few_pairs`: the models' per-expert loop on the host path; on the device
+   path grouped GEMMs over a fixed ``N*k`` buffer with device-side offsets, no host sync);
+3. write their value as the newest of their history with one kept value, at this step (what forgetting
+   the freed slot and pushing the new value does: the older levels are masked by the count);
+4. forecast every slot and combine with the current gates (:meth:`~moeca.replay.forecast.History.combine`).
+
+The counters record what the general path records. Shapes: ``flat [N, D]``, ``topk_idx``/``topk_w [N, k]``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from moeca.models.dispatch import run_experts
+from moeca.models.runtime import Runtime
+
+from ..state import PairCache
+from .dispatch import grouped_prefix
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..runtime import ReplayRuntime
+
+
+def lean_ready(rt: "ReplayRuntime", cache: PairCache, summary: tuple[bool, bool, bool, bool]) -> bool:
+    """Whether a block's routed step can take this path: all its experts ``never``, a valid cache, no
+    scores kept (host flags only)."""
+    return rt.lean and summary[3] and cache.valid and cache.age is None and cache.hist is not None
+
+
+def few_pairs(rt: "ReplayRuntime", block, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Unweighted outputs of a few pairs on the host path: expert ``experts[i]`` on ``rows[i]`` -> ``[m, D]``,
+    through the models' per-expert loop (the runtime's ``expert`` seam when overridden). Measured against two
+    CPU ``grouped_mm`` calls over the same sorted rows (fewer operators), the loop was faster: 6.8 against
+    7.6 ms per demo forecast step, 53 against 68 ms at S/2 (``bench/results/steps_*.md``)."""
+    seam = None if type(rt).expert is Runtime.expert else functools.partial(rt.expert, block)
+    return run_experts(block, rows, experts, path="loop", expert=seam)
+
+
+def match_host(ids: torch.Tensor, topk_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`.routed.match_slots` on the host, for CPU tensors, in NumPy (a few microseconds an operation
+    where torch's are tens at these sizes); stores the new ids into ``ids [N, k]`` in place. ->
+    ``(pos [N, k]: the storage slot of every new pair, sel [m]: the newly routed pairs n*k + j, rows [m]:
+    their storage rows)``. Only the tokens with a new pair go through the freed-slot assignment."""
+    cached, new_ids = ids.numpy(), topk_idx.numpy()
+    k = new_ids.shape[1]
+    eq = cached[:, None, :] == new_ids[:, :, None]                            # [N, new j, storage s]
+    has = eq.any(axis=2)
+    pos = eq.argmax(axis=2)
+    moved = np.flatnonzero(~has.all(axis=1))                                  # tokens with a newly routed pair
+    if moved.size:
+        sub_has, sub_kept = has[moved], eq[moved].any(axis=1)
+        free_first = np.argsort(sub_kept, axis=1, kind="stable")              # freed slots first, in slot order
+        rank = np.clip(np.cumsum(~sub_has, axis=1) - 1, 0, None)
+        pos[moved] = np.where(sub_has, pos[moved], np.take_along_axis(free_first, rank, axis=1))
+        sel = np.flatnonzero(~has)
+        rows = (sel // k) * k + pos.reshape(-1)[sel]
+        cached[moved[:, None], pos[moved]] = new_ids[moved]
+    else:
+        sel = rows = np.zeros(0, dtype=np.int64)
+    return torch.from_numpy(pos), torch.from_numpy(sel), torch.from_numpy(rows)
+
+
+def forecast_branches(rt: "ReplayRuntime", block, cache: PairCache, flat: torch.Tensor, topk_idx: torch.Tensor,
+                      topk_w: torch.Tensor) -> torch.Tensor:
+    """Gate-weighted routed-expert output ``[N, D]`` of a step whose experts are all ``never`` (see the
+    module docstring)."""
+    from .routed import match_slots
+
+    bi = block.index
+    N, k = topk_idx.shape
+    M = N * k
+    hist, step = cache.hist, rt.step
+    host = not rt.device_path and topk_idx.device.type == "cpu"
+    if host:
+        pos, sel, rows = match_host(cache.ids, topk_idx)
+    else:
+        has, pos = match_slots(cache.ids, topk_idx)
+        cache.ids.scatter_(1, pos, topk_idx)
+        new = ~has.reshape(-1)                                       # pair n*k + j is newly routed
+        spos = (pos + (torch.arange(N, device=flat.device) * k).unsqueeze(1)).reshape(-1)   # its storage row
+    if host or not _new_device(rt, block, hist, flat, topk_idx.reshape(-1), new, spos, step):
+        if not host:
+            sel = torch.nonzero(new).squeeze(1)                      # the one host sync (free on a CPU)
+            rows = spos.index_select(0, sel)
+        m = sel.shape[0]
+        if m:
+            values = few_pairs(rt, block, flat.index_select(0, sel // k), topk_idx.reshape(-1).index_select(0, sel))
+            hist.level(0).index_copy_(0, rows, values.float())
+            hist.ts[0].index_fill_(0, rows, step)
+            hist.cnt.index_fill_(0, rows, 1.0)
+            hist.host_ts = None
+        rt.count("expert", bi, m)
+        rt.count("gather", bi, 3 * m)
+        rt.count("forecast", bi, m * rt.plan.degree)
+    rt.note_reused("routed-expert", bi, cache)
+    rt.count("forecast", bi, M * rt.plan.degree)
+    gates = torch.zeros_like(topk_w).scatter_(1, pos, topk_w)       # current gates, storage order
+    return hist.combine(step, gates).to(flat.dtype)
+
+
+def _new_device(rt: "ReplayRuntime", block, hist, flat: torch.Tensor, flat_idx: torch.Tensor, new: torch.Tensor,
+                spos: torch.Tensor, step) -> bool:
+    """Device path of steps 2-3: the new pairs sorted first (by expert) into the fixed ``N*k`` buffer, grouped
+    GEMMs up to the device-side count, their values merged into the history by mask; no host sync. False
+    when the experts cannot be stacked (the caller takes the host path)."""
+    bi, k = block.index, block.moe.top_k
+    M = new.shape[0]
+    E = block.moe.num_experts
+    order = torch.argsort((~new).to(torch.int64) * E + flat_idx, stable=True)
+    counts = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat_idx, new.to(torch.int64))
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    y = grouped_prefix(block, flat.index_select(0, order // k), offs)
+    if y is None:
+        return False
+    mask = torch.empty_like(new).index_copy_(0, spos, new)              # storage order
+    level0 = hist.level(0)
+    level0.copy_(torch.where(mask.unsqueeze(-1), torch.empty_like(level0).index_copy_(0, spos.index_select(0, order),
+                                                                                      y.float()), level0))
+    hist.ts[0].masked_fill_(mask, step)
+    hist.cnt.masked_fill_(mask, 1.0)
+    hist.host_ts = None
+    n = offs[-1]
+    rt.count("expert", bi, n)
+    rt.count("gather", bi, 3 * M)
+    rt.count("forecast", bi, M * rt.plan.degree)
+    return True
