@@ -102,7 +102,7 @@ def load_summary(traces: list[str], allow_mixed: bool = False):
     """
     from pathlib import Path
 
-    from moeca.models.samplers import check_sampler_objective
+    from moeca.diffusion.samplers import check_sampler_objective
     from moeca.tracer.store import check_distinct_traces, read_run_meta, require_trace_folder, validate_trace
 
     for t in traces:
@@ -215,7 +215,7 @@ def replay_costs(meta: dict, args: argparse.Namespace):
     import torch
 
     from moeca.models.registry import load_model
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
 
     from .wallclock import costs_provider
 

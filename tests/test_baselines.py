@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from moeca.models.samplers import SamplerConfig, sample
+from moeca.diffusion.samplers import SamplerConfig, sample
 from moeca.policy.baselines import fora, l2c, none, teacache, toca
 from moeca.policy.baselines.common import predicted_flops_ratio
 from moeca.policy.schedule import Schedule

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from moeca.models.samplers import SamplerConfig, sample
+from moeca.diffusion.samplers import SamplerConfig, sample
 from moeca.policy.baselines import taylorseer
 from moeca.policy.baselines.common import predicted_flops_ratio
 from moeca.replay.runtime import ReplayRuntime

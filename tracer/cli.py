@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _sampler(args: argparse.Namespace, model, model_name: str | None):
     from dataclasses import replace
-    from ..models.samplers import SamplerConfig, default_sampler
+    from moeca.diffusion.samplers import SamplerConfig, default_sampler
     base = default_sampler(model.config.objective)
     if model_name == "demo" or model.config.name == "demo":
         base = SamplerConfig(kind="rectified_flow", num_steps=50, cfg_scale=1.5, cfg_mode="batched")
@@ -93,7 +93,7 @@ def _device(name: str):
 
 def run_trace(args: argparse.Namespace) -> int:
     from ..models.model_args import load_model_from_args
-    from ..models.samplers import check_sampler_objective
+    from moeca.diffusion.samplers import check_sampler_objective
     from .run import TraceConfig, resolve_labels, trace_run
     from .schema import DEFAULT_LAGS
 

@@ -29,7 +29,7 @@ from moeca.models.runtime import Runtime
 
 if TYPE_CHECKING:  # pragma: no cover
     from moeca.models.dit_moe import DiTMoE
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
 
 UNITS = ("attn", "moe")
 """The two cacheable sub-layers of a block, in router order (last axis of the router tensors)."""
@@ -215,7 +215,7 @@ def train_router(model: "DiTMoE", sampler: "SamplerConfig", config: L2CConfig = 
     The model's parameters are frozen during training (their ``requires_grad`` is restored after).
     ``progress(done, total)`` is called after each step. ``weights_hash`` is recorded in the meta.
     """
-    from moeca.models.samplers import sample
+    from moeca.diffusion.samplers import sample
     S, depth = sampler.num_steps, model.config.depth
     labels = calibration_labels(model.config.num_classes, config.calibration_samples)
     recorder = _Recorder()
