@@ -5,7 +5,6 @@ Everything here reads metadata only (``run.json`` and Parquet footers); rows are
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,10 +166,8 @@ def open_trace(path: str | Path) -> TraceInfo:
     if not path.is_dir() or not run_json.is_file():
         raise ValueError(f"{path} is not a trace directory: it has no run.json (create one with "
                          f"`moeca trace --out {path}`)")
-    try:
-        meta = json.loads(run_json.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{run_json}: not valid JSON ({exc}); the trace is damaged, re-run `moeca trace`") from None
+    from moeca.common.jsontext import read_json
+    meta = read_json(run_json, "trace file", "the trace is damaged, re-run `moeca trace`")
     if not isinstance(meta, dict) or "schema_version" not in meta:
         raise ValueError(f"{run_json}: no schema_version; not a moeca trace")
     version = meta["schema_version"]

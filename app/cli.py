@@ -19,7 +19,7 @@ def streamlit_command(root: Path, host: str, port: int) -> list[str]:
             "--server.fileWatcherType", "none", "--server.runOnSave", "false",
             "--server.maxUploadSize", str(max(1, MAX_UPLOAD_BYTES >> 20)),
             "--browser.gatherUsageStats", "false", "--global.developmentMode", "false",
-            "--client.toolbarMode", "minimal"]
+            "--client.toolbarMode", "minimal", "--client.showErrorDetails", "none"]
 
 
 def check_args(args: argparse.Namespace) -> Path:

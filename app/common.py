@@ -96,6 +96,14 @@ def schedule_file(root_dir: Path, rel: str):
     return _schedule_file(str(root_dir), rel, fingerprint(root_dir, (rel,)))
 
 
+def show_unreadable(found: inv.Inventory) -> None:
+    """One warning line per JSON file under the root that discovery could not parse (the rest of the page works
+    without it); root-relative names only."""
+    if found.unreadable:
+        st.warning(f"{len(found.unreadable)} JSON file(s) under the root could not be read and are skipped:\n\n"
+                   + "\n".join(f"- {reason}" for _rel, reason in found.unreadable))
+
+
 def q(path: Path | str) -> str:
     return shlex.quote(str(path))
 

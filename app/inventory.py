@@ -5,11 +5,11 @@ read goes through :func:`moeca.app.paths.resolve_under` again.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from moeca.app.paths import relative_to_root, walk
+from moeca.common.jsontext import JSONInputError, parse_json
 
 MAX_JSON_BYTES = 4 << 20
 """JSON files larger than this are not opened during discovery (schedules and results are small)."""
@@ -21,27 +21,33 @@ REPLAY_MARKERS = ("report.json", "full.png", "cached.png")
 
 @dataclass(frozen=True)
 class Inventory:
-    """Root-relative paths of everything found; each list is sorted."""
+    """Root-relative paths of everything found; each list is sorted.
+
+    unreadable: ``(path, reason)`` of each JSON file discovery could not parse (damaged, not UTF-8, a key
+    twice, nested too deeply), so the pages can say which files they skipped and why. Files over
+    :data:`MAX_JSON_BYTES` are not opened (nor listed)."""
 
     traces: tuple[str, ...] = ()
     reports: tuple[str, ...] = ()
     schedules: tuple[str, ...] = ()
     benchmarks: tuple[str, ...] = ()
     replays: tuple[str, ...] = ()
+    unreadable: tuple[tuple[str, str], ...] = ()
 
     @property
     def empty(self) -> bool:
         return not (self.traces or self.reports or self.schedules or self.benchmarks or self.replays)
 
 
-def load_small_json(path: Path) -> object | None:
-    """Parse ``path`` as JSON if it is at most :data:`MAX_JSON_BYTES`; ``None`` if too big or unreadable."""
-    try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            return None
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
+def load_small_json(path: Path, rel: str) -> object:
+    """Parse ``path`` (root-relative ``rel``) as JSON of at most :data:`MAX_JSON_BYTES`, nesting and duplicate
+    keys checked; raises :class:`~moeca.common.jsontext.JSONInputError` (a ValueError) naming ``rel`` and the
+    problem, or OSError."""
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise JSONInputError(f"{rel}: {size:,} bytes, more than the {MAX_JSON_BYTES:,} the explorer opens while "
+                             "looking for schedules and results (moeca's are far smaller)")
+    return parse_json(path.read_bytes(), rel, "fix the file, or move it out of the explorer's root")
 
 
 def is_schedule(doc: object) -> bool:
@@ -57,6 +63,7 @@ def is_bench_result(doc: object) -> bool:
 def discover(root: Path, max_depth: int = 5) -> Inventory:
     """Walk ``root`` (resolved) and classify folders and JSON files."""
     traces, reports, schedules, benches, replays = [], [], [], [], []
+    unreadable: list[tuple[str, str]] = []
     for current, dirs, files in walk(root, max_depth=max_depth):
         names = set(files)
         rel = relative_to_root(root, current)
@@ -74,13 +81,18 @@ def discover(root: Path, max_depth: int = 5) -> Inventory:
             if not name.endswith(".json") or name in ("run.json", "headline.json") or \
                     (name == "report.json" and all(m in names for m in REPLAY_MARKERS)):
                 continue
-            doc = load_small_json(current / name)
-            if doc is None:
-                continue
             path_rel = relative_to_root(root, current / name)
+            try:
+                if (current / name).stat().st_size > MAX_JSON_BYTES:
+                    continue                  # not opened: moeca's schedules and results are far smaller
+                doc = load_small_json(current / name, path_rel)
+            except (ValueError, OSError) as exc:
+                unreadable.append((path_rel, str(exc) if isinstance(exc, ValueError)
+                                   else f"{path_rel}: cannot be read ({exc.strerror or type(exc).__name__})"))
+                continue
             if is_schedule(doc):
                 schedules.append(path_rel)
             elif is_bench_result(doc):
                 benches.append(path_rel)
     return Inventory(tuple(sorted(traces)), tuple(sorted(reports)), tuple(sorted(schedules)),
-                     tuple(sorted(benches)), tuple(sorted(replays)))
+                     tuple(sorted(benches)), tuple(sorted(replays)), tuple(sorted(unreadable)))

@@ -12,6 +12,7 @@ from moeca.app import common, results_data as rd
 root = common.root()
 st.title("Benchmarks")
 found = common.inventory(str(root))
+common.show_unreadable(found)
 
 if not found.benchmarks:
     common.show_how_to_produce(root, "benchmark results (bench/results/*.json)", ("pareto",))

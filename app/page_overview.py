@@ -9,6 +9,7 @@ root = common.root()
 st.title("moeca explorer")
 st.caption(f"Root: `{root}` (only files under it are read)")
 found = common.inventory(str(root))
+common.show_unreadable(found)
 
 cols = st.columns(4)
 for col, (name, items) in zip(cols, (("traces", found.traces), ("analysis reports", found.reports),

@@ -5,17 +5,43 @@ import streamlit as st
 
 from moeca.app import common, replay_run as rr, uploads
 from moeca.app import schedule_view as sv
+from moeca.app.paths import redact
 
 root = common.root()
 st.title("Replay")
-st.caption("Samples the shipped demo model twice from the same noise: with full compute and with the "
-           "schedule (real compute skipping), then compares them.")
+st.caption("Samples the model the schedule is for (the shipped demo model, or moeca-written weights under the root "
+           "that its traces name) twice from the same noise: with full compute and with the schedule (real compute "
+           "skipping), then compares them.")
 
 
 @st.cache_resource(show_spinner="Loading the demo model...")
 def demo_model(device: str):
     from moeca.models.registry import load_model
     return load_model("demo", device=device)
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the schedule's model...")
+def checkpoint_model(root_str: str, rel: str, key: tuple, device: str):
+    """A moeca-written checkpoint under the root (its metadata describes the model), cached by size and mtime."""
+    from pathlib import Path
+
+    from moeca.app.paths import resolve_under
+    from moeca.models.registry import load_model
+    return load_model(None, resolve_under(Path(root_str), rel), device=device)
+
+
+def model_for(schedule):
+    """The demo model, or the moeca-written weights under the root that the schedule's traces name (a custom
+    model); raises FileNotFoundError saying what is missing."""
+    from moeca.models.registry import SHIPPED_MODELS
+    if schedule.model.fingerprint == SHIPPED_MODELS["demo"].config.fingerprint():
+        return demo_model("auto")
+    rel = rr.schedule_checkpoint(root, schedule)
+    if rel is None:
+        raise FileNotFoundError(f"the schedule is for model `{schedule.model.name}`, not the demo model, and none of "
+                                "the traces it was derived from (its provenance) names moeca-written weights under "
+                                "the root; put the trace and its checkpoint under the root")
+    return checkpoint_model(str(root), rel, common.fingerprint(root, (rel,)), "auto")
 
 
 @st.cache_resource(show_spinner=False)
@@ -35,6 +61,7 @@ def classifier():
 
 
 found = common.inventory(str(root))
+common.show_unreadable(found)
 
 
 def earlier_replays() -> None:
@@ -103,9 +130,9 @@ if run:
     settings = rr.ReplaySettings(samples=int(samples), seed=int(seed), cfg_scale=float(cfg_scale),
                                  repeats=int(repeats), warmup=bool(warmup))
     try:
-        model = demo_model("auto")
-    except FileNotFoundError as exc:
-        st.warning(f"Cannot run the replay: {exc}")
+        model = model_for(schedule)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        st.warning(f"Cannot run the replay: {redact(root, str(exc))}")
         st.stop()
     bar = st.progress(0.0, text="sampling...")
 
@@ -117,7 +144,7 @@ if run:
             outcome = rr.run_replay(model, schedule, settings, on_step=progress, classifier=classifier())
     except ValueError as exc:  # ScheduleMismatch names the disagreeing field; FloatingPointError for NaN
         bar.empty()
-        st.warning(f"This schedule cannot run on the demo model: {exc}")
+        st.warning(f"This schedule cannot run on its model: {redact(root, str(exc))}")
         st.stop()
     except FloatingPointError as exc:
         bar.empty()

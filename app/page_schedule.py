@@ -15,6 +15,7 @@ from moeca.policy.schedule import Schedule
 root = common.root()
 st.title("Schedule")
 found = common.inventory(str(root))
+common.show_unreadable(found)
 
 
 @st.cache_data(max_entries=4, show_spinner="Computing the drift summary from the trace (analysis engine)...")

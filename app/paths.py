@@ -116,3 +116,10 @@ def walk(root: Path, max_depth: int = 5) -> Iterator[tuple[Path, list[str], list
         if depth < max_depth:
             for name in reversed(dirs):
                 stack.append((current / name, depth + 1))
+
+
+def redact(root: Path, text: str) -> str:
+    """``text`` (an error message) with the server's path of ``root`` removed: paths under it become
+    root-relative, so the browser sees the names the explorer lists and nothing of the server's layout."""
+    prefix = str(root).rstrip("/")
+    return text.replace(prefix + "/", "").replace(prefix, ".")

@@ -9,6 +9,7 @@ with progress reported through the driver's ``on_step`` callback.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -88,7 +89,8 @@ def run_replay(model, schedule, settings: ReplaySettings, on_step: Callable[[int
                             warmup=settings.warmup, progress=False, on_step=on_step)
     report, full, cached = result.report, result.full.float(), result.cached.float()
     acc_full = acc_cached = None
-    if classifier is not None:
+    from moeca.replay.driver import is_digits_demo
+    if classifier is not None and is_digits_demo(model.config):     # the digits classifier scores 1x8x8 digits
         acc_full = float((classifier.predict(full) == labels).float().mean())
         acc_cached = float((classifier.predict(cached) == labels).float().mean())
     return ReplayOutcome(
@@ -97,3 +99,26 @@ def run_replay(model, schedule, settings: ReplaySettings, on_step: Callable[[int
         psnr=psnr(cached, full, max_db=100.0).numpy(), ssim_mean=float(ssim(cached, full).mean()),
         accuracy_full=acc_full, accuracy_cached=acc_cached, flops_ratio=report.flops_ratio,
         reuse=dict(report.reuse), cache_bytes=report.cache_bytes, device=str(device))
+
+
+def schedule_checkpoint(root: Path, schedule) -> str | None:
+    """The root-relative path of the moeca-written weights a schedule was derived for, found through its
+    provenance (the traces it was derived from, whose run.json field ``model.checkpoint`` names the weights);
+    None when no trace under the root names weights under the root. Every path goes through the root guard."""
+    from moeca.app.inventory import load_small_json
+    from moeca.app.paths import is_within, resolve_under
+    for trace in schedule.provenance.get("traces") or []:
+        if not isinstance(trace, str):
+            continue
+        where = Path(trace)
+        rel = where.relative_to(root).as_posix() if where.is_absolute() and is_within(root, where) else trace
+        try:
+            meta = load_small_json(resolve_under(root, f"{rel}/run.json"), f"{rel}/run.json")
+            checkpoint = Path(meta["model"]["checkpoint"])
+            if is_within(root, checkpoint.resolve()):
+                found = checkpoint.resolve().relative_to(root).as_posix()
+                resolve_under(root, found)
+                return found
+        except (ValueError, OSError, KeyError, TypeError):
+            continue
+    return None

@@ -33,11 +33,11 @@ class Report:
 
 
 def _read_json(root: Path, rel: str) -> object:
-    path = resolve_under(root, rel)
+    from moeca.app.inventory import load_small_json
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{rel} is not valid JSON ({exc})") from None
+        return load_small_json(resolve_under(root, rel), rel)
+    except OSError as exc:
+        raise ValueError(f"{rel}: cannot be read ({exc.strerror or type(exc).__name__})") from None
 
 
 def load_report(root: Path, report_rel: str) -> Report:
@@ -74,11 +74,14 @@ def load_report(root: Path, report_rel: str) -> Report:
 
 def read_table(root: Path, rel: str) -> pd.DataFrame:
     """A Parquet or CSV table under the root."""
+    from moeca.app.uploads import MAX_UPLOAD_BYTES, read_parquet_bounded
     path = resolve_under(root, rel)
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        return pq.read_table(path).to_pandas(ignore_metadata=True)
+        return read_parquet_bounded(path, rel)
     if path.suffix == ".csv":
+        size = path.stat().st_size
+        if size > MAX_UPLOAD_BYTES:
+            raise ValueError(f"{rel}: {size:,} bytes, more than the {MAX_UPLOAD_BYTES:,} the explorer reads as a table")
         return pd.read_csv(path)
     raise ValueError(f"{rel}: only .parquet and .csv tables are read")
 

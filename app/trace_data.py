@@ -12,7 +12,6 @@ Shapes: ``branch_aggregate`` -> one row per (cfg_branch, label, step, block, exp
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moeca.app.paths import resolve_under
+from moeca.app.paths import redact, resolve_under
 from moeca.tracer import schema
 
 HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS = -4.0, 1.0, 50
@@ -94,25 +93,33 @@ def _lags_in(root: Path, files: tuple[str, ...], prefix: str) -> int:
 
 
 def load_trace_info(root: Path, trace_rel: str) -> TraceInfo:
-    """Read ``run.json`` and list shards; raises :class:`TraceError` with what is wrong."""
-    run_json = resolve_under(root, f"{trace_rel}/run.json")
+    """Validate the trace as the CLI does (:func:`moeca.tracer.store.validate_trace`: run.json, every shard's
+    footer, schema, row count and key statistics against run.json) and list its shards; raises
+    :class:`TraceError` with the CLI's message, paths relative to the root. Nothing is read beyond the
+    footers here, so a footer that lies about its row count is refused before any data is."""
+    from moeca.common.jsontext import read_json
+    from moeca.tracer.store import validate_trace
+    folder = resolve_under(root, trace_rel)
     try:
-        meta = json.loads(run_json.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TraceError(f"{trace_rel}/run.json is not valid JSON ({exc}); re-run `moeca trace`") from exc
-    if not isinstance(meta, dict):
-        raise TraceError(f"{trace_rel}/run.json must hold a JSON object")
-    version = meta.get("schema_version", schema.SCHEMA_VERSION)
-    if version != schema.SCHEMA_VERSION:
-        raise TraceError(f"{trace_rel} has trace schema version {version!r}; this app reads version "
-                         f"{schema.SCHEMA_VERSION}. Re-trace with this moeca version.")
-    branch_files = _shards(root, trace_rel, "branches")
-    token_files = _shards(root, trace_rel, "tokens")
-    if not branch_files and not token_files:
-        raise TraceError(f"{trace_rel} has no shard files yet under branches/ or tokens/ "
-                         "(the trace may still be running)")
+        first = read_json(resolve_under(root, f"{trace_rel}/run.json"), "trace file",
+                          "the trace is damaged; re-trace it with `moeca trace --overwrite`")
+        version = first.get("schema_version", schema.SCHEMA_VERSION) if isinstance(first, dict) else None
+        if version != schema.SCHEMA_VERSION and isinstance(version, int):
+            raise TraceError(f"{trace_rel} has trace schema version {version!r}; this app reads version "
+                             f"{schema.SCHEMA_VERSION}. Re-trace with this moeca version.")
+        branch_files = _shards(root, trace_rel, "branches")
+        token_files = _shards(root, trace_rel, "tokens")
+        if not branch_files and not token_files:
+            raise TraceError(f"{trace_rel} has no shard files yet under branches/ or tokens/ "
+                             "(the trace may still be running)")
+        meta = validate_trace(folder)
+    except TraceError:
+        raise
+    except (ValueError, OSError) as exc:
+        raise TraceError(redact(root, str(exc))) from None
     lags = _lags_in(root, branch_files, "") if branch_files else _lags_in(root, token_files, "attn_")
-    return TraceInfo(trace_rel, meta, branch_files, token_files, lags, _labels_from_meta(meta), int(version))
+    return TraceInfo(trace_rel, meta, branch_files, token_files, lags, _labels_from_meta(meta),
+                     int(meta.get("schema_version", schema.SCHEMA_VERSION)))
 
 
 def _connect(threads: int | None = None):
@@ -189,14 +196,16 @@ def _source(con, root: Path, files: tuple[str, ...], labels: tuple[int, ...] | N
     return f"(SELECT *, CAST({label_expr} AS INTEGER) AS label FROM {scan})", params
 
 
-def _query(con, sql: str, params: dict, info: "TraceInfo", table: str) -> pd.DataFrame:
+def _query(con, sql: str, params: dict, info: "TraceInfo", table: str, root: Path) -> pd.DataFrame:
     """Run an aggregation; unreadable shards (truncated, corrupt) become a :class:`TraceError` naming the trace."""
     import duckdb
     try:
         return con.execute(sql, params).df()
     except (duckdb.Error, pa.ArrowException, OSError) as exc:
-        raise TraceError(f"cannot read the {table} shards of trace {info.rel} (a truncated or corrupt Parquet "
-                         f"file?): {exc}") from None
+        detail = redact(root, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise TraceError(f"cannot read the {table} shards of trace {info.rel}: a shard is damaged inside its data "
+                         f"pages ({detail}); `moeca trace-info --verify {info.rel}` names the file, and "
+                         "`moeca trace --resume` recomputes it once it is deleted") from None
 
 
 def _finite_sum(col: str, alias: str) -> str:
@@ -224,7 +233,7 @@ def branch_aggregate(root: Path, info: TraceInfo, threads: int | None = None) ->
         aggs += [_finite_sum(f"rel_l2_lag{lag}", f"rel{lag}"), _finite_sum(f"cos_lag{lag}", f"cos{lag}")]
     sql = (f"SELECT cfg_branch, label, step, block, expert, {', '.join(aggs)} FROM {src} "
            "GROUP BY ALL ORDER BY cfg_branch, label, step, block, expert")
-    return _query(con, sql, params, info, "branches")
+    return _query(con, sql, params, info, "branches", root)
 
 
 def token_aggregate(root: Path, info: TraceInfo, threads: int | None = None) -> pd.DataFrame:
@@ -246,7 +255,7 @@ def token_aggregate(root: Path, info: TraceInfo, threads: int | None = None) -> 
                      _finite_sum(f"{unit}_cos_lag{lag}", f"{unit}_cos{lag}")]
     sql = (f"SELECT cfg_branch, label, step, block, {', '.join(aggs)} FROM {src} "
            "GROUP BY ALL ORDER BY cfg_branch, label, step, block")
-    return _query(con, sql, params, info, "tokens")
+    return _query(con, sql, params, info, "tokens", root)
 
 
 def branch_histogram(root: Path, info: TraceInfo, lag: int, threads: int | None = None) -> pd.DataFrame:
@@ -263,7 +272,7 @@ def branch_histogram(root: Path, info: TraceInfo, lag: int, threads: int | None 
                 f"({HIST_LOG10_MIN})) / {width}) AS INTEGER)))")
     sql = (f"SELECT cfg_branch, label, block, expert, {bin_expr} AS bin, count(*) AS count FROM {src} "
            f"WHERE {col} IS NOT NULL AND isfinite({col}) GROUP BY ALL ORDER BY ALL")
-    return _query(con, sql, params, info, "branches")
+    return _query(con, sql, params, info, "branches", root)
 
 
 # ----------------------------------------------------------------------------- filtering (pandas)

@@ -7,11 +7,12 @@ The Streamlit pages hand the raw bytes and the file name here; every failure rai
 from __future__ import annotations
 
 import io
-import json
 
 import pandas as pd
 
 MAX_UPLOAD_BYTES = 64 << 20
+MAX_TABLE_ROWS = 5_000_000
+"""Most rows the explorer reads from one report table or upload (a report's summary holds ~10^4..10^5)."""
 PARQUET_MAGIC = b"PAR1"
 
 
@@ -31,39 +32,53 @@ def parse_json(data: bytes, name: str = "upload") -> object:
     _check_size(data, name)
     if data[:4] == PARQUET_MAGIC:
         raise UploadError(f"{name}: this is a Parquet file, but a JSON file is expected here")
+    from moeca.common.jsontext import JSONInputError
+    from moeca.common.jsontext import parse_json as parse_checked
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UploadError(f"{name}: not UTF-8 text (byte {exc.start}); a JSON file is expected") from None
-
-    def no_constants(token: str) -> object:
-        raise UploadError(f"{name}: {token} is not valid JSON; write numbers or null")
-
     try:
-        return json.loads(text, parse_constant=no_constants)
-    except json.JSONDecodeError as exc:
-        raise UploadError(f"{name}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
-    except RecursionError:
-        raise UploadError(f"{name}: JSON nested too deeply") from None
+        return parse_checked(text, name, "upload a JSON file moeca wrote", constants=False)
+    except JSONInputError as exc:
+        raise UploadError(str(exc)) from None
 
 
-def parse_parquet(data: bytes, name: str = "upload") -> pd.DataFrame:
-    """Read a Parquet file into a DataFrame (pyarrow; no pickled pandas metadata objects are executed)."""
+def read_parquet_bounded(source, name: str) -> pd.DataFrame:
+    """A Parquet file (path or file object) as a DataFrame, refused *before* any data is read when its footer
+    claims more than :data:`MAX_TABLE_ROWS` rows: a footer can say anything, and the explorer must not allocate
+    because a file says so. No pickled pandas metadata objects are executed."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    _check_size(data, name)
-    if len(data) < 12 or data[:4] != PARQUET_MAGIC or data[-4:] != PARQUET_MAGIC:
-        raise UploadError(f"{name}: not a Parquet file (it must start and end with the bytes 'PAR1'); "
-                          "upload a .parquet file written by moeca, pandas or pyarrow")
     try:
-        table = pq.read_table(io.BytesIO(data))
+        pf = pq.ParquetFile(source)
+        rows = pf.metadata.num_rows
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise UploadError(f"{name}: damaged Parquet file ({exc})") from None
+        raise UploadError(f"{name}: damaged Parquet file ({str(exc).splitlines()[0] if str(exc) else exc!r})") \
+            from None
+    if rows > MAX_TABLE_ROWS:
+        raise UploadError(f"{name}: its footer claims {rows:,} rows, more than the {MAX_TABLE_ROWS:,} the explorer "
+                          "shows as a table (moeca's summary and curve tables hold far fewer); the file is damaged or "
+                          "not a moeca table, so it is not read")
+    try:
+        table = pf.read()
+    except (pa.ArrowException, OSError, ValueError, MemoryError) as exc:
+        raise UploadError(f"{name}: damaged Parquet file ({str(exc).splitlines()[0] if str(exc) else exc!r})") \
+            from None
     try:
         return table.to_pandas(ignore_metadata=True)
     except (pa.ArrowException, ValueError, TypeError) as exc:
         raise UploadError(f"{name}: Parquet columns cannot be shown as a table ({exc})") from None
+
+
+def parse_parquet(data: bytes, name: str = "upload") -> pd.DataFrame:
+    """Read an uploaded Parquet file into a DataFrame (:func:`read_parquet_bounded`)."""
+    _check_size(data, name)
+    if len(data) < 12 or data[:4] != PARQUET_MAGIC or data[-4:] != PARQUET_MAGIC:
+        raise UploadError(f"{name}: not a Parquet file (it must start and end with the bytes 'PAR1'); "
+                          "upload a .parquet file written by moeca, pandas or pyarrow")
+    return read_parquet_bounded(io.BytesIO(data), name)
 
 
 def parse_table(data: bytes, name: str) -> pd.DataFrame:

@@ -64,7 +64,7 @@ def _targets(text: str) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from moeca.models.registry import load_model
+    from moeca.models.registry import load_traced_model
     from moeca.diffusion.samplers import SamplerConfig
     from moeca.policy.cli import load_summary
     from moeca.policy.derive import DeriveConfig, derive_schedule
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     summary, meta = load_summary([args.trace])
-    model = load_model(meta["model"]["name"], args.checkpoint or meta["model"].get("checkpoint"), device=args.device)
+    model = load_traced_model(meta, args.checkpoint, device=args.device)
     sampler = SamplerConfig(**meta["sampler"])
     costs = ensure_costs(model, sampler, args.timing_samples, progress=lambda msg: print(msg, flush=True))
     n_cls = model.config.num_classes

@@ -35,7 +35,7 @@ def derive(args: argparse.Namespace) -> Derived:
     """Check the options, load the trace's model and derive its MoECa schedule (see :class:`Derived`)."""
     import torch
 
-    from moeca.models.registry import load_model
+    from moeca.models.registry import load_traced_model
     from moeca.diffusion.samplers import SamplerConfig
     from moeca.policy.cli import load_summary
     from moeca.policy.derive import DeriveConfig, derive_schedule
@@ -51,7 +51,7 @@ def derive(args: argparse.Namespace) -> Derived:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     summary, meta = load_summary([args.trace])
-    model = load_model(meta["model"]["name"], meta["model"].get("checkpoint"), device=args.device)
+    model = load_traced_model(meta, device=args.device)
     device = next(model.parameters()).device
     sampler = SamplerConfig(**meta["sampler"])
     costs = ensure_costs(model, sampler, args.timing_samples, progress=lambda msg: print(msg, flush=True))

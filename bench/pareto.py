@@ -971,8 +971,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "interleaved runs after a warm-up), FLOPs ratio, PSNR/SSIM vs full compute, class "
                                    "accuracy and FD on two noise seeds with their spread; write "
                                    "pareto_<model>.json/.md/.png.")
-    p.add_argument("--model", default=d.model, help="model name: 'demo' or 'demo-ddpm' (shipped), or a preset with "
-                                                    "--checkpoint")
+    p.add_argument("--model", default=None, help="model name: 'demo' (default) or 'demo-ddpm' (shipped), or a preset "
+                                                 "with --checkpoint; a moeca-written --checkpoint names its own model")
     p.add_argument("--checkpoint", default=None, help="checkpoint for a preset model")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
@@ -1011,7 +1011,10 @@ def run_cli(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
-    from moeca.models.registry import load_model
+    from moeca.models.registry import load_model, self_describing_config
+    if args.model is None:            # a moeca-written --checkpoint names its model; else the shipped demo
+        own = self_describing_config(args.checkpoint) if args.checkpoint else None
+        args.model = own.name if own is not None else ParetoSettings().model
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:

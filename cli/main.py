@@ -40,11 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
+        from moeca.common.inputs import check_utf8_arguments
+        check_utf8_arguments(argv)
         result = args.func(args)
     except (ValueError, FloatingPointError) as exc:
         print(f"moeca {args.command}: error: {exc}", file=sys.stderr)

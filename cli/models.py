@@ -37,7 +37,8 @@ def _register_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", choices=("rectified_flow", "ddpm", "ddim"),
                    help="default: from the model's objective")
     p.add_argument("--cfg-mode", choices=("batched", "separate"),
-                   help="one [cond; uncond] call per step, or two calls (default: the reference sampler's)")
+                   help="one [cond; uncond] call per step, or two calls (default: batched, separate for the public "
+                        "XL/G architectures; see moeca.diffusion.samplers.default_cfg_mode)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", required=True, help="output PNG path")
@@ -103,7 +104,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from moeca.common.outputs import check_no_overlap, check_replace_file
 
     from moeca.models.model_args import load_model_from_args
-    from moeca.diffusion.samplers import check_sampler_objective, default_sampler
+    from moeca.diffusion.samplers import check_sampler_objective, default_sampler_for
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -123,7 +124,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                          "--num-per-class or give fewer --labels")
     overrides = {k: v for k, v in (("kind", args.sampler), ("num_steps", args.steps), ("cfg_scale", args.cfg_scale),
                                    ("cfg_mode", args.cfg_mode)) if v is not None}
-    cfg = default_sampler(mc.objective, **overrides)
+    cfg = default_sampler_for(mc, **overrides)
     check_sampler_objective(cfg.kind, mc.objective, "--sampler" if args.sampler else "the default sampler")
     from moeca.diffusion.samplers import sample
     if args.compile:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moeca.common.outputs import (OutputError, atomic_write_text, check_no_overlap, os_errors, record_manifest,
@@ -27,10 +27,11 @@ class PipelineConfig:
     measured on first use); a target the prediction says is out of reach is reported, not replayed.
     target_kind: ``wallclock`` (above) or ``flops`` (the targets are analytic FLOPs speedups; no calibration).
     compile: replay with the model compiled (torch.compile, once, before the replay warm-ups; tracing
-    and calibration stay eager).
+    and calibration stay eager). model: a shipped model or preset; None with a moeca-written checkpoint
+    (the checkpoint's metadata names the model).
     """
 
-    model: str = "demo"
+    model: str | None = "demo"
     steps: int = 50
     cfg_scale: float = 1.5
     trace_samples: int = 16
@@ -49,8 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Run the whole MoECa chain on the shipped demo model (or a preset with "
                                    "--checkpoint) and print the speedup/quality table. Outputs under --out.")
     p.add_argument("--out", default="out", help="output folder (default: out)")
-    p.add_argument("--model", default="demo", help="model name (default: the shipped demo model)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint for a preset model")
+    p.add_argument("--model", default=None,
+                   help="model name (default: the shipped demo model, or the model a moeca-written --checkpoint "
+                        "describes in its metadata)")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights: a moeca-written .safetensors (self-describing), or a public checkpoint of --model")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale (default 1.5)")
     p.add_argument("--trace-samples", type=int, default=16, help="samples traced (default 16)")
@@ -89,8 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ValueError(f"{name} {value} must be >= {low}")
     if not 0 <= args.cfg_scale < float("inf"):
         raise ValueError(f"--cfg-scale {args.cfg_scale} must be a finite number >= 0 (1 disables guidance)")
-    cfg = PipelineConfig(model=args.model, steps=args.steps, cfg_scale=args.cfg_scale,
-                         trace_samples=args.trace_samples, quality_samples=args.quality_samples,
+    cfg = PipelineConfig(model=args.model if args.model or args.checkpoint else "demo", steps=args.steps,
+                         cfg_scale=args.cfg_scale, trace_samples=args.trace_samples, quality_samples=args.quality_samples,
                          timing_samples=args.timing_samples, repeats=args.repeats, target_speedups=targets,
                          target_kind="flops" if flops else "wallclock", seed=args.seed, device=args.device,
                          compile=args.compile)
@@ -156,6 +160,7 @@ def _stages(out: Path, cfg: PipelineConfig, checkpoint: str | None) -> str:
     from moeca.tracer import TraceConfig, read_run_meta, resolve_labels, trace_run
 
     model = load_model(cfg.model, checkpoint, device=cfg.device)
+    cfg = replace(cfg, model=cfg.model or model.config.name)
     num_classes = model.config.num_classes
     sampler = SamplerConfig(kind="rectified_flow" if model.config.objective == "rectified_flow" else "ddpm",
                             num_steps=cfg.steps, cfg_scale=cfg.cfg_scale, cfg_mode="batched")
@@ -186,7 +191,7 @@ def _stages(out: Path, cfg: PipelineConfig, checkpoint: str | None) -> str:
     print("[4/4] replay: full compute vs each schedule, same noise")
     timing_labels = resolve_labels(num_classes, samples=cfg.timing_samples)
     quality_labels = resolve_labels(num_classes, samples=cfg.quality_samples) if cfg.quality_samples else None
-    rows, reference = [], None
+    rows, reference, warnings = [], None, []
     for target, path, schedule in schedules:
         result = replay_compare(model, schedule, sampler, timing_labels, seed=cfg.seed, repeats=cfg.repeats,
                                 quality_labels=quality_labels, quality_reference=reference, model_name=cfg.model,
@@ -195,8 +200,9 @@ def _stages(out: Path, cfg: PipelineConfig, checkpoint: str | None) -> str:
         write_replay_outputs(result, out / f"replay-{target:g}x", schedule_path=str(path))
         predicted = schedule.provenance["predicted_speedup"] if costs else 1 / schedule.predicted_flops_ratio
         rows.append(_row(target, predicted, result.report))
+        warnings += [f"{target:g}x, measured {result.report.speedup:.2f}x: {w}" for w in result.report.timing_warnings]
     rows += [{"target": f"{t:g}x", "predicted speedup": "out of reach"} for t in unreachable]
-    table = _table(rows, cfg)
+    table = _table(rows, cfg) + "".join(f"\n**Warning** ({w})\n" for w in warnings)
     atomic_write_text(out / "summary.md", table, what="run summary")
     return table
 

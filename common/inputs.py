@@ -30,3 +30,19 @@ def require_folder(path: str | os.PathLike, label: str, fix: str) -> Path:
     if path.exists():
         raise NotADirectoryError(f"{label} {path} is a file, not a folder; {fix}")
     raise FileNotFoundError(f"{label} {path} does not exist; {fix}")
+
+
+def check_utf8_arguments(argv: list[str]) -> None:
+    """Refuse an argument holding bytes that are not UTF-8 (a path such as ``--out $'out\\xff'``), naming the
+    option and the byte, before anything is written: moeca records paths in its JSON files and prints them, and
+    a half-written output would be left behind when that failed."""
+    for i, token in enumerate(argv):
+        try:
+            token.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            option, value = (token.split("=", 1) if token.startswith("--") and "=" in token
+                             else (argv[i - 1] if i and argv[i - 1].startswith("-") else "argument", token))
+            shown = os.fsencode(value).decode("utf-8", "backslashreplace")
+            byte = os.fsencode(token[exc.start:exc.end]).hex()
+            raise ValueError(f"{option} {shown}: the path holds the byte 0x{byte}, which is not UTF-8; moeca writes "
+                             "paths into its JSON records, so give a name in UTF-8 (nothing was written)") from None

@@ -14,9 +14,15 @@
   sidecar (or the folder's manifest) vouches for it and its bytes are unchanged; any other file needs
   ``overwrite=True`` (the commands' ``--overwrite``). A file the user edited after moeca wrote it is the
   user's again.
-- Temporary folders carry a marker file (``.moeca-temporary``, with the pid that made them); the next
-  :func:`output_dir` on the same output removes stale ones (name pattern AND marker AND a dead pid) and
-  nothing else.
+- Temporary folders carry a marker file (``.moeca-temporary``, with the pid that made them) until they are
+  installed (so a kill at the final rename leaves a marked, removable folder); the next :func:`output_dir` on
+  the same output removes stale ones (name pattern AND marker AND a dead pid) and nothing else. A file's
+  temporary (``.STEM.tmp-HOST-PID.SUFFIX``) is removed by the next :func:`atomic_file` of that file (this
+  host, dead pid), and the sidecar records the file as *pending* before the rename, so a kill between the
+  rename and the final record leaves a file moeca still recognises as its own.
+- :func:`output_lock`: one writer per output (``flock`` on a hidden ``.NAME.lock`` sibling); a second one
+  is refused at once, naming the pid that holds it. :func:`output_dir` and :func:`atomic_file` take it.
+- Hidden siblings keep within :data:`NAME_MAX` (:func:`sibling_prefix`), so a legal 255-byte name works.
 
 This module imports nothing from moeca, so every package may use it.
 """
@@ -123,6 +129,89 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# ----------------------------------------------------------------------------- sibling names
+NAME_MAX = 255
+"""Longest file name (bytes) on the file systems moeca writes to (ext4, xfs, btrfs, tmpfs, APFS)."""
+
+
+def sibling_prefix(name: str, tag: str, reserve: int) -> str:
+    """``.NAME.TAG-``: the start of a hidden sibling's name (temporary, old copy, lock) of the output ``name``,
+    leaving ``reserve`` bytes for what follows within :data:`NAME_MAX`. A name too long for that keeps its
+    first part and gains ``~`` and 8 hex digits of its hash, so a legal 255-byte output name still gets
+    legal temporaries, and each output keeps its own."""
+    plain = f".{name}.{tag}-"
+    if len(os.fsencode(plain)) + reserve <= NAME_MAX:
+        return plain
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:8]
+    room = NAME_MAX - reserve - len(os.fsencode(f"..{tag}-~{digest}"))
+    head = name
+    while head and len(os.fsencode(head)) > room:
+        head = head[:-1]
+    return f".{head}~{digest}.{tag}-"
+
+
+def _host_tag() -> str:
+    """8 hex digits naming this machine (temporaries on a shared disk are cleaned only by their own host)."""
+    host = os.uname().nodename if hasattr(os, "uname") else ""
+    return hashlib.sha256(host.encode()).hexdigest()[:8]
+
+
+# ----------------------------------------------------------------------------- locks
+def _lock_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    return text if text.isdigit() else ""
+
+
+@contextmanager
+def output_lock(out: str | os.PathLike, option: str = "--out") -> Iterator[None]:
+    """Hold an exclusive lock on the output ``out`` (POSIX ``flock`` on a hidden ``.NAME.lock-`` sibling holding
+    the pid) for the block; a second moeca writer of the same output is refused at once with
+    ``OPTION OUT is in use by another moeca process (pid N)`` instead of failing later in the middle of its
+    work. The lock file goes when the block ends; one a killed process left is taken over (the kernel released
+    its lock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    out = Path(out)
+    if not out.parent.is_dir():      # nothing can be written there: the writer's own check names the problem
+        yield
+        return
+    lock = out.parent / (sibling_prefix(out.name, "lock", 0)[:-1])
+    while True:
+        with os_errors(f"the lock of {option} {out}"):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise OutputError(f"{option} {out} is in use by another moeca process"
+                              + (f" (pid {holder})" if holder else "") + "; wait for it to finish, or choose another "
+                              f"{option}") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)                   # the holder removed it between our open and our lock: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)
+
+
 # ----------------------------------------------------------------------------- overlap
 def _resolved(path: str | os.PathLike) -> Path:
     return Path(path).expanduser().resolve(strict=False)
@@ -163,34 +252,43 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_sidecar(folder: Path) -> dict[str, dict]:
-    """``{file name: {"bytes": int, "sha256": str}}`` from ``folder``'s sidecar; {} when absent or damaged
-    (a damaged sidecar vouches for nothing, so every file in the folder counts as the user's)."""
+def _read_sidecar(folder: Path, key: str = "files") -> dict[str, dict]:
+    """``{file name: {"bytes": int, "mtime_ns": int, "sha256": str}}`` from ``folder``'s sidecar (``key``
+    ``files``: what moeca wrote; ``pending``: what it was about to rename into place when it last wrote the
+    sidecar); {} when absent or damaged (a damaged sidecar vouches for nothing, so every file in the folder
+    counts as the user's)."""
     try:
         data = json.loads((folder / FILES_SIDECAR).read_text())
-        files = data["files"] if data.get("written_by") == "moeca" else {}
+        files = data.get(key, {}) if data.get("written_by") == "moeca" else {}
         return {k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, dict)}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return {}
+
+
+def _matches(path: Path, entry: dict) -> bool:
+    """Whether the file ``path`` holds the bytes a sidecar ``entry`` records."""
+    try:
+        st = path.stat()
+        if entry.get("bytes") != st.st_size:
+            return False
+        if entry.get("mtime_ns") == st.st_mtime_ns:          # untouched since moeca wrote it: skip the hash
+            return True
+        return entry.get("sha256") == _sha256(path)         # e.g. after a copy or a clone
+    except OSError:
+        return False
 
 
 def written_by_moeca(path: str | os.PathLike) -> bool:
     """True when moeca wrote the file ``path`` and nobody changed it since: its folder's sidecar records
-    its size and SHA-256, or its folder's manifest lists it."""
+    its size and SHA-256 (as written, or as about to be renamed into place by a run killed before it could
+    record it), or its folder's manifest lists it."""
     path = Path(path)
     if path.is_symlink() or not path.is_file():
         return False
-    entry = _read_sidecar(path.parent).get(path.name)
-    if entry is not None:
-        try:
-            st = path.stat()
-            if entry.get("bytes") != st.st_size:
-                return False
-            if entry.get("mtime_ns") == st.st_mtime_ns:      # untouched since moeca wrote it: skip the hash
-                return True
-            return entry.get("sha256") == _sha256(path)     # e.g. after a copy or a clone
-        except OSError:
-            return False
+    entries = [e for e in (_read_sidecar(path.parent).get(path.name),
+                           _read_sidecar(path.parent, "pending").get(path.name)) if e is not None]
+    if entries:
+        return any(_matches(path, e) for e in entries)
     try:
         return path.name in (read_manifest(path.parent) or [])
     except OutputError:
@@ -217,20 +315,59 @@ def check_replace_file(path: str | os.PathLike, what: str = "output file", overw
                       f"{FILES_SIDECAR} beside it records what moeca wrote); {how}")
 
 
-def _record_file(path: Path) -> None:
-    """Add ``path`` (just written) to its folder's sidecar. Best effort: a failure only means the file will
-    later count as the user's, which is the safe side."""
+def _entry(path: Path, known: dict | None = None) -> dict:
+    st = path.stat()
+    if known and known.get("bytes") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns:
+        return dict(known)                                   # the same file (renamed): no second hash
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+
+
+def _record_file(path: Path, pending_from: Path | None = None) -> None:
+    """Add ``path`` (just written) to its folder's sidecar; with ``pending_from`` (its temporary, about to be
+    renamed to ``path``), record it as pending instead, so a kill between the rename and the final record
+    still leaves a file moeca recognises. Best effort: a failure only means the file will later count as the
+    user's, which is the safe side."""
     folder = path.parent
     tmp = folder / f".{FILES_SIDECAR}.tmp-{os.getpid()}"
     try:
-        files = _read_sidecar(folder)
-        st = path.stat()
-        files[path.name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+        files, pending = _read_sidecar(folder), _read_sidecar(folder, "pending")
+        if pending_from is not None:
+            pending[path.name] = _entry(pending_from)
+        else:
+            files[path.name] = _entry(path, pending.pop(path.name, None))
         files = {k: v for k, v in files.items() if (folder / k).is_file()}
-        tmp.write_text(json.dumps({"written_by": "moeca", "format": 1, "files": files}, indent=1, sort_keys=True))
+        data = {"written_by": "moeca", "format": 1, "files": files, **({"pending": pending} if pending else {})}
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         os.replace(tmp, folder / FILES_SIDECAR)
     except OSError:
         tmp.unlink(missing_ok=True)
+
+
+def _file_temporary(path: Path) -> tuple[str, str]:
+    """(start, end) of the names of ``path``'s temporaries: ``.STEM.tmp-HOST-PID.SUFFIX`` within NAME_MAX."""
+    return sibling_prefix(path.stem, "tmp", 8 + 1 + 10 + len(os.fsencode(path.suffix))) + _host_tag() + "-", \
+        path.suffix
+
+
+def remove_stale_file_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of the single-file output ``path`` that a killed moeca run on this host left
+    (name pattern with this host's tag AND a dead pid); nothing else. Returns what was removed."""
+    path = Path(path)
+    start, end = _file_temporary(path)
+    removed = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    for name in names:
+        middle = name[len(start):len(name) - len(end)] if end else name[len(start):]
+        if name.startswith(start) and name.endswith(end) and middle.isdigit():
+            candidate = path.parent / name
+            if int(middle) != os.getpid() and not _pid_alive(int(middle)) and candidate.is_file() \
+                    and not candidate.is_symlink():
+                candidate.unlink(missing_ok=True)
+                removed.append(candidate)
+    return removed
 
 
 def adopt_file(path: str | os.PathLike) -> None:
@@ -262,11 +399,14 @@ def atomic_file(path: str | os.PathLike, what: str = "output file", make_parents
     elif not parent.is_dir():
         raise OutputError(f"cannot write {what} {path}: the folder {parent} does not exist; create it first or "
                           "fix the path")
-    tmp = parent / f".{path.stem}.tmp-{os.getpid()}{path.suffix}"
-    with os_errors(f"{what} {path}", tmp):
+    start, end = _file_temporary(path)
+    tmp = parent / f"{start}{os.getpid()}{end}"
+    with output_lock(path, what), os_errors(f"{what} {path}", tmp):
+        remove_stale_file_temporaries(path)
         yield tmp
         _fsync_file(tmp)
         check_replace_file(path, what, overwrite, flag)     # again: the user may have put a file there meanwhile
+        _record_file(path, pending_from=tmp)
         os.replace(tmp, path)
         _record_file(path)
         _fsync_dir(parent)
@@ -430,7 +570,7 @@ def remove_stale_temporaries(out: str | os.PathLike) -> list[Path]:
     out = Path(out)
     if not out.parent.is_dir():
         return []
-    prefixes = (f".{out.name}.tmp-", f".{out.name}.old-")   # compared as text: a name may hold glob characters
+    prefixes = (sibling_prefix(out.name, "tmp", 8), sibling_prefix(out.name, "old", 10))  # as text: no globbing
     removed = []
     for name in sorted(os.listdir(out.parent)):
         p = out.parent / name
@@ -481,23 +621,27 @@ def _install(tmp: Path, out: Path, listed: list[str] | None, option: str) -> Non
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+        (out / TMP_MARKER).unlink(missing_ok=True)
         return
     old_tops = {t for t in _top(listed) if (out / t).exists() or (out / t).is_symlink()}
     kept = [p.name for p in out.iterdir() if p.name not in old_tops and p.name != MANIFEST]
-    new = [p.name for p in tmp.iterdir() if p.name != MANIFEST]
+    new = [p.name for p in tmp.iterdir() if p.name not in (MANIFEST, TMP_MARKER)]
+    kept = [name for name in kept if name != TMP_MARKER]     # a marker a killed install left is moeca's
     clash = sorted(set(new) & set(kept))
     if clash:
         raise OutputError(f"{option} {out}: {', '.join(clash)} already exist there and were not written by moeca; "
                           f"move them away or choose another {option}")
-    trash = out.parent / f".{out.name}.old-{os.getpid()}"
+    trash = out.parent / f"{sibling_prefix(out.name, 'old', 10)}{os.getpid()}"
     if not kept:                                         # only moeca's files: swap the whole folder
+        _mark_temporary(out)                             # so a kill right after the swap leaves a marked old copy
         os.replace(out, trash)
         try:
             os.replace(tmp, out)
         except BaseException:
             os.replace(trash, out)                       # put the previous output back
+            (out / TMP_MARKER).unlink(missing_ok=True)
             raise
-        _mark_temporary(trash)
+        (out / TMP_MARKER).unlink(missing_ok=True)
         shutil.rmtree(trash, ignore_errors=True)
         return
     trash.mkdir()                                        # the user's files stay where they are
@@ -514,7 +658,9 @@ def _install(tmp: Path, out: Path, listed: list[str] | None, option: str) -> Non
             if not (out / name).exists():
                 os.replace(trash / name, out / name)
         raise
+    (out / TMP_MARKER).unlink(missing_ok=True)
     shutil.rmtree(trash, ignore_errors=True)
+    (tmp / TMP_MARKER).unlink(missing_ok=True)
     tmp.rmdir()
 
 
@@ -529,20 +675,26 @@ def output_dir(out: str | os.PathLike, what: str = "output folder", option: str 
     """
     out = Path(out)
     check_no_overlap(out, inputs, option)
-    listed = _check_replaceable(out, option)
+    _check_replaceable(out, option)
     with os_errors(f"{what} {out}"):
         out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    with os_errors(f"{what} {out}", tmp):
-        _mark_temporary(tmp)
-        yield tmp
-        (tmp / TMP_MARKER).unlink(missing_ok=True)
-        files = _list_files(tmp)
-        for f in files:
-            if (tmp / f).is_file() and not (tmp / f).is_symlink():
-                _fsync_file(tmp / f)
-        _write_manifest(tmp, files, command)
-        listed = _check_replaceable(out, option)         # again: the folder may have changed meanwhile
-        _install(tmp, out, listed, option)
-        _fsync_dir(out.parent)
+    with output_lock(out, option):
+        with os_errors(f"{what} {out}"):
+            remove_stale_temporaries(out)
+            tmp = Path(tempfile.mkdtemp(prefix=sibling_prefix(out.name, "tmp", 8), dir=out.parent))
+        with os_errors(f"{what} {out}", tmp):
+            _mark_temporary(tmp)                         # kept until installed: a kill at the rename is cleanable
+            yield tmp
+            _finish(tmp, out, option, command)
+
+
+def _finish(tmp: Path, out: Path, option: str, command: str) -> None:
+    """Sync ``tmp``'s files, write its manifest and install it at ``out`` (the marker goes last)."""
+    files = [f for f in _list_files(tmp) if f != TMP_MARKER]
+    for f in files:
+        if (tmp / f).is_file() and not (tmp / f).is_symlink():
+            _fsync_file(tmp / f)
+    _write_manifest(tmp, files, command)
+    listed = _check_replaceable(out, option)             # again: the folder may have changed meanwhile
+    _install(tmp, out, listed, option)
+    _fsync_dir(out.parent)

@@ -80,6 +80,19 @@ def check_sampler_objective(kind: str, objective: str, what: str = "--sampler") 
                          f"were a valid sample; use {' or '.join(allowed)}")
 
 
+def default_cfg_mode(config) -> CfgMode:
+    """The one rule for the default CFG mode, read from the architecture alone (so the same weights get the same
+    mode whether they are loaded by ``--model`` or by ``--checkpoint``): ``separate`` (two calls per step) for the
+    public XL/G architectures (``qk_norm`` attention), as their reference code samples them; ``batched`` (one
+    ``[cond; uncond]`` call) for every other model, the shipped ones included. ``--cfg-mode`` overrides it."""
+    return "separate" if config.qk_norm else "batched"
+
+
+def default_sampler_for(config, **overrides) -> SamplerConfig:
+    """:func:`default_sampler` of ``config``'s objective with :func:`default_cfg_mode`; ``overrides`` win."""
+    return default_sampler(config.objective, **{"cfg_mode": default_cfg_mode(config), **overrides})
+
+
 def default_sampler(objective: str, **overrides) -> SamplerConfig:
     """The reference sampler for a model objective: DDPM for ``ddpm_eps``, Euler for ``rectified_flow``."""
     if objective == "ddpm_eps":

@@ -92,7 +92,11 @@ def load_model(name: str | None = "demo", checkpoint: str | Path | None = None, 
     """Return an eval-mode model.
 
     - ``name="demo"`` / ``"demo-ddpm"``: a shipped trained model (config read from the weights' metadata);
-    - ``name=PRESET`` or a shipped name, ``checkpoint=PATH``: weights loaded strictly into that architecture;
+    - ``checkpoint=PATH`` of a moeca-written ``.safetensors`` (its config in the metadata): that config,
+      whatever ``name`` says, unless ``name`` is a shipped model or preset of another architecture (refused:
+      :func:`self_describing_config` is the one rule, so a custom model loads the same way from every command);
+    - ``name=PRESET`` or a shipped name, ``checkpoint=PATH`` of any other file: weights loaded strictly into
+      that architecture;
     - ``name=PRESET`` or a shipped name, ``random_init=True``: random weights from ``seed`` (shape
       benchmarks, tests).
     """
@@ -109,8 +113,10 @@ def load_model(name: str | None = "demo", checkpoint: str | Path | None = None, 
             raise CheckpointError(f"{path} does not hold the {name!r} architecture ({shipped.summary}); "
                                   f"rebuild it with `moeca train-demo --model {name}`")
         return model
-    if name is None and checkpoint is not None:
-        return load_demo_like(Path(checkpoint), device, dtype)
+    if checkpoint is not None:
+        own = self_describing_config(checkpoint, name)
+        if own is not None or name is None:
+            return load_demo_like(Path(checkpoint), device, dtype)
     config = model_config(name or "demo")
     if checkpoint is not None:
         return load_checkpoint(checkpoint, config, device=device, dtype=dtype)
@@ -122,6 +128,55 @@ def load_model(name: str | None = "demo", checkpoint: str | Path | None = None, 
     model = DiTMoE(config)
     randomize_zero_init(model, seed)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_traced_model(meta: dict, checkpoint: str | Path | None = None,
+                      device: str | torch.device | None = "auto") -> DiTMoE:
+    """The model a trace or schedule was made with, from its run.json ``meta`` (field ``model``: name,
+    checkpoint, config, weights_hash): ``checkpoint`` (else the recorded one) loaded by :func:`load_model`'s
+    rule (a moeca-written checkpoint describes itself, whatever the recorded name), then checked against the
+    recorded weights hash. Used by ``schedule derive --target-speedup`` and the benches that re-derive."""
+    from .checkpoint import weights_hash
+    model_meta = meta.get("model") or {}
+    name, checkpoint = model_meta.get("name"), checkpoint or model_meta.get("checkpoint")
+    if checkpoint is None and name not in SHIPPED_MODELS:
+        raise ValueError(f"the trace's model {name!r} is neither shipped nor loadable without its weights and its "
+                         "run.json field model.checkpoint is empty; pass --checkpoint PATH (the weights it was "
+                         "traced with)")
+    model = load_model(name if checkpoint is None else (name if name in SHIPPED_MODELS or name in PRESETS else None),
+                       checkpoint, device=device)
+    traced = model_meta.get("weights_hash")
+    if traced and weights_hash(model) != traced:
+        raise ValueError(f"checkpoint {checkpoint or name}: the loaded weights hash to {weights_hash(model)} but the "
+                         f"trace was made with weights {traced} (run.json field model.weights_hash); pass the traced "
+                         "model's checkpoint with --checkpoint")
+    return model
+
+
+def self_describing_config(checkpoint: str | Path, name: str | None = None) -> DiTMoEConfig | None:
+    """The config a moeca-written ``.safetensors`` carries in its metadata, or None for any other file.
+
+    ``name`` (``--model``, or the model name a trace or schedule recorded) must not contradict it: a name
+    that is a shipped model or preset of another architecture is refused; any other name (the custom
+    model's own, or one a user picked when tracing) is only a label.
+    """
+    from moeca.common.inputs import require_file
+    path = require_file(checkpoint, "checkpoint", "give the weights file (.safetensors or .pt)")
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        config = safetensors_config(path)
+    except CheckpointError:
+        if name is None:
+            raise
+        return None                  # not moeca's (or damaged): strict loading into ``name`` says what is wrong
+    known = SHIPPED_MODELS[name].config if name in SHIPPED_MODELS else PRESETS.get(name) if name else None
+    if known is not None and known.fingerprint() != config.fingerprint():
+        raise CheckpointError(f"{path} holds a {config.name!r} model (its metadata field moeca_config: depth "
+                              f"{config.depth}, hidden size {config.hidden_size}, {config.num_experts} experts) but "
+                              f"--model {name} names another architecture; drop --model (the file describes "
+                              f"itself) or give the checkpoint of a {name} model")
+    return config
 
 
 def load_demo_like(path: Path, device: torch.device, dtype: torch.dtype) -> DiTMoE:

@@ -214,26 +214,20 @@ def replay_costs(meta: dict, args: argparse.Namespace):
     (measured and cached on first use by the replay stage, through the hook of :mod:`.wallclock`)."""
     import torch
 
-    from moeca.models.registry import load_model
+    from moeca.models.registry import load_traced_model
     from moeca.diffusion.samplers import SamplerConfig
 
     from .wallclock import costs_provider
 
     model_meta = meta["model"]
     checkpoint = args.checkpoint or model_meta.get("checkpoint")
-    name = model_meta.get("name")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        model = load_model(name, checkpoint, device=args.device)
+        model = load_traced_model(meta, args.checkpoint, device=args.device)
     except (ValueError, FileNotFoundError, KeyError) as exc:
-        raise ValueError(f"--target-speedup calibrates the trace's model ({name!r}, checkpoint {checkpoint!r}) on "
-                         f"the replaying device, which failed: {exc}. Pass --checkpoint, or use "
+        raise ValueError(f"--target-speedup calibrates the trace's model ({model_meta.get('name')!r}, checkpoint "
+                         f"{checkpoint!r}) on the replaying device, which failed: {exc}. Pass --checkpoint, or use "
                          "--target-flops-speedup (no calibration)") from None
-    from moeca.models.checkpoint import weights_hash
-    traced = model_meta.get("weights_hash")
-    if traced and weights_hash(model) != traced:
-        raise ValueError(f"--checkpoint: the loaded weights hash to {weights_hash(model)} but the trace was made "
-                         f"with weights {traced}; pass the traced model's checkpoint")
     return costs_provider()(model, SamplerConfig(**meta["sampler"]), args.batch,
                             progress=lambda msg: print(msg, flush=True))

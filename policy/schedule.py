@@ -383,6 +383,58 @@ class Schedule:
     def uses_model_skip(self) -> bool:
         return any(st.model != "compute" for s, st in enumerate(self.steps) if not self.is_sync(s))
 
+    def computed_share_floor(self) -> float:
+        """The least share (0..1) of the blocks' FLOPs the rules compute: synchronized steps and ``always`` rules
+        in full, ``fraction f`` rules ``f``; ``threshold`` and ``never`` rules and ``reuse``/``adaptive`` steps
+        nothing. Newly routed pairs and forecasts only add to it, so a ``predicted_flops_ratio`` below it
+        contradicts the rules."""
+        flops, k = self.model.unit_flops(), self.model.top_k
+        moe_full = flops["router"] + flops["shared"] + k * flops["expert"]
+        full = flops["attn"] + moe_full
+        floor = {"always": 1.0, "fraction": None, "threshold": 0.0, "never": 0.0}
+
+        def least(rule: Rule) -> float:
+            value = floor[rule.mode]
+            return float(rule.value) if value is None else value
+
+        total = 0.0
+        for s, step in enumerate(self.steps):
+            if self.is_sync(s):
+                total += 1.0
+                continue
+            if step.model != "compute":
+                continue
+            for b in step.blocks:
+                moe = least(b.moe) * moe_full if b.moe.mode != "always" else (
+                    flops["router"] + least(b.shared) * flops["shared"]
+                    + k * flops["expert"] * sum(least(r) for r in b.experts) / len(b.experts))
+                total += (least(b.attn) * flops["attn"] + moe) / full / len(step.blocks)
+        return total / max(len(self.steps), 1)
+
+    def check_predicted_ratio(self, where: str = "schedule") -> None:
+        """Refuse a ``predicted_flops_ratio`` the rules and ``sync_refresh_steps`` cannot have (below
+        :meth:`computed_share_floor`): the file was edited, and replay would not do what it advertises."""
+        ratio = self.predicted_flops_ratio
+        if ratio is None:
+            return
+        least = self.computed_share_floor()
+        if ratio < least - 0.01:
+            raise ScheduleError(
+                f"{where}: field predicted_flops_ratio is {ratio:.3f} ({1 / ratio:.2f}x) but its sync_refresh_steps "
+                f"({len(self.sync_refresh_steps)} of {self.num_steps} steps) and step rules compute at least "
+                f"{least:.3f} of the FLOPs ({1 / least:.2f}x at most); the fields contradict each other (the file "
+                "was edited). Derive the schedule again with `moeca schedule derive`")
+
+    def unchecked_weights_note(self, where: str, weights_hash: str) -> str | None:
+        """A warning when the schedule records no weights hash (``model.weights_hash`` null): replay then cannot
+        check it was derived for the weights ``weights_hash``. None when it records one (then it is checked)."""
+        if self.model.weights_hash:
+            return None
+        return (f"warning: {where} records no weights hash (field model.weights_hash is null), so moeca cannot check "
+                f"that it was derived for these weights ({weights_hash}); it is replayed on them as for any weights "
+                f"of model fingerprint {self.model.fingerprint}. Derive it from a trace of these weights to have "
+                "them checked")
+
     # -- serialisation -----------------------------------------------------------------------
     def to_json(self) -> dict:
         return {
@@ -422,17 +474,18 @@ class Schedule:
                                 "(e.g. the --out of `moeca schedule derive`)")
         if not path.is_file():
             raise FileNotFoundError(f"schedule file {path} does not exist; create one with `moeca schedule derive`")
+        from moeca.common.jsontext import JSONInputError, read_json
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ScheduleError(f"schedule {path}: not valid JSON ({exc})") from None
+            data = read_json(path, "schedule", "derive it again with `moeca schedule derive`")
+        except JSONInputError as exc:
+            raise ScheduleError(str(exc)) from None
         return cls.from_json(data, where=str(path))
 
     @classmethod
     def from_json(cls, data: Any, where: str = "schedule") -> "Schedule":
         validate_json(data, where=where)
         try:
-            return cls(
+            schedule = cls(
                 method=data["method"],
                 model=ModelIdentity(**data["model"]),
                 sampler=SamplerIdentity(**data["sampler"]),
@@ -450,6 +503,8 @@ class Schedule:
             )
         except (ScheduleError, TypeError) as exc:
             raise ScheduleError(f"{where}: {exc}") from None
+        schedule.check_predicted_ratio(where)
+        return schedule
 
     # -- compatibility ------------------------------------------------------------------------
     def check_compatible(self, config, sampler_cfg=None, weights_hash: str | None = None) -> None:

@@ -177,6 +177,8 @@ class WallClockCosts:
             raise CalibrationError(f"{where}: fields {missing} are missing; recalibrate with `moeca calibrate`")
         try:
             return cls(**{k: v for k, v in data.items() if k in names})
+        except CalibrationError as exc:
+            raise CalibrationError(f"{where}: {exc}") from None
         except TypeError as exc:
             raise CalibrationError(f"{where}: {exc}; recalibrate with `moeca calibrate`") from None
 
@@ -195,14 +197,32 @@ def cache_path() -> Path:
     return Path(base) / CACHE_FILE
 
 
+def check_cache_path(path: Path | None = None) -> Path:
+    """The cache file's path, refused (before anything is measured) when it or its folder cannot be a file
+    moeca reads and replaces: a folder, a link or another non-file where ``calibration.json`` should be, or a
+    file where its folder should be."""
+    path = path or cache_path()
+    fix = "move it away, or set MOECA_CACHE_DIR to another folder"
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        kind = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "not a regular file"
+        raise CalibrationError(f"calibration cache {path} is {kind}, not the cache file moeca writes; {fix}")
+    for folder in (path.parent, *path.parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise CalibrationError(f"calibration cache {path}: {folder} is a file, not a folder; {fix}")
+            break
+    return path
+
+
 def _read(path: Path) -> dict:
-    if not path.is_file():
+    check_cache_path(path)
+    if not path.exists():
         return {"format": CACHE_FORMAT, "entries": {}}
+    from moeca.common.jsontext import JSONInputError, read_json
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CalibrationError(f"calibration cache {path} is not valid JSON ({exc}); delete it or run "
-                               "`moeca calibrate` to rewrite it") from None
+        data = read_json(path, "calibration cache", "delete it or run `moeca calibrate` to rewrite it")
+    except JSONInputError as exc:
+        raise CalibrationError(str(exc).replace("not valid JSON", "is not valid JSON", 1)) from None
     if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("entries"), dict):
         raise CalibrationError(f"calibration cache {path}: field format must be {CACHE_FORMAT} with an 'entries' "
                                "object; delete the file or run `moeca calibrate` to rewrite it")
@@ -242,17 +262,21 @@ def _exclusive(path: Path):
 def save_costs(costs: WallClockCosts, path: Path | None = None) -> Path:
     """Add or replace the entry of ``costs.key`` in the cache file (under a lock: read, add, write a
     temporary sibling, rename), keeping the entries other processes saved meanwhile."""
-    path = path or cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_cache_path(path)
+    from moeca.common.outputs import os_errors
+    with os_errors(f"calibration cache {path}"):
+        path.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(path):
         try:
             data = _read(path)
         except CalibrationError:
+            check_cache_path(path)                           # a folder appeared meanwhile: refuse, do not replace
             data = {"format": CACHE_FORMAT, "entries": {}}  # an unreadable cache is rewritten, not merged
         data["entries"][key_id(costs.key)] = costs.to_json()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        with os_errors(f"calibration cache {path}", tmp):
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, path)
     return path
 
 

@@ -71,12 +71,12 @@ def resolve_device(name: str, local_rank: int):
 
 def sampler_and_schedule(args: argparse.Namespace, model):
     """The :class:`SamplerConfig` and the schedule (None for ``--schedule none``) from the options."""
-    from moeca.diffusion.samplers import SamplerConfig, default_sampler
+    from moeca.diffusion.samplers import SamplerConfig, default_sampler_for
     from moeca.policy.schedule import Schedule
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    base = default_sampler(model.config.objective)
+    base = default_sampler_for(model.config)
     if args.schedule == "none":
         overrides = {k: v for k, v in (("num_steps", args.steps), ("cfg_scale", args.cfg_scale),
                                        ("cfg_mode", args.cfg_mode)) if v is not None}
@@ -109,6 +109,11 @@ def cmd_sample(args: argparse.Namespace, rank: int, world: int, local_rank: int,
     device = resolve_device(args.device, local_rank)
     _, model = load_model_from_args(args, device)
     sampler, schedule, digest = sampler_and_schedule(args, model)
+    if schedule is not None and rank == 0:
+        from moeca.models.checkpoint import weights_hash
+        note = schedule.unchecked_weights_note(f"schedule {args.schedule}", weights_hash(model))
+        if note:
+            print(note, file=sys.stderr)
     result = sample_to_npz(model, sampler, job, out, schedule=schedule, schedule_sha256=digest, rank=rank,
                            world=world, barrier=barrier, overwrite=args.overwrite,
                            progress=not args.no_progress and rank == 0)
@@ -126,9 +131,12 @@ def cmd_sample(args: argparse.Namespace, rank: int, world: int, local_rank: int,
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
+        from moeca.common.inputs import check_utf8_arguments
+        check_utf8_arguments(argv)
         with torchrun_group(args.backend, args.device) as group:
             return cmd_sample(args, group.rank, group.world, group.local_rank, group.barrier)
     except USER_ERRORS as exc:

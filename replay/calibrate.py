@@ -32,7 +32,8 @@ import torch
 
 from moeca.diffusion.samplers import SamplerConfig, sample
 from moeca.policy.schedule import ALWAYS, NEVER, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
-from moeca.policy.wallclock import COEFFICIENTS, StepWork, WallClockCosts, load_costs, save_costs
+from moeca.policy.wallclock import (COEFFICIENTS, CalibrationError, StepWork, WallClockCosts, check_cache_path,
+                                   load_costs, save_costs)
 
 from .runtime import ReplayRuntime
 
@@ -253,19 +254,53 @@ def measure_costs(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int
                           created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
+MAX_FIT_ERROR = 0.2
+"""Largest median per-step error of a calibration's fit that wall-clock targets are derived from (fits on a quiet
+machine: 2-7%; a busy one gives 30-90%, and schedules derived from them miss their targets)."""
+
+
+def _fit_problem(costs: WallClockCosts, max_fit_error: float) -> str | None:
+    """Why ``costs`` are too noisy to derive from, or None."""
+    if costs.fit_rel_error <= max_fit_error:
+        return None
+    load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else None, os.cpu_count() or 1
+    busy = f", load average {load:.1f} on {cores} cores" if load is not None and load > cores else ""
+    return (f"its fit misses the timed steps by {costs.fit_rel_error:.1%} (median), more than the "
+            f"{max_fit_error:.0%} a wall-clock target can be derived from{busy}")
+
+
 def ensure_costs(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int, *, recalibrate: bool = False,
-                 cache: Path | None = None, progress: Callable[[str], None] | None = print, **measure) -> WallClockCosts:
-    """The cached calibration of this key, measured (and cached) first when there is none or ``recalibrate``."""
+                 cache: Path | None = None, progress: Callable[[str], None] | None = print,
+                 max_fit_error: float = MAX_FIT_ERROR, **measure) -> WallClockCosts:
+    """The cached calibration of this key, measured (and cached) first when there is none, when ``recalibrate``,
+    or when the cached one fits worse than ``max_fit_error``. A measurement that fits worse is repeated once;
+    a second one is refused (:class:`CalibrationError`, saying why and what to do) and not cached."""
+    say = progress or (lambda _msg: None)
     key = calibration_key(model, sampler_cfg, batch)
+    check_cache_path(cache)                    # before measuring: a folder where the file should be is refused
     costs = None if recalibrate else load_costs(key, cache)
+    if costs is not None and _fit_problem(costs, max_fit_error):
+        say(f"the cached calibration for {key['device']} (batch {batch}) is too noisy: "
+            f"{_fit_problem(costs, max_fit_error)}; measuring it again")
+        costs = None
     if costs is None:
-        if progress:
-            progress(f"no wall-clock calibration for {key['device']} (batch {batch}, {key['dtype']}, engine "
-                     f"{key['engine']}); measuring it once (moeca calibrate redoes it)")
-        costs = measure_costs(model, sampler_cfg, batch, progress=progress, **measure)
+        say(f"no wall-clock calibration for {key['device']} (batch {batch}, {key['dtype']}, engine "
+            f"{key['engine']}); measuring it once (moeca calibrate redoes it)")
+        for attempt in (1, 2):
+            costs = measure_costs(model, sampler_cfg, batch, progress=progress, **measure)
+            problem = _fit_problem(costs, max_fit_error)
+            if problem is None:
+                break
+            if attempt == 1:
+                say(f"the calibration is too noisy: {problem}; measuring once more")
+        else:
+            raise CalibrationError(
+                f"the wall-clock calibration for {key['device']} (batch {batch}) was measured twice and {problem}: "
+                "the machine was too busy to time it, and a schedule derived from it would miss its target. Run "
+                "`moeca calibrate` on a quiet machine (or with --max-fit-error to accept a noisier fit), or use an "
+                "analytic FLOPs target (--target-flops-speedup / --target-flops-speedups)")
         path = save_costs(costs, cache)
-        if progress:
-            progress(f"calibration cached in {path} (fit error {costs.fit_rel_error:.1%} per step)")
+        say(f"calibration cached in {path} (fit error {costs.fit_rel_error:.1%} per step)")
     return costs
 
 

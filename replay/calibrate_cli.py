@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; medians per step are fitted (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--max-fit-error", type=float, default=None,
+                   help="largest median per-step error of the fit to accept (default 0.2; a noisier one is measured "
+                        "again once, then refused)")
     p.set_defaults(func=cmd_calibrate)
 
 
@@ -58,8 +61,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     name, model = load_model_from_args(args, args.device)
     kind = args.sampler or ("rectified_flow" if model.config.objective == "rectified_flow" else "ddpm")
     sampler = SamplerConfig(kind=kind, cfg_scale=args.cfg_scale, cfg_mode=args.cfg_mode)
+    if args.max_fit_error is not None and not args.max_fit_error > 0:
+        raise ValueError(f"--max-fit-error {args.max_fit_error} must be a number > 0 (e.g. 0.3 for 30%)")
+    limit = {} if args.max_fit_error is None else {"max_fit_error": args.max_fit_error}
     costs = ensure_costs(model, sampler, args.batch, recalibrate=True, steps=args.steps, repeats=args.repeats,
-                         progress=lambda msg: print(msg, flush=True))
+                         progress=lambda msg: print(msg, flush=True), **limit)
     print(f"{name or args.checkpoint} on {costs.key['device']}, batch {args.batch}: full step "
           f"{costs.full_step_ms:.2f} ms; fit error {costs.fit_rel_error:.1%} per step")
     for c in COEFFICIENTS:

@@ -34,12 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     import math
+    import sys
 
     import torch
 
     from moeca.common.outputs import check_output_dir
+    from moeca.models.checkpoint import weights_hash
     from moeca.models.model_args import load_model_from_args
-    from moeca.diffusion.samplers import SamplerConfig, check_sampler_objective, default_sampler
+    from moeca.diffusion.samplers import SamplerConfig, check_sampler_objective, default_sampler_for
     from moeca.policy.schedule import Schedule
 
     from .calibrate import prediction_line
@@ -56,9 +58,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     schedule = Schedule.load(args.schedule)
     name, model = load_model_from_args(args, args.device)
+    note = schedule.unchecked_weights_note(f"schedule {args.schedule}", weights_hash(model))
+    if note:
+        print(note, file=sys.stderr)
     check_sampler_objective(schedule.sampler.kind, model.config.objective,
                             f"schedule {args.schedule}: field sampler.kind")
-    base = default_sampler(model.config.objective)
+    base = default_sampler_for(model.config)
     smp = schedule.sampler
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else (base.cfg_scale if smp.guided else 1.0)
     sampler = SamplerConfig(kind=smp.kind, num_steps=smp.num_steps, cfg_scale=cfg_scale, cfg_mode=smp.cfg_mode,
@@ -71,6 +76,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                             model_name=name or str(args.checkpoint), compile=args.compile)
     paths = write_replay_outputs(result, args.out, schedule_path=str(args.schedule))
     print(result.report.to_markdown())
+    for warning in result.report.timing_warnings:
+        print(f"warning: measured speedup {result.report.speedup:.2f}x: {warning}", file=sys.stderr)
     line = prediction_line(schedule, result.report.speedup, model, sampler, args.samples)
     if line:
         print(line)

@@ -34,7 +34,9 @@ from .runtime import ReplayRuntime
 class ReplayReport:
     """Measured outcome of one schedule against full compute. Times in seconds per sampling call;
     ``time_full_s`` / ``time_cached_s`` their medians, ``speedup`` the median of the per-pair ratios
-    ``times_full_s[i] / times_cached_s[i]`` (see the module docstring)."""
+    ``times_full_s[i] / times_cached_s[i]`` (see the module docstring), ``speedup_range`` their
+    (min, max); ``load_average``: the highest 1-minute load average seen while timing;
+    ``timing_warnings``: why the speedup should not be trusted (:func:`timing_warnings`), empty when none."""
 
     method: str
     model: str
@@ -70,6 +72,9 @@ class ReplayReport:
     fd_cached: float | None = None
     fd_floor: float | None = None
     counters: dict = field(default_factory=dict)
+    speedup_range: tuple[float, float] | None = None
+    load_average: float | None = None
+    timing_warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,7 +89,7 @@ class ReplayReport:
             f"timed call, {self.repeats} repeats, seed {self.seed}, {self.threads} threads on {self.device}.", "",
             "| measure | full compute | cached |", "|---|---|---|",
             f"| wall-clock per call (median, s) | {self.time_full_s:.3f} | {self.time_cached_s:.3f} |",
-            f"| **speedup** (measured) | 1.00x | **{self.speedup:.2f}x** |",
+            f"| **speedup** (measured) | 1.00x | **{self.speedup:.2f}x**{self._spread()} |",
             f"| FLOPs (analytic, from executed rows) | {self.flops_full:.3g} | {self.flops_computed:.3g} "
             f"({self.flops_ratio:.3f} of full, {self.flops_speedup:.2f}x) |",
             f"| predicted FLOPs ratio (schedule) | | {f(self.predicted_flops_ratio)} |",
@@ -105,10 +110,17 @@ class ReplayReport:
                 f"{self.accuracy_cached:.4f} |",
                 f"| Frechet distance to real digits (floor {f(self.fd_floor)}) | {self.fd_full:.3f} | "
                 f"{self.fd_cached:.3f} ({self.fd_cached / self.fd_full:.3f}x) |"]
+        lines += [""] + [f"**Warning:** {w}" for w in self.timing_warnings] if self.timing_warnings else []
         r = self.reuse
         lines += ["", f"Reused rows: attention {r.get('attn', 0):.1%}, shared expert {r.get('shared', 0):.1%}, "
                       f"routed (token, expert) pairs {r.get('expert', 0):.1%}."]
         return "\n".join(lines) + "\n"
+
+
+    def _spread(self) -> str:
+        lo_hi = self.speedup_range
+        mark = " (unreliable, see the warning)" if self.timing_warnings else ""
+        return "" if lo_hi is None or self.repeats < 2 else f" (pairs {lo_hi[0]:.2f}x..{lo_hi[1]:.2f}x){mark}"
 
 
 @dataclass
@@ -135,6 +147,43 @@ def median_ratio(full: Sequence[float], cached: Sequence[float]) -> float:
     """The median of the per-pair ratios ``full[i] / cached[i]`` of runs timed back to back (the module
     docstring's estimator of a speedup)."""
     return statistics.median(pair_ratios(full, cached))
+
+
+PAIR_SPREAD_WARN = 1.5
+"""Largest/smallest per-pair speedup above which the pairs are said to disagree."""
+FLOPS_MARGIN_WARN = 1.5
+"""A measured speedup more than this many times the FLOPs speedup is implausible (the full runs were slowed)."""
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def timing_warnings(ratios: Sequence[float], flops_speedup: float, load: float | None,
+                    cores: int | None = None) -> list[str]:
+    """Why a measured speedup (the median of ``ratios``, the per-pair speedups) should not be trusted: the pairs
+    disagree widely (largest / smallest > :data:`PAIR_SPREAD_WARN`), the load average exceeded the core count,
+    or the speedup exceeds ``flops_speedup`` (what the executed FLOPs allow) by more than
+    :data:`FLOPS_MARGIN_WARN` x. Empty when none applies."""
+    cores = cores or os.cpu_count() or 1
+    speedup = statistics.median(ratios)
+    out = []
+    if len(ratios) > 1 and max(ratios) > PAIR_SPREAD_WARN * min(ratios):
+        out.append(f"the back-to-back pairs disagree: per-pair speedups {min(ratios):.2f}x..{max(ratios):.2f}x "
+                   f"(spread {max(ratios) / min(ratios):.2f}x); the machine's speed changed while timing")
+    if load is not None and load > cores:
+        out.append(f"the load average was {load:.1f} on {cores} cores while timing: other processes competed for "
+                   "the CPU")
+    if speedup > FLOPS_MARGIN_WARN * flops_speedup:
+        out.append(f"the measured {speedup:.2f}x exceeds what the executed FLOPs allow ({flops_speedup:.2f}x) by "
+                   f"{speedup / flops_speedup:.1f}x; the full-compute runs were slowed by something else")
+    if out:
+        out[-1] += ". Measure again on a quiet machine (more --repeats help) before trusting this speedup"
+    return out
 
 
 def activation_bytes_step(config, rows: int, element_size: int = 4) -> int:
@@ -265,6 +314,7 @@ def replay_compare(model: torch.nn.Module, schedule: Schedule, sampler_cfg: Samp
             full = run_full().cpu()
             cached = run_cached().cpu()
         t_full, t_cached = [], []
+        loads = [load_average()]
         for _ in range(repeats):
             t, out = _timed(run_full, sync)
             t_full.append(t)
@@ -272,6 +322,7 @@ def replay_compare(model: torch.nn.Module, schedule: Schedule, sampler_cfg: Samp
             t, out = _timed(run_cached, sync)
             t_cached.append(t)
             cached = out.cpu() if cached is None else cached
+        loads.append(load_average())
         rt = last_rt[0]
         q_full = q_cached = None
         if qlabels is not None:
@@ -285,6 +336,9 @@ def replay_compare(model: torch.nn.Module, schedule: Schedule, sampler_cfg: Samp
     done, full_flops = rt.counters.flops(costs)
     mf, mc = statistics.median(t_full), statistics.median(t_cached)
     speedup = median_ratio(t_full, t_cached)
+    ratios = pair_ratios(t_full, t_cached)
+    load = max((v for v in loads if v is not None), default=None)
+    warnings = timing_warnings(ratios, full_flops / done, load)
     p = psnr(cached, full, max_db=100.0)
     extra: dict = {}
     if qlabels is not None:
@@ -309,7 +363,8 @@ def replay_compare(model: torch.nn.Module, schedule: Schedule, sampler_cfg: Samp
         activation_bytes_step=activation_bytes_step(config, rows=_rows_per_step(labels.numel(), sampler_cfg),
                                                     element_size=next(model.parameters()).element_size()),
         psnr_mean=mean_finite(p), psnr_min=float(p.min()), ssim_mean=float(ssim(cached, full).mean()),
-        rel_l2_mean=float(relative_l2(cached, full).mean()), counters=rt.counters.totals(), **extra)
+        rel_l2_mean=float(relative_l2(cached, full).mean()), counters=rt.counters.totals(),
+        speedup_range=(min(ratios), max(ratios)), load_average=load, timing_warnings=tuple(warnings), **extra)
     return ReplayResult(report, labels, full, cached, qlabels, q_full, q_cached)
 
 

@@ -1,5 +1,5 @@
-"""The documented Python API: lazy public surfaces of the packages, and the README's Python examples and
-distributed-sampling command, executed so the README cannot rot."""
+"""The documented Python API: lazy public surfaces of the packages, and the Python examples and the
+distributed-sampling command of the README and docs/, executed so the documentation cannot rot."""
 from __future__ import annotations
 
 import importlib
@@ -14,16 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README, API_PAGE, DISTRIBUTED_PAGE = ROOT / "README.md", ROOT / "docs" / "api.md", ROOT / "docs" / "distributed.md"
 PACKAGES = ("moeca.models", "moeca.diffusion", "moeca.evaluation", "moeca.tracer", "moeca.analysis", "moeca.policy",
             "moeca.replay")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _section(title: str) -> str:
-    text = README.read_text()
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, re.S | re.M)
-    assert match, f"README.md has no '## {title}' section"
+def _section(title: str, page: Path = README) -> str:
+    text = page.read_text()
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert match, f"{page.name} has no '## {title}' section"
     return match.group(1)
 
 
@@ -59,9 +60,10 @@ def one_thread():
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys, one_thread):
-    """Both Python blocks of the README section, in one namespace as a user would paste them, with the sizes
-    line the example sets made smaller."""
-    blocks = _blocks(_section("Python API"), "python")
+    """The README's Python example, then docs/api.md's own sampling loop that continues it, in one namespace
+    as a user would paste them, with the sizes line the example sets made smaller."""
+    blocks = _blocks(_section("Python API"), "python") + _blocks(_section("A schedule in your own sampling loop",
+                                                                          API_PAGE), "python")
     assert len(blocks) == 2
     sizes = "STEPS, TRACE_SAMPLES, TIMED_SAMPLES, QUALITY_SAMPLES, REPEATS = 20, 8, 10, 50, 3\n"
     assert blocks[0].count(sizes) == 1, "the README example's sizes line changed; update this test"
@@ -74,7 +76,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys, one_thread):
     assert (tmp_path / "api-demo" / "report" / "report.md").is_file()
     report = namespace["r"]
     assert report.flops_ratio < 1 and report.quality_samples == 10 and report.num_samples == 2
-    exec(compile(blocks[1], "README.md: Python API (2)", "exec"), namespace)
+    exec(compile(blocks[1], "docs/api.md: A schedule in your own sampling loop", "exec"), namespace)
     reuse = namespace["runtime"].counters.reuse_fractions()
     assert 0 < max(reuse.values()) < 1, reuse
     x = namespace["x"]
@@ -92,8 +94,9 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys, one_thread):
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 def test_readme_distributed_sampling_command_runs(tmp_path):
-    """The README's full-compute torchrun line, with fewer samples and steps, writes the ADM .npz."""
-    lines = [line for block in _blocks(_section("Distributed sampling"), "bash") for line in block.splitlines()]
+    """The documented full-compute torchrun line, with fewer samples and steps, writes the ADM .npz."""
+    lines = [line for block in _blocks(_section("Sampling at scale with a schedule", DISTRIBUTED_PAGE), "bash")
+             for line in block.splitlines()]
     line = next(ln for ln in lines if ln.startswith("torchrun") and "--schedule none" in ln)
     argv = shlex.split(line.split("#")[0])
     argv[argv.index("--num-samples") + 1] = "6"

@@ -265,7 +265,7 @@ def test_replay_page_runs_and_refuses_foreign_schedules(example_root, tmp_path, 
         at.selectbox(key="replay_source").set_value("foreign").run()
         at.button(key="replay_run").click().run()
         assert_ok(at)
-        assert "model.fingerprint" in texts(at.warning)
+        assert "is for model `synthetic`, not the demo model, and none of the traces" in texts(at.warning)
     finally:
         st.cache_resource.clear()
 

@@ -133,22 +133,27 @@ def test_step_model_adds_the_calibrated_terms():
     assert c.predicted_speedup([full, fc, fc]) == pytest.approx(27.0 / (c.step_ms_of(full) + 2 * c.step_ms_of(fc)))
 
 
+NOISY = float("inf")
+"""max_fit_error of tests about caching, on a shared machine whose timings are anything but quiet."""
+
+
 def test_measured_calibration_is_cached_and_redone_when_the_engine_changes(cache_dir, monkeypatch):
-    model = make_tiny()
+    model = make_tiny()                       # this test is about caching: any fit error is accepted (NOISY)
     torch.set_num_threads(1)
     measured = []
     real = cal.measure_costs
     monkeypatch.setattr(cal, "measure_costs", lambda *a, **k: measured.append(1) or real(*a, **k))
-    first = cal.ensure_costs(model, SAMPLER, 2, steps=4, repeats=1, progress=None)
+    first = cal.ensure_costs(model, SAMPLER, 2, steps=4, repeats=1, progress=None, max_fit_error=NOISY)
     assert len(measured) == 1 and first.key == cal.calibration_key(model, SAMPLER, 2)
     assert all(getattr(first, c) >= 0 for c in COEFFICIENTS) and first.full_step_ms > 0
     assert first.rows_per_block == 2 * 16 * 2 and first.top_k == 2
-    assert cal.ensure_costs(model, SAMPLER, 2, steps=4, repeats=1, progress=None) == first
+    assert cal.ensure_costs(model, SAMPLER, 2, steps=4, repeats=1, progress=None, max_fit_error=NOISY) == first
     assert len(measured) == 1                                               # cached
     monkeypatch.setattr(cal, "engine_hash", lambda: "a-changed-engine")
-    again = cal.ensure_costs(model, SAMPLER, 2, steps=4, repeats=1, progress=None)
+    again = cal.ensure_costs(model, SAMPLER, 2, steps=4, repeats=1, progress=None, max_fit_error=NOISY)
     assert len(measured) == 2 and again.key["engine"] == "a-changed-engine"  # stale: measured again
-    assert cal.ensure_costs(model, SAMPLER, 4, steps=4, repeats=1, progress=None).key["batch"] == "4"
+    assert cal.ensure_costs(model, SAMPLER, 4, steps=4, repeats=1, progress=None,
+                            max_fit_error=NOISY).key["batch"] == "4"
     assert len(measured) == 3                                               # another batch, another key
 
 
@@ -240,5 +245,5 @@ def test_derive_reaches_the_measurement_through_the_policy_hook(monkeypatch):
     build_parser()
     provider = wallclock.costs_provider()
     model = make_tiny()
-    got = provider(model, SAMPLER, 2, steps=4, repeats=1, progress=None)
+    got = provider(model, SAMPLER, 2, steps=4, repeats=1, progress=None, max_fit_error=NOISY)
     assert got.key == cal.calibration_key(model, SAMPLER, 2) and load_costs(got.key) == got

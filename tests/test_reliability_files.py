@@ -359,7 +359,7 @@ def test_a_trace_whose_run_json_or_table_is_the_wrong_kind_is_damaged(real_trace
     shutil.rmtree(b / "tokens")
     (b / "tokens").write_text("x")
     rc, out, err = _run(["trace-info", b], capsys)
-    assert rc == 1 and "tokens is a file, not the folder of the tokens table" in out
+    assert rc == 2 and "tokens is a file, not the folder of the tokens table" in out
 
 
 def test_an_unknown_device_is_a_message(ckpt, tmp_path, capsys):

@@ -99,14 +99,14 @@ def test_run_json_declaring_more_steps_than_traced_is_refused_everywhere(trace, 
     rc, _, err = _run(["analyze", bad, "--out", tmp_path / "r", "--quiet", "--no-figures"], capsys)
     assert rc == 2 and "run.json implies" in err and not (tmp_path / "r").exists()
     rc, out, _ = _run(["trace-info", bad], capsys)
-    assert rc == 1 and "INVALID" in out and "0/2 complete" in out
+    assert rc == 2 and "INVALID" in out and "0/2 complete" in out
 
 
 def test_run_json_contradicting_itself_is_named(trace, tmp_path, capsys):
     bad = _copy(trace, tmp_path / "bad")
     _edit_run_json(bad, num_samples=9)
     rc, out, _ = _run(["trace-info", bad], capsys)
-    assert rc == 1 and "field num_samples is 9 but should be 4" in out
+    assert rc == 2 and "field num_samples is 9 but should be 4" in out
 
 
 def test_trace_info_and_resume_name_a_truncated_shard(trace, tmp_path, ckpt, capsys):
@@ -114,7 +114,7 @@ def test_trace_info_and_resume_name_a_truncated_shard(trace, tmp_path, ckpt, cap
     shard = bad / "tokens" / "shard-00001.parquet"
     shard.write_bytes(shard.read_bytes()[:-40])
     rc, out, _ = _run(["trace-info", bad], capsys)
-    assert rc == 1 and f"{shard}: cannot read this Parquet file" in out and "1/2 complete" in out
+    assert rc == 2 and f"{shard}: cannot read this Parquet file" in out and "1/2 complete" in out
     with pytest.raises(ValueError, match="shard-00001.parquet: cannot read"):
         trace_run(make_tiny(seed=0), bad, TraceConfig(sampler=SAMPLER, labels=(0, 1, 2, 0), batch_size=2, lags=2),
                   resume=True, progress=False)
@@ -129,13 +129,13 @@ def test_flipped_bits_and_foreign_columns_are_found(trace, tmp_path, capsys):
     data[len(data) // 3] ^= 0x10                                    # inside the data pages, not the footer
     shard.write_bytes(bytes(data))
     rc, out, _ = _run(["trace-info", "--verify", bad], capsys)
-    assert rc == 1 and f"{shard}: row group 0 is damaged" in out
+    assert rc == 2 and f"{shard}: row group 0 is damaged" in out
     foreign = _copy(trace, tmp_path / "foreign")
     path = foreign / "tokens" / "shard-00001.parquet"
     table = pq.read_table(path)
     pq.write_table(table.append_column("payload", table.column("step")), path)
     rc, out, _ = _run(["trace-info", foreign], capsys)
-    assert rc == 1 and "foreign columns ['payload']" in out and str(path) in out
+    assert rc == 2 and "foreign columns ['payload']" in out and str(path) in out
 
 
 def test_the_same_trace_twice_is_refused_by_derive(trace, tmp_path, capsys):
@@ -285,7 +285,7 @@ def test_an_edited_model_config_is_caught_by_its_fingerprint(trace, tmp_path, ca
     bad = _copy(trace, tmp_path / "bad")
     _edit_run_json(bad, **{"model.config.objective": "ddpm_eps"})
     rc, out, _ = _run(["trace-info", bad], capsys)
-    assert rc == 1 and "field model.config hashes to fingerprint" in out
+    assert rc == 2 and "field model.config hashes to fingerprint" in out
     rc, _, err = _run(["analyze", bad, "--out", tmp_path / "r", "--quiet", "--no-figures"], capsys)
     assert rc == 2 and "model.fingerprint" in err
 

@@ -61,7 +61,7 @@ def mixed_schedule(config=TINY, sampler=SAMPLER) -> Schedule:
     return Schedule("moeca", ModelIdentity.of(config, "0123456789abcdef"), SamplerIdentity.of(sampler), steps,
                     sync_refresh_steps=(0, 1, 6, sampler.num_steps - 1),
                     scores={"expert": ScoreConfig(1.0, 0.05), "shared": ScoreConfig(1.0, 0.0)},
-                    predicted_flops_ratio=0.5)
+                    predicted_flops_ratio=0.6)
 
 
 # ----------------------------------------------------------------------------- format
@@ -257,7 +257,7 @@ def test_cli_show_and_derive(tmp_path, capsys, monkeypatch):
     path = mixed_schedule().save(tmp_path / "s.json")
     assert main(["schedule", "show", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "predicted FLOPs ratio: 0.500" in out and "sync*" in out and "reuse fraction per step" in out
+    assert "predicted FLOPs ratio: 0.600" in out and "sync*" in out and "reuse fraction per step" in out
 
     trace = tmp_path / "trace"
     trace.mkdir()

@@ -21,8 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     add_trace_arguments(parser)
     parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
                         help="torch.distributed backend under torchrun (auto: nccl on CUDA, else gloo)")
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     try:
+        from moeca.common.inputs import check_utf8_arguments
+        check_utf8_arguments(argv)
         with torchrun_group(args.backend, args.device):
             return int(run_trace(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, FloatingPointError) as exc:

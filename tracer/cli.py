@@ -10,6 +10,7 @@ import argparse
 from moeca.models.model_args import add_model_arguments
 import json
 import os
+from pathlib import Path
 
 
 def _int_list(text: str) -> list[int]:
@@ -32,8 +33,9 @@ def add_trace_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--num-per-class", type=int, default=None, help="this many samples of every class")
     s.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = none)")
     s.add_argument("--cfg-mode", choices=("batched", "separate"), default=None,
-                   help="one [cond; uncond] call per step or two calls (default: batched for the demo model, "
-                        "the reference sampler's mode otherwise)")
+                   help="one [cond; uncond] call per step or two calls (default: batched, except separate for "
+                        "the public XL/G architectures; the same whether the weights come from --model or "
+                        "--checkpoint)")
     s.add_argument("--sampler", choices=("ddpm", "ddim", "rectified_flow"), default=None,
                    help="sampler kind (default: the model objective's reference sampler)")
     s.add_argument("--seed", type=int, default=0, help="run seed; every sample's noise seed derives from it")
@@ -63,12 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=run_trace_info)
 
 
-def _sampler(args: argparse.Namespace, model, model_name: str | None):
+def _sampler(args: argparse.Namespace, model):
     from dataclasses import replace
-    from moeca.diffusion.samplers import SamplerConfig, default_sampler
-    base = default_sampler(model.config.objective)
-    if model_name == "demo" or model.config.name == "demo":
-        base = SamplerConfig(kind="rectified_flow", num_steps=50, cfg_scale=1.5, cfg_mode="batched")
+    from moeca.diffusion.samplers import default_sampler_for
+    base = default_sampler_for(model.config)
     overrides = {}
     if args.sampler is not None:
         overrides["kind"] = args.sampler
@@ -102,7 +102,7 @@ def run_trace(args: argparse.Namespace) -> int:
     if args.samples is not None and args.samples < 1:
         raise ValueError(f"--samples {args.samples} must be >= 1")
     name, model = load_model_from_args(args, _device(args.device))
-    sampler = _sampler(args, model, name)
+    sampler = _sampler(args, model)
     check_sampler_objective(sampler.kind, model.config.objective,
                             "--sampler" if args.sampler else "the default sampler")
     labels = resolve_labels(model.config.num_classes, samples=args.samples, labels=args.labels,
@@ -112,7 +112,7 @@ def run_trace(args: argparse.Namespace) -> int:
     try:
         out = trace_run(model, args.out, config, resume=args.resume, overwrite=args.overwrite,
                         progress=not args.no_progress, model_name=name,
-                        checkpoint=str(args.checkpoint) if args.checkpoint else None)
+                        checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None)
     except OSError as exc:
         if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError)):
             raise
@@ -142,7 +142,8 @@ def format_summary(trace_dir, summary: dict | None = None) -> str:
 
 
 def run_trace_info(args: argparse.Namespace) -> int:
-    """Print each trace's summary; exit code 1 when any trace contradicts itself (problems listed)."""
+    """Print each trace's summary; exit code 2 (as every command's refusal) when any trace contradicts itself
+    (problems listed)."""
     import sys
     from .store import find_traces, trace_summary
     traces = list(dict.fromkeys(t.resolve() for p in args.paths for t in find_traces(p)))
@@ -160,5 +161,5 @@ def run_trace_info(args: argparse.Namespace) -> int:
     if bad:
         print(f"moeca trace-info: {bad} problem(s) found; the shards named above are not counted as complete",
               file=sys.stderr)
-        return 1
+        return 2
     return 0

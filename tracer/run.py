@@ -371,8 +371,28 @@ def trace_run(model: torch.nn.Module, out_dir: str | os.PathLike, config: TraceC
     rank, world = _dist_info()
     meta = build_run_meta(model, config, model_name=model_name, checkpoint=checkpoint,
                           run_name=run_name or out.resolve().name)
-    error = None
-    if rank == 0:
+    from contextlib import ExitStack
+
+    from moeca.common.outputs import OutputError, output_lock
+    with ExitStack() as held:
+        error: Exception | None = None
+        if rank == 0:                          # one tracing job per folder (its ranks share rank 0's lock)
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                pass                           # prepare_out_dir names the problem
+            try:
+                held.enter_context(output_lock(out))
+            except OutputError as exc:
+                error = exc
+        return _trace_locked(model, out, config, meta, rank, world, error, resume=resume, overwrite=overwrite,
+                             progress=progress, background=background)
+
+
+def _trace_locked(model: torch.nn.Module, out: Path, config: TraceConfig, meta: dict, rank: int, world: int,
+                  error: Exception | None, *, resume: bool, overwrite: bool, progress: bool, background: bool) -> Path:
+    """:func:`trace_run` once rank 0 holds the folder's lock (``error``: why it could not)."""
+    if rank == 0 and error is None:
         try:
             prepare_out_dir(out, meta, resume=resume, overwrite=overwrite)
         except (ValueError, OSError) as exc:

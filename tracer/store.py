@@ -5,12 +5,13 @@ Readers only ever see *complete* shards (every table of the shard has its final 
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
+from moeca.common.jsontext import JSONInputError, read_json
 
 from .schema import RUN_META_FILE, SCHEMA_VERSION, TABLES, TMP_SUFFIX, parse_shard_file_name, table_schema, tables_for
 
@@ -61,10 +62,7 @@ def read_run_meta(trace_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{trace_dir} is not a trace directory: {RUN_META_FILE} is missing "
                                 "(create one with `moeca trace --out DIR`)")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); the trace is damaged, rerun with --overwrite") from exc
+    meta = read_json(path, "trace file", "the trace is damaged; re-trace it with `moeca trace --overwrite`")
     missing = [k for k in _REQUIRED_META if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise ValueError(f"{path} is not a moeca trace run.json (missing fields: {', '.join(missing)})")
@@ -331,7 +329,9 @@ def validate_trace(trace_dir: str | os.PathLike, deep: bool = False) -> dict:
     require_trace_folder(trace_dir)
     path = Path(trace_dir) / RUN_META_FILE
     try:
-        meta = json.loads(path.read_text())
+        meta = read_json(path, "trace file", "the trace is damaged; re-trace it with `moeca trace --overwrite`")
+    except JSONInputError as exc:
+        raise TraceValidationError(str(exc)) from None
     except FileNotFoundError:
         raise FileNotFoundError(f"{trace_dir} is not a trace directory: {RUN_META_FILE} is missing (create one "
                                 "with `moeca trace --out DIR`)") from None
