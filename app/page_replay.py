@@ -53,7 +53,7 @@ def model_lock():
 
 @st.cache_resource(show_spinner=False)
 def classifier():
-    from moeca.models.evaluator import DigitsClassifier
+    from moeca.evaluation.evaluator import DigitsClassifier
     try:
         return DigitsClassifier.load_shipped("cpu")
     except (FileNotFoundError, OSError, ValueError):

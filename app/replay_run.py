@@ -58,13 +58,13 @@ class ReplayOutcome:
 def grid(images: np.ndarray, labels: np.ndarray | None = None, columns: int = 8, scale: int | None = None) -> np.ndarray:
     """``[N, C, H, W]`` images in [-1, 1] -> a uint8 RGB picture, each image upscaled (None: 64-pixel cells)
     and captioned with its label ``[N]`` when given (``models.grid.label_grid``)."""
-    from moeca.models.grid import label_grid
+    from moeca.evaluation.grid import label_grid
     return label_grid(images, labels, columns=columns, scale=scale)
 
 
 def sampler_for(schedule, cfg_scale: float):
     """The :class:`SamplerConfig` a schedule was derived for (kind, steps, CFG mode) with ``cfg_scale``."""
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     s = schedule.sampler
     return SamplerConfig(kind=s.kind, num_steps=s.num_steps, cfg_scale=cfg_scale if s.guided else 1.0,
                          cfg_mode=s.cfg_mode)
@@ -79,7 +79,7 @@ def run_replay(model, schedule, settings: ReplaySettings, on_step: Callable[[int
     """
     import torch
 
-    from moeca.models.metrics import psnr, ssim
+    from moeca.evaluation.metrics import psnr, ssim
     from moeca.replay.driver import replay_compare
 
     sampler_cfg = sampler_for(schedule, settings.cfg_scale)

@@ -259,7 +259,7 @@ def _write_random_replay(cfg: SyntheticTraceConfig, schedule_path: Path, out: Pa
 
     from moeca.models.dit_moe import DiTMoE
     from moeca.models.registry import randomize_zero_init
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     from moeca.policy.schedule import Schedule
     from moeca.replay.driver import replay_compare, write_replay_outputs
 

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import torch._dynamo
 
     from moeca.models.compile import CompileOptions, compile_model
-    from moeca.models.samplers import sample
+    from moeca.diffusion.samplers import sample
     from moeca.replay.driver import median_ratio
     from moeca.replay.runtime import ReplayRuntime
 

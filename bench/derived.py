@@ -36,7 +36,7 @@ def derive(args: argparse.Namespace) -> Derived:
     import torch
 
     from moeca.models.registry import load_traced_model
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     from moeca.policy.cli import load_summary
     from moeca.policy.derive import DeriveConfig, derive_schedule
     from moeca.replay.calibrate import ensure_costs

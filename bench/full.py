@@ -76,7 +76,7 @@ def step_fn(model, batch: int, seed: int = 0):
     """A full-compute guided step of ``batch`` samples (one batched-CFG call) as a no-argument function."""
     import torch
 
-    from moeca.models.samplers import GuidedDenoiser, SamplerConfig, default_sampler, initial_noise
+    from moeca.diffusion.samplers import GuidedDenoiser, SamplerConfig, default_sampler, initial_noise
 
     mc = model.config
     device = next(model.parameters()).device

@@ -62,7 +62,7 @@ def require_cuda():
 
 # ----------------------------------------------------------------------------- schedules (CPU-side, tested)
 def sampler_config(num_steps: int = 50):
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     return SamplerConfig(kind="rectified_flow", num_steps=num_steps, cfg_scale=1.5, cfg_mode="batched")
 
 
@@ -200,7 +200,7 @@ def run(shapes=SHAPES, intervals=INTERVALS, batch: int = 8, num_steps: int = 50,
     import torch
 
     from moeca.models.compile import CompileOptions, compile_model
-    from moeca.models.samplers import sample
+    from moeca.diffusion.samplers import sample
     from moeca.policy.cost import UnitCosts
     from moeca.replay.runtime import ReplayRuntime
     device = torch.device("cpu") if dry_run else require_cuda()
@@ -286,7 +286,7 @@ def profile(shape: str, batch: int = 8, num_steps: int = 12, interval: int = 2, 
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    from moeca.models.samplers import sample
+    from moeca.diffusion.samplers import sample
     from moeca.replay.runtime import ReplayRuntime
     model = build_model(shape, require_cuda(), torch.bfloat16)
     sampler = sampler_config(num_steps)

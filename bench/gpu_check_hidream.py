@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from moeca.integrations.diffusers.measure import Variant, compare
     from moeca.integrations.diffusers.sampling import (CONFIGS, FlowSampler, build_transformer, initial_noise,
                                                        random_conditioning)
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
 
     if args.dry_run:
         config, device, dtype, size, steps, lengths, name = "tiny-4e", torch.device("cpu"), torch.float32, 128, 3, \

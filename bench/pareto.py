@@ -310,14 +310,14 @@ class SweepState:
 def quality(images, reference, labels, classifier) -> dict[str, float | None]:
     """PSNR (capped), SSIM, relative L2 of ``images`` against ``reference`` (both ``[N, C, H, W]``, means
     over samples) and, with a ``classifier``, class accuracy and Frechet distance to the real digits."""
-    from moeca.models.metrics import psnr, relative_l2, ssim
+    from moeca.evaluation.metrics import psnr, relative_l2, ssim
     out: dict[str, float | None] = {
         "psnr": float(psnr(images, reference, max_db=PSNR_CAP_DB).mean()),
         "ssim": float(ssim(images, reference).mean()),
         "rel_l2": float(relative_l2(images, reference).mean()),
         "accuracy": None, "fd": None}
     if classifier is not None:
-        from moeca.models.evaluator import evaluate_samples
+        from moeca.evaluation.evaluator import evaluate_samples
         ev = evaluate_samples(images, labels, classifier)
         out.update(accuracy=float(ev["accuracy"]), fd=float(ev["fd"]))
     return out
@@ -357,7 +357,7 @@ class SweepContext:
 
 def sampler_for(model_config, settings: ParetoSettings):
     """The sampler of the sweep: the model objective's reference sampler at the settings' steps and CFG."""
-    from moeca.models.samplers import default_sampler
+    from moeca.diffusion.samplers import default_sampler
     return default_sampler(model_config.objective, num_steps=settings.num_steps, cfg_scale=settings.cfg_scale,
                            cfg_mode=settings.cfg_mode)
 
@@ -444,7 +444,7 @@ class ParetoSweep:
             references.append(ref)
         classifier = None
         if is_digits_demo(mc):
-            from moeca.models.evaluator import DigitsClassifier
+            from moeca.evaluation.evaluator import DigitsClassifier
             classifier = DigitsClassifier.load_shipped("cpu")
         self._ctx = SweepContext(model, self.sampler, labels, references, self.weights_hash, classifier)
         return self._ctx
@@ -640,7 +640,7 @@ class ParetoSweep:
             got = {"accuracy": None, "accuracy_spread": None, "fd": None, "fd_spread": None, "fd_floor": None,
                    "samples": int(ctx.labels.shape[0]), "seeds": list(self.settings.seeds)}
             if ctx.classifier is not None:
-                from moeca.models.evaluator import evaluate_samples
+                from moeca.evaluation.evaluator import evaluate_samples
                 evs = [evaluate_samples(ref, ctx.labels, ctx.classifier) for ref in ctx.references]
                 got.update(with_spread([{k: float(e[k]) for k in ("accuracy", "fd")} for e in evs], ("accuracy", "fd")))
                 got["fd_floor"] = float(evs[0]["fd_floor"])

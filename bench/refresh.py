@@ -66,9 +66,9 @@ def schedules(config, sampler) -> list[tuple[str, str, object]]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from moeca.models.metrics import psnr
+    from moeca.evaluation.metrics import psnr
     from moeca.models.registry import load_model
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     from moeca.replay.runtime import ReplayRuntime
     from moeca.policy.cost import UnitCosts
     from moeca.replay.driver import sample_batches

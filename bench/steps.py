@@ -94,7 +94,7 @@ def setup(args: argparse.Namespace) -> Setup:
         d = derive(args)
         return Setup(d.model, d.device, d.sampler, d.labels, tuple(sorted(d.schedule.sync_refresh_steps)), NAME, False)
     from moeca.models.registry import SHIPPED_MODELS, load_model
-    from moeca.models.samplers import default_sampler
+    from moeca.diffusion.samplers import default_sampler
     from moeca.tracer import resolve_labels
 
     if args.threads is not None:
@@ -104,8 +104,7 @@ def setup(args: argparse.Namespace) -> Setup:
     shipped = args.model in SHIPPED_MODELS
     model = load_model(args.model, random_init=not shipped, device=args.device)
     device = next(model.parameters()).device
-    sampler = (SHIPPED_MODELS[args.model].bench_sampler(num_steps=args.steps) if shipped else
-               default_sampler(model.config.objective, num_steps=args.steps, cfg_scale=1.5, cfg_mode="batched"))
+    sampler = default_sampler(model.config.objective, num_steps=args.steps, cfg_scale=1.5, cfg_mode="batched")
     labels = torch.tensor(resolve_labels(model.config.num_classes, samples=args.timing_samples), device=device)
     refresh = tuple(range(0, args.steps, args.interval))
     return Setup(model, device, sampler, labels, refresh, f"{NAME}_{args.model.replace('/', '')}", not shipped)
@@ -144,7 +143,7 @@ def step_flops(counters, costs, step: int, rows: int) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from moeca.models.samplers import sample
+    from moeca.diffusion.samplers import sample
     from moeca.policy.cost import UnitCosts
     from moeca.replay.calibrate import timed_steps
     from moeca.replay.runtime import ReplayRuntime

@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moeca.analysis import drift_summary
     from moeca.models.registry import load_model
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     from moeca.policy.derive import DeriveConfig, derive_schedule
     from moeca.policy.transfer import resample_steps, retarget
     from moeca.replay.calibrate import ensure_costs

@@ -49,7 +49,7 @@ def _model(name: str, device):
 
 
 def _sampler(model, steps: int):
-    from ..models.samplers import SamplerConfig, default_sampler
+    from moeca.diffusion.samplers import SamplerConfig, default_sampler
     if model.config.objective == "rectified_flow":
         return SamplerConfig(kind="rectified_flow", num_steps=steps, cfg_scale=1.5, cfg_mode="batched")
     return default_sampler(model.config.objective, num_steps=steps, cfg_mode="batched")
@@ -59,7 +59,7 @@ def measure(name: str, *, steps: int, batch: int, repeats: int, lags: int, devic
     """One result row for model ``name``."""
     import pyarrow.parquet as pq
     import torch
-    from ..models.samplers import initial_noise, sample
+    from moeca.diffusion.samplers import initial_noise, sample
     from ..tracer.recorder import TracingRuntime
     from ..tracer.run import TraceConfig, build_run_meta, prepare_out_dir, sample_seed, shard_seed, step_times
     from ..tracer.run import trace_shard

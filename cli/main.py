@@ -7,7 +7,7 @@ import sys
 
 COMMAND_MODULES = (
     "moeca.cli.pipeline",   # run: the main job end to end
-    "moeca.models.cli",     # sample, train-demo, evaluate-demo
+    "moeca.cli.models",     # sample, train-demo, evaluate-demo
     "moeca.tracer.cli",     # trace, trace-info
     "moeca.analysis.cli",   # analyze
     "moeca.policy.cli",     # schedule show|derive|...

@@ -153,7 +153,7 @@ def run_pipeline(out: Path, cfg: PipelineConfig, checkpoint: str | None = None, 
 def _stages(out: Path, cfg: PipelineConfig, checkpoint: str | None) -> str:
     from moeca.analysis import analyze, drift_summary
     from moeca.models.registry import load_model
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     from moeca.policy.derive import DeriveConfig, derive_schedule
     from moeca.replay.calibrate import ensure_costs
     from moeca.replay.driver import replay_compare, write_replay_outputs

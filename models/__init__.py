@@ -1,4 +1,4 @@
-"""moeca.models: the DiT-MoE model, its runtime seams, samplers, checkpoints, metrics and sample grids.
+"""moeca.models: the DiT-MoE model, its runtime seams, checkpoints and expert dispatch.
 
 Public API (imported lazily, so ``import moeca.models`` stays cheap; ``torch`` loads on first use):
 
@@ -6,12 +6,10 @@ Public API (imported lazily, so ``import moeca.models`` stays cheap; ``torch`` l
 - loading: ``load_model(name="demo" | "demo-ddpm" | preset, checkpoint=None, random_init=False, device="auto")``,
   ``pick_device`` (:mod:`.registry`); ``load_checkpoint(path, config)``, ``save_safetensors``,
   ``weights_hash``, ``CheckpointError`` (:mod:`.checkpoint`);
-- sampling: ``SamplerConfig``, ``default_sampler(objective, **overrides)``,
-  ``sample(model, cfg, labels [B], seed) -> [B, C, H, W]``, ``initial_noise`` (:mod:`.samplers`);
-- runtime seams: ``Runtime``, ``ForwardContext`` (:mod:`.runtime`); ``model.use_runtime(rt)`` installs one;
-- measures: ``psnr``, ``ssim``, ``relative_l2``, ``frechet_distance`` (:mod:`.metrics`);
-  ``DigitsClassifier``, ``evaluate_samples`` (:mod:`.evaluator`, the demo model's quality measure);
-- pictures: ``label_grid(images, labels, columns)`` (:mod:`.grid`).
+- runtime seams: ``Runtime``, ``ForwardContext`` (:mod:`.runtime`); ``model.use_runtime(rt)`` installs one.
+
+Sampling lives in :mod:`moeca.diffusion`, measures and pictures in :mod:`moeca.evaluation`; their names
+imported from here still work, with a ``DeprecationWarning``.
 """
 from __future__ import annotations
 
@@ -23,12 +21,13 @@ _EXPORTS = {
     "load_model": "registry", "pick_device": "registry",
     "load_checkpoint": "checkpoint", "save_safetensors": "checkpoint", "weights_hash": "checkpoint",
     "CheckpointError": "checkpoint",
-    "SamplerConfig": "samplers", "default_sampler": "samplers", "sample": "samplers", "initial_noise": "samplers",
     "Runtime": "runtime", "ForwardContext": "runtime",
-    "psnr": "metrics", "ssim": "metrics", "relative_l2": "metrics", "frechet_distance": "metrics",
-    "DigitsClassifier": "evaluator", "evaluate_samples": "evaluator",
-    "label_grid": "grid",
+}
+_MOVED = {
+    **dict.fromkeys(("SamplerConfig", "default_sampler", "sample", "initial_noise"), "moeca.diffusion"),
+    **dict.fromkeys(("psnr", "ssim", "relative_l2", "frechet_distance", "DigitsClassifier", "evaluate_samples",
+                     "label_grid"), "moeca.evaluation"),
 }
 __all__ = sorted(_EXPORTS)
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), moved=_MOVED)

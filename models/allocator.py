@@ -8,7 +8,7 @@ and 25,000-130,000 per MoECa run (the cheap forecast steps between refreshes let
 refresh faults its activations back in), 5-10% of a cached run's time and a 10-20% penalty on its refresh
 steps. :func:`keep_freed_memory` turns both off with ``mallopt`` (no ``mmap`` for allocations, no heap
 trimming): the process keeps its peak memory instead of returning it, and steps stop faulting (0 faults
-per run measured). :func:`moeca.models.samplers.sample` calls it (full compute and cached runs alike),
+per run measured). :func:`moeca.diffusion.samplers.sample` calls it (full compute and cached runs alike),
 so a process that has sampled keeps its peak CPU memory until it exits. Elsewhere than glibc, or with
 ``MOECA_KEEP_FREED_MEMORY=0`` in the environment (glibc's defaults: to measure them, or to give memory back
 between runs), it does nothing.

@@ -12,7 +12,6 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint, read_state_dict, load_state_dict_strict, safetensors_config
 from .config import DiTMoEConfig, get_preset, PRESETS
 from .dit_moe import DiTMoE
-from .samplers import SamplerConfig, default_sampler
 
 
 @dataclass(frozen=True)
@@ -33,12 +32,6 @@ class ShippedModel:
     @property
     def weights_path(self) -> Path:
         return data_dir() / self.folder / self.weights
-
-    def bench_sampler(self, **overrides) -> SamplerConfig:
-        """The sampler the benchmarks use: the objective's reference sampler at ``bench_steps``, CFG 1.5,
-        batched CFG (``overrides`` replace any field)."""
-        settings = {"num_steps": self.bench_steps, "cfg_scale": 1.5, "cfg_mode": "batched", **overrides}
-        return default_sampler(self.config.objective, **settings)
 
 
 _DEMO = get_preset("demo")

@@ -142,7 +142,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     from moeca.common.outputs import check_replace_file
     from moeca.models.config import DiTMoEConfig
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
 
     from .methods import Context, method
     from .summary import describe
@@ -185,7 +185,7 @@ def load_summary(traces: list[str], allow_mixed: bool = False):
     """
     from pathlib import Path
 
-    from moeca.models.samplers import check_sampler_objective
+    from moeca.diffusion.samplers import check_sampler_objective
     from moeca.tracer.store import check_distinct_traces, read_run_meta, require_trace_folder, validate_trace
 
     for t in traces:
@@ -298,7 +298,7 @@ def replay_costs(meta: dict, args: argparse.Namespace):
     import torch
 
     from moeca.models.registry import load_traced_model
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
 
     from .wallclock import costs_provider
 

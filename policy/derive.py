@@ -13,7 +13,7 @@ Two refresh rules (``DeriveConfig.refresh``); both forecast reused outputs linea
 1. Step 0 (``warmup_steps``), the last ``final_steps`` steps and ``n`` more steps recompute every
    unit of every block together. ``placement="drift"`` places the ``n`` steps on the traced per-step
    drift ``d`` (the FLOPs-weighted mean lag-1 drift of attention, shared and routed experts) times the
-   share of the step's update the model decides (:func:`moeca.models.samplers.model_share`: 1 for Euler
+   share of the step's update the model decides (:func:`moeca.diffusion.samplers.model_share`: 1 for Euler
    and deterministic DDIM, rising to 1 over the last DDPM steps): a step refreshes when that weight,
    accumulated since the last refresh, reaches a threshold (:func:`drift_sync_steps`), so refreshes are
    denser where the features move fastest and a step that moves far refreshes itself; ``placement="even"``
@@ -72,7 +72,7 @@ from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, Rule
                                    ScoreConfig, StepRule)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
 
 SUMMARY_COLUMNS = ("unit", "block", "step", "expert", "lag", "n", "mean_rel_l2", "mean_gate_weight",
                    "persist_frac")
@@ -397,9 +397,9 @@ def drift_sync_steps(weight: np.ndarray, count: int, cfg: DeriveConfig) -> froze
 def placement_weight(drift: np.ndarray, sampler: "SamplerConfig") -> np.ndarray:
     """``[S]``: the per-step weight the ``drift`` placement accumulates: the traced per-step ``drift [S]``
     (:func:`step_drift`) times the share of the step's update the model decides
-    (:func:`moeca.models.samplers.model_share`: 1 for Euler and deterministic DDIM; on DDPM it rises from
+    (:func:`moeca.diffusion.samplers.model_share`: 1 for Euler and deterministic DDIM; on DDPM it rises from
     ~0.5 to 1 over the last steps, whose errors later steps no longer correct)."""
-    from moeca.models.samplers import model_share
+    from moeca.diffusion.samplers import model_share
     return drift * model_share(sampler)
 
 
@@ -519,7 +519,7 @@ def derive_schedule(summary, run_meta: dict, cfg: DeriveConfig, wallclock: WallC
     Raises ValueError when ``target_speedup`` is out of reach (the message gives the reachable maximum).
     """
     from moeca.models.config import DiTMoEConfig
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
 
     try:
         config = DiTMoEConfig.from_dict(run_meta["model"]["config"])

@@ -344,7 +344,7 @@ class SamplerIdentity:
 
     @classmethod
     def of(cls, sampler_cfg) -> "SamplerIdentity":
-        """From a :class:`~moeca.models.samplers.SamplerConfig`."""
+        """From a :class:`~moeca.diffusion.samplers.SamplerConfig`."""
         return cls(sampler_cfg.kind, sampler_cfg.num_steps, sampler_cfg.cfg_mode, bool(sampler_cfg.guided))
 
     def to_json(self) -> dict:
@@ -555,7 +555,7 @@ class Schedule:
                 f"{m.fingerprint}, depth {m.depth}, {m.num_experts} experts) but the model is {config.name!r} "
                 f"(fingerprint {config.fingerprint()}, depth {config.depth}, {config.num_experts} experts); "
                 "derive a schedule for this model with `moeca schedule derive`")
-        from moeca.models.samplers import check_sampler_objective
+        from moeca.diffusion.samplers import check_sampler_objective
         try:                                     # every path (CLI, replay_compare, the explorer) passes here
             check_sampler_objective(self.sampler.kind, config.objective, "schedule field sampler.kind:")
         except ValueError as exc:

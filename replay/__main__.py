@@ -71,7 +71,7 @@ def resolve_device(name: str, local_rank: int):
 
 def sampler_and_schedule(args: argparse.Namespace, model):
     """The :class:`SamplerConfig` and the schedule (None for ``--schedule none``) from the options."""
-    from moeca.models.samplers import SamplerConfig, default_sampler_for
+    from moeca.diffusion.samplers import SamplerConfig, default_sampler_for
     from moeca.policy.schedule import Schedule
 
     if args.steps is not None and args.steps < 1:

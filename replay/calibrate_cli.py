@@ -47,7 +47,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from moeca.models.model_args import load_model_from_args
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     from moeca.policy.wallclock import COEFFICIENTS
 
     from .calibrate import ensure_costs

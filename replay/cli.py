@@ -41,7 +41,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from moeca.common.outputs import check_output_dir
     from moeca.models.checkpoint import weights_hash
     from moeca.models.model_args import load_model_from_args
-    from moeca.models.samplers import SamplerConfig, check_sampler_objective, default_sampler_for
+    from moeca.diffusion.samplers import SamplerConfig, check_sampler_objective, default_sampler_for
     from moeca.policy.schedule import Schedule
 
     from .calibrate import prediction_line

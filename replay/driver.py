@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from moeca.models.samplers import SamplerConfig, sample
+from moeca.diffusion.samplers import SamplerConfig, sample
 from moeca.policy.cost import UnitCosts
 from moeca.policy.schedule import Schedule
 
@@ -262,7 +262,7 @@ def replay_compare(model: torch.nn.Module, schedule: Schedule, sampler_cfg: Samp
     """
     from tqdm import tqdm
     from moeca.models.checkpoint import weights_hash
-    from moeca.models.metrics import mean_finite, psnr, relative_l2, ssim
+    from moeca.evaluation.metrics import mean_finite, psnr, relative_l2, ssim
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -346,7 +346,7 @@ def replay_compare(model: torch.nn.Module, schedule: Schedule, sampler_cfg: Samp
                      psnr_quality_mean=mean_finite(psnr(q_cached, q_full, max_db=100.0)),
                      ssim_quality_mean=float(ssim(q_cached, q_full).mean()))
         if evaluate or (evaluate is None and is_digits_demo(config)):
-            from moeca.models.evaluator import DigitsClassifier, evaluate_samples
+            from moeca.evaluation.evaluator import DigitsClassifier, evaluate_samples
             clf = DigitsClassifier.load_shipped("cpu")
             ef, ec = evaluate_samples(q_full, qlabels, clf), evaluate_samples(q_cached, qlabels, clf)
             extra.update(accuracy_full=ef["accuracy"], accuracy_cached=ec["accuracy"], fd_full=ef["fd"],
@@ -384,8 +384,8 @@ def write_replay_outputs(result: ReplayResult, out_dir: str | os.PathLike, sched
     earlier moeca output was; files moeca did not write are never removed.
     """
     from moeca.common.outputs import output_dir
-    from moeca.models.card import save_png
-    from moeca.models.grid import label_grid
+    from moeca.evaluation.card import save_png
+    from moeca.evaluation.grid import label_grid
 
     out = Path(out_dir)
     nrow = min(8, result.full.shape[0])

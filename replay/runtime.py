@@ -105,7 +105,7 @@ class ReplayRuntime(Runtime):
         of step and its rule tables, the step number into :attr:`step_value`."""
         if ctx is None:
             raise ValueError("the replay runtime needs a ForwardContext (step, num_steps, cfg_branch) on every "
-                             "forward; sample with moeca.models.samplers.sample or pass ctx= to the model")
+                             "forward; sample with moeca.diffusion.samplers.sample or pass ctx= to the model")
         if ctx.num_steps != self.schedule.num_steps:
             raise ScheduleMismatch(f"schedule field sampler.num_steps: the schedule has {self.schedule.num_steps} "
                                    f"steps but the sampler runs {ctx.num_steps}; derive a schedule for this step count")

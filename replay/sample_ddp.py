@@ -186,8 +186,8 @@ def sample_shard(model, sampler_cfg, job: SampleJob, labels: np.ndarray, shard: 
                  on_step: Callable[[int], None] | None = None) -> np.ndarray:
     """Sample ``shard`` -> uint8 ``[b, H, W, 3]`` (one channel replicated to three; raw latents show their
     first three channels). Full compute when ``runtime_factory`` is None, else under a fresh runtime."""
-    from moeca.models.grid import to_rgb_uint8
-    from moeca.models.samplers import initial_noise, sample
+    from moeca.evaluation.grid import to_rgb_uint8
+    from moeca.diffusion.samplers import initial_noise, sample
 
     mc = model.config
     param = next(model.parameters())

@@ -45,7 +45,7 @@ def test_kept_memory_stops_the_page_faults_of_repeated_large_tensors():
 
 def test_sampling_keeps_freed_memory(tiny_model):
     from moeca.models import allocator
-    from moeca.models.samplers import SamplerConfig, sample
+    from moeca.diffusion.samplers import SamplerConfig, sample
     import torch
     sample(tiny_model, SamplerConfig(num_steps=2), torch.tensor([0]))
     assert allocator._done is GLIBC

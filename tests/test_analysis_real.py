@@ -50,7 +50,7 @@ def test_tiny_model_trace_end_to_end(tmp_path):
     from conftest import make_tiny
 
     from moeca.analysis.report import analyze
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
 
     cfg = tracer_run.TraceConfig(sampler=SamplerConfig(kind="rectified_flow", num_steps=6, cfg_scale=1.5,
                                                        cfg_mode="batched"), labels=(0, 1, 2), batch_size=2, lags=3)

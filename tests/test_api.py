@@ -16,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README, API_PAGE, DISTRIBUTED_PAGE = ROOT / "README.md", ROOT / "docs" / "api.md", ROOT / "docs" / "distributed.md"
-PACKAGES = ("moeca.models", "moeca.tracer", "moeca.analysis", "moeca.policy", "moeca.replay")
+PACKAGES = ("moeca.models", "moeca.diffusion", "moeca.evaluation", "moeca.tracer", "moeca.analysis", "moeca.policy",
+            "moeca.replay")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -83,7 +84,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys, one_thread):
     assert namespace["grid"].shape == (64 + 16 + 4, 8 * 66 + 2, 3)
     # the hand-written loop is the library's sampler: same images as sample() under the same runtime
     import torch
-    from moeca.models import sample
+    from moeca.diffusion import sample
     from moeca.replay import ReplayRuntime
     model, sampler, y = namespace["model"], namespace["sampler"], namespace["y"]
     with torch.inference_mode(), model.use_runtime(ReplayRuntime(namespace["schedule"])):

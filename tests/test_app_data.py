@@ -127,7 +127,7 @@ def test_trace_errors(tmp_path):
 
 def test_real_tracer_output_is_readable(tmp_path):
     """A trace written by the real tracer (tiny model) aggregates to its row count with correct keys."""
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     from moeca.tracer.run import TraceConfig, trace_run
 
     model = make_tiny()
@@ -295,7 +295,7 @@ def test_run_replay_no_reuse_is_exact_and_reuse_skips_work():
 
     model = make_tiny()
     cfg = model.config
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     sc = SamplerConfig(kind="rectified_flow", num_steps=6, cfg_scale=1.5, cfg_mode="batched")
     full = full_schedule(cfg, sc)
     ticks = []

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from moeca.models.samplers import SamplerConfig
+from moeca.diffusion.samplers import SamplerConfig
 from moeca.policy.wallclock import (COEFFICIENTS, CalibrationError, StepWork, WallClockCosts, cache_path, key_id,
                                     load_costs, save_costs)
 from moeca.replay import calibrate as cal
@@ -184,7 +184,7 @@ def test_calibration_schedules_separate_every_coefficient():
     for schedule in cal.calibration_schedules(model.config, short):
         rt = cal.ReplayRuntime(schedule)
         with model.use_runtime(rt), torch.inference_mode():
-            from moeca.models.samplers import sample
+            from moeca.diffusion.samplers import sample
             sample(model, short, torch.tensor([0, 1]), seed=0)
         rows += [w.features() for w in cal.step_work(rt.counters, schedule)[1:]]
     assert np.linalg.matrix_rank(np.asarray(rows)) == len(COEFFICIENTS)

@@ -7,7 +7,7 @@ import torch
 from moeca.models.compile import CompileOptions, compile_model, is_compiled
 from moeca.models.dispatch import prepare_model
 from moeca.models.runtime import Runtime
-from moeca.models.samplers import SamplerConfig, sample
+from moeca.diffusion.samplers import SamplerConfig, sample
 
 from conftest import TINY, make_tiny
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from moeca.models.checkpoint import weights_hash
-from moeca.models.samplers import SamplerConfig
+from moeca.diffusion.samplers import SamplerConfig
 from moeca.policy.methods import Context, fora, magcache
 from moeca.replay.__main__ import main
 from moeca.replay.sample_ddp import JOB_FILE, SampleJob, sample_to_npz, shard_dir, shard_path

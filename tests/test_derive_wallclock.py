@@ -146,7 +146,7 @@ def test_predicted_work_of_a_token_level_plan_is_what_the_replay_counts():
     until the second refresh, the folded stack after it, the fold's products rebuilt at every refresh --
     is, step by step, what the replay engine counts (``moeca.replay.calibrate.step_work``): its refreshes push
     attention and the whole MoE output of each token into the forecast histories, not every computed row."""
-    from moeca.models.samplers import sample
+    from moeca.diffusion.samplers import sample
     from moeca.replay.calibrate import step_work
     from moeca.replay.runtime import ReplayRuntime
 
@@ -174,7 +174,7 @@ def test_predicted_work_of_a_token_level_plan_is_what_the_replay_counts():
 def test_refresh_pushes_of_a_branch_level_plan_are_what_the_replay_counts():
     """A branch-level refresh keeps every computed row (attention, shared and pair rows) in a history: the
     prediction and the counters agree on its work, history pushes included."""
-    from moeca.models.samplers import sample
+    from moeca.diffusion.samplers import sample
     from moeca.replay.calibrate import step_work
     from moeca.replay.runtime import ReplayRuntime
 
@@ -194,7 +194,7 @@ def test_refresh_pushes_of_a_branch_level_plan_are_what_the_replay_counts():
 
 def test_token_level_schedule_skips_the_router_when_replayed():
     """A token-level schedule really skips routing on its forecast steps and stays close to full compute."""
-    from moeca.models.samplers import sample
+    from moeca.diffusion.samplers import sample
     from moeca.replay.runtime import ReplayRuntime
 
     summary, meta = synthetic_summary(), run_meta()
@@ -258,7 +258,7 @@ def test_a_step_that_moves_far_refreshes_itself_and_the_count_is_exact():
 
 
 def test_model_share_weights_the_last_ddpm_steps():
-    from moeca.models.samplers import SamplerConfig, model_share
+    from moeca.diffusion.samplers import SamplerConfig, model_share
     flow = model_share(SamplerConfig(kind="rectified_flow", num_steps=50))
     ddim = model_share(SamplerConfig(kind="ddim", num_steps=50))
     ddpm = model_share(SamplerConfig(kind="ddpm", num_steps=50))

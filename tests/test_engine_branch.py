@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY, make_tiny
-from moeca.models.samplers import SamplerConfig, sample
+from moeca.diffusion.samplers import SamplerConfig, sample
 from moeca.policy.schedule import ALWAYS, NEVER, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
 from moeca.replay.runtime import ReplayRuntime
 

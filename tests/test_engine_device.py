@@ -9,7 +9,7 @@ import torch._dynamo as dynamo
 from conftest import TINY, make_tiny
 from moeca.models.dispatch import prepare_model
 from moeca.models.runtime import ForwardContext, Runtime
-from moeca.models.samplers import SamplerConfig, sample
+from moeca.diffusion.samplers import SamplerConfig, sample
 from moeca.policy.methods import Context, fora
 from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
                                    StepRule, full_schedule)

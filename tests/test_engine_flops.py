@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY
-from moeca.models.samplers import SamplerConfig, sample
+from moeca.diffusion.samplers import SamplerConfig, sample
 from moeca.policy.cost import UnitCosts, branch_schedule_flops
 from moeca.policy.schedule import ALWAYS, NEVER, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule, StepRule
 from moeca.replay.runtime import ReplayRuntime

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from moeca.models.digits import load_digits_split
-from moeca.models.evaluator import (CLASSIFIER_CARD, CLASSIFIER_WEIGHTS, FEATURE_DIM, ClassifierTrainConfig,
+from moeca.data.digits import load_digits_split
+from moeca.evaluation.evaluator import (CLASSIFIER_CARD, CLASSIFIER_WEIGHTS, FEATURE_DIM, ClassifierTrainConfig,
                                     DigitsClassifier, evaluate_samples, shipped_dir, train_classifier)
 
 
@@ -85,7 +85,7 @@ def test_shipped_demo_model_meets_its_bar_on_a_small_sample(clf):
     """5 samples per class, 50 rectified-flow steps, batched CFG 3: class accuracy >= 90% (at most 5 of 50
     wrong). The full 1000-sample evaluation is `moeca evaluate-demo` (its numbers are in the model card)."""
     from moeca.models.registry import demo_weights_path, load_model
-    from moeca.models.samplers import SamplerConfig, sample
+    from moeca.diffusion.samplers import SamplerConfig, sample
 
     if not demo_weights_path().is_file():
         pytest.skip(f"demo weights absent at {demo_weights_path()} (run `moeca train-demo`)")

@@ -1,4 +1,4 @@
-"""Viewable sample grids (models/grid.py) and where they are written: moeca sample, the replay outputs,
+"""Viewable sample grids (evaluation/grid.py) and where they are written: moeca sample, the replay outputs,
 the explorer's Replay page."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from moeca.models.grid import CELL_PIXELS, LABEL_PIXELS, auto_scale, label_grid, to_rgb_uint8
+from moeca.evaluation.grid import CELL_PIXELS, LABEL_PIXELS, auto_scale, label_grid, to_rgb_uint8
 
 
 def _digits(n: int, seed: int = 0) -> torch.Tensor:
@@ -87,7 +87,7 @@ def test_moeca_sample_writes_a_labelled_64_pixel_grid(tmp_path):
 def test_replay_outputs_and_the_explorer_show_labelled_grids(tmp_path):
     from moeca.app import replay_run
     from moeca.models.checkpoint import weights_hash
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     from moeca.policy.schedule import full_schedule
     from moeca.replay.driver import replay_compare, write_replay_outputs
     from conftest import make_tiny, TINY

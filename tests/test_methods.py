@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from moeca.models.samplers import SamplerConfig, sample
+from moeca.diffusion.samplers import SamplerConfig, sample
 from moeca.policy.methods import REGISTRY, Context, fbcache, fora, l2c, magcache, none, teacache, toca
 from moeca.policy.methods.common import predicted_flops_ratio
 from moeca.policy.schedule import Schedule

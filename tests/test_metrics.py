@@ -1,11 +1,11 @@
-"""Properties of the fidelity and distribution metrics (models/metrics.py)."""
+"""Properties of the fidelity and distribution metrics (evaluation/metrics.py)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from moeca.models.metrics import frechet_distance, mean_finite, psnr, relative_l2, ssim
+from moeca.evaluation.metrics import frechet_distance, mean_finite, psnr, relative_l2, ssim
 
 
 def _images(shape=(6, 1, 8, 8), seed=0):

@@ -118,7 +118,7 @@ def test_bad_inputs_are_explained(tiny_model):
 def test_samplers_check_labels_once_per_run_before_any_forward(tiny_model):
     """A run's labels are read on the host once, before the first forward (so a forward on a GPU never
     waits for them), and the CPU router's transposed softmax is a softmax."""
-    from moeca.models.samplers import SamplerConfig, sample
+    from moeca.diffusion.samplers import SamplerConfig, sample
 
     calls = []
     orig = tiny_model.check_labels

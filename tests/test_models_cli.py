@@ -126,7 +126,7 @@ def test_train_demo_cli_writes_weights_and_points_to_evaluate_demo(tmp_path, cap
 
 
 def test_evaluate_demo_writes_a_complete_card(tmp_path, capsys):
-    from moeca.models.train_demo import TrainConfig, train_demo
+    from moeca.diffusion.train_demo import TrainConfig, train_demo
 
     train_demo(tmp_path, TrainConfig(steps=2, batch_size=16, log_every=1, threads=1), model_config=TINY_DIGITS,
                progress=False)
@@ -162,7 +162,7 @@ def test_evaluate_demo_missing_log_is_explained(tiny_ckpt, capsys):
 
 
 def test_routing_stats_runtime_observes_without_changing_outputs():
-    from moeca.models.card import RoutingStatsRuntime
+    from moeca.evaluation.card import RoutingStatsRuntime
     from moeca.models.runtime import ForwardContext
 
     torch.manual_seed(0)

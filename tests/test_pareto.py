@@ -184,7 +184,7 @@ def test_refresh_bench_schedules_are_valid_and_paired():
     """`moeca bench refresh`: every replay is a valid schedule; each forecast pair shares its refresh steps."""
     from conftest import TINY
     from moeca.bench import refresh
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     from moeca.policy.schedule import validate_json
 
     sampler = SamplerConfig(kind="rectified_flow", num_steps=12, cfg_scale=1.5, cfg_mode="batched")

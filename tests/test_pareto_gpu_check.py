@@ -9,7 +9,7 @@ import torch
 
 from moeca.bench import gpu_check
 from moeca.models.config import get_preset
-from moeca.models.samplers import sample
+from moeca.diffusion.samplers import sample
 from moeca.replay.runtime import ReplayRuntime
 from moeca.policy.schedule import validate_json
 
@@ -42,7 +42,7 @@ def test_schedules_are_matched_on_the_checked_shapes(interval):
 
 
 def test_moeca_shaped_schedule_replays_with_attention_reused_off_sync():
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     sampler = SamplerConfig(kind="rectified_flow", num_steps=16, cfg_scale=1.5, cfg_mode="batched")
     schedule = gpu_check.moeca_shaped(TINY, sampler, 4)
     model = make_tiny()

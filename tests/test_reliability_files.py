@@ -16,7 +16,7 @@ from moeca.analysis.synthetic import write_synthetic_trace
 from moeca.cli.main import main
 from moeca.common.outputs import (FILES_SIDECAR, TMP_MARKER, OutputError, atomic_write_text, output_dir,
                                   remove_stale_temporaries, written_by_moeca)
-from moeca.models.samplers import SamplerConfig
+from moeca.diffusion.samplers import SamplerConfig
 from moeca.policy.schedule import Schedule, ScheduleError, ScheduleMismatch, full_schedule
 from conftest import make_tiny, TINY, tiny_checkpoint
 

@@ -72,7 +72,7 @@ def test_replay_and_calibrate_and_bench_paths_load_a_custom_checkpoint(custom_tr
 def test_cfg_mode_default_is_one_rule_whichever_way_the_weights_load(tmp_path, capsys):
     from moeca.models.config import PRESETS
     from moeca.models.registry import demo_weights_path
-    from moeca.models.samplers import default_cfg_mode
+    from moeca.diffusion.samplers import default_cfg_mode
 
     modes = []
     for i, flags in enumerate((["--model", "demo"], ["--checkpoint", str(demo_weights_path())],
@@ -95,7 +95,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 def _schedule_text(weights_hash: str | None = None) -> str:
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     from moeca.policy.schedule import full_schedule
     sampler = SamplerConfig(kind="rectified_flow", num_steps=4, cfg_scale=1.5, cfg_mode="batched")
     return json.dumps(full_schedule(TINY, sampler, weights_hash).to_json(), indent=1)
@@ -469,7 +469,7 @@ def test_replay_prints_and_records_the_spread_and_the_warning(tmp_path, tiny_ckp
 
 def test_a_calibration_that_fits_badly_is_measured_again_then_refused(tmp_path, monkeypatch):
     import moeca.replay.calibrate as cal
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     from moeca.policy.wallclock import CalibrationError
     from conftest import make_tiny
     from test_derive_wallclock import costs

@@ -13,7 +13,7 @@ from moeca.analysis.synthetic import write_synthetic_trace
 from moeca.cli.main import main
 from moeca.models.checkpoint import CheckpointError, weights_hash
 from moeca.models.registry import load_model
-from moeca.models.samplers import SamplerConfig, check_sampler_objective
+from moeca.diffusion.samplers import SamplerConfig, check_sampler_objective
 from moeca.policy.schedule import full_schedule
 from moeca.tracer.run import TraceConfig, trace_run
 from conftest import make_tiny, TINY, tiny_checkpoint

@@ -201,7 +201,7 @@ def test_analyze_on_a_full_disk_removes_its_temporary_folder(trace, tmp_path, mo
 
 
 def test_derive_and_sample_on_a_full_disk_leave_no_temporary_file(tmp_path, monkeypatch, capsys):
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     from moeca.tracer.run import TraceConfig, trace_run
     from conftest import make_tiny, tiny_checkpoint
     sampler = SamplerConfig(kind="rectified_flow", num_steps=3, cfg_scale=1.5)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import TINY, make_tiny
 from moeca.models.config import DiTMoEConfig
-from moeca.models.samplers import SamplerConfig, sample
+from moeca.diffusion.samplers import SamplerConfig, sample
 from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, ModelSkip, Rule, SamplerIdentity,
                                    Schedule, ScheduleMismatch, ScoreConfig, StepRule, full_schedule)
 from moeca.replay.partial_attention import partial_attention

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from moeca.models.samplers import (DiffusionSchedule, SamplerConfig, initial_noise, respaced_timesteps, sample)
+from moeca.diffusion.samplers import (DiffusionSchedule, SamplerConfig, initial_noise, respaced_timesteps, sample)
 
 from conftest import TINY, make_tiny
 

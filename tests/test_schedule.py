@@ -11,7 +11,7 @@ import pytest
 
 from conftest import TINY
 from moeca.models.config import get_preset
-from moeca.models.samplers import SamplerConfig
+from moeca.diffusion.samplers import SamplerConfig
 from moeca.policy.derive import DeriveConfig, derive_schedule, even_sync_steps, sync_steps
 from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
                                    ScheduleError, ScheduleMismatch, ScoreConfig, StepRule, schema, TokenSelection)
@@ -287,7 +287,7 @@ def test_derive_from_a_real_trace_and_replay(tmp_path, capsys):
     import torch
     from conftest import make_tiny
     from moeca.cli.main import main
-    from moeca.models.samplers import sample
+    from moeca.diffusion.samplers import sample
     from moeca.replay.runtime import ReplayRuntime
     from moeca.tracer.run import TraceConfig, trace_run
 

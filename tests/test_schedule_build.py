@@ -17,7 +17,7 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def trace(tmp_path_factory) -> Path:
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
     from moeca.tracer.run import TraceConfig, trace_run
     from conftest import make_tiny
     sampler = SamplerConfig(kind="rectified_flow", num_steps=STEPS, cfg_scale=1.5)

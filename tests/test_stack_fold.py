@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY, make_tiny
 from moeca.models.registry import load_model
-from moeca.models.samplers import SamplerConfig, sample
+from moeca.diffusion.samplers import SamplerConfig, sample
 from moeca.policy.methods import Context, fora
 from moeca.policy.cost import UnitCosts
 from moeca.policy.schedule import NEVER, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule

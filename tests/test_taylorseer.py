@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from moeca.models.samplers import SamplerConfig, sample
+from moeca.diffusion.samplers import SamplerConfig, sample
 from moeca.policy.methods import Context, taylorseer
 from moeca.policy.methods.common import predicted_flops_ratio
 from moeca.replay.runtime import ReplayRuntime

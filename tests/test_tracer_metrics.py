@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moeca.models.dit_moe import modulate
-from moeca.models.samplers import SamplerConfig, initial_noise, sample
+from moeca.diffusion.samplers import SamplerConfig, initial_noise, sample
 from moeca.tracer.metrics import match_slots, rel_and_cos
 from moeca.tracer.recorder import TracingRuntime
 from moeca.tracer.run import (TraceConfig, build_run_meta, prepare_out_dir, sample_seed, shard_seed, step_times,

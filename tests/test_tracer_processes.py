@@ -93,7 +93,7 @@ MEMORY_SCRIPT = r"""
 import resource, sys, torch
 from dataclasses import replace
 sys.path.insert(0, sys.argv[3])   # the tests folder: conftest's tiny model
-from moeca.models.samplers import SamplerConfig
+from moeca.diffusion.samplers import SamplerConfig
 from moeca.tracer.run import TraceConfig, trace_run
 from conftest import make_tiny, TINY
 model = make_tiny(replace(TINY, input_size=8, hidden_size=64), 0)

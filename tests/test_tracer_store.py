@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from moeca.cli.main import main as moeca_main
-from moeca.models.samplers import SamplerConfig
+from moeca.diffusion.samplers import SamplerConfig
 from moeca.tracer import schema
 from moeca.tracer.run import TraceConfig, resolve_labels, trace_run
 from moeca.tracer.store import complete_shards, open_table, read_run_meta, temporary_files, trace_summary

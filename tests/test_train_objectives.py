@@ -1,4 +1,4 @@
-"""The shared training loop and its two objectives (``models/diffusion_loss.py``, ``models/train_demo.py``)."""
+"""The shared training loop and its two objectives (``diffusion/losses.py``, ``diffusion/train_demo.py``)."""
 import json
 import math
 
@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from moeca.models.config import DiTMoEConfig
-from moeca.models.diffusion_loss import (DDPMEpsObjective, RectifiedFlowObjective, discretized_gaussian_log_likelihood,
+from moeca.diffusion.losses import (DDPMEpsObjective, RectifiedFlowObjective, discretized_gaussian_log_likelihood,
                                          normal_kl, objective_for)
 from moeca.models.dit_moe import DiTMoE
 from moeca.models.registry import SHIPPED_MODELS, randomize_zero_init
-from moeca.models.samplers import DiffusionSchedule, linear_betas
-from moeca.models.train_demo import RECIPES, TrainConfig, train_demo
+from moeca.diffusion.samplers import DiffusionSchedule, linear_betas
+from moeca.diffusion.train_demo import RECIPES, TrainConfig, train_demo
 
 TINY_DDPM = DiTMoEConfig(name="tiny-ddpm", input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2,
                          num_heads=2, num_experts=4, top_k=2, num_classes=10, learn_sigma=True, objective="ddpm_eps")
@@ -108,7 +108,7 @@ def test_training_loop_decreases_the_ddpm_loss_on_a_tiny_model(tmp_path):
 
 
 def test_periodic_checkpoints_leave_a_usable_partial_run(tmp_path, monkeypatch):
-    from moeca.models import train_demo as td
+    from moeca.diffusion import train_demo as td
 
     written = []
     real = td._write_outputs

@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _sampler(args: argparse.Namespace, model):
     from dataclasses import replace
-    from ..models.samplers import default_sampler_for
+    from moeca.diffusion.samplers import default_sampler_for
     base = default_sampler_for(model.config)
     overrides = {}
     if args.sampler is not None:
@@ -93,7 +93,7 @@ def _device(name: str):
 
 def run_trace(args: argparse.Namespace) -> int:
     from ..models.model_args import load_model_from_args
-    from ..models.samplers import check_sampler_objective
+    from moeca.diffusion.samplers import check_sampler_objective
     from .run import TraceConfig, resolve_labels, trace_run
     from .schema import DEFAULT_LAGS
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..models.checkpoint import weights_hash
-from ..models.samplers import DiffusionSchedule, SamplerConfig, initial_noise, sample
+from moeca.diffusion.samplers import DiffusionSchedule, SamplerConfig, initial_noise, sample
 from .recorder import TracingRuntime
 from .schema import DEFAULT_LAGS, RUN_META_FILE, SCHEMA_VERSION, TABLES, TMP_SUFFIX, parse_shard_file_name, tables_for
 from .store import (TraceValidationError, check_run_meta, complete_shards, read_run_meta, shard_files,

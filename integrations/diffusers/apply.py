@@ -18,7 +18,7 @@ import torch
 
 from moeca.models.config import DiTMoEConfig
 from moeca.models.dispatch import PATHS, expert_stack, unstack_experts
-from moeca.models.samplers import SamplerConfig
+from moeca.diffusion.samplers import SamplerConfig
 from moeca.policy.schedule import Schedule, ScheduleMismatch, full_schedule
 
 from .engine import Counters, ScheduleEngine

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from moeca.models.runtime import ForwardContext
-from moeca.models.samplers import SamplerConfig
+from moeca.diffusion.samplers import SamplerConfig
 from moeca.tracer.recorder import TracingRuntime
 from moeca.tracer.run import prepare_out_dir
 from moeca.tracer.schema import DEFAULT_LAGS, SCHEMA_VERSION, tables_for

@@ -17,7 +17,7 @@ from moeca.models.runtime import Runtime
 
 if TYPE_CHECKING:  # pragma: no cover
     from moeca.models.dit_moe import DiTMoE
-    from moeca.models.samplers import SamplerConfig
+    from moeca.diffusion.samplers import SamplerConfig
 
 EPS = 1e-8
 
@@ -49,7 +49,7 @@ def fit_mag_ratios(model: "DiTMoE", sampler: "SamplerConfig", labels: torch.Tens
                    seeds: Sequence[int] = (0,)) -> tuple[float, ...]:
     """The per-step magnitude ratios ``[S]`` of ``model`` under ``sampler`` on full-compute samples of
     ``labels [B]`` (one run per seed, CFG contexts and seeds averaged)."""
-    from moeca.models.samplers import sample
+    from moeca.diffusion.samplers import sample
     per_seed = []
     for seed in seeds:
         rec = _ResidualRatios()

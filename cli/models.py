@@ -38,7 +38,7 @@ def _register_sample(sub: argparse._SubParsersAction) -> None:
                    help="default: from the model's objective")
     p.add_argument("--cfg-mode", choices=("batched", "separate"),
                    help="one [cond; uncond] call per step, or two calls (default: batched, separate for the public "
-                        "XL/G architectures; see moeca.models.samplers.default_cfg_mode)")
+                        "XL/G architectures; see moeca.diffusion.samplers.default_cfg_mode)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", required=True, help="output PNG path")
@@ -99,12 +99,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .card import save_png
-    from .grid import label_grid
+    from moeca.evaluation.card import save_png
+    from moeca.evaluation.grid import label_grid
     from moeca.common.outputs import check_no_overlap, check_replace_file
 
-    from .model_args import load_model_from_args
-    from .samplers import check_sampler_objective, default_sampler_for
+    from moeca.models.model_args import load_model_from_args
+    from moeca.diffusion.samplers import check_sampler_objective, default_sampler_for
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -126,9 +126,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                    ("cfg_mode", args.cfg_mode)) if v is not None}
     cfg = default_sampler_for(mc, **overrides)
     check_sampler_objective(cfg.kind, mc.objective, "--sampler" if args.sampler else "the default sampler")
-    from .samplers import sample
+    from moeca.diffusion.samplers import sample
     if args.compile:
-        from .compile import compile_model
+        from moeca.models.compile import compile_model
         compile_model(model)
     y = torch.tensor(labels, dtype=torch.long)
     with tqdm(total=cfg.num_steps, desc=f"sample {mc.name}", unit="step", disable=args.no_progress) as bar:
@@ -160,15 +160,15 @@ def _register_train_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _default_dir(sub: str) -> Path:
-    from .registry import data_dir
+    from moeca.models.registry import data_dir
     return data_dir() / sub
 
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .registry import shipped_model
-    from .train_demo import RECIPES, train_demo
+    from moeca.models.registry import shipped_model
+    from moeca.diffusion.train_demo import RECIPES, train_demo
 
     shipped = shipped_model(args.model)
     recipe = RECIPES[shipped.name]
@@ -185,7 +185,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
                               "elsewhere")
     if args.overwrite:                           # the user allows replacing these two, whoever wrote them
         from moeca.common.outputs import adopt_file
-        from .train_demo import TRAINING_LOG
+        from moeca.diffusion.train_demo import TRAINING_LOG
         adopt_file(weights)
         adopt_file(out / TRAINING_LOG)
     log = train_demo(out, replace(recipe, steps=steps, seed=args.seed, threads=threads), shipped=shipped)
@@ -210,7 +210,7 @@ def _register_train_classifier(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    from .evaluator import CLASSIFIER_WEIGHTS, ClassifierTrainConfig, train_classifier
+    from moeca.evaluation.evaluator import CLASSIFIER_WEIGHTS, ClassifierTrainConfig, train_classifier
 
     out = Path(args.out) if args.out else _default_dir("classifier")
     epochs = args.epochs if args.epochs is not None else ClassifierTrainConfig().epochs
@@ -222,7 +222,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     if args.overwrite:                           # the user allows replacing these two, whoever wrote them
         from moeca.common.outputs import adopt_file
 
-        from .evaluator import CLASSIFIER_CARD
+        from moeca.evaluation.evaluator import CLASSIFIER_CARD
         adopt_file(out / CLASSIFIER_WEIGHTS)
         adopt_file(out / CLASSIFIER_CARD)
     card = train_classifier(out, seed=args.seed, config=ClassifierTrainConfig(epochs=epochs), progress=True)
@@ -254,8 +254,8 @@ def _register_evaluate_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_evaluate_demo(args: argparse.Namespace) -> int:
-    from .card import CARD_MD, CardConfig, build_card
-    from .registry import shipped_model
+    from moeca.evaluation.card import CARD_MD, CardConfig, build_card
+    from moeca.models.registry import shipped_model
 
     config = CardConfig(samples_per_class=args.samples_per_class, steps=args.steps, seed=args.seed, chunk=args.chunk)
     card = build_card(args.checkpoint, args.out, args.training_log, config, device=args.device,

@@ -12,8 +12,8 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from .allocator import keep_freed_memory
-from .runtime import ForwardContext
+from moeca.models.allocator import keep_freed_memory
+from moeca.models.runtime import ForwardContext
 
 SamplerKind = Literal["ddpm", "ddim", "rectified_flow"]
 CfgMode = Literal["batched", "separate"]

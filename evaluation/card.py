@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .runtime import Runtime
+from moeca.models.runtime import Runtime
 
 CARD_MD = "MODEL_CARD.md"
 CARD_JSON = "card.json"
@@ -91,7 +91,7 @@ def image_grid(images: torch.Tensor, nrow: int, scale: int = 4, pad: int = 2) ->
     """``[N, C, H, W]`` in [-1, 1] -> uint8 grid ``[rows*(H*scale+pad)+pad, ..., 3]`` with ``nrow``
     images per row, each upscaled ``scale`` x (nearest). One channel is shown as grey, three as RGB;
     other channel counts (raw latents) show their first three channels as RGB."""
-    from .digits import to_uint8
+    from moeca.data.digits import to_uint8
     if images.dim() != 4 or images.shape[0] == 0:
         raise ValueError(f"image_grid expects a non-empty batch [N, C, H, W], got {tuple(images.shape)}")
     arr = to_uint8(images)  # [N, H, W, C]
@@ -206,7 +206,7 @@ def sample_with_stats(model, labels: torch.Tensor, cfg_scale: float, steps: int,
     chunks do not share it. One tqdm tick per step per chunk."""
     from tqdm import tqdm
 
-    from .samplers import initial_noise, sample
+    from moeca.diffusion.samplers import initial_noise, sample
 
     mc = model.config
     device = next(model.parameters()).device
@@ -231,7 +231,7 @@ def sample_with_stats(model, labels: torch.Tensor, cfg_scale: float, steps: int,
 def card_sampler(objective: str, steps: int, cfg_scale: float):
     """The sampler a card evaluates with: the objective's reference sampler (rectified-flow Euler, or
     DDPM with learned-range variance guiding the predicted channels) at ``steps``, batched CFG."""
-    from .samplers import default_sampler
+    from moeca.diffusion.samplers import default_sampler
     return default_sampler(objective, num_steps=steps, cfg_scale=cfg_scale, cfg_mode="batched")
 
 
@@ -244,9 +244,9 @@ def build_card(weights: str | os.PathLike | None = None, out_dir: str | os.PathL
     (default: the shipped weights); training_log: ``training_log.json`` (default: next to the weights).
     Returns the card dict (also ``card.json``).
     """
-    from .checkpoint import weights_hash
-    from .evaluator import DigitsClassifier, evaluate_samples
-    from .registry import load_model, pick_device, shipped_model
+    from moeca.models.checkpoint import weights_hash
+    from moeca.evaluation.evaluator import DigitsClassifier, evaluate_samples
+    from moeca.models.registry import load_model, pick_device, shipped_model
 
     shipped = shipped_model(model_name)
     flag = "" if model_name == "demo" else f" --model {model_name}"

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .digits import load_digits_split
-from .metrics import frechet_distance
+from moeca.data.digits import load_digits_split
+from moeca.evaluation.metrics import frechet_distance
 
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 CLASSIFIER_CARD = "classifier.json"
@@ -31,7 +31,7 @@ FEATURE_DIM = 64
 
 
 def shipped_dir() -> Path:
-    from .registry import data_dir
+    from moeca.models.registry import data_dir
     return data_dir() / "classifier"
 
 
@@ -69,7 +69,7 @@ class DigitsClassifier:
     """
 
     def __init__(self, net: DigitsCNN, device: torch.device | str | None = None, info: dict | None = None):
-        from .registry import pick_device
+        from moeca.models.registry import pick_device
         self.device = device if isinstance(device, torch.device) else pick_device(device or "auto")
         self.net = net.to(self.device).eval()
         self.info = info or {}

@@ -9,7 +9,7 @@
   epsilon + ``L_vb`` (KL of the true posterior to the model's, in bits per dimension; the decoder NLL at
   ``t = 0``), with the mean's gradient stopped so ``L_vb`` only trains the variance.
 
-The beta and posterior quantities come from :class:`moeca.models.samplers.DiffusionSchedule`, the same
+The beta and posterior quantities come from :class:`moeca.diffusion.samplers.DiffusionSchedule`, the same
 code that samples the model. ``draw`` takes the random times and noise from the training generator,
 ``loss`` computes the batch-mean loss terms.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .samplers import DiffusionSchedule
+from moeca.diffusion.samplers import DiffusionSchedule
 
 
 @dataclass(frozen=True)

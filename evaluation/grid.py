@@ -27,7 +27,7 @@ def auto_scale(size: int, cell: int = CELL_PIXELS) -> int:
 def to_rgb_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """``[N, C, H, W]`` in [-1, 1] -> ``[N, H, W, 3]`` uint8. One channel is shown as grey, three as RGB;
     other channel counts (raw latents) show their first three channels (two: the first repeated)."""
-    from .digits import to_uint8
+    from moeca.data.digits import to_uint8
 
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.asarray(images, dtype=np.float32))

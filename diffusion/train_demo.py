@@ -1,6 +1,6 @@
 """Train a shipped DiT-MoE on the scikit-learn digits (seeded, CPU-friendly): one loop, two objectives.
 
-The objective is the model config's ``objective`` (:mod:`moeca.models.diffusion_loss`): rectified flow
+The objective is the model config's ``objective`` (:mod:`moeca.diffusion.losses`): rectified flow
 for ``demo`` (the public XL/G recipe), epsilon prediction with learned-range variance and ``L_vb`` for
 ``demo-ddpm`` (the public S/B recipe). Labels are dropped with probability ``class_dropout_prob`` for
 classifier-free guidance. A load-balancing loss (the reference ``alpha * E * sum_e f_e P_e``) keeps every
@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import save_safetensors
-from .config import DiTMoEConfig
-from .diffusion_loss import objective_for
-from .digits import load_digits_split
-from .dit_moe import DiTMoE, DiTMoEBlock
-from .registry import SHIPPED_MODELS, ShippedModel
-from .runtime import Runtime
+from moeca.models.checkpoint import save_safetensors
+from moeca.models.config import DiTMoEConfig
+from moeca.diffusion.losses import objective_for
+from moeca.data.digits import load_digits_split
+from moeca.models.dit_moe import DiTMoE, DiTMoEBlock
+from moeca.models.registry import SHIPPED_MODELS, ShippedModel
+from moeca.models.runtime import Runtime
 
 TRAINING_LOG = "training_log.json"
 
