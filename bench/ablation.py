@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moeca.models.registry import load_traced_model
     from moeca.diffusion.samplers import SamplerConfig
-    from moeca.policy.cli import load_summary
+    from moeca.cli.schedule import load_summary
     from moeca.policy.derive import DeriveConfig, derive_schedule
     from moeca.replay.calibrate import ensure_costs
     from moeca.replay.driver import replay_compare

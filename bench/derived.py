@@ -37,7 +37,7 @@ def derive(args: argparse.Namespace) -> Derived:
 
     from moeca.models.registry import load_traced_model
     from moeca.diffusion.samplers import SamplerConfig
-    from moeca.policy.cli import load_summary
+    from moeca.cli.schedule import load_summary
     from moeca.policy.derive import DeriveConfig, derive_schedule
     from moeca.replay.calibrate import ensure_costs
     from moeca.tracer import resolve_labels

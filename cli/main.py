@@ -10,7 +10,7 @@ COMMAND_MODULES = (
     "moeca.cli.models",     # sample, train-demo, evaluate-demo
     "moeca.tracer.cli",     # trace, trace-info
     "moeca.analysis.cli",   # analyze
-    "moeca.policy.cli",     # schedule show|derive|...
+    "moeca.cli.schedule",   # schedule show|derive|build (the composition root: policy + replay calibration)
     "moeca.replay.cli",     # replay
     "moeca.replay.calibrate_cli",  # calibrate: wall-clock unit costs for --target-speedup
     "moeca.integrations.diffusers_cli",  # trace/replay --diffusers: HiDream-I1 (the [diffusers] extra, imported on use)

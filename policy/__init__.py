@@ -12,7 +12,7 @@ Public API (imported lazily, so ``import moeca.policy`` stays cheap):
 - ``retarget`` (another model shape), ``resample_steps`` (:mod:`moeca.policy.transfer`);
 - caching methods, one registered unit each: :mod:`moeca.policy.methods` (``REGISTRY``: ``none``,
   ``moeca``, ``fora``, ``taylorseer``, ``toca``, ``teacache``, ``l2c``, ``fbcache``, ``magcache``);
-- :mod:`moeca.policy.cli` -- ``moeca schedule show|derive|build``.
+- the ``moeca schedule show|derive|build`` commands are :mod:`moeca.cli.schedule`.
 """
 from __future__ import annotations
 

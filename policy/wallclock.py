@@ -30,8 +30,9 @@ such step has the same total, which is why a per-row cost of plain reuse cannot 
 ``step_ms``. ``full_step_ms`` is one step of full compute with the default runtime:
 the reference every measured speedup is taken against.
 
-The measurement is a hook: the replay stage registers it with :func:`set_costs_provider` (policy never
-imports replay), and ``moeca schedule derive --target-speedup`` asks :func:`costs_provider` for it.
+The measurement is the replay stage's (:func:`moeca.replay.calibrate.ensure_costs`); policy never imports
+replay, and whoever derives a wall-clock schedule passes the costs in (``DeriveConfig(wallclock=...)``;
+``moeca schedule derive --target-speedup`` measures them in :mod:`moeca.cli.schedule`).
 
 Calibrations are cached per key (device name, torch version, replay-engine source hash, model weights
 hash, batch, dtype, sampler kind and CFG mode, CPU threads) in one JSON file in the user cache folder
@@ -46,7 +47,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 CACHE_FORMAT = 1
 CACHE_FILE = "calibration.json"
@@ -278,21 +279,3 @@ def save_costs(costs: WallClockCosts, path: Path | None = None) -> Path:
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
             os.replace(tmp, path)
     return path
-
-
-CostsProvider = Callable[..., WallClockCosts]
-"""``provider(model, sampler_cfg, batch, progress=callable) -> WallClockCosts``: cached or measured costs."""
-_PROVIDERS: list[CostsProvider] = []
-
-
-def set_costs_provider(provider: CostsProvider) -> None:
-    """Register the function that measures (or loads the cached) costs of a model on its device."""
-    _PROVIDERS[:] = [provider]
-
-
-def costs_provider() -> CostsProvider:
-    """The registered measurement; a clear error when no stage registered one."""
-    if not _PROVIDERS:
-        raise ValueError("a wall-clock target needs the replay stage (moeca.replay.calibrate_cli registers the "
-                         "measurement of unit costs); install it or use a FLOPs target (--target-flops-speedup)")
-    return _PROVIDERS[0]

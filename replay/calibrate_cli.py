@@ -4,17 +4,9 @@ from __future__ import annotations
 import argparse
 
 from moeca.models.model_args import add_model_arguments
-from moeca.policy.wallclock import set_costs_provider
-
-
-def _ensure_costs(*args, **kwargs):
-    """The replay stage's measurement behind :func:`moeca.policy.wallclock.costs_provider` (imported on use)."""
-    from .calibrate import ensure_costs
-    return ensure_costs(*args, **kwargs)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    set_costs_provider(_ensure_costs)   # `schedule derive --target-speedup` measures through this hook
     p = sub.add_parser(
         "calibrate", help="measure the replay engine's wall-clock unit costs on this device (for --target-speedup)",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -234,16 +234,15 @@ def test_main_job_reports_a_wallclock_target_out_of_reach(tmp_path, capsys, cach
     assert not (out / "schedule-50x.json").exists() and (cache_dir / "calibration.json").is_file()
 
 
-def test_derive_reaches_the_measurement_through_the_policy_hook(monkeypatch):
-    """policy/ never imports replay/: the replay stage registers its measurement when the CLI is built."""
+def test_derive_measures_through_the_replay_calibration_without_a_global_slot():
+    """policy/ never imports replay/ and keeps no provider slot: ``moeca schedule derive --target-speedup``
+    (moeca.cli.schedule, the composition root) calls the replay stage's measurement directly."""
+    import moeca.cli.schedule as schedule_cli
     import moeca.policy.wallclock as wallclock
-    from moeca.cli.main import build_parser
 
-    monkeypatch.setattr(wallclock, "_PROVIDERS", [])
-    with pytest.raises(ValueError, match="needs the replay stage"):
-        wallclock.costs_provider()
-    build_parser()
-    provider = wallclock.costs_provider()
+    assert not hasattr(wallclock, "costs_provider") and not hasattr(wallclock, "set_costs_provider")
+    source = Path(schedule_cli.__file__).read_text()
+    assert "from moeca.replay.calibrate import ensure_costs" in source
     model = make_tiny()
-    got = provider(model, SAMPLER, 2, steps=4, repeats=1, progress=None, max_fit_error=NOISY)
+    got = cal.ensure_costs(model, SAMPLER, 2, steps=4, repeats=1, progress=None, max_fit_error=NOISY)
     assert got.key == cal.calibration_key(model, SAMPLER, 2) and load_costs(got.key) == got

@@ -213,7 +213,7 @@ def test_token_level_schedule_skips_the_router_when_replayed():
 
 def test_cli_derive_wallclock_and_flops_targets(tmp_path, capsys, monkeypatch):
     from moeca.cli.main import main
-    import moeca.policy.cli as pcli
+    import moeca.cli.schedule as pcli
 
     trace = tmp_path / "trace"
     trace.mkdir()

@@ -31,12 +31,11 @@ def custom_trace(tmp_path_factory, custom_ckpt) -> Path:
 
 # ----------------------------------------------------------------------------- 1: custom checkpoints
 def test_derive_calibrates_a_custom_checkpoint_from_its_own_metadata(custom_trace, tmp_path, monkeypatch, capsys):
-    import moeca.policy.wallclock as wallclock
     from test_derive_wallclock import costs
 
     loaded = []
-    monkeypatch.setattr(wallclock, "costs_provider",
-                        lambda: lambda model, sampler, batch, progress: loaded.append(model.config) or costs())
+    monkeypatch.setattr("moeca.replay.calibrate.ensure_costs",
+                        lambda model, sampler, batch, progress: loaded.append(model.config) or costs())
     meta = json.loads((custom_trace / "run.json").read_text())
     assert meta["model"]["name"] == "my-custom" and Path(meta["model"]["checkpoint"]).is_absolute()
     out = tmp_path / "s.json"

@@ -254,7 +254,7 @@ def test_retarget_keeps_reuse_pattern():
 # ----------------------------------------------------------------------------- CLI
 def test_cli_show_and_derive(tmp_path, capsys, monkeypatch):
     from moeca.cli.main import main
-    import moeca.policy.cli as pcli
+    import moeca.cli.schedule as pcli
 
     path = mixed_schedule().save(tmp_path / "s.json")
     assert main(["schedule", "show", str(path)]) == 0

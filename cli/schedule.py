@@ -92,7 +92,7 @@ def methods_help() -> str:
     """Every registered method with its summary and knobs (name=default: doc), for ``--help``."""
     import textwrap
 
-    from .methods import REGISTRY
+    from moeca.policy.methods import REGISTRY
     lines = ["methods and their knobs (--set NAME=VALUE; defaults are the authors'):"]
     for m in REGISTRY.values():
         lines.append(f"\n  {m.name}: {m.summary}")
@@ -144,8 +144,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from moeca.models.config import DiTMoEConfig
     from moeca.diffusion.samplers import SamplerConfig
 
-    from .methods import Context, method
-    from .summary import describe
+    from moeca.policy.methods import Context, method
+    from moeca.policy.summary import describe
 
     unit = method(args.method)
     config = unit.config(parse_knobs(args.knobs))
@@ -170,8 +170,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .schedule import Schedule
-    from .summary import describe
+    from moeca.policy.schedule import Schedule
+    from moeca.policy.summary import describe
 
     print(describe(Schedule.load(args.file)))
     return 0
@@ -249,8 +249,8 @@ def cmd_derive(args: argparse.Namespace) -> int:
     from moeca.common.inputs import require_folder
     from moeca.common.outputs import check_no_overlap, check_replace_file
 
-    from .derive import DeriveConfig, derive_schedule
-    from .summary import describe
+    from moeca.policy.derive import DeriveConfig, derive_schedule
+    from moeca.policy.summary import describe
 
     out = Path(args.out)
     check_no_overlap(out, [("trace", t) for t in args.traces])
@@ -294,13 +294,13 @@ def cmd_derive(args: argparse.Namespace) -> int:
 
 def replay_costs(meta: dict, args: argparse.Namespace):
     """The calibrated unit costs of the trace's model replayed on ``args.device`` at ``args.batch`` samples
-    (measured and cached on first use by the replay stage, through the hook of :mod:`.wallclock`)."""
+    (measured and cached on first use by :func:`moeca.replay.calibrate.ensure_costs`)."""
     import torch
 
     from moeca.models.registry import load_traced_model
     from moeca.diffusion.samplers import SamplerConfig
 
-    from .wallclock import costs_provider
+    from moeca.replay.calibrate import ensure_costs   # local: torch loads only when a command needs it
 
     model_meta = meta["model"]
     checkpoint = args.checkpoint or model_meta.get("checkpoint")
@@ -312,5 +312,4 @@ def replay_costs(meta: dict, args: argparse.Namespace):
         raise ValueError(f"--target-speedup calibrates the trace's model ({model_meta.get('name')!r}, checkpoint "
                          f"{checkpoint!r}) on the replaying device, which failed: {exc}. Pass --checkpoint, or use "
                          "--target-flops-speedup (no calibration)") from None
-    return costs_provider()(model, SamplerConfig(**meta["sampler"]), args.batch,
-                            progress=lambda msg: print(msg, flush=True))
+    return ensure_costs(model, SamplerConfig(**meta["sampler"]), args.batch, progress=lambda msg: print(msg, flush=True))
