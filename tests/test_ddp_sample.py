@@ -18,7 +18,7 @@ import pytest
 from moeca.models.checkpoint import weights_hash
 from moeca.diffusion.samplers import SamplerConfig
 from moeca.policy.methods import Context, fora, magcache
-from moeca.replay.__main__ import main
+from moeca.replay.sample_cli import main
 from moeca.replay.sample_ddp import JOB_FILE, SampleJob, sample_to_npz, shard_dir, shard_path
 from conftest import make_tiny, TINY, tiny_checkpoint
 from conftest import run_torchrun
@@ -175,7 +175,7 @@ def test_bad_input_is_refused_with_a_message(ckpt, schedule_path, tmp_path, caps
 def _identity(argv: list[str], **job_changes) -> dict:
     """The job identity the command line ``argv`` computes, with ``job_changes`` applied to its job."""
     from moeca.models.model_args import load_model_from_args
-    from moeca.replay.__main__ import build_parser, sampler_and_schedule
+    from moeca.replay.sample_cli import build_parser, sampler_and_schedule
     from moeca.replay.sample_ddp import job_identity
 
     args = build_parser().parse_args(argv)

@@ -106,7 +106,7 @@ def _replay(schedule: Path, ckpt: Path, out: Path) -> int:
 
 
 def _ddp_sample(schedule: Path, ckpt: Path, out: Path) -> int:
-    from moeca.replay.__main__ import main as ddp_main
+    from moeca.replay.sample_cli import main as ddp_main
     return ddp_main(["sample", "--schedule", str(schedule), "--checkpoint", str(ckpt), "--num-samples", "2",
                      "--batch-size", "2", "--device", "cpu", "--out", str(out), "--no-progress"])
 
@@ -316,7 +316,7 @@ def record(path, pending_from=None):
         os.replace(pending_from, path)
         os.kill(os.getpid(), signal.SIGKILL)
 o._record_file = record
-from moeca.replay.__main__ import main
+from moeca.replay.sample_cli import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -324,7 +324,7 @@ sys.exit(main(sys.argv[2:]))
 def test_a_killed_npz_export_leaves_nothing_and_its_rerun_recognises_its_own_archive(tmp_path, tiny_ckpt, capsys):
     import numpy as np
 
-    from moeca.replay.__main__ import main as ddp_main
+    from moeca.replay.sample_cli import main as ddp_main
     out = tmp_path / "samples.npz"
     argv = ["sample", "--schedule", "none", "--checkpoint", str(tiny_ckpt), "--num-samples", "2", "--batch-size", "2",
             "--steps", "2", "--device", "cpu", "--out", str(out), "--no-progress"]
