@@ -11,7 +11,7 @@ Public API (imports are lazy so ``moeca --help`` stays fast):
 Lower level: :func:`moeca.analysis.collect.collect` returns the merged aggregates
 (:class:`moeca.analysis.engine.Partials`, including per (lag, block, step) error histograms of both
 policies), :func:`moeca.analysis.compare.sweep` the reuse-vs-error curves,
-:mod:`moeca.analysis.synthetic` writes traces with known answers.
+:mod:`moeca.testing.synthetic_traces` writes traces with known answers.
 
 Module map: ``trace`` (open/validate trace dirs), ``engine`` (one out-of-core pass -> mergeable
 aggregates), ``collect`` (many traces, local or Dask), ``summary`` (the tidy table), ``compare`` (token

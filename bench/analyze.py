@@ -83,7 +83,7 @@ class PeakRSS:
 
 def ensure_trace(work: Path, rows: float, regenerate: bool = False) -> Path:
     """The cached synthetic trace with >= ``rows`` branch rows (regenerated when parameters differ)."""
-    from moeca.analysis.synthetic import write_synthetic_trace
+    from moeca.testing.synthetic_traces import write_synthetic_trace
     samples = max(4, math.ceil(rows / ROWS_PER_SAMPLE))
     params = {"depth": 12, "num_steps": 50, "num_experts": 8, "side": 16, "samples": samples,
               "samples_per_shard": 4, "lags": 4, "routing": "random", "noise": 0.5, "seed": 0,

@@ -94,7 +94,7 @@ def _plot(rows: list[dict]):
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeca.app.synthetic import SyntheticTraceConfig, samples_for_rows, write_example_root
+    from moeca.testing.explorer_root import SyntheticTraceConfig, samples_for_rows, write_example_root
     from moeca.bench.pareto_synthetic import write_synthetic_pareto
     from moeca.bench.results import write_results
 

@@ -13,7 +13,7 @@ from moeca.analysis.collect import collect
 from moeca.analysis.compare import at_error, sweep
 from moeca.analysis.engine import BUDGETS, trace_partials
 from moeca.analysis.summary import SUMMARY_COLUMNS, summary_frame
-from moeca.analysis.synthetic import (EXPERT_DRIFT, GATES, OUT_NORM, TOKEN_DRIFT, routing_table,
+from moeca.testing.synthetic_traces import (EXPERT_DRIFT, GATES, OUT_NORM, TOKEN_DRIFT, routing_table,
                                       write_synthetic_trace)
 from moeca.analysis.trace import open_trace, parse_memory_limit
 from moeca.models.config import get_preset

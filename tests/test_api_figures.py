@@ -9,7 +9,7 @@ from PIL import Image
 
 from moeca.analysis import figures
 from moeca.analysis.collect import collect
-from moeca.analysis.synthetic import write_synthetic_trace
+from moeca.testing.synthetic_traces import write_synthetic_trace
 
 
 @pytest.fixture(scope="module")

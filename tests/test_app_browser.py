@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from moeca.app.synthetic import SyntheticTraceConfig, write_example_root
+from moeca.testing.explorer_root import SyntheticTraceConfig, write_example_root
 from moeca.bench.pareto_synthetic import write_synthetic_pareto
 
 CHROMIUM = os.environ.get("MOECA_CHROMIUM", "/usr/bin/chromium")

@@ -14,7 +14,7 @@ import pytest
 from conftest import make_tiny
 from moeca.app import inventory, replay_run, schedule_view, trace_data as td, uploads
 from moeca.app.paths import resolve_root
-from moeca.app.synthetic import SyntheticTraceConfig, write_example_root, write_synthetic_trace
+from moeca.testing.explorer_root import SyntheticTraceConfig, write_example_root, write_synthetic_trace
 from moeca.bench.pareto_synthetic import write_synthetic_pareto
 
 SMALL = SyntheticTraceConfig(samples=3, samples_per_shard=2, steps=6, blocks=2, tokens=9, experts=4, lags=3)

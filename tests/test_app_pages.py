@@ -12,7 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from moeca.app.common import ROOT_ENV
-from moeca.app.synthetic import SyntheticTraceConfig, write_example_root, write_synthetic_trace
+from moeca.testing.explorer_root import SyntheticTraceConfig, write_example_root, write_synthetic_trace
 from moeca.bench.pareto_synthetic import write_synthetic_pareto
 from moeca.models.registry import demo_weights_path
 

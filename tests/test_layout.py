@@ -23,10 +23,11 @@ ALLOWED: dict[str, set[str]] = {
     "integrations": {"common", "models", "diffusion", "evaluation", "tracer", "analysis", "policy", "replay"},
     "cli": {"common", "data", "models", "diffusion", "evaluation", "tracer", "analysis", "policy", "replay",
             "integrations"},
+    "testing": {"common", "data", "models", "diffusion", "tracer", "analysis", "policy", "replay"},
     "app": {"common", "data", "models", "diffusion", "evaluation", "tracer", "analysis", "policy", "replay",
             "integrations"},
     "bench": {"common", "data", "models", "diffusion", "evaluation", "tracer", "analysis", "policy", "replay",
-              "integrations", "app", "cli"},
+              "integrations", "testing", "app", "cli"},
 }
 
 

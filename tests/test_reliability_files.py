@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from moeca.analysis.synthetic import write_synthetic_trace
+from moeca.testing.synthetic_traces import write_synthetic_trace
 from moeca.cli.main import main
 from moeca.common.outputs import (FILES_SIDECAR, TMP_MARKER, OutputError, atomic_write_text, output_dir,
                                   remove_stale_temporaries, written_by_moeca)

@@ -200,7 +200,7 @@ def hostile_root(tmp_path_factory) -> Path:
 
     import pyarrow.parquet as pq
 
-    from moeca.app.synthetic import SyntheticTraceConfig, write_example_root
+    from moeca.testing.explorer_root import SyntheticTraceConfig, write_example_root
     root = tmp_path_factory.mktemp("hostile")
     write_example_root(root, SyntheticTraceConfig(samples=2, samples_per_shard=2, steps=6, blocks=2, tokens=4,
                                                   experts=4, lags=2))
@@ -293,7 +293,7 @@ with o.output_dir(Path(sys.argv[1]), command="test") as tmp:
 
 
 def test_a_temporary_killed_at_the_final_rename_is_removed_by_the_next_run(tmp_path, capsys):
-    from moeca.analysis.synthetic import write_synthetic_trace
+    from moeca.testing.synthetic_traces import write_synthetic_trace
     trace = write_synthetic_trace(tmp_path / "trace", samples=2, samples_per_shard=1, num_steps=4)
     out = tmp_path / "report"
     assert _python(_KILL_AT_INSTALL, str(out)) == -9

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeca.analysis.synthetic import write_synthetic_trace
+from moeca.testing.synthetic_traces import write_synthetic_trace
 from moeca.cli.main import main
 from moeca.models.checkpoint import CheckpointError, weights_hash
 from moeca.models.registry import load_model

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from moeca.analysis.synthetic import write_synthetic_trace
+from moeca.testing.synthetic_traces import write_synthetic_trace
 from moeca.cli.main import main
 from moeca.common.outputs import (FILES_SIDECAR, MANIFEST, OutputError, atomic_file, atomic_write_text, check_no_overlap, output_dir,
                                   record_manifest, remove_listed)

@@ -101,7 +101,7 @@ def run_meta(cfg: SyntheticTraceConfig) -> dict:
             "batch_size": cfg.samples_per_shard, "num_samples": cfg.samples, "num_shards": shards,
             "labels": _labels(cfg), "sample_seeds": list(range(cfg.samples)), "lags": cfg.lags,
             "dump_vectors": 0, "vector_tokens": {}, "step_t": [float(v) for v in _step_times(cfg.steps)],
-            "tables": ["branches", "tokens"], "versions": {"synthetic": "moeca.app.synthetic"},
+            "tables": ["branches", "tokens"], "versions": {"synthetic": "moeca.testing.explorer_root"},
             "synthetic": True}
 
 

@@ -192,7 +192,7 @@ def _check_synthetic(out: Path) -> None:
     except (OSError, ValueError, TypeError):
         synthetic = False
     if not synthetic:
-        raise FileExistsError(f"{out} exists and is not a synthetic trace written by moeca.analysis.synthetic; "
+        raise FileExistsError(f"{out} exists and is not a synthetic trace written by moeca.testing.synthetic_traces; "
                               "refusing to replace it. Choose another folder (e.g. another --work-dir)")
     ours = re.compile(r"run\.json(\.tmp)?|(branches|tokens)(/\.?shard-\d{5}\.parquet(\.tmp)?)?")
     foreign = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
