@@ -70,10 +70,10 @@ def moeca_shaped(config, sampler, interval: int):
     """A MoECa schedule of the sync rule with refreshes every ``interval`` steps: those steps compute
     every unit; the others forecast every unit linearly (the router and newly routed pairs computed)."""
     from moeca.policy.methods.common import assemble
-    from moeca.policy.schedule import NEVER, BlockRule, StepRule
+    from moeca.policy.schedule import REUSE, BlockRule, StepRule
     S, L, E = sampler.num_steps, config.depth, config.num_experts
     sync = set(range(0, S, interval))
-    body = tuple(BlockRule(attn=NEVER, shared=NEVER, experts=(NEVER,) * E) for _ in range(L))
+    body = tuple(BlockRule(attn=REUSE, shared=REUSE, experts=(REUSE,) * E) for _ in range(L))
     full = tuple(BlockRule.full(E) for _ in range(L))
     steps = [StepRule("compute", full if s in sync else body) for s in range(S)]
     from dataclasses import replace

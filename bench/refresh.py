@@ -33,7 +33,7 @@ def schedules(config, sampler) -> list[tuple[str, str, object]]:
     """``(group, setting, schedule)`` for every replay of the benchmark."""
     from moeca.policy.methods import Context, fora
     from moeca.policy.methods.common import assemble
-    from moeca.policy.schedule import ALWAYS, NEVER, BlockRule, Rule, StepRule
+    from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, Rule, StepRule
 
     S, L, E = sampler.num_steps, config.depth, config.num_experts
 
@@ -48,14 +48,14 @@ def schedules(config, sampler) -> list[tuple[str, str, object]]:
         out += [("forecast", f"FORA every {n}, plain reuse", plain),
                 ("forecast", f"FORA every {n}, linear forecast", replace(plain, forecast="linear"))]
     part = Rule.fraction(0.3)
-    for attn in (NEVER, ALWAYS):
-        for label, shared, expert in (("MoE reused", NEVER, NEVER), ("30% of shared+expert tokens", part, part),
+    for attn in (REUSE, ALWAYS):
+        for label, shared, expert in (("MoE reused", REUSE, REUSE), ("30% of shared+expert tokens", part, part),
                                       ("MoE recomputed", ALWAYS, ALWAYS)):
             if attn is ALWAYS and expert is ALWAYS:
                 continue  # that is full compute
-            out.append(("sync", f"attention {'reused' if attn is NEVER else 'recomputed'}, {label}",
+            out.append(("sync", f"attention {'reused' if attn is REUSE else 'recomputed'}, {label}",
                         every(6, BlockRule(attn=attn, shared=shared, experts=(expert,) * E))))
-    branch = BlockRule(attn=NEVER, shared=NEVER, experts=(NEVER,) * E)
+    branch = BlockRule(attn=REUSE, shared=REUSE, experts=(REUSE,) * E)
     for n in (3, 4, 5):
         block = fora.build(fora.Config(interval=n), Context(config, sampler))
         out += [("granularity", f"every {n}, block-level forecast", replace(block, forecast="linear")),

@@ -113,11 +113,11 @@ def setup(args: argparse.Namespace) -> Setup:
 def level_schedule(model, sampler, refresh: tuple[int, ...], level: str):
     """The ``sync`` rule's schedule with ``refresh`` steps and forecast ``level`` (``token`` or ``branch``),
     linear forecast (what ``moeca schedule derive --forecast-level LEVEL`` gives for these refresh steps)."""
-    from moeca.policy.schedule import ALWAYS, NEVER, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
+    from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
 
     config = model.config
     E, L = config.num_experts, config.depth
-    body = BlockRule(attn=NEVER, moe=NEVER if level == "token" else ALWAYS, shared=NEVER, experts=(NEVER,) * E)
+    body = BlockRule(attn=REUSE, moe=REUSE if level == "token" else ALWAYS, shared=REUSE, experts=(REUSE,) * E)
     steps = tuple(StepRule("compute", (BlockRule.full(E) if s in refresh else body,) * L)
                   for s in range(sampler.num_steps))
     return Schedule(method="moeca", model=ModelIdentity.of(config), sampler=SamplerIdentity.of(sampler), steps=steps,

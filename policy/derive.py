@@ -68,7 +68,7 @@ import numpy as np
 
 from moeca.policy.cost import UnitCosts
 from moeca.policy.wallclock import StepWork, WallClockCosts
-from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
+from moeca.policy.schedule import (ALWAYS, REUSE, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
                                    ScoreConfig, StepRule)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -308,7 +308,7 @@ def _plan(tables: DriftTables, tau: float, cfg: DeriveConfig, sync: frozenset[in
             if attn_acc[b] ** a_attn > tau:
                 attn_rule, attn_acc[b] = ALWAYS, 0.0
             else:
-                attn_rule = NEVER
+                attn_rule = REUSE
             ex_rules = tuple(Rule.fraction(f) for f in f_ex[s, b])
             sh_rule = Rule.fraction(f_sh[s, b])
             p = tables.persist[s, b]
@@ -328,8 +328,8 @@ def _plan_sync(tables: DriftTables, sync: frozenset[int], costs: UnitCosts, leve
     S, L, E = tables.expert.shape
     full_token = costs.block_per_token()
     fixed = costs.fixed_per_sample() / costs.num_tokens / costs.depth
-    moe = NEVER if level == "token" else ALWAYS
-    body = tuple(BlockRule(attn=NEVER, moe=moe, shared=NEVER, experts=(NEVER,) * E) for _ in range(L))
+    moe = REUSE if level == "token" else ALWAYS
+    body = tuple(BlockRule(attn=REUSE, moe=moe, shared=REUSE, experts=(REUSE,) * E) for _ in range(L))
     full_blocks = tuple(BlockRule.full(E) for _ in range(L))
     new_pairs = costs.top_k * np.sum(tables.share * (1 - tables.persist), axis=2)     # [S, L] per token
     steps, done = [], 0.0

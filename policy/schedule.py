@@ -21,8 +21,8 @@ dataclasses:
   ``threshold x`` (recompute the cached tokens whose score exceeds ``x``). Tokens without a cache
   entry (first step, a batch-size change, a newly routed (token, expert) pair) are always computed.
 
-JSON encoding of a rule: the strings ``"always"`` / ``"never"`` or ``{"fraction": f}`` /
-``{"threshold": x}``.
+JSON encoding of a rule: the strings ``"always"`` (recompute) / ``"reuse"`` (reuse or forecast the cached
+output) or ``{"fraction": f}`` / ``{"threshold": x}``.
 
 ``forecast`` says what a reused output is: ``none`` -- the cached output as last computed (plain
 reuse); ``linear`` -- the first-order extrapolation from the unit's last two computed outputs,
@@ -49,8 +49,9 @@ the 2x2 spatial bonus; applies to the whole-MoE ``fraction`` rules, other rules 
 Format versions: 2 added ``forecast``; 3 added ``taylor``, ``forecast_order`` and ``token_selection``;
 4 renamed version 3's ``taylor`` (the interpolating polynomial) to ``polynomial``, made ``taylor``
 TaylorSeer's finite-difference expansion and added ``model_skip.indicator`` / ``first_blocks`` /
-``last_blocks``. Version-1 files are read as ``forecast: none``, version-1/2 files as order 1 and
-``moeca_score``, version-3 ``taylor`` as ``polynomial`` (what those files were replayed with).
+``last_blocks``; 5 renamed the rule ``never`` (which meant: always reuse) to ``reuse``. Version-1 files are
+read as ``forecast: none``, version-1/2 files as order 1 and ``moeca_score``, version-3 ``taylor`` as
+``polynomial`` (what those files were replayed with), version-1..4 ``never`` rules as ``reuse``.
 """
 from __future__ import annotations
 
@@ -62,14 +63,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 FORECASTS = ("none", "linear", "taylor", "polynomial")
 MAX_FORECAST_ORDER = 4
 TOKEN_SELECTIONS = ("moeca_score", "toca")
 SCHEMA_FILE = "schedule.schema.json"
 MODEL_SKIP_INDICATORS = ("modulated_input", "first_blocks_residual")
-RuleMode = Literal["always", "never", "fraction", "threshold"]
+RuleMode = Literal["always", "reuse", "fraction", "threshold"]
 ModelMode = Literal["compute", "reuse", "adaptive"]
 UNIT_KINDS = ("attn", "moe", "shared", "expert")
 
@@ -96,7 +97,7 @@ class Rule:
     value: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.mode not in ("always", "never", "fraction", "threshold"):
+        if self.mode not in ("always", "reuse", "fraction", "threshold"):
             raise ScheduleError(f"rule mode {self.mode!r} must be always, never, fraction or threshold")
         if self.mode == "fraction" and not 0.0 <= self.value <= 1.0:
             raise ScheduleError(f"fraction rule value {self.value} must lie in [0, 1]")
@@ -110,10 +111,10 @@ class Rule:
 
     def expected_refresh(self) -> float:
         """Expected share of cached tokens recomputed (threshold rules count as 0.5, a guess)."""
-        return {"always": 1.0, "never": 0.0, "fraction": self.value, "threshold": 0.5}[self.mode]
+        return {"always": 1.0, "reuse": 0.0, "fraction": self.value, "threshold": 0.5}[self.mode]
 
     def to_json(self) -> Any:
-        if self.mode in ("always", "never"):
+        if self.mode in ("always", "reuse"):
             return self.mode
         return {self.mode: self.value}
 
@@ -126,13 +127,13 @@ class Rule:
 
     @classmethod
     def fraction(cls, f: float) -> "Rule":
-        """``fraction f`` with the degenerate ends written as ``never`` / ``always``."""
+        """``fraction f`` with the degenerate ends written as ``reuse`` / ``always``."""
         f = min(max(float(f), 0.0), 1.0)
-        return cls("never") if f <= 0.0 else cls("always") if f >= 1.0 else cls("fraction", round(f, 6))
+        return cls("reuse") if f <= 0.0 else cls("always") if f >= 1.0 else cls("fraction", round(f, 6))
 
 
 ALWAYS = Rule("always")
-NEVER = Rule("never")
+REUSE = Rule("reuse")
 
 
 @dataclass(frozen=True)
@@ -427,7 +428,7 @@ class Schedule:
         flops, k = self.model.unit_flops(), self.model.top_k
         moe_full = flops["router"] + flops["shared"] + k * flops["expert"]
         full = flops["attn"] + moe_full
-        floor = {"always": 1.0, "fraction": None, "threshold": 0.0, "never": 0.0}
+        floor = {"always": 1.0, "fraction": None, "threshold": 0.0, "reuse": 0.0}
 
         def least(rule: Rule) -> float:
             value = floor[rule.mode]
@@ -519,6 +520,7 @@ class Schedule:
 
     @classmethod
     def from_json(cls, data: Any, where: str = "schedule") -> "Schedule":
+        data = _rules_renamed(data)
         validate_json(data, where=where)
         try:
             schedule = cls(
@@ -580,6 +582,25 @@ class Schedule:
 
     def with_provenance(self, **extra: Any) -> "Schedule":
         return replace(self, provenance={**self.provenance, **extra})
+
+
+def _rules_renamed(data: Any) -> Any:
+    """A format 1-4 file with its ``never`` rules (always reuse) written as format 5's ``reuse``; others as
+    they are (a format-5 file saying ``never`` is refused by the schema, naming the field)."""
+    if not (isinstance(data, dict) and isinstance(data.get("format_version"), int) and data["format_version"] < 5
+            and isinstance(data.get("steps"), list)):
+        return data
+
+    def rename(value: Any) -> Any:
+        if value == "never":
+            return "reuse"
+        if isinstance(value, list):
+            return [rename(v) for v in value]
+        if isinstance(value, dict):
+            return {k: rename(v) for k, v in value.items()}
+        return value
+
+    return {**data, "steps": rename(data["steps"])}
 
 
 def _forecast_of(data: Mapping) -> str:

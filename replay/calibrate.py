@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from moeca.diffusion.samplers import SamplerConfig, sample
-from moeca.policy.schedule import ALWAYS, NEVER, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
+from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
 from moeca.policy.wallclock import (COEFFICIENTS, CalibrationError, StepWork, WallClockCosts, check_cache_path,
                                    load_costs, save_costs)
 
@@ -106,18 +106,18 @@ def calibration_schedules(config, sampler_cfg: SamplerConfig) -> list[Schedule]:
         return Schedule(method="custom", model=identity, sampler=sampler, steps=steps, sync_refresh_steps=sync,
                         forecast=forecast, provenance={"calibration": True})
 
-    forecast_all = BlockRule(attn=NEVER, shared=NEVER, experts=(NEVER,) * E)
+    forecast_all = BlockRule(attn=REUSE, shared=REUSE, experts=(REUSE,) * E)
     return [
         make(None, "linear"),
         make(None, "none"),
         make(forecast_all, "linear", every=5),
         make(forecast_all, "none", every=5),
-        make(BlockRule(attn=ALWAYS, shared=NEVER, experts=(NEVER,) * E), "linear", every=5),
-        make(BlockRule(attn=NEVER, shared=ALWAYS, experts=(NEVER,) * E), "linear", every=5),
-        make(BlockRule(attn=NEVER, shared=NEVER, experts=(ALWAYS,) * E), "linear", every=5),
+        make(BlockRule(attn=ALWAYS, shared=REUSE, experts=(REUSE,) * E), "linear", every=5),
+        make(BlockRule(attn=REUSE, shared=ALWAYS, experts=(REUSE,) * E), "linear", every=5),
+        make(BlockRule(attn=REUSE, shared=REUSE, experts=(ALWAYS,) * E), "linear", every=5),
         make(forecast_all, "linear", every=2),
-        make(BlockRule(attn=NEVER, moe=NEVER, shared=NEVER, experts=(NEVER,) * E), "linear", every=5),
-        make(BlockRule(attn=NEVER, moe=NEVER, shared=NEVER, experts=(NEVER,) * E), "linear", every=3),
+        make(BlockRule(attn=REUSE, moe=REUSE, shared=REUSE, experts=(REUSE,) * E), "linear", every=5),
+        make(BlockRule(attn=REUSE, moe=REUSE, shared=REUSE, experts=(REUSE,) * E), "linear", every=3),
     ]
 
 

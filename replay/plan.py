@@ -15,7 +15,7 @@ import torch
 
 from moeca.policy.schedule import BlockRule, Schedule
 
-MODE_CODE = {"always": 0, "never": 1, "fraction": 2, "threshold": 3}
+MODE_CODE = {"always": 0, "reuse": 1, "fraction": 2, "threshold": 3}
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,10 +68,10 @@ class SchedulePlan:
             key = (rules, model)
             if key not in kinds:
                 summary = tuple((all(r.mode == "always" for r in br.experts), any(r.mode == "fraction" for r in br.experts),
-                                 any(r.scored for r in br.experts), all(r.mode == "never" for r in br.experts))
+                                 any(r.scored for r in br.experts), all(r.mode == "reuse" for r in br.experts))
                                 for br in rules)
                 forecast_all = model == "compute" and untracked and all(
-                    br.attn.mode == "never" and br.moe.mode == "never" for br in rules)
+                    br.attn.mode == "reuse" and br.moe.mode == "reuse" for br in rules)
                 full = model == "compute" and all(br == BlockRule.full(len(br.experts)) for br in rules)
                 kinds[key] = StepKind(rules, model, summary, forecast_all, full)
             self.kinds.append(kinds[key])

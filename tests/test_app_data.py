@@ -291,7 +291,7 @@ def test_grid():
 
 
 def test_run_replay_no_reuse_is_exact_and_reuse_skips_work():
-    from moeca.policy.schedule import NEVER, BlockRule, StepRule, full_schedule
+    from moeca.policy.schedule import REUSE, BlockRule, StepRule, full_schedule
 
     model = make_tiny()
     cfg = model.config
@@ -308,7 +308,7 @@ def test_run_replay_no_reuse_is_exact_and_reuse_skips_work():
     # reuse every expert branch and the shared expert on odd steps: less work, different samples
     steps = list(full.steps)
     for s in (1, 3, 5):
-        steps[s] = StepRule("compute", tuple(BlockRule(shared=NEVER, experts=(NEVER,) * 4) for _ in range(2)))
+        steps[s] = StepRule("compute", tuple(BlockRule(shared=REUSE, experts=(REUSE,) * 4) for _ in range(2)))
     reuse = type(full)(method="custom", model=full.model, sampler=full.sampler, steps=tuple(steps),
                        predicted_flops_ratio=0.8)
     out2 = replay_run.run_replay(model, reuse, replay_run.ReplaySettings(samples=3, warmup=True))

@@ -111,7 +111,7 @@ def test_forecast_level_follows_the_price_of_routing():
     """Token-level forecast steps skip the router and the newly routed pairs. ``auto`` takes them when a
     wall-clock target then fits more refreshes (routing is dear on this device), keeps the branch level when
     routing is free, and with a FLOPs target; a fixed level is honoured and recorded."""
-    from moeca.policy.schedule import NEVER
+    from moeca.policy.schedule import REUSE
 
     summary, meta = synthetic_summary(), run_meta()
     dear = costs(router_block_ms=0.5)
@@ -129,7 +129,7 @@ def test_forecast_level_follows_the_price_of_routing():
     assert min(c["predicted_speedup"] for c in levels.values()) >= 1.8
     assert set(branch.provenance["levels"]) == {"branch"}
     forecast_steps = [s for s in range(SAMPLER.num_steps) if not auto.is_sync(s)]
-    assert all(auto.rule(s, b).moe == NEVER for s in forecast_steps for b in range(TINY.depth))
+    assert all(auto.rule(s, b).moe == REUSE for s in forecast_steps for b in range(TINY.depth))
     assert all(branch.rule(s, b).moe.mode == "always" for s in forecast_steps for b in range(TINY.depth))
     free = costs(pair_ms=0.0, history_term_ms=0.0)          # routing and new pairs cost nothing: no gain
     assert derive_schedule(summary, meta, DeriveConfig(target_speedup=1.8, target="wallclock"),

@@ -19,7 +19,7 @@ from moeca.integrations.diffusers.hidream import moe_blocks  # noqa: E402
 from moeca.integrations.diffusers.sampling import (CONFIGS, FlowSampler, build_transformer, initial_noise,  # noqa: E402
                                                    random_conditioning, sample)
 from moeca.models.protocol import MoEBlock  # noqa: E402
-from moeca.policy.schedule import NEVER, BlockRule, Schedule, ScheduleMismatch, StepRule  # noqa: E402
+from moeca.policy.schedule import REUSE, BlockRule, Schedule, ScheduleMismatch, StepRule  # noqa: E402
 
 LATENT = (16, 16)          # 64 image tokens
 TEXT = (4, 4)              # 4 T5 + 2 x 4 Llama tokens
@@ -95,7 +95,7 @@ def _derived_like(model, experts=None, steps: int = STEPS) -> Schedule:
     (``experts``: one rule per expert at steps >= 1; default all never)."""
     base = _none(model, steps)
     E = base.model.num_experts
-    rule = BlockRule(attn=NEVER, shared=NEVER, experts=tuple(experts or (NEVER,) * E))
+    rule = BlockRule(attn=REUSE, shared=REUSE, experts=tuple(experts or (REUSE,) * E))
     later = StepRule("compute", tuple(rule for _ in range(base.model.depth)))
     return dataclasses.replace(base, method="custom", steps=(base.steps[0],) + (later,) * (steps - 1),
                                sync_refresh_steps=(0,), forecast="linear")
@@ -104,7 +104,7 @@ def _derived_like(model, experts=None, steps: int = STEPS) -> Schedule:
 def test_computed_pairs_are_what_the_schedule_says():
     model, *_ = _setup()
     E = 4
-    s = _derived_like(model, experts=(NEVER,) + (BlockRule().attn,) * (E - 1))   # expert 0 reused, others computed
+    s = _derived_like(model, experts=(REUSE,) + (BlockRule().attn,) * (E - 1))   # expert 0 reused, others computed
     blocks = moe_blocks(model)
     inputs = []
     observers = [b.ff.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for b in blocks]

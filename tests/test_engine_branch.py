@@ -9,13 +9,13 @@ import torch
 
 from conftest import TINY, make_tiny
 from moeca.diffusion.samplers import SamplerConfig, sample
-from moeca.policy.schedule import ALWAYS, NEVER, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
+from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
 from moeca.replay.runtime import ReplayRuntime
 
 STEPS = 9
 SAMPLER = SamplerConfig(kind="rectified_flow", num_steps=STEPS, cfg_scale=1.5)
 LABELS = torch.tensor([0, 1, 2, 1, 0])
-BODY = BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * TINY.num_experts)
+BODY = BlockRule(REUSE, ALWAYS, REUSE, (REUSE,) * TINY.num_experts)
 
 
 def branch_schedule(forecast: str = "linear", order: int = 1) -> Schedule:

@@ -11,7 +11,7 @@ from moeca.models.dispatch import prepare_model
 from moeca.models.runtime import ForwardContext, Runtime
 from moeca.diffusion.samplers import SamplerConfig, sample
 from moeca.policy.methods import Context, fora
-from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
+from moeca.policy.schedule import (ALWAYS, REUSE, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
                                    StepRule, full_schedule)
 from moeca.replay.runtime import ReplayRuntime
 from test_stack_fold import token_schedule
@@ -23,7 +23,7 @@ LABELS = torch.tensor([0, 1, 2, 1])
 
 def moeca_schedule(forecast: str = "linear", order: int = 1, body: BlockRule | None = None) -> Schedule:
     """MoECa's sync rule: full refresh at steps 0 and 3, every unit forecast in between (new pairs computed)."""
-    body = body or BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * TINY.num_experts)
+    body = body or BlockRule(REUSE, ALWAYS, REUSE, (REUSE,) * TINY.num_experts)
     steps = tuple(StepRule("compute", (body,) * TINY.depth) for _ in range(STEPS))
     return Schedule("moeca", ModelIdentity.of(TINY), SamplerIdentity.of(SAMPLER), steps, (0, 3), forecast=forecast,
                     forecast_order=order)
@@ -46,7 +46,7 @@ def test_device_path_reuse_nothing_is_bit_exact(tiny_model, forecast):
 
 def test_device_path_matches_host_path_and_really_skips(tiny_model):
     scored = BlockRule(Rule("fraction", 0.5), ALWAYS, Rule("fraction", 0.3),
-                       (NEVER, Rule("fraction", 0.5), Rule("threshold", 0.02), ALWAYS))
+                       (REUSE, Rule("fraction", 0.5), Rule("threshold", 0.02), ALWAYS))
     for s in (moeca_schedule(), moeca_schedule("taylor", 2), moeca_schedule(body=scored)):
         host_rt, dev_rt = ReplayRuntime(s), ReplayRuntime(s, device_path=True)
         host, dev = run(tiny_model, host_rt), run(tiny_model, dev_rt)
@@ -58,7 +58,7 @@ def test_device_path_matches_host_path_and_really_skips(tiny_model):
 
 
 def test_device_path_checks_finiteness_once_per_run(tiny_model):
-    s = moeca_schedule(body=BlockRule(NEVER, ALWAYS, ALWAYS, (ALWAYS,) * TINY.num_experts))
+    s = moeca_schedule(body=BlockRule(REUSE, ALWAYS, ALWAYS, (ALWAYS,) * TINY.num_experts))
     rt = ReplayRuntime(s, device_path=True)
     assert rt._check_finite_arg is None            # default: once per run on the device path
 
@@ -115,7 +115,7 @@ def test_compiled_sampling_run_has_one_graph_per_kind_of_step():
 
     steps = 12
     sampler = SamplerConfig(kind="rectified_flow", num_steps=steps, cfg_scale=1.5)
-    body = BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * TINY.num_experts)
+    body = BlockRule(REUSE, ALWAYS, REUSE, (REUSE,) * TINY.num_experts)
     s = Schedule("moeca", ModelIdentity.of(TINY), SamplerIdentity.of(sampler),
                  tuple(StepRule("compute", (body,) * TINY.depth) for _ in range(steps)), (0, 4, 8), forecast="linear")
     graphs = []

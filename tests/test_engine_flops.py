@@ -8,7 +8,7 @@ import torch
 from conftest import TINY
 from moeca.diffusion.samplers import SamplerConfig, sample
 from moeca.policy.cost import UnitCosts, branch_schedule_flops
-from moeca.policy.schedule import ALWAYS, NEVER, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule, StepRule
+from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule, StepRule
 from moeca.replay.runtime import ReplayRuntime
 
 STEPS = 8
@@ -23,10 +23,10 @@ def _schedule(forecast: str, order: int, body: BlockRule) -> Schedule:
 
 
 @pytest.mark.parametrize("forecast,order,body", [
-    ("linear", 1, BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * 4)),                               # MoECa sync rule
-    ("none", 1, BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * 4)),
+    ("linear", 1, BlockRule(REUSE, ALWAYS, REUSE, (REUSE,) * 4)),                               # MoECa sync rule
+    ("none", 1, BlockRule(REUSE, ALWAYS, REUSE, (REUSE,) * 4)),
     ("taylor", 2, BlockRule(Rule("fraction", 0.25), ALWAYS, Rule("fraction", 0.3),
-                            (NEVER, Rule("fraction", 0.5), ALWAYS, NEVER))),
+                            (REUSE, Rule("fraction", 0.5), ALWAYS, REUSE))),
 ])
 def test_predicted_flops_match_counted_for_moeca_rules(tiny_model, forecast, order, body):
     schedule = _schedule(forecast, order, body)
@@ -43,5 +43,5 @@ def test_predicted_flops_match_counted_for_moeca_rules(tiny_model, forecast, ord
 
 def test_cost_model_refuses_data_dependent_rules():
     with pytest.raises(ValueError, match="threshold"):
-        branch_schedule_flops(_schedule("none", 1, BlockRule(Rule("threshold", 0.1), ALWAYS, NEVER, (NEVER,) * 4)),
+        branch_schedule_flops(_schedule("none", 1, BlockRule(Rule("threshold", 0.1), ALWAYS, REUSE, (REUSE,) * 4)),
                               TINY, 2, None)

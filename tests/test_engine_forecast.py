@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY, make_tiny
 from moeca.diffusion.samplers import SamplerConfig, sample
-from moeca.policy.schedule import ALWAYS, NEVER, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
+from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
 from moeca.replay.forecast import History
 from moeca.replay.runtime import ReplayRuntime
 
@@ -79,7 +79,7 @@ def test_taylor_matches_taylorseer_finite_differences_on_equal_spacing():
 
 
 def _schedule(forecast: str, order: int = 1) -> Schedule:
-    body = BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * TINY.num_experts)
+    body = BlockRule(REUSE, ALWAYS, REUSE, (REUSE,) * TINY.num_experts)
     steps = tuple(StepRule("compute", (body,) * TINY.depth) for _ in range(STEPS))
     return Schedule("moeca", ModelIdentity.of(TINY), SamplerIdentity.of(SAMPLER), steps, (0, 1, 2, 3, 6, 9),
                     forecast=forecast, forecast_order=order)
@@ -153,7 +153,7 @@ def _forecast_all_schedule(order: int) -> Schedule:
     from moeca.policy.methods.common import assemble, block_rule, full_blocks
     from dataclasses import replace as dc_replace
     sync = (0, 1, 4, 7)
-    reuse = tuple(block_rule(TINY.num_experts, attn=NEVER, moe=NEVER) for _ in range(TINY.depth))
+    reuse = tuple(block_rule(TINY.num_experts, attn=REUSE, moe=REUSE) for _ in range(TINY.depth))
     steps = [StepRule("compute", full_blocks(TINY.depth, TINY.num_experts) if s in sync else reuse) for s in range(STEPS)]
     schedule = assemble("taylorseer", TINY, SAMPLER, steps, sync=sync)
     return dc_replace(schedule, forecast="taylor", forecast_order=order)

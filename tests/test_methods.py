@@ -498,7 +498,7 @@ def test_format_3_taylor_files_load_as_the_interpolating_polynomial(tmp_path):
     from moeca.policy.methods import taylorseer
     schedule = taylorseer.build(taylorseer.Config(order=2), CTX)
     data = schedule.to_json()
-    assert (data["format_version"], data["forecast"]) == (4, "taylor")
+    assert (data["format_version"], data["forecast"]) == (5, "taylor")
     old = {**data, "format_version": 3, "model_skip": None}
     assert Schedule.from_json(old).forecast == "polynomial"
     assert Schedule.from_json(data).forecast == "taylor"

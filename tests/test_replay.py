@@ -10,7 +10,7 @@ import torch
 from conftest import TINY, make_tiny
 from moeca.models.config import DiTMoEConfig
 from moeca.diffusion.samplers import SamplerConfig, sample
-from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, ModelSkip, Rule, SamplerIdentity,
+from moeca.policy.schedule import (ALWAYS, REUSE, BlockRule, ModelIdentity, ModelSkip, Rule, SamplerIdentity,
                                    Schedule, ScheduleMismatch, ScoreConfig, StepRule, full_schedule)
 from moeca.replay.partial_attention import partial_attention
 from moeca.replay.forecast import History
@@ -70,7 +70,7 @@ def test_reuse_nothing_is_bit_exact(tiny_model, mode, scale):
     t = rt.counters.totals()
     assert t["expert"] == t["pairs"] and t["attn_q"] == t["tokens"] and t["shared"] == t["tokens"]
     # a reusing schedule whose steps are all sync steps computes everything too
-    busy = make_schedule(BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * 4), cfg, sync=tuple(range(STEPS)))
+    busy = make_schedule(BlockRule(REUSE, ALWAYS, REUSE, (REUSE,) * 4), cfg, sync=tuple(range(STEPS)))
     out2, _ = replay(tiny_model, busy, cfg)
     assert torch.equal(out2, ref)
 
@@ -80,14 +80,14 @@ def test_forecast_schedule_that_reuses_nothing_is_bit_exact(tiny_model):
     ref = sample(tiny_model, cfg, LABELS, seed=3)
     out, _ = replay(tiny_model, dataclasses.replace(full_schedule(TINY, cfg), forecast="linear"), cfg)
     assert torch.equal(out, ref)
-    busy = make_schedule(BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * 4), cfg, sync=tuple(range(STEPS)), forecast="linear")
+    busy = make_schedule(BlockRule(REUSE, ALWAYS, REUSE, (REUSE,) * 4), cfg, sync=tuple(range(STEPS)), forecast="linear")
     assert torch.equal(replay(tiny_model, busy, cfg)[0], ref)
 
 
 def test_reuse_changes_output_but_stays_close(tiny_model):
     cfg = sampler()
     ref = sample(tiny_model, cfg, LABELS, seed=3)
-    s = make_schedule(BlockRule(NEVER, ALWAYS, Rule("fraction", 0.5), (NEVER, Rule("fraction", 0.5),
+    s = make_schedule(BlockRule(REUSE, ALWAYS, Rule("fraction", 0.5), (REUSE, Rule("fraction", 0.5),
                                                                       Rule("threshold", 0.05), ALWAYS)), cfg)
     out, rt = replay(tiny_model, s, cfg)
     assert not torch.equal(out, ref)
@@ -132,7 +132,7 @@ def test_linear_forecast_of_reused_branches_and_shared_expert(tiny_model):
     """Steps 0 and 1 compute everything; at step 2 a persisting (token, expert) branch is reused as
     ``2 v1 - v0`` (its outputs at steps 1 and 0, wherever its slot was), newly routed pairs are computed."""
     cfg = sampler()
-    s = make_schedule(BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * 4), cfg, sync=(0, 1, STEPS - 1), forecast="linear")
+    s = make_schedule(BlockRule(REUSE, ALWAYS, REUSE, (REUSE,) * 4), cfg, sync=(0, 1, STEPS - 1), forecast="linear")
     rt = RecordingReplay(s)
     replay(tiny_model, s, cfg, runtime=rt)
     checked = 0
@@ -149,14 +149,14 @@ def test_linear_forecast_of_reused_branches_and_shared_expert(tiny_model):
                     torch.testing.assert_close(vals[2][row, slot], 2 * v1 - v0)
                     checked += 1
     assert checked > 0
-    plain = make_schedule(BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * 4), cfg, sync=(0, 1, STEPS - 1))
+    plain = make_schedule(BlockRule(REUSE, ALWAYS, REUSE, (REUSE,) * 4), cfg, sync=(0, 1, STEPS - 1))
     assert not torch.equal(replay(tiny_model, plain, cfg)[0], replay(tiny_model, s, cfg)[0])
 
 
 # ----------------------------------------------------------------------------- real skipping
 def test_expert_marked_never_runs_only_on_new_pairs(tiny_model):
     cfg = sampler()
-    rule = BlockRule(ALWAYS, ALWAYS, ALWAYS, (NEVER, ALWAYS, Rule("fraction", 0.5), ALWAYS))
+    rule = BlockRule(ALWAYS, ALWAYS, ALWAYS, (REUSE, ALWAYS, Rule("fraction", 0.5), ALWAYS))
     rt = CountingReplay(make_schedule(rule, cfg, sync=(0, 3)))
     replay(tiny_model, rt.schedule, cfg, runtime=rt)
     for step in range(STEPS):
@@ -181,7 +181,7 @@ def test_device_path_computes_the_same_rows_as_the_host_path(tiny_model):
     """The sync-free device path (forced on CPU tensors) selects and computes the same pairs as the host
     path and the per-expert seam calls, and gives the same numbers."""
     cfg = sampler()
-    rule = BlockRule(NEVER, ALWAYS, Rule("threshold", 0.02), (NEVER, ALWAYS, Rule("fraction", 0.5), Rule("threshold", 0.01)))
+    rule = BlockRule(REUSE, ALWAYS, Rule("threshold", 0.02), (REUSE, ALWAYS, Rule("fraction", 0.5), Rule("threshold", 0.01)))
     s = make_schedule(rule, cfg, sync=(0, 3), forecast="linear")
     host, rt_h = replay(tiny_model, s, cfg)
     per_expert, rt_p = replay(tiny_model, s, cfg, runtime=CountingReplay(s))
@@ -204,7 +204,7 @@ def test_attention_and_shared_marked_never_are_not_executed(tiny_model):
              tiny_model.blocks[0].moe.shared_experts.register_forward_hook(
                  lambda *a: calls.__setitem__("shared", calls["shared"] + 1))]
     try:
-        s = make_schedule(BlockRule(NEVER, ALWAYS, NEVER, (ALWAYS,) * 4), cfg, sync=(0, 4))
+        s = make_schedule(BlockRule(REUSE, ALWAYS, REUSE, (ALWAYS,) * 4), cfg, sync=(0, 4))
         _, rt = replay(tiny_model, s, cfg)
     finally:
         for h in hooks:
@@ -242,11 +242,11 @@ def test_partial_attention_rule_counts_query_rows(tiny_model):
 
 def test_token_level_moe_and_whole_model_skip(tiny_model):
     cfg = sampler()
-    fora = make_schedule(BlockRule(NEVER, NEVER, ALWAYS, (ALWAYS,) * 4), cfg, sync=(0, 3))
+    fora = make_schedule(BlockRule(REUSE, REUSE, ALWAYS, (ALWAYS,) * 4), cfg, sync=(0, 3))
     rt = CountingReplay(fora)
     replay(tiny_model, fora, cfg, runtime=rt)
     assert {s for s, _, _ in rt.expert_rows} == {0, 3}
-    toca = make_schedule(BlockRule(NEVER, Rule("fraction", 0.25), ALWAYS, (ALWAYS,) * 4), cfg)
+    toca = make_schedule(BlockRule(REUSE, Rule("fraction", 0.25), ALWAYS, (ALWAYS,) * 4), cfg)
     _, rt = replay(tiny_model, toca, cfg)
     N = 2 * LABELS.numel() * TINY.num_tokens
     assert rt.counters.router[2, 0] == -(-N // 4) and rt.counters.expert[2, 0] == TINY.top_k * -(-N // 4)
@@ -266,7 +266,7 @@ def test_token_level_moe_and_whole_model_skip(tiny_model):
 # ----------------------------------------------------------------------------- state handling
 def test_cfg_contexts_are_separate_and_reset_between_calls(tiny_model):
     cfg = sampler("separate")
-    s = make_schedule(BlockRule(NEVER, ALWAYS, NEVER, (NEVER,) * 4), cfg)
+    s = make_schedule(BlockRule(REUSE, ALWAYS, REUSE, (REUSE,) * 4), cfg)
     rt = ReplayRuntime(s)
     seen = {}
 
@@ -298,7 +298,7 @@ def test_cfg_contexts_are_separate_and_reset_between_calls(tiny_model):
 
 def test_nan_in_cached_output_stops_with_message(tiny_model):
     cfg = sampler()
-    s = make_schedule(BlockRule(NEVER, ALWAYS, ALWAYS, (ALWAYS,) * 4), cfg)
+    s = make_schedule(BlockRule(REUSE, ALWAYS, ALWAYS, (ALWAYS,) * 4), cfg)
     rt = ReplayRuntime(s)
 
     def poison(step):
@@ -326,7 +326,7 @@ def test_schedule_for_other_steps_or_model_is_refused(tiny_model):
 def test_replay_compare_and_outputs(tmp_path, tiny_model):
     from moeca.replay.driver import replay_compare, write_replay_outputs
     cfg = sampler()
-    s = make_schedule(BlockRule(NEVER, ALWAYS, NEVER, (Rule("fraction", 0.3),) * 4), cfg, sync=(0, 3))
+    s = make_schedule(BlockRule(REUSE, ALWAYS, REUSE, (Rule("fraction", 0.3),) * 4), cfg, sync=(0, 3))
     res = replay_compare(tiny_model, s, cfg, [0, 1, 2, 0], seed=1, repeats=2, quality_labels=[0, 1, 2] * 3,
                          quality_batch=4, progress=False)
     r = res.report
@@ -367,7 +367,7 @@ def test_cli_replay(tmp_path, capsys):
 def test_attention_reuse_shortcut_matches_the_block_path(tiny_model):
     """Reused attention skips norm1/modulate in the runtime's block loop: same numbers as block.forward."""
     cfg = sampler()
-    s = make_schedule(BlockRule(NEVER, ALWAYS, Rule("fraction", 0.5), (Rule("fraction", 0.5),) * 4), cfg, sync=(0, 3))
+    s = make_schedule(BlockRule(REUSE, ALWAYS, Rule("fraction", 0.5), (Rule("fraction", 0.5),) * 4), cfg, sync=(0, 3))
 
     class Plain(ReplayRuntime):
         def _blocks(self, model, x, c):

@@ -13,7 +13,7 @@ from conftest import TINY
 from moeca.models.config import get_preset
 from moeca.diffusion.samplers import SamplerConfig
 from moeca.policy.derive import DeriveConfig, derive_schedule, even_sync_steps, sync_steps
-from moeca.policy.schedule import (ALWAYS, NEVER, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
+from moeca.policy.schedule import (ALWAYS, REUSE, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
                                    ScheduleError, ScheduleMismatch, ScoreConfig, StepRule, schema, TokenSelection)
 from moeca.policy.summary import reuse_grid
 from moeca.policy.transfer import retarget
@@ -54,8 +54,8 @@ def run_meta(config=TINY, sampler=SAMPLER, weights_hash="0123456789abcdef") -> d
 
 
 def mixed_schedule(config=TINY, sampler=SAMPLER) -> Schedule:
-    br = BlockRule(attn=NEVER, moe=ALWAYS, shared=Rule("fraction", 0.25),
-                   experts=tuple([NEVER, Rule("fraction", 0.5), Rule("threshold", 0.1)] + [ALWAYS] *
+    br = BlockRule(attn=REUSE, moe=ALWAYS, shared=Rule("fraction", 0.25),
+                   experts=tuple([REUSE, Rule("fraction", 0.5), Rule("threshold", 0.1)] + [ALWAYS] *
                                  (config.num_experts - 3)))
     steps = tuple(StepRule("compute", (br,) * config.depth) for _ in range(sampler.num_steps))
     return Schedule("moeca", ModelIdentity.of(config, "0123456789abcdef"), SamplerIdentity.of(sampler), steps,
@@ -77,7 +77,7 @@ def test_round_trip_and_published_schema(tmp_path):
     jsonschema.Draft202012Validator.check_schema(published)
     jsonschema.validate(data, published)
     assert published == schema()
-    assert data["format_version"] == 4 and data["forecast"] == "none" and data["steps"][2]["blocks"][0]["experts"][1] == {"fraction": 0.5}
+    assert data["format_version"] == 5 and data["forecast"] == "none" and data["steps"][2]["blocks"][0]["experts"][1] == {"fraction": 0.5}
     assert Schedule.load(path) == s
 
 
@@ -122,7 +122,7 @@ def test_version_1_files_read_as_plain_reuse_and_bad_forecast_is_named(tmp_path)
     p = tmp_path / "v1.json"
     p.write_text(json.dumps(data))
     old = Schedule.load(p)
-    assert old.forecast == "none" and old.format_version == 4 and old.steps == mixed_schedule().steps
+    assert old.forecast == "none" and old.format_version == 5 and old.steps == mixed_schedule().steps
     assert old.forecast_order == 1 and old.token_selection == TokenSelection()
     assert "forecast" in _bad(tmp_path, lambda d: d.__setitem__("forecast", "cubic"))
 
@@ -170,7 +170,7 @@ def test_incompatible_model_or_sampler_is_refused_naming_the_field():
 
 
 def test_rules_and_sync_steps():
-    assert Rule.fraction(0.0) == NEVER and Rule.fraction(1.0) == ALWAYS and Rule.fraction(0.3).value == 0.3
+    assert Rule.fraction(0.0) == REUSE and Rule.fraction(1.0) == ALWAYS and Rule.fraction(0.3).value == 0.3
     with pytest.raises(ScheduleError):
         Rule("fraction", -0.1)
     s = mixed_schedule()
@@ -216,7 +216,7 @@ def test_derive_sync_rule_keeps_the_most_even_refreshes_that_fit_the_target():
     assert len(more.sync_refresh_steps) > n and more.predicted_flops_ratio > s.predicted_flops_ratio
     for st in range(12):   # between refreshes: every unit forecast, only new pairs and the router computed
         for b in s.steps[st].blocks if not s.is_sync(st) else ():
-            assert b.attn == NEVER and b.shared == NEVER and set(b.experts) == {NEVER} and b.moe == ALWAYS
+            assert b.attn == REUSE and b.shared == REUSE and set(b.experts) == {REUSE} and b.moe == ALWAYS
     gaps = np.diff(s.sync_refresh_steps)
     assert gaps.max() - gaps.min() <= 1
     plain = derive_schedule(summ, meta, DeriveConfig(target_speedup=2.0, forecast="none", placement="even"))
@@ -309,3 +309,16 @@ def test_derive_from_a_real_trace_and_replay(tmp_path, capsys):
     assert float((cached - full).norm() / full.norm()) < 0.1
     done, ref = rt.counters.flops(__import__("moeca.policy.cost", fromlist=["UnitCosts"]).UnitCosts.of(TINY))
     assert done / ref < 0.85
+
+
+def test_the_reuse_rule_was_called_never_before_format_5(tmp_path):
+    """Format 1-4 files wrote ``never`` for what format 5 calls ``reuse`` (always reuse or forecast): they load
+    as ``reuse``; a format-5 file saying ``never`` is refused naming the field."""
+    data = mixed_schedule().to_json()
+    assert '"reuse"' in json.dumps(data["steps"]) and '"never"' not in json.dumps(data)
+    old = {**data, "format_version": 4, "steps": json.loads(json.dumps(data["steps"]).replace('"reuse"', '"never"'))}
+    assert Schedule.from_json(old).steps == mixed_schedule().steps
+    bad = {**data, "steps": old["steps"]}
+    with pytest.raises(ScheduleError, match=r"field steps\["):
+        Schedule.from_json(bad)
+

@@ -14,7 +14,7 @@ from moeca.models.registry import load_model
 from moeca.diffusion.samplers import SamplerConfig, sample
 from moeca.policy.methods import Context, fora
 from moeca.policy.cost import UnitCosts
-from moeca.policy.schedule import NEVER, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
+from moeca.policy.schedule import REUSE, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
 from moeca.replay.counters import ReplayCounters
 from moeca.replay.runtime import ReplayRuntime
 
@@ -27,7 +27,7 @@ ROWS = 2 * len(LABELS) * TINY.num_tokens          # batched CFG: both halves
 def token_schedule(config, sampler: SamplerConfig, sync: tuple[int, ...], forecast: str = "linear",
                    order: int = 1) -> Schedule:
     """Full refresh on ``sync``, every block's attention and whole MoE output forecast elsewhere."""
-    body = BlockRule(attn=NEVER, moe=NEVER, shared=NEVER, experts=(NEVER,) * config.num_experts)
+    body = BlockRule(attn=REUSE, moe=REUSE, shared=REUSE, experts=(REUSE,) * config.num_experts)
     steps = tuple(StepRule("compute", (body,) * config.depth) for _ in range(sampler.num_steps))
     return Schedule("moeca", ModelIdentity.of(config), SamplerIdentity.of(sampler), steps, sync, forecast=forecast,
                     forecast_order=order)
@@ -140,7 +140,7 @@ def test_fold_counts_what_it_runs(name):
 def test_no_fold_where_a_step_mixes_computed_and_forecast_units():
     """A step that computes some units and forecasts others would leave the products stale: such a
     schedule never folds (ToCa-like partial refreshes, branch-level forecast steps, whole-model skips)."""
-    body = BlockRule(attn=NEVER, shared=NEVER, experts=(NEVER,) * TINY.num_experts)   # router + new pairs run
+    body = BlockRule(attn=REUSE, shared=REUSE, experts=(REUSE,) * TINY.num_experts)   # router + new pairs run
     steps = tuple(StepRule("compute", (body,) * TINY.depth) for _ in range(STEPS))
     branch = Schedule("moeca", ModelIdentity.of(TINY), SamplerIdentity.of(SAMPLER), steps, (0, 3, 6, 9),
                       forecast="linear")

@@ -59,7 +59,7 @@ class Plan:
                 for name, r in (("attn", rule.attn), ("moe", rule.moe), ("shared", rule.shared)):
                     if r.mode != "always":
                         sets[name].add(b)
-                if rule.shared.mode == "never":
+                if rule.shared.mode == "reuse":
                     sets["dense"].add(b)
                 if any(r.mode != "always" for r in rule.experts):
                     sets["experts"].add(b)
@@ -85,7 +85,7 @@ def check_supported(schedule: Schedule, depth: int, num_experts: int) -> None:
             raise ScheduleMismatch(f"schedule field steps[{s}].blocks: {len(step.blocks)} blocks, the model has {depth}")
         for b, rule in enumerate(step.blocks):
             for name, r in (("attn", rule.attn), ("moe", rule.moe)):
-                if r.mode not in ("always", "never"):
+                if r.mode not in ("always", "reuse"):
                     raise ScheduleMismatch(f"schedule field steps[{s}].blocks[{b}].{name}: HiDream reuses {name} "
                                            f"whole (always or never), got {r.mode}")
             if len(rule.experts) != num_experts:
@@ -212,7 +212,7 @@ class ScheduleEngine:
         full = self._unit_flops(J).attn * B
         rule, key = self.rule(block).attn, ("attn", block.index)
         cache = self.cs.whole.get(key)
-        if rule.mode == "never" and not self._sync and cache is not None and cache.n:
+        if rule.mode == "reuse" and not self._sync and cache is not None and cache.n:
             self.counters.add(0.0, full)
             out = cache.forecast(self.step, self.plan.linear, inputs[0].dtype)
             return out if len(out) > 1 else out[0]
@@ -229,7 +229,7 @@ class ScheduleEngine:
         full = x.shape[0] * x.shape[1] * 6.0 * self.arch.dim * self.arch.dense_hidden
         key = ("dense", block.index)
         cache = self.cs.whole.get(key)
-        if self.rule(block).shared.mode == "never" and not self._sync and cache is not None and cache.n:
+        if self.rule(block).shared.mode == "reuse" and not self._sync and cache is not None and cache.n:
             self.counters.add(0.0, full)
             return cache.forecast(self.step, self.plan.linear, x.dtype)[0]
         out = compute()
@@ -248,7 +248,7 @@ class ScheduleEngine:
         full = N * (a.top_k * 6.0 * D * a.expert_hidden + 6.0 * D * a.shared_hidden + 2.0 * D * a.num_experts)
         rule = self.rule(block)
         whole = cs.whole.get(("moe", bi))
-        if rule.moe.mode == "never" and not self._sync and whole is not None and whole.n:
+        if rule.moe.mode == "reuse" and not self._sync and whole is not None and whole.n:
             self.counters.add(0.0, full)
             self.counters.routed_pairs += N * a.top_k
             return whole.forecast(self.step, self.plan.linear, x.dtype)[0]
@@ -318,7 +318,7 @@ class ScheduleEngine:
         cached = pc.n[pair] > 0
         compute = ~cached
         for e, r in enumerate(rule.experts):
-            if r.mode == "never":
+            if r.mode == "reuse":
                 continue
             sel = cached & (ids == e)
             if r.mode == "always":
@@ -366,7 +366,7 @@ class ScheduleEngine:
             return out, N
         cached = sc.n > 0
         compute = ~cached
-        if r.mode != "never":
+        if r.mode != "reuse":
             compute |= self._select(r, cached, self._score("shared", cs.drift_tokens[bi], sc.s1))
         elif bool(cached.all()):              # every token forecast: no gathers, no computed rows
             return sc.forecast_all(self.step, self.plan.linear).to(x.dtype).view(B, T, D), 0

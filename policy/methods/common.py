@@ -91,12 +91,12 @@ def predicted_flops_ratio(schedule: Schedule, config, skipped_steps: Iterable[in
             a = rule.attn
             if a.mode == "always":
                 done += T * c.attn
-            elif a.mode != "never":
+            elif a.mode != "reuse":
                 q = math.ceil(a.value * T) if a.mode == "fraction" else 0.5 * T
                 done += q * c.attn_q + T * c.attn_kv
             m = rule.moe
             if m.mode != "always":
-                share = {"never": 0.0, "fraction": m.value, "threshold": 0.5}[m.mode]
+                share = {"reuse": 0.0, "fraction": m.value, "threshold": 0.5}[m.mode]
                 done += share * T * (c.router + k * c.expert + c.shared)
                 continue
             done += T * c.router + T * rule.shared.expected_refresh() * c.shared

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moeca.policy.schedule import NEVER, Schedule, StepRule
+from moeca.policy.schedule import REUSE, Schedule, StepRule
 
 from .common import Context, assemble, block_rule, full_blocks
 
@@ -52,7 +52,7 @@ def build(config: Config, context: Context) -> Schedule:
     mc, sampler = context.model_config, context.sampler_cfg
     S, depth, E = sampler.num_steps, mc.depth, mc.num_experts
     sync = refresh_steps(config, S)
-    reuse = tuple(block_rule(E, attn=NEVER, moe=NEVER) for _ in range(depth))
+    reuse = tuple(block_rule(E, attn=REUSE, moe=REUSE) for _ in range(depth))
     steps = [StepRule("compute", full_blocks(depth, E) if s in sync else reuse) for s in range(S)]
     return assemble("fora", mc, sampler, steps, sync=sync, weights_hash=context.weights_hash,
                     provenance={"method": "fora", "config": {"interval": config.interval}})

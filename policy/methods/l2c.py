@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moeca.policy.schedule import ALWAYS, NEVER, Schedule, StepRule
+from moeca.policy.schedule import ALWAYS, REUSE, Schedule, StepRule
 
 from .common import Context, assemble, block_rule
 
@@ -125,8 +125,8 @@ def build(config: Config, context: Context) -> Schedule:
         raise ValueError(f"l2c router has shape {router.beta.shape} but the model/sampler need "
                          f"({S}, {depth}, {len(UNITS)}); retrain it for this model and step count")
     mask = router.reuse_mask(config)
-    steps = [StepRule("compute", tuple(block_rule(E, attn=NEVER if mask[s, b, 0] else ALWAYS,
-                                                  moe=NEVER if mask[s, b, 1] else ALWAYS) for b in range(depth)))
+    steps = [StepRule("compute", tuple(block_rule(E, attn=REUSE if mask[s, b, 0] else ALWAYS,
+                                                  moe=REUSE if mask[s, b, 1] else ALWAYS) for b in range(depth)))
              for s in range(S)]
     sync = [s for s in range(S) if not mask[s].any()]
     return assemble("l2c", mc, sampler, steps, sync=sync, weights_hash=context.weights_hash,

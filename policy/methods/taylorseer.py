@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from moeca.policy.schedule import MAX_FORECAST_ORDER, NEVER, Schedule, StepRule
+from moeca.policy.schedule import MAX_FORECAST_ORDER, REUSE, Schedule, StepRule
 
 from .common import Context, assemble, block_rule, full_blocks
 
@@ -69,7 +69,7 @@ def build(config: Config, context: Context) -> Schedule:
     mc, sampler = context.model_config, context.sampler_cfg
     S, depth, E = sampler.num_steps, mc.depth, mc.num_experts
     sync = refresh_steps(config, S)
-    reuse = tuple(block_rule(E, attn=NEVER, moe=NEVER) for _ in range(depth))
+    reuse = tuple(block_rule(E, attn=REUSE, moe=REUSE) for _ in range(depth))
     steps = [StepRule("compute", full_blocks(depth, E) if s in sync else reuse) for s in range(S)]
     schedule = assemble("taylorseer", mc, sampler, steps, sync=sync, weights_hash=context.weights_hash,
                         provenance={"method": "taylorseer", "config": {"interval": config.interval,

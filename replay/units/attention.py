@@ -84,7 +84,7 @@ def reused_attention(rt: "ReplayRuntime", block, st: BlockState, shape: torch.Si
     tracked (the block may then skip ``norm1`` and the modulation), else None."""
     bi = block.index
     cache = st.attn
-    if rt.plan.track_attn[bi] or not cache.valid or rt.rule(bi).attn.mode != "never" \
+    if rt.plan.track_attn[bi] or not cache.valid or rt.rule(bi).attn.mode != "reuse" \
             or cache.hist.rows != shape[0] * shape[1]:
         return None
     rt.count("tokens", bi, shape[0] * shape[1])

@@ -50,7 +50,7 @@ def select_rows(cache: RowCache, rule: Rule, cfg: ScoreConfig, selection: TokenS
                 inputs: torch.Tensor, device_path: bool, kind: str) -> Selected:
     """Rows of a per-token unit to recompute under ``never`` / ``fraction`` / ``threshold`` (``inputs [R, D]``
     the unit's current input rows, ``R = batch * T``; ``kind`` the unit kind, ``moe`` for the whole-MoE rule)."""
-    if rule.mode == "never":
+    if rule.mode == "reuse":
         return Selected()
     rows, device = inputs.shape[0], inputs.device
     if rule.mode == "fraction" and selection.kind == "toca" and kind == "moe" and cache.age is not None:
