@@ -22,8 +22,8 @@ model compiled (``torch.compile``, mode ``reduce-overhead``: CUDA graphs) for th
 also run once with ``torch.cuda.set_sync_debug_mode("error")`` around the model call (eager):
 ``forecast_sync_free`` is False, with the first error in the JSON, when one waited for the device.
 Writes ``gpu_check.json`` / ``.md`` (``moeca.bench.results.write_results``) with the code version.
-Exits 2 with a message when CUDA is absent, except with ``--dry-run``: tiny shapes, 2 steps, on the
-CPU (compiled = traced with the ``eager`` backend, no code generation), written as
+Exits 2 with a message when CUDA is absent, except with ``--dry-run``: tiny shapes, 4 steps (FORA at N = 2
+reuses one: its phase computes the last step), on the CPU (compiled = traced with the ``eager`` backend, no code generation), written as
 ``gpu_check_dry_run.*``, so the script is known to work before a GPU is at hand. ``--max-seconds``
 bounds the run: measurements that would start after it are skipped and listed in the JSON.
 """
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         import torch
         torch.set_num_threads(1)           # tiny shapes: threads only add contention on a shared CPU
-        shapes, steps, batch, name = [DRY_RUN_SHAPE], 2, 2, "gpu_check_dry_run"
+        shapes, steps, batch, name = [DRY_RUN_SHAPE], 4, 2, "gpu_check_dry_run"
     else:
         try:
             require_cuda()

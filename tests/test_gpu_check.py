@@ -28,6 +28,6 @@ def test_dry_run_measures_every_method_eager_and_compiled(tmp_path):
     assert fora["predicted_flops_ratio"] < fora["flops_ratio"] < fora["predicted_flops_ratio"] + 0.01
     assert fora["flops_ratio"] < 1
     meta = payload["meta"]
-    assert meta["dry_run"] and meta["num_steps"] == 2 and meta["compile"]["backend"] == "eager"
+    assert meta["dry_run"] and meta["num_steps"] == 4 and meta["compile"]["backend"] == "eager"
     assert meta["code_version"] and not meta["skipped"]
     assert "Code version" in (tmp_path / "gpu_check_dry_run.md").read_text()
