@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from moeca.common.outputs import replaced_file
 from moeca.policy.methods import BASELINES, REGISTRY
 
 NAME = "pareto"
@@ -237,9 +238,8 @@ def results_name(model: str) -> str:
 
 # ----------------------------------------------------------------------------- state
 def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    os.replace(tmp, path)
+    with replaced_file(path, path.with_name(f".{path.name}.tmp")) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=float))
 
 
 def _clean(value: Any) -> Any:
@@ -438,9 +438,8 @@ class ParetoSweep:
                 continue
             self.log(f"pareto: full-compute reference, seed {seed}, {s.eval_samples} samples")
             ref = sample_batches(model, self.sampler, labels, self.quality_seed(j), s.eval_batch)
-            tmp = path.with_name(f".{path.name}.tmp")
-            torch.save(ref, tmp)
-            os.replace(tmp, path)
+            with replaced_file(path, path.with_name(f".{path.name}.tmp")) as tmp:
+                torch.save(ref, tmp)
             references.append(ref)
         classifier = None
         if is_digits_demo(mc):

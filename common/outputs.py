@@ -379,6 +379,24 @@ def adopt_file(path: str | os.PathLike) -> None:
 
 
 @contextmanager
+def replaced_file(path: str | os.PathLike, tmp: str | os.PathLike) -> Iterator[Path]:
+    """Write one of moeca's own state files, inside a folder moeca owns (a trace's ``run.json``, sample
+    shards, a sweep's state, the calibration cache), through ``tmp``: a sibling the caller names so that its
+    own clean-up recognises leftovers. Yields ``tmp``; on success it is fsynced and renamed over ``path``; on
+    any failure it is removed and the error goes on unchanged. No ownership record is written: outputs a
+    user may own go through :func:`atomic_file`."""
+    path, tmp = Path(path), Path(tmp)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextmanager
 def atomic_file(path: str | os.PathLike, what: str = "output file", make_parents: bool = False,
                 overwrite: bool = False, flag: str | None = "--overwrite") -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; on success it is fsynced and renamed to ``path``.

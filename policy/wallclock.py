@@ -264,7 +264,7 @@ def save_costs(costs: WallClockCosts, path: Path | None = None) -> Path:
     """Add or replace the entry of ``costs.key`` in the cache file (under a lock: read, add, write a
     temporary sibling, rename), keeping the entries other processes saved meanwhile."""
     path = check_cache_path(path)
-    from moeca.common.outputs import os_errors
+    from moeca.common.outputs import os_errors, replaced_file
     with os_errors(f"calibration cache {path}"):
         path.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(path):
@@ -275,7 +275,6 @@ def save_costs(costs: WallClockCosts, path: Path | None = None) -> Path:
             data = {"format": CACHE_FORMAT, "entries": {}}  # an unreadable cache is rewritten, not merged
         data["entries"][key_id(costs.key)] = costs.to_json()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with os_errors(f"calibration cache {path}", tmp):
+        with os_errors(f"calibration cache {path}", tmp), replaced_file(path, tmp):
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-            os.replace(tmp, path)
     return path

@@ -29,6 +29,8 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
+from moeca.common.outputs import replaced_file
+
 JOB_FORMAT = 1
 JOB_FILE = "job.json"
 LabelMode = Literal["balanced", "random"]
@@ -149,17 +151,14 @@ def write_job_file(out: Path, identity: dict) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with replaced_file(path, path.with_name(f".{path.name}.tmp-{os.getpid()}")) as tmp:
+        tmp.write_bytes(data)
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     """``np.savez`` through a temporary sibling renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with replaced_file(path, path.with_name(f".{path.name}.tmp-{os.getpid()}")) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def read_shard(out: Path, shard: int, job: SampleJob, labels: np.ndarray, image_shape: tuple[int, int]) -> \

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..models.checkpoint import weights_hash
+from moeca.common.outputs import replaced_file
 from moeca.diffusion.samplers import DiffusionSchedule, SamplerConfig, initial_noise, sample
 from .recorder import TracingRuntime
 from .schema import DEFAULT_LAGS, RUN_META_FILE, SCHEMA_VERSION, TABLES, TMP_SUFFIX, parse_shard_file_name, tables_for
@@ -205,13 +206,8 @@ def meta_differences(old: dict, new: dict) -> list[str]:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    try:
+    with replaced_file(path, path.with_name(path.name + TMP_SUFFIX)) as tmp:
         tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _check_writable(out_dir: Path) -> None:
