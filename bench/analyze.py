@@ -142,9 +142,12 @@ def decode_only(trace: Path) -> None:
 
 
 def _row(stage: str, n_branch: int, n_token: int, seconds: float, cpu: float, peak: int) -> dict:
+    """One stage's throughput; a rate is NaN where its clock measured no time (a stage shorter than the
+    clock's resolution, e.g. the CPU-time clock on a tiny trace)."""
+    nan = float("nan")
     return {"stage": stage, "branch_rows": n_branch, "token_rows": n_token, "seconds": seconds,
-            "branch_rows_per_s": n_branch / seconds, "cpu_seconds": cpu, "branch_rows_per_cpu_s": n_branch / cpu,
-            "peak_rss_gb": peak / 1e9}
+            "branch_rows_per_s": n_branch / seconds if seconds > 0 else nan, "cpu_seconds": cpu,
+            "branch_rows_per_cpu_s": n_branch / cpu if cpu > 0 else nan, "peak_rss_gb": peak / 1e9}
 
 
 def check_options(args: argparse.Namespace) -> None:
