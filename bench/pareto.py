@@ -456,19 +456,14 @@ class ParetoSweep:
 
         from moeca.replay.fit.teacache import fit_rescale_polynomial
         n = self.settings.calibration_samples
-        path = self.work / f"teacache-fit-{self.cache_key('teacache-fit', samples=n)}.json"
-        if path.is_file():
-            got = json.loads(path.read_text())
-        else:
+
+        def fit() -> dict:
             labels = torch.arange(n) % self.model.config.num_classes
             self.log(f"pareto: fitting the TeaCache rescaling polynomial on {n} samples")
-            fit = fit_rescale_polynomial(self.model, self.sampler, labels, seeds=(CALIBRATION_SEED + 1,))
-            got = _clean({"coefficients": list(fit.coefficients), "r2": fit.r2, "mean_change": fit.mean_output_change(),
-                          "pairs": len(fit.input_changes), "samples": n, "weights_hash": self.weights_hash})
-            _atomic_json(path, got)
-        if self.state.calibration("teacache_fit") != got:
-            self.state.set_calibration("teacache_fit", got)
-        return got
+            f = fit_rescale_polynomial(self.model, self.sampler, labels, seeds=(CALIBRATION_SEED + 1,))
+            return _clean({"coefficients": list(f.coefficients), "r2": f.r2, "mean_change": f.mean_output_change(),
+                           "pairs": len(f.input_changes), "samples": n, "weights_hash": self.weights_hash})
+        return self._cached_fit("teacache-fit", "teacache_fit", n, fit)
 
     def mag_ratios(self) -> tuple[float, ...]:
         """MagCache's magnitude-ratio curve on ``calibration_samples`` full-compute samples (own noise),
@@ -477,18 +472,26 @@ class ParetoSweep:
 
         from moeca.replay.fit.magcache import fit_mag_ratios
         n = self.settings.calibration_samples
-        path = self.work / f"magcache-ratios-{self.cache_key('magcache-ratios', samples=n)}.json"
+
+        def fit() -> dict:
+            labels = torch.arange(n) % self.model.config.num_classes
+            self.log(f"pareto: calibrating MagCache's magnitude ratios on {n} samples")
+            return {"mag_ratios": list(fit_mag_ratios(self.model, self.sampler, labels, seeds=(CALIBRATION_SEED + 4,))),
+                    "samples": n, "weights_hash": self.weights_hash}
+        return tuple(self._cached_fit("magcache-ratios", "magcache_ratios", n, fit)["mag_ratios"])
+
+    def _cached_fit(self, file_stem: str, state_name: str, samples: int, fit: Callable[[], dict]) -> dict:
+        """A fit the sweep makes once: read from ``<file_stem>-<key>.json`` in the work folder (key: samples,
+        sampler, weights hash), else ``fit()`` and saved there; recorded in the sweep state as ``state_name``."""
+        path = self.work / f"{file_stem}-{self.cache_key(file_stem, samples=samples)}.json"
         if path.is_file():
             got = json.loads(path.read_text())
         else:
-            labels = torch.arange(n) % self.model.config.num_classes
-            self.log(f"pareto: calibrating MagCache's magnitude ratios on {n} samples")
-            got = {"mag_ratios": list(fit_mag_ratios(self.model, self.sampler, labels, seeds=(CALIBRATION_SEED + 4,))),
-                   "samples": n, "weights_hash": self.weights_hash}
+            got = fit()
             _atomic_json(path, got)
-        if self.state.calibration("magcache_ratios") != got:
-            self.state.set_calibration("magcache_ratios", got)
-        return tuple(got["mag_ratios"])
+        if self.state.calibration(state_name) != got:
+            self.state.set_calibration(state_name, got)
+        return got
 
     def l2c_config(self, sparsity: float):
         from moeca.replay.fit.l2c import TrainConfig
