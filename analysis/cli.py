@@ -6,6 +6,7 @@ import sys
 
 
 def _run(args: argparse.Namespace) -> int:
+    # deferred: loads distributed, matplotlib, pandas, pyarrow, seaborn, and this module is imported at `moeca` start-up
     from .report import analyze
     command = "moeca analyze " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else ""
     head = analyze(args.traces, args.out, allow_mixed=args.allow_mixed, memory_limit=args.memory_limit,

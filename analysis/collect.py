@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from distributed import Client
+from tqdm import tqdm
+
 from .engine import Grid, Partials, trace_partials
 from .trace import TraceInfo, check_compatible, open_trace, parse_memory_limit
 
@@ -24,7 +27,6 @@ class Collected:
 
 
 def _client(scheduler: Any):
-    from distributed import Client
     if isinstance(scheduler, Client):
         return scheduler, False
     if hasattr(scheduler, "scheduler_address"):        # a LocalCluster or similar
@@ -48,7 +50,6 @@ def collect(trace_dirs: Sequence[str | Path], allow_mixed: bool = False, memory_
     total_rows = sum(t.branch_rows for t in traces)
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=total_rows, unit="row", unit_scale=True, desc="analyze", smoothing=0.1)
     try:
         if scheduler is None:

@@ -23,8 +23,11 @@ Histogram conventions
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import multiprocessing as mp
+import queue as queue_mod
 import sys
-
+from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -253,7 +256,6 @@ def _keep_freed_memory() -> None:
     """Let glibc keep freed chunk-sized arrays (up to 64 MB) for reuse instead of unmapping them, so each
     chunk does not pay page faults again. Best effort; no-op off glibc."""
     try:
-        import ctypes
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 64 * 1024 * 1024)      # M_MMAP_THRESHOLD
         libc.mallopt(-1, 256 * 1024 * 1024)     # M_TRIM_THRESHOLD
@@ -556,8 +558,6 @@ def trace_partials(trace: str | Path | TraceInfo, grid: Grid | None = None, memo
     given ``threads``. ``progress`` (optional) is called with the branch rows of each finished chunk.
     ``chunk_bytes`` overrides the per-chunk budget.
     """
-    import multiprocessing as mp
-
     info = trace if isinstance(trace, TraceInfo) else open_trace(trace)
     grid = grid or Grid.of([info])
     threads = max(1, int(threads))
@@ -594,10 +594,6 @@ def _main_not_reimported():
 def _reduce_in_processes(info: TraceInfo, grid: Grid, tasks: list, workers: int, progress) -> Partials:
     """Chunks ``tasks[w::workers]`` reduced by worker ``w``: worker 0 is this process (already started
     and warm), the others are spawned processes. Partials are merged in worker order."""
-    import multiprocessing as mp
-    import queue as queue_mod
-    from concurrent.futures import ProcessPoolExecutor, wait
-
     ctx = mp.get_context("spawn")
     q = ctx.Queue() if progress is not None else None
 

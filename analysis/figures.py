@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 
 from moeca.tracer.schema import TOKEN_UNITS
 
-from .engine import GATE_BINS, NB, Partials, metric_bin_lower_edges
+from .engine import BIN_BAD, GATE_BINS, NB, Partials, metric_bin_lower_edges
 
 
 def _plt():
-    import matplotlib
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     return plt
 
 
@@ -23,7 +24,6 @@ def _sns():
     """seaborn, imported on first use (it loads scipy.stats); its styles are applied per figure with
     ``sns.axes_style``, never globally, so the matplotlib figures keep their look."""
     _plt()
-    import seaborn as sns
     return sns
 
 
@@ -137,7 +137,6 @@ def expert_violins(p: Partials, path: Path, lag: int = 1, max_points: int = 4000
 
 def persistence(p: Partials) -> np.ndarray:
     """``[K, B, S]`` fraction of routed (token, expert) pairs also routed ``lag`` steps back (NaN if none)."""
-    from .engine import BIN_BAD
     nonnull = p.ex_hist[..., :NB].sum(-1) + p.ex_hist[..., BIN_BAD]        # [K, B, S, E]
     routed = p.ex_routed.sum(-1)[None].astype(np.float64)                   # [1, B, S]
     out = _mean(nonnull.sum(-1).astype(np.float64), routed)

@@ -16,6 +16,7 @@ and REPORT_DIR may not contain or lie inside one of them.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from .collect import Collected, collect
 from .engine import BIN_BAD, NB
 from .flops import unit_flops
 from .summary import summary_frame
+
 
 def _model_name(t) -> str:
     return str(t.meta["model"].get("name") or t.config.get("name", "model"))
@@ -109,7 +111,6 @@ def _draw_figures(jobs: list) -> None:
     """Run the figure-drawing callables, half of them in a forked child process where the platform
     forks and two or more CPUs are free (matplotlib is single-threaded; this halves the ~1 s the figures
     add after the reduction); sequentially otherwise. A failing child raises RuntimeError."""
-    import multiprocessing as mp
     if len(jobs) < 2 or (os.cpu_count() or 1) < 2 or "fork" not in mp.get_all_start_methods():
         _run_all(jobs)
         return

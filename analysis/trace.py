@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from moeca.common.jsontext import read_json
 from moeca.tracer.schema import SCHEMA_VERSION, TOKEN_UNITS
 
 KEY_COLUMNS = ("sample", "cfg_branch", "step", "block", "token")
@@ -127,7 +129,6 @@ def _sample_range(pf: pq.ParquetFile, path: Path) -> tuple[int, int]:
         st = md.row_group(rg).column(idx).statistics
         if st is None or not st.has_min_max:
             col = pf.read(columns=["sample"]).column(0)
-            import pyarrow.compute as pc
             mm = pc.min_max(col)
             return int(mm["min"].as_py()), int(mm["max"].as_py())
         lo = st.min if lo is None else min(lo, st.min)
@@ -166,7 +167,6 @@ def open_trace(path: str | Path) -> TraceInfo:
     if not path.is_dir() or not run_json.is_file():
         raise ValueError(f"{path} is not a trace directory: it has no run.json (create one with "
                          f"`moeca trace --out {path}`)")
-    from moeca.common.jsontext import read_json
     meta = read_json(run_json, "trace file", "the trace is damaged, re-run `moeca trace`")
     if not isinstance(meta, dict) or "schema_version" not in meta:
         raise ValueError(f"{run_json}: no schema_version; not a moeca trace")

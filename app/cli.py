@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from moeca.app.paths import resolve_root
 
 SCRIPT = Path(__file__).with_name("streamlit_app.py")
 
 
 def streamlit_command(root: Path, host: str, port: int) -> list[str]:
     """The ``python -m streamlit run`` command line for the explorer (headless, no telemetry, no reloader)."""
+    # deferred: loads pandas, pyarrow, and this module is imported at `moeca` start-up
     from moeca.app.uploads import MAX_UPLOAD_BYTES
     return [sys.executable, "-m", "streamlit", "run", str(SCRIPT),
             "--server.address", host, "--server.port", str(port), "--server.headless", "true",
@@ -23,7 +28,6 @@ def streamlit_command(root: Path, host: str, port: int) -> list[str]:
 
 
 def check_args(args: argparse.Namespace) -> Path:
-    from moeca.app.paths import resolve_root
     root = resolve_root(args.root)  # FileNotFoundError / NotADirectoryError with the path
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port} must be in 1..65535")
@@ -37,8 +41,6 @@ def check_args(args: argparse.Namespace) -> Path:
 
 def check_port_free(host: str, port: int) -> None:
     """Refuse a port another program listens on, before anything says the explorer is serving."""
-    import errno
-    import socket
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict

@@ -17,6 +17,7 @@ from moeca.app import inventory as inv
 from moeca.app import trace_data as td
 from moeca.app import uploads
 from moeca.app.paths import resolve_root, resolve_under
+from moeca.app.schedule_view import parse_schedule_upload
 
 ROOT_ENV = "MOECA_APP_ROOT"
 """Environment variable through which ``moeca app`` hands ``--root`` to the Streamlit script."""
@@ -86,7 +87,6 @@ def trace_histogram(root_dir: Path, info: td.TraceInfo, lag: int) -> pd.DataFram
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def _schedule_file(root_str: str, rel: str, key: tuple):
-    from moeca.app.schedule_view import parse_schedule_upload
     return parse_schedule_upload(resolve_under(Path(root_str), rel).read_bytes(), rel)
 
 

@@ -1,11 +1,19 @@
 """Replay: run the demo model with the chosen schedule; full vs cached grids, PSNR, speedup, accuracy."""
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import streamlit as st
 
-from moeca.app import common, replay_run as rr, uploads
+from moeca.app import common
+from moeca.app import replay_run as rr
+from moeca.app import results_data as rd
 from moeca.app import schedule_view as sv
-from moeca.app.paths import redact
+from moeca.app import uploads
+from moeca.app.paths import redact, resolve_under
+from moeca.evaluation.evaluator import DigitsClassifier
+from moeca.models.registry import SHIPPED_MODELS, load_model
 
 root = common.root()
 st.title("Replay")
@@ -16,24 +24,18 @@ st.caption("Samples the model the schedule is for (the shipped demo model, or mo
 
 @st.cache_resource(show_spinner="Loading the demo model...")
 def demo_model(device: str):
-    from moeca.models.registry import load_model
     return load_model("demo", device=device)
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the schedule's model...")
 def checkpoint_model(root_str: str, rel: str, key: tuple, device: str):
     """A moeca-written checkpoint under the root (its metadata describes the model), cached by size and mtime."""
-    from pathlib import Path
-
-    from moeca.app.paths import resolve_under
-    from moeca.models.registry import load_model
     return load_model(None, resolve_under(Path(root_str), rel), device=device)
 
 
 def model_for(schedule):
     """The demo model, or the moeca-written weights under the root that the schedule's traces name (a custom
     model); raises FileNotFoundError saying what is missing."""
-    from moeca.models.registry import SHIPPED_MODELS
     if schedule.model.fingerprint == SHIPPED_MODELS["demo"].config.fingerprint():
         return demo_model("auto")
     rel = rr.schedule_checkpoint(root, schedule)
@@ -47,13 +49,11 @@ def model_for(schedule):
 @st.cache_resource(show_spinner=False)
 def model_lock():
     """One replay at a time on the shared model (a runtime is installed on it while sampling)."""
-    import threading
     return threading.Lock()
 
 
 @st.cache_resource(show_spinner=False)
 def classifier():
-    from moeca.evaluation.evaluator import DigitsClassifier
     try:
         return DigitsClassifier.load_shipped("cpu")
     except (FileNotFoundError, OSError, ValueError):
@@ -68,7 +68,6 @@ def earlier_replays() -> None:
     """Outputs of `moeca replay --out DIR` under the root: report.json numbers and the two PNG grids."""
     if not found.replays:
         return
-    from moeca.app import results_data as rd
     with st.expander(f"Earlier `moeca replay` runs under the root ({len(found.replays)})"):
         rel = st.selectbox("Replay output", found.replays, key="replay_earlier")
         try:

@@ -8,8 +8,12 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from moeca.app import common, uploads
+from moeca.analysis.api import drift_summary
+from moeca.app import common
+from moeca.app import results_data as rd
 from moeca.app import schedule_view as sv
+from moeca.app import uploads
+from moeca.app.paths import resolve_under
 from moeca.policy.schedule import Schedule
 
 root = common.root()
@@ -20,14 +24,11 @@ common.show_unreadable(found)
 
 @st.cache_data(max_entries=4, show_spinner="Computing the drift summary from the trace (analysis engine)...")
 def summary_from_trace(root_str: str, trace_rel: str, key: tuple) -> pd.DataFrame:
-    from moeca.analysis.api import drift_summary
-    from moeca.app.paths import resolve_under
     return drift_summary([resolve_under(Path(root_str), trace_rel)], threads=2)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
 def summary_from_report(root_str: str, report_rel: str, key: tuple) -> pd.DataFrame:
-    from moeca.app import results_data as rd
     report = rd.load_report(Path(root_str), report_rel)
     if not report.summary:
         raise ValueError(f"{report_rel} has no summary table")

@@ -7,7 +7,11 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from moeca.app import common, results_data as rd
+from moeca.analysis.collect import collect
+from moeca.analysis.compare import at_error, headline, sweep
+from moeca.app import common
+from moeca.app import results_data as rd
+from moeca.app.paths import resolve_under
 
 root = common.root()
 st.title("Token vs branch")
@@ -49,7 +53,6 @@ def sweep_chart(curves: pd.DataFrame) -> None:
         tooltip=["policy", alt.Tooltip("budget:Q", format=".3g"), alt.Tooltip("mean_rel_err:Q", format=".3g"),
                  alt.Tooltip(f"{y}:Q", format=".3f")])
     st.altair_chart(chart, width="stretch", height=380)
-    from moeca.analysis.compare import at_error
     rows = []
     for err in (0.01, 0.02, 0.05, 0.1):
         tok = at_error(curves, view, span, "token", err, y)
@@ -75,9 +78,6 @@ def curve_chart(curves: pd.DataFrame) -> None:
 
 @st.cache_data(max_entries=4, show_spinner="Running the token-vs-branch comparison on the trace (analysis engine)...")
 def _sweep_from_trace(root_str: str, trace_rel: str, key: tuple) -> tuple[pd.DataFrame, dict]:
-    from moeca.analysis.collect import collect
-    from moeca.analysis.compare import headline, sweep
-    from moeca.app.paths import resolve_under
     col = collect([resolve_under(Path(root_str), trace_rel)], threads=2)
     curves = sweep(col.partials)
     return curves, headline(curves, col.partials.grid.lags, 0.05, f"trace {trace_rel}")

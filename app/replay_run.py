@@ -13,6 +13,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
+
+from moeca.app.inventory import load_small_json
+from moeca.app.paths import is_within, resolve_under
+from moeca.diffusion.samplers import SamplerConfig
+from moeca.evaluation.grid import label_grid
+from moeca.evaluation.metrics import psnr, ssim
+from moeca.replay.driver import is_digits_demo, replay_compare
 
 
 @dataclass(frozen=True)
@@ -58,13 +66,11 @@ class ReplayOutcome:
 def grid(images: np.ndarray, labels: np.ndarray | None = None, columns: int = 8, scale: int | None = None) -> np.ndarray:
     """``[N, C, H, W]`` images in [-1, 1] -> a uint8 RGB picture, each image upscaled (None: 64-pixel cells)
     and captioned with its label ``[N]`` when given (``models.grid.label_grid``)."""
-    from moeca.evaluation.grid import label_grid
     return label_grid(images, labels, columns=columns, scale=scale)
 
 
 def sampler_for(schedule, cfg_scale: float):
     """The :class:`SamplerConfig` a schedule was derived for (kind, steps, CFG mode) with ``cfg_scale``."""
-    from moeca.diffusion.samplers import SamplerConfig
     s = schedule.sampler
     return SamplerConfig(kind=s.kind, num_steps=s.num_steps, cfg_scale=cfg_scale if s.guided else 1.0,
                          cfg_mode=s.cfg_mode)
@@ -77,11 +83,6 @@ def run_replay(model, schedule, settings: ReplaySettings, on_step: Callable[[int
     ``on_step(done, total)`` reports progress over all timed runs. Raises ``ScheduleMismatch`` (a
     ValueError naming the field) when the schedule was derived for another model or sampler.
     """
-    import torch
-
-    from moeca.evaluation.metrics import psnr, ssim
-    from moeca.replay.driver import replay_compare
-
     sampler_cfg = sampler_for(schedule, settings.cfg_scale)
     device = next(model.parameters()).device
     labels = torch.arange(settings.samples) % model.config.num_classes
@@ -89,7 +90,6 @@ def run_replay(model, schedule, settings: ReplaySettings, on_step: Callable[[int
                             warmup=settings.warmup, progress=False, on_step=on_step)
     report, full, cached = result.report, result.full.float(), result.cached.float()
     acc_full = acc_cached = None
-    from moeca.replay.driver import is_digits_demo
     if classifier is not None and is_digits_demo(model.config):     # the digits classifier scores 1x8x8 digits
         acc_full = float((classifier.predict(full) == labels).float().mean())
         acc_cached = float((classifier.predict(cached) == labels).float().mean())
@@ -105,8 +105,6 @@ def schedule_checkpoint(root: Path, schedule) -> str | None:
     """The root-relative path of the moeca-written weights a schedule was derived for, found through its
     provenance (the traces it was derived from, whose run.json field ``model.checkpoint`` names the weights);
     None when no trace under the root names weights under the root. Every path goes through the root guard."""
-    from moeca.app.inventory import load_small_json
-    from moeca.app.paths import is_within, resolve_under
     for trace in schedule.provenance.get("traces") or []:
         if not isinstance(trace, str):
             continue

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from moeca.app.inventory import load_small_json
 from moeca.app.paths import resolve_under
+from moeca.app.uploads import MAX_UPLOAD_BYTES, read_parquet_bounded
 
 CURVE_FILE_STEMS = ("comparison", "curves", "token_vs_branch")
 """Names (without extension) of the reuse-vs-error curve table; ``moeca analyze`` writes comparison.csv."""
@@ -33,7 +35,6 @@ class Report:
 
 
 def _read_json(root: Path, rel: str) -> object:
-    from moeca.app.inventory import load_small_json
     try:
         return load_small_json(resolve_under(root, rel), rel)
     except OSError as exc:
@@ -74,7 +75,6 @@ def load_report(root: Path, report_rel: str) -> Report:
 
 def read_table(root: Path, rel: str) -> pd.DataFrame:
     """A Parquet or CSV table under the root."""
-    from moeca.app.uploads import MAX_UPLOAD_BYTES, read_parquet_bounded
     path = resolve_under(root, rel)
     if path.suffix == ".parquet":
         return read_parquet_bounded(path, rel)

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 
 from moeca.app.uploads import UploadError, parse_json
+from moeca.policy.derive import DeriveConfig, derive_schedule
+from moeca.policy.schedule import Schedule
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,6 @@ class Knobs:
 
 
 def derive_config(knobs: Knobs):
-    from moeca.policy.derive import DeriveConfig
     target = knobs.target_speedup if knobs.mode == "target speedup" else None
     budget = knobs.error_budget if knobs.mode != "target speedup" else None
     return DeriveConfig(target_speedup=target, error_budget=budget, refresh=knobs.refresh, forecast=knobs.forecast,
@@ -70,7 +71,6 @@ def apply_expert_bias(summary: pd.DataFrame, bias: tuple[float, ...]) -> pd.Data
 
 def derive(summary: pd.DataFrame, run_meta: dict, knobs: Knobs):
     """A MoECa :class:`~moeca.policy.schedule.Schedule` from a drift summary and a trace's run.json."""
-    from moeca.policy.derive import derive_schedule
     biased = apply_expert_bias(summary, knobs.expert_bias)
     schedule = derive_schedule(biased, run_meta, derive_config(knobs))
     if knobs.expert_bias and any(b != 1.0 for b in knobs.expert_bias):
@@ -117,7 +117,6 @@ def summary_numbers(schedule) -> dict:
 
 def parse_schedule_upload(data: bytes, name: str):
     """Parse and validate an uploaded schedule (JSON only) -> Schedule; :class:`UploadError` on any problem."""
-    from moeca.policy.schedule import Schedule
     doc = parse_json(data, name)
     if not isinstance(doc, dict):
         raise UploadError(f"{name}: a schedule is a JSON object, got {type(doc).__name__}")

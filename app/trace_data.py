@@ -15,13 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from moeca.app.paths import redact, resolve_under
+from moeca.common.jsontext import read_json
 from moeca.tracer import schema
+from moeca.tracer.store import validate_trace
 
 HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS = -4.0, 1.0, 50
 HIST_EDGES = np.linspace(HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS + 1)
@@ -97,8 +101,6 @@ def load_trace_info(root: Path, trace_rel: str) -> TraceInfo:
     footer, schema, row count and key statistics against run.json) and list its shards; raises
     :class:`TraceError` with the CLI's message, paths relative to the root. Nothing is read beyond the
     footers here, so a footer that lies about its row count is refused before any data is."""
-    from moeca.common.jsontext import read_json
-    from moeca.tracer.store import validate_trace
     folder = resolve_under(root, trace_rel)
     try:
         first = read_json(resolve_under(root, f"{trace_rel}/run.json"), "trace file",
@@ -123,7 +125,6 @@ def load_trace_info(root: Path, trace_rel: str) -> TraceInfo:
 
 
 def _connect(threads: int | None = None):
-    import duckdb
     con = duckdb.connect(":memory:")
     if threads:
         con.execute(f"SET threads = {int(threads)}")
@@ -148,7 +149,6 @@ def duckdb_can_read(path: Path) -> bool:
 
 def _arrow_stream(paths: list[str], columns: list[str]) -> pa.RecordBatchReader:
     """Batches of ``columns`` with float16 widened to float32 and dictionaries decoded (DuckDB-friendly)."""
-    import pyarrow.dataset as ds
     dataset = ds.dataset(paths, format="parquet")
     fields = []
     for name in columns:
@@ -198,7 +198,6 @@ def _source(con, root: Path, files: tuple[str, ...], labels: tuple[int, ...] | N
 
 def _query(con, sql: str, params: dict, info: "TraceInfo", table: str, root: Path) -> pd.DataFrame:
     """Run an aggregation; unreadable shards (truncated, corrupt) become a :class:`TraceError` naming the trace."""
-    import duckdb
     try:
         return con.execute(sql, params).df()
     except (duckdb.Error, pa.ArrowException, OSError) as exc:

@@ -9,6 +9,11 @@ from __future__ import annotations
 import io
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moeca.common.jsontext import JSONInputError
+from moeca.common.jsontext import parse_json as parse_checked
 
 MAX_UPLOAD_BYTES = 64 << 20
 MAX_TABLE_ROWS = 5_000_000
@@ -32,8 +37,6 @@ def parse_json(data: bytes, name: str = "upload") -> object:
     _check_size(data, name)
     if data[:4] == PARQUET_MAGIC:
         raise UploadError(f"{name}: this is a Parquet file, but a JSON file is expected here")
-    from moeca.common.jsontext import JSONInputError
-    from moeca.common.jsontext import parse_json as parse_checked
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -48,9 +51,6 @@ def read_parquet_bounded(source, name: str) -> pd.DataFrame:
     """A Parquet file (path or file object) as a DataFrame, refused *before* any data is read when its footer
     claims more than :data:`MAX_TABLE_ROWS` rows: a footer can say anything, and the explorer must not allocate
     because a file says so. No pickled pandas metadata objects are executed."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(source)
         rows = pf.metadata.num_rows

@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import argparse
 
+from moeca.bench.results import pyplot, write_results
+from moeca.cli.schedule import load_summary
+from moeca.policy.derive import DeriveConfig, derive_schedule
+
 NAME = "ablation"
 COLUMNS = ["target", "variant", "level", "refreshes", "predicted_speedup", "speedup", "flops_speedup", "psnr", "ssim",
            "accuracy_cached", "fd_full", "fd_cached", "levels", "note"]
@@ -83,18 +87,16 @@ def level_note(levels: dict | None) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
-    from moeca.models.registry import load_traced_model
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import SamplerConfig
-    from moeca.cli.schedule import load_summary
-    from moeca.policy.derive import DeriveConfig, derive_schedule
+    from moeca.models.registry import load_traced_model
     from moeca.replay.calibrate import ensure_costs
     from moeca.replay.driver import replay_compare
     from moeca.replay.runtime import ReplayRuntime
     from moeca.tracer import resolve_labels
-
-    from .results import write_results
 
     targets = _targets(args.targets)
     chosen = _variants(args.variants)
@@ -160,9 +162,7 @@ def plot(rows: list[dict], path) -> None:
     """PSNR against measured speedup, one marker per variant and target (targets joined per variant), so
     a component's worth reads as the vertical gap at equal measured speed. Rows without a measurement
     (target out of reach) are left out."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = dict(zip([v for v, _ in VARIANTS], "o^sDvP"))

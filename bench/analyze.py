@@ -26,6 +26,12 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
+from moeca.bench.results import check_results_out, pyplot, write_results
+from moeca.common.outputs import (OutputError, atomic_write_text, check_output_dir, check_replace_file, os_errors,
+                                  remove_listed)
+
 ROWS_PER_SAMPLE = 2 * 50 * 12 * 256 * 2          # cfg x steps x blocks x tokens x top-k
 TARGET_ROWS_PER_S = 5e6
 TARGET_PEAK_GB = 2.0
@@ -48,7 +54,6 @@ class PeakRSS:
     """Samples RSS of this process plus all its children every ``interval`` seconds (a thread)."""
 
     def __init__(self, interval: float = 0.02):
-        import psutil
         self.proc = psutil.Process()
         self.interval = interval
         self.peak = 0
@@ -56,7 +61,6 @@ class PeakRSS:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _sample(self) -> int:
-        import psutil
         total = 0
         for p in [self.proc] + self.proc.children(recursive=True):
             try:
@@ -83,12 +87,12 @@ class PeakRSS:
 
 def ensure_trace(work: Path, rows: float, regenerate: bool = False) -> Path:
     """The cached synthetic trace with >= ``rows`` branch rows (regenerated when parameters differ)."""
+    # deferred: loads pyarrow, and this module is imported at `moeca` start-up
     from moeca.testing.synthetic_traces import write_synthetic_trace
     samples = max(4, math.ceil(rows / ROWS_PER_SAMPLE))
     params = {"depth": 12, "num_steps": 50, "num_experts": 8, "side": 16, "samples": samples,
               "samples_per_shard": 4, "lags": 4, "routing": "random", "noise": 0.5, "seed": 0,
               "row_group_rows": 1 << 19, "format": 1}
-    from moeca.common.outputs import OutputError, atomic_write_text, check_replace_file, os_errors
     trace = work / "trace"
     marker = work / "trace.params.json"
     if work.exists() and not work.is_dir():
@@ -118,7 +122,6 @@ def params_for_writer(params: dict) -> dict:
 
 def _cpu_seconds() -> float:
     """User + system CPU seconds of this process and its reaped children (the worker processes)."""
-    import psutil
     t = psutil.Process().cpu_times()
     return t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
 
@@ -132,8 +135,10 @@ def _load() -> float:
 
 def decode_only(trace: Path) -> None:
     """Read and decode every shard's analysed columns (pyarrow, all cores) and drop them."""
+    # deferred: loads pyarrow, and this module is imported at `moeca` start-up
     import pyarrow.parquet as pq
 
+    # deferred: loads pyarrow, and this module is imported at `moeca` start-up
     from moeca.analysis.trace import branch_columns, open_trace, token_columns
     info = open_trace(trace)
     for shard in info.shards:
@@ -159,12 +164,11 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: loads distributed, matplotlib, pandas, pyarrow, seaborn, and this module is imported at `moeca` start-up
     from moeca.analysis.collect import collect
+    # deferred: loads distributed, matplotlib, pandas, pyarrow, seaborn, and this module is imported at `moeca` start-up
     from moeca.analysis.report import analyze
     from moeca.analysis.trace import parse_memory_limit
-    from moeca.common.outputs import check_output_dir, remove_listed
-
-    from .results import check_results_out, write_results
 
     check_options(args)
     check_results_out("analyze", args.out, with_plot=True)          # before minutes of work, not after
@@ -218,9 +222,7 @@ def run(args: argparse.Namespace) -> int:
         "moeca bench analyze"
 
     def plot(path: Path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
         names = [r["stage"] for r in rows]
         axes[0].bar(names, [r["branch_rows_per_s"] / 1e6 for r in rows], color="tab:blue")

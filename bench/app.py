@@ -17,6 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+from tqdm import tqdm
+
+from moeca.bench.results import DEFAULT_OUT, pyplot, write_results
+
 TARGET_S = 3.0
 PAGES = (("Overview", "page_overview.py", None),
          ("Traces", "page_traces.py", ("selectbox", "trace_unit", "each routed expert")),
@@ -42,9 +47,10 @@ def _content(at) -> dict:
 
 
 def measure_pages(root: Path, repeats: int, progress: bool = True) -> list[dict]:
+    # deferred: loads duckdb, pandas, pyarrow, streamlit, and this module is imported at `moeca` start-up
     from streamlit.testing.v1 import AppTest
-    from tqdm import tqdm
 
+    # deferred: loads duckdb, pandas, pyarrow, streamlit, and this module is imported at `moeca` start-up
     from moeca.app.common import ROOT_ENV
 
     script = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
@@ -72,10 +78,7 @@ def measure_pages(root: Path, repeats: int, progress: bool = True) -> list[dict]
 
 def _plot(rows: list[dict]):
     def plot(path: Path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
+        plt = pyplot()
         names = [r["page"] for r in rows]
         x = np.arange(len(names))
         fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -94,9 +97,10 @@ def _plot(rows: list[dict]):
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeca.testing.explorer_root import SyntheticTraceConfig, samples_for_rows, write_example_root
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.bench.pareto_synthetic import write_synthetic_pareto
-    from moeca.bench.results import write_results
+    # deferred: loads torch, and this module is imported at `moeca` start-up
+    from moeca.testing.explorer_root import SyntheticTraceConfig, samples_for_rows, write_example_root
 
     if args.rows < 1000:
         raise ValueError(f"--rows {args.rows} is too small; use at least 1000 (default 10000000)")
@@ -119,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+    # deferred: their versions for the results; both heavy, and this module is imported at `moeca` start-up
     import duckdb
     import streamlit
     meta = {"branch_rows": cfg.branch_rows, "token_rows": cfg.branch_rows // cfg.top_k, "samples": cfg.samples,
@@ -144,7 +149,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from moeca.bench.results import DEFAULT_OUT
     p = sub.add_parser("app", help="explorer page render times over a 10M-branch-row trace",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=10_000_000, help="branch rows of the synthetic trace (default 10M)")

@@ -16,6 +16,8 @@ import re
 from collections import defaultdict
 from typing import Callable
 
+from torch.profiler import ProfilerActivity, profile, record_function
+
 PARTS = ("router", "new pairs", "forecasts", "gathers/scatters", "rest")
 FRAME = re.compile(r"^(?P<file>[^()]+)\((?P<line>\d+)\): (?P<func>\S+)$")
 HISTORY_WRITES = frozenset({"push_all", "push_rows", "push_where", "forget"})
@@ -75,8 +77,6 @@ def attribute(events) -> dict[int, dict[str, float]]:
 def profile_steps(run: Callable[[Callable[[int], None]], None], steps: set[int]) -> dict[str, float]:
     """Profile ``run(on_step)`` -- one sampling run that calls ``on_step(step)`` after each step -- and return
     each part's share (:data:`PARTS`) of the operators' self CPU time over ``steps``."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     label: list = []
 
     def on_step(step: int) -> None:

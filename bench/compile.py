@@ -16,13 +16,15 @@ import argparse
 import statistics
 import time
 
+from moeca.bench.derived import add_arguments, command, derive
+from moeca.bench.results import pyplot, write_results
+
 NAME = "compile"
 COLUMNS = ["run", "ms_eager", "ms_compiled", "compile_speedup", "speedup_eager", "speedup_compiled",
            "max_abs_diff", "graphs", "repeats"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .derived import add_arguments
     p = sub.add_parser(NAME, help="eager vs --compile in one process: full compute and a MoECa replay",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p, target=3.0)
@@ -33,16 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch._dynamo
 
-    from moeca.models.compile import CompileOptions, compile_model
     from moeca.diffusion.samplers import sample
+    from moeca.models.compile import CompileOptions, compile_model
     from moeca.replay.driver import median_ratio
     from moeca.replay.runtime import ReplayRuntime
-
-    from .derived import command, derive
-    from .results import write_results
 
     d = derive(args)
     model, device, sampler, labels, schedule = d.model, d.device, d.sampler, d.labels, d.schedule
@@ -108,15 +109,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _frame_count() -> int:
     """Graphs dynamo has compiled so far in this process."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from torch._dynamo.utils import counters
     return int(counters["stats"]["unique_graphs"])
 
 
 def plot(rows: list[dict], path) -> None:
     """ms per sampling call, eager and compiled, for full compute and MoECa."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = range(len(rows))

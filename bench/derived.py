@@ -6,10 +6,13 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
+from moeca.bench.results import DEFAULT_OUT
+from moeca.cli.schedule import load_summary
+from moeca.policy.derive import DeriveConfig, derive_schedule
+
 
 def add_arguments(p: argparse.ArgumentParser, target: float) -> None:
     """The options of a bench that replays one derived MoECa schedule."""
-    from moeca.bench.results import DEFAULT_OUT
     p.add_argument("--trace", required=True, help="trace directory of the model (moeca trace)")
     p.add_argument("--target", type=float, default=target, help=f"MoECa wall-clock target speedup (default {target:g})")
     p.add_argument("--timing-samples", type=int, default=16, help="samples per sampling call (default 16)")
@@ -33,12 +36,12 @@ class Derived:
 
 def derive(args: argparse.Namespace) -> Derived:
     """Check the options, load the trace's model and derive its MoECa schedule (see :class:`Derived`)."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
-    from moeca.models.registry import load_traced_model
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import SamplerConfig
-    from moeca.cli.schedule import load_summary
-    from moeca.policy.derive import DeriveConfig, derive_schedule
+    from moeca.models.registry import load_traced_model
     from moeca.replay.calibrate import ensure_costs
     from moeca.tracer import resolve_labels
 

@@ -17,6 +17,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from moeca.bench.results import check_results_out, markdown_table, pyplot, write_results
+from moeca.cli.main import main as moeca_main
+from moeca.policy.schedule import Schedule
+
 NAME = "diffusers"
 COLUMNS = ["variant", "ms_step", "speed", "flops_ratio", "speed_over_flops", "max_abs_diff", "rel_l2", "psnr_db",
            "cache_mb", "repeats"]
@@ -39,17 +43,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
-    from moeca.cli.main import main as moeca_main
+    # deferred: the optional [diffusers] extra
     from moeca.integrations.diffusers.apply import none_schedule
     from moeca.integrations.diffusers.measure import Variant, compare
     from moeca.integrations.diffusers.sampling import (CONFIGS, TEXT_LENGTHS, FlowSampler, build_transformer,
                                                        initial_noise, random_conditioning)
     from moeca.integrations.diffusers.trace import DiffusersTraceConfig, trace_diffusers
-    from moeca.policy.schedule import Schedule
-
-    from .results import check_results_out, markdown_table, write_results
 
     check_results_out(NAME, args.out, True, args.overwrite)
     torch.set_num_threads(args.threads)
@@ -107,9 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Measured speed and FLOPs ratio per variant, side by side."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r["speed"] for r in rows], width=0.4, label="measured speed vs stock")

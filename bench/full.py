@@ -12,10 +12,15 @@ process) and each batch size is timed again after a warm-up that compiles it: ``
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections import defaultdict
 from functools import lru_cache
+
+from moeca.bench.results import DEFAULT_OUT, median_time, pyplot, write_results
+from moeca.common.outputs import atomic_write_text
+from moeca.common.tables import markdown_table
 
 SEAMS = ("routed_experts", "shared_expert", "attention", "route")
 COLUMNS = ["model", "batch", "rows_per_call", "tokens_per_row", "device", "ms_per_step", "ms_per_sample_step",
@@ -26,6 +31,7 @@ COLUMNS = ["model", "batch", "rows_per_call", "tokens_per_row", "device", "ms_pe
 @lru_cache(maxsize=None)
 def _timing_runtime_class():
     """Built on first use so registering ``moeca bench`` does not import torch."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.models.runtime import Runtime
 
     class TimingRuntime(Runtime):
@@ -74,8 +80,10 @@ def __getattr__(name: str):
 
 def step_fn(model, batch: int, seed: int = 0):
     """A full-compute guided step of ``batch`` samples (one batched-CFG call) as a no-argument function."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import GuidedDenoiser, SamplerConfig, default_sampler, initial_noise
 
     mc = model.config
@@ -96,9 +104,8 @@ def step_fn(model, batch: int, seed: int = 0):
 
 def measure(model, batch: int, repeats: int, seed: int = 0) -> dict:
     """One row: median ms per guided step (plain) and seam shares (timing runtime) for ``batch`` samples."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
-
-    from moeca.bench.results import median_time
 
     mc = model.config
     device = next(model.parameters()).device
@@ -131,9 +138,9 @@ def measure(model, batch: int, repeats: int, seed: int = 0) -> dict:
 
 def measure_compiled(model, row: dict, repeats: int, seed: int = 0) -> None:
     """Add the compiled model's median ms per step to ``row`` (``model`` compiled already; the warm-up compiles)."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
-    from moeca.bench.results import median_time
     device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     median_s, _ = median_time(step_fn(model, row["batch"], seed), repeats, warmup=2, sync=sync)
@@ -143,9 +150,7 @@ def measure_compiled(model, row: dict, repeats: int, seed: int = 0) -> None:
 
 def plot_shares(rows: list[dict]):
     def plot(path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
         parts = [("pct_routed_experts", "routed experts"), ("pct_shared_expert", "shared expert"),
                  ("pct_attention", "attention"), ("pct_router", "router"), ("pct_other", "other")]
         labels = [f"{r['model']} b{r['batch']}\n{r['ms_per_step']:.1f} ms/step" for r in rows]
@@ -166,9 +171,10 @@ def plot_shares(rows: list[dict]):
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
-    from moeca.bench.results import write_results
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.models.compile import compile_model
     from moeca.models.registry import load_model, pick_device
 
@@ -217,7 +223,6 @@ def run(args: argparse.Namespace) -> int:
              "moeca.models.dispatch, the per-expert loop on the CPU, grouped_mm on CUDA in bf16). With --compile, "
              "`compiled_ms_per_step` is the same step after torch.compile (inductor; CUDA graphs on CUDA), timed "
              "after warm-up calls that compile it; the shares are from the eager runs.")
-    import os
     load = [round(x, 2) for x in os.getloadavg()]
     notes += (f" System load average (1/5/15 min) at the end of the run: {load[0]}/{load[1]}/{load[2]} on "
               f"{os.cpu_count()} CPUs; a load above the CPU count means other processes shared the cores and the "
@@ -235,15 +240,12 @@ def run(args: argparse.Namespace) -> int:
 def _reformat_table(md_path, rows: list[dict]) -> None:
     """Rewrite the Markdown table with two decimals (the generic 3-significant-digit format prints
     thousands of ms in exponent notation); the JSON keeps full precision."""
-    from moeca.common.tables import markdown_table
-    from moeca.common.outputs import atomic_write_text
     text = md_path.read_text()
     text = text.replace(markdown_table(rows, COLUMNS), markdown_table(rows, COLUMNS, floatfmt=".2f"))
     atomic_write_text(md_path, text, what="benchmark results")       # just written by write_results: moeca's
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from moeca.bench.results import DEFAULT_OUT
     p = sub.add_parser("full", help="full-compute ms per sampling step and the expert/attention share",
                        description="Median ms per full-compute sampling step (one batched-CFG call) for the demo "
                                    "model and the S/2-8E2A shape (random weights), and the share of step time "

@@ -37,6 +37,23 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+from torch._dynamo.utils import counters
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
+
+from moeca.bench.results import write_results
+from moeca.diffusion.samplers import SamplerConfig, sample
+from moeca.models.compile import CompileOptions, compile_model
+from moeca.models.config import DiTMoEConfig, get_preset
+from moeca.models.dit_moe import DiTMoE
+from moeca.models.registry import randomize_zero_init
+from moeca.policy.cost import UnitCosts
+from moeca.policy.methods import Context, fora, taylorseer, toca
+from moeca.policy.methods.common import assemble
+from moeca.policy.schedule import REUSE, BlockRule, StepRule
+from moeca.replay.runtime import ReplayRuntime
+
 SHAPES = ("S/2-8E2A", "XL/2-8E2A")
 INTERVALS = (2, 3, 4)
 """Refresh intervals; reuse fractions 1/2, 2/3, 3/4."""
@@ -52,7 +69,6 @@ class NoCuda(RuntimeError):
 
 def require_cuda():
     """The CUDA device, or :class:`NoCuda` with a message saying what to do."""
-    import torch
     if not torch.cuda.is_available():
         raise NoCuda("gpu_check needs a CUDA GPU (H100/H200 class) and none is visible to torch "
                      f"(torch {torch.__version__}, cuda build {torch.version.cuda}); run it on a GPU machine, "
@@ -62,21 +78,17 @@ def require_cuda():
 
 # ----------------------------------------------------------------------------- schedules (CPU-side, tested)
 def sampler_config(num_steps: int = 50):
-    from moeca.diffusion.samplers import SamplerConfig
     return SamplerConfig(kind="rectified_flow", num_steps=num_steps, cfg_scale=1.5, cfg_mode="batched")
 
 
 def moeca_shaped(config, sampler, interval: int):
     """A MoECa schedule of the sync rule with refreshes every ``interval`` steps: those steps compute
     every unit; the others forecast every unit linearly (the router and newly routed pairs computed)."""
-    from moeca.policy.methods.common import assemble
-    from moeca.policy.schedule import REUSE, BlockRule, StepRule
     S, L, E = sampler.num_steps, config.depth, config.num_experts
     sync = set(range(0, S, interval))
     body = tuple(BlockRule(attn=REUSE, shared=REUSE, experts=(REUSE,) * E) for _ in range(L))
     full = tuple(BlockRule.full(E) for _ in range(L))
     steps = [StepRule("compute", full if s in sync else body) for s in range(S)]
-    from dataclasses import replace
     return replace(assemble("moeca", config, sampler, steps, sync=sync,
                             provenance={"gpu_check": f"MoECa sync rule, refresh every {interval} steps"}),
                    forecast="linear")
@@ -85,9 +97,6 @@ def moeca_shaped(config, sampler, interval: int):
 def matched_schedules(config, sampler, interval: int) -> dict:
     """``{method: (schedule, knob)}``: FORA ``interval``, FORA + forecast and MoECa with the same refresh
     steps, and ToCa with the fresh threshold whose predicted FLOPs ratio is closest to FORA's."""
-    from dataclasses import replace
-
-    from moeca.policy.methods import Context, fora, toca
     ctx = Context(config, sampler)
     f_sched = fora.build(fora.Config(interval=interval), ctx)
     goal = f_sched.predicted_flops_ratio
@@ -102,7 +111,6 @@ def matched_schedules(config, sampler, interval: int) -> dict:
 
 def timed_schedules(config, sampler, interval: int) -> dict:
     """``{method: (schedule, knob)}`` of :data:`METHODS` refreshing every ``interval`` steps."""
-    from moeca.policy.methods import Context, fora, taylorseer
     ctx = Context(config, sampler)
     ts = taylorseer.Config(interval=interval, order=2)
     return {"fora": (fora.build(fora.Config(interval=interval), ctx), f"interval={interval}"),
@@ -113,18 +121,12 @@ def timed_schedules(config, sampler, interval: int) -> dict:
 # ----------------------------------------------------------------------------- GPU part
 def dry_run_config():
     """The ``--dry-run`` shape: 16 tokens, D=64, 2 blocks, 8 experts top-2 (every seam, in a second)."""
-    from moeca.models.config import DiTMoEConfig
     return DiTMoEConfig(name=DRY_RUN_SHAPE, input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2,
                         num_heads=2, num_experts=8, top_k=2, num_classes=10, objective="rectified_flow")
 
 
 def build_model(name: str, device, dtype, seed: int = 0):
     """Random-weight model of preset ``name`` initialised directly on ``device`` (no CPU copy of XL)."""
-    import torch
-
-    from moeca.models.config import get_preset
-    from moeca.models.dit_moe import DiTMoE
-    from moeca.models.registry import randomize_zero_init
     config = dry_run_config() if name == DRY_RUN_SHAPE else replace(get_preset(name), objective="rectified_flow")
     torch.manual_seed(seed)
     with torch.device(device):
@@ -134,7 +136,6 @@ def build_model(name: str, device, dtype, seed: int = 0):
 
 
 def _timer(device):
-    import torch
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(fn) -> float:
@@ -160,8 +161,6 @@ def interleaved(full, cached, repeats: int, timed) -> tuple[float, float]:
 def forecast_sync_error(model, schedule, run) -> str | None:
     """Run ``run()`` with ``torch.cuda.set_sync_debug_mode("error")`` around every model call of a step that
     ``schedule`` does not refresh; the first error (a host sync inside a forecast step), or None."""
-    import torch
-
     def before(_module, args, kwargs):
         ctx = args[3] if len(args) > 3 else kwargs.get("ctx")
         if ctx is not None and not schedule.is_sync(ctx.step):
@@ -197,12 +196,6 @@ def run(shapes=SHAPES, intervals=INTERVALS, batch: int = 8, num_steps: int = 50,
         max_seconds: float = 420.0, compile_intervals=(4,), dry_run: bool = False, log=print
         ) -> tuple[list[dict], dict]:
     """The measurements (see the module docstring) -> ``(rows, meta)``."""
-    import torch
-
-    from moeca.models.compile import CompileOptions, compile_model
-    from moeca.diffusion.samplers import sample
-    from moeca.policy.cost import UnitCosts
-    from moeca.replay.runtime import ReplayRuntime
     device = torch.device("cpu") if dry_run else require_cuda()
     options = CompileOptions(backend="eager") if dry_run else CompileOptions.for_device(device)
     # a compiled forward is specialised per runtime object and kind of step (not per step number)
@@ -276,18 +269,12 @@ def cudagraph_skips() -> int:
     """Graphs inductor compiled without CUDA graphs so far in this process (e.g. because a graph mutates a
     tensor that is neither a parameter nor a static address, such as a replay cache allocated outside the
     graphs); a compiled row reports how many its runs added, so a CUDA-graph gap is seen, not guessed."""
-    from torch._dynamo.utils import counters
     return int(counters["inductor"].get("cudagraph_skips", 0))
 
 
 def profile(shape: str, batch: int = 8, num_steps: int = 12, interval: int = 2, log=print) -> None:
     """Where a MoECa replay spends its time on the GPU: per-step wall time of refresh and forecast steps
     (CUDA-synchronised), then ``torch.profiler`` tables (host and device time per op) of one run."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    from moeca.diffusion.samplers import sample
-    from moeca.replay.runtime import ReplayRuntime
     model = build_model(shape, require_cuda(), torch.bfloat16)
     sampler = sampler_config(num_steps)
     schedule = moeca_shaped(model.config, sampler, interval)
@@ -348,7 +335,6 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: error: intervals must be >= 2 and --repeats, --batch, --steps >= 1", file=sys.stderr)
         return 2
     if args.dry_run:
-        import torch
         torch.set_num_threads(1)           # tiny shapes: threads only add contention on a shared CPU
         shapes, steps, batch, name = [DRY_RUN_SHAPE], 4, 2, "gpu_check_dry_run"
     else:
@@ -361,7 +347,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         profile(args.profile, args.batch)
         return 0
-    from moeca.bench.results import write_results
     rows, meta = run(shapes, intervals, batch, steps, args.repeats, args.max_seconds, compiled, args.dry_run)
     paths = write_results(name, rows, args.out, meta=meta, columns=COLUMNS,
                           title="GPU check: full compute vs FORA, TaylorSeer and MoECa, eager and compiled",

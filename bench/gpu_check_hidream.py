@@ -18,6 +18,12 @@ import argparse
 import sys
 import time
 
+import torch
+
+from moeca.bench.gpu_check import NoCuda, moeca_shaped, require_cuda
+from moeca.bench.results import write_results
+from moeca.diffusion.samplers import SamplerConfig
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/gpu_check.sh --hidream", description=__doc__.split("\n\n")[0])
@@ -28,16 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="interleaved timed rounds (default 2)")
     p.add_argument("--dry-run", action="store_true", help="tiny config on the CPU: checks the script only")
     args = p.parse_args(argv)
-    import torch
 
-    from moeca.bench.gpu_check import moeca_shaped, require_cuda, NoCuda
-    from moeca.bench.results import write_results
+    # deferred: the optional [diffusers] extra
     from moeca.integrations.diffusers.apply import none_schedule
+    # deferred: the optional [diffusers] extra
     from moeca.integrations.diffusers.hidream import view_config
     from moeca.integrations.diffusers.measure import Variant, compare
     from moeca.integrations.diffusers.sampling import (CONFIGS, FlowSampler, build_transformer, initial_noise,
                                                        random_conditioning)
-    from moeca.diffusion.samplers import SamplerConfig
 
     if args.dry_run:
         config, device, dtype, size, steps, lengths, name = "tiny-4e", torch.device("cpu"), torch.float32, 128, 3, \

@@ -48,12 +48,20 @@ import json
 import math
 import os
 import re
+import shlex
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from tqdm import tqdm
+
+from moeca.bench.results import pyplot, write_results
 from moeca.common.outputs import replaced_file
 from moeca.policy.methods import BASELINES, REGISTRY
+from moeca.policy.methods.l2c import L2CRouter
+from moeca.policy.schedule import FORMAT_VERSION
 
 NAME = "pareto"
 STATE_FILE = "pareto_state.json"
@@ -310,6 +318,7 @@ class SweepState:
 def quality(images, reference, labels, classifier) -> dict[str, float | None]:
     """PSNR (capped), SSIM, relative L2 of ``images`` against ``reference`` (both ``[N, C, H, W]``, means
     over samples) and, with a ``classifier``, class accuracy and Frechet distance to the real digits."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.evaluation.metrics import psnr, relative_l2, ssim
     out: dict[str, float | None] = {
         "psnr": float(psnr(images, reference, max_db=PSNR_CAP_DB).mean()),
@@ -317,6 +326,7 @@ def quality(images, reference, labels, classifier) -> dict[str, float | None]:
         "rel_l2": float(relative_l2(images, reference).mean()),
         "accuracy": None, "fd": None}
     if classifier is not None:
+        # deferred: loads torch, and this module is imported at `moeca` start-up
         from moeca.evaluation.evaluator import evaluate_samples
         ev = evaluate_samples(images, labels, classifier)
         out.update(accuracy=float(ev["accuracy"]), fd=float(ev["fd"]))
@@ -336,6 +346,7 @@ def with_spread(per_seed: Sequence[Mapping[str, float | None]], names: Iterable[
 
 def timing_spread(times_full: Sequence[float], times_cached: Sequence[float]) -> float:
     """Half the range of the per-pair speedups ``full_i / cached_i`` of the interleaved timed runs."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.replay.driver import pair_ratios
     ratios = pair_ratios(times_full, times_cached)
     return (max(ratios) - min(ratios)) / 2
@@ -357,6 +368,7 @@ class SweepContext:
 
 def sampler_for(model_config, settings: ParetoSettings):
     """The sampler of the sweep: the model objective's reference sampler at the settings' steps and CFG."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import default_sampler
     return default_sampler(model_config.objective, num_steps=settings.num_steps, cfg_scale=settings.cfg_scale,
                            cfg_mode=settings.cfg_mode)
@@ -365,9 +377,6 @@ def sampler_for(model_config, settings: ParetoSettings):
 def code_version() -> dict:
     """What code produced the numbers: git commit and changed files of the working tree (if a git
     checkout), and the schedule format version the engine reads."""
-    import subprocess
-
-    from moeca.policy.schedule import FORMAT_VERSION
     root = Path(__file__).resolve().parents[1]
     out: dict[str, Any] = {"schedule_format": FORMAT_VERSION, "git_commit": None, "git_changed_files": None}
     try:
@@ -398,6 +407,7 @@ class ParetoSweep:
 
     def __init__(self, model, settings: ParetoSettings, work_dir: str | os.PathLike, *, resume: bool = False,
                  progress: bool = True, log: Callable[[str], None] = print, model_name: str | None = None):
+        # deferred: loads torch, and this module is imported at `moeca` start-up
         from moeca.models.checkpoint import weights_hash
         self.model, self.settings, self.work = model, settings, Path(work_dir)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -424,8 +434,10 @@ class ParetoSweep:
     def context(self) -> SweepContext:
         if self._ctx is not None:
             return self._ctx
+        # deferred: loads torch, and this module is imported at `moeca` start-up
         import torch
 
+        # deferred: loads torch, and this module is imported at `moeca` start-up
         from moeca.replay.driver import is_digits_demo, sample_batches
         s, model = self.settings, self.model
         mc = model.config
@@ -443,7 +455,7 @@ class ParetoSweep:
             references.append(ref)
         classifier = None
         if is_digits_demo(mc):
-            from moeca.evaluation.evaluator import DigitsClassifier
+            from moeca.evaluation.evaluator import DigitsClassifier  # deferred: loads torch (imported at start-up)
             classifier = DigitsClassifier.load_shipped("cpu")
         self._ctx = SweepContext(model, self.sampler, labels, references, self.weights_hash, classifier)
         return self._ctx
@@ -452,8 +464,10 @@ class ParetoSweep:
     def teacache_fit(self) -> dict:
         """TeaCache's polynomial on ``calibration_samples`` full-compute samples (own noise), cached in
         ``teacache-fit-<key>.json`` (key: samples, sampler, weights hash)."""
+        # deferred: loads torch, and this module is imported at `moeca` start-up
         import torch
 
+        # deferred: loads torch, and this module is imported at `moeca` start-up
         from moeca.replay.fit.teacache import fit_rescale_polynomial
         n = self.settings.calibration_samples
 
@@ -468,8 +482,10 @@ class ParetoSweep:
     def mag_ratios(self) -> tuple[float, ...]:
         """MagCache's magnitude-ratio curve on ``calibration_samples`` full-compute samples (own noise),
         cached in ``magcache-ratios-<key>.json`` (key: samples, sampler, weights hash)."""
+        # deferred: loads torch, and this module is imported at `moeca` start-up
         import torch
 
+        # deferred: loads torch, and this module is imported at `moeca` start-up
         from moeca.replay.fit.magcache import fit_mag_ratios
         n = self.settings.calibration_samples
 
@@ -494,6 +510,7 @@ class ParetoSweep:
         return got
 
     def l2c_config(self, sparsity: float):
+        # deferred: loads torch, and this module is imported at `moeca` start-up
         from moeca.replay.fit.l2c import TrainConfig
         s = self.settings
         return TrainConfig(sparsity=sparsity, max_iterations=s.l2c_max_iterations,
@@ -504,7 +521,7 @@ class ParetoSweep:
         """L2C's routers trained with sparsity penalty ``sparsity`` until the loss converges (candidate steps
         only), cached in ``l2c-router-<key>.json`` with their loss curves (key: training knobs, sampler,
         weights hash); returns the file."""
-        from moeca.policy.methods.l2c import L2CRouter
+        # deferred: loads torch, and this module is imported at `moeca` start-up
         from moeca.replay.fit.l2c import train_router
         cfg = self.l2c_config(sparsity)
         path = self.work / f"l2c-router-{self.cache_key('l2c-router', **cfg.training_key())}.json"
@@ -531,6 +548,7 @@ class ParetoSweep:
         once per sweep process."""
         ctx = self.context()
         if "wallclock" not in ctx.extra:
+            # deferred: loads torch, and this module is imported at `moeca` start-up
             from moeca.replay.calibrate import ensure_costs
             costs = ensure_costs(self.model, self.sampler, self.settings.timing_batch, progress=self.log)
             self.state.set_calibration("wallclock", costs.summary())
@@ -540,6 +558,7 @@ class ParetoSweep:
     def moeca_inputs(self) -> tuple[Any, dict]:
         ctx = self.context()
         if "moeca" not in ctx.extra:
+            # deferred: loads torch, and this module is imported at `moeca` start-up
             from moeca.analysis import drift_summary
             from moeca.tracer.run import TraceConfig, trace_run
             from moeca.tracer.store import complete_shards, read_run_meta
@@ -562,6 +581,7 @@ class ParetoSweep:
         """``(schedule, detail)`` of a point: the registered unit's ``build`` on the point's knob values
         (plus the fits a unit needs and the bench knobs turned into unit knobs); ``detail`` holds derived
         knob values worth recording."""
+        # deferred: loads torch, and this module is imported at `moeca` start-up
         from moeca.policy.methods import Context
         name = "moeca" if point.method in MOECA_KNOBS else point.method
         unit = REGISTRY[name]
@@ -605,8 +625,10 @@ class ParetoSweep:
     def measure(self, point: Point) -> dict:
         """One row: timing by :func:`moeca.replay.driver.replay_compare` (warm-up of both runtimes, then
         interleaved timed runs) and quality of the two seeds' evaluation sets against their references."""
-        from moeca.replay.runtime import ReplayRuntime
+        # deferred: loads torch, and this module is imported at `moeca` start-up
         from moeca.replay.driver import replay_compare, sample_batches
+        # deferred: loads torch, and this module is imported at `moeca` start-up
+        from moeca.replay.runtime import ReplayRuntime
         ctx = self.context()
         schedule, detail = self.schedule_for(point)
         s = self.settings
@@ -642,6 +664,7 @@ class ParetoSweep:
             got = {"accuracy": None, "accuracy_spread": None, "fd": None, "fd_spread": None, "fd_floor": None,
                    "samples": int(ctx.labels.shape[0]), "seeds": list(self.settings.seeds)}
             if ctx.classifier is not None:
+                # deferred: loads torch, and this module is imported at `moeca` start-up
                 from moeca.evaluation.evaluator import evaluate_samples
                 evs = [evaluate_samples(ref, ctx.labels, ctx.classifier) for ref in ctx.references]
                 got.update(with_spread([{k: float(e[k]) for k in ("accuracy", "fd")} for e in evs], ("accuracy", "fd")))
@@ -650,7 +673,6 @@ class ParetoSweep:
         return got
 
     def _bar(self, total: int, desc: str):
-        from tqdm import tqdm
         return tqdm(total=total, desc=desc, disable=not self.progress, dynamic_ncols=True)
 
     def run(self, points: Iterable[Point], on_point: Callable[[list[dict]], None] | None = None) -> list[dict]:
@@ -865,9 +887,7 @@ def notes_markdown(meta: dict) -> str:
 def plot(rows: Sequence[dict], reference: dict, path: Path) -> None:
     """Panels: PSNR and FD against measured speedup (points with seed-spread bars, each method's front as a
     line), PSNR against FLOPs speedup."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     panels = [("psnr", "speedup", "PSNR vs full compute (dB, higher is better)")]
     if any(r.get("fd") is not None for r in rows):
         panels.append(("fd", "speedup", "Frechet distance to real digits (lower is better)"))
@@ -921,7 +941,6 @@ def build_meta(sweep: SweepInfo, rows: Sequence[dict], methods: Sequence[str],
 def write(sweep: SweepInfo, rows: Sequence[dict], methods: Sequence[str], out_dir: str | os.PathLike, command: str,
           grid: Mapping[str, Sequence[Mapping[str, float]]] | None = None) -> dict[str, Path]:
     """Write ``pareto_<model>.json/.md/.png`` for the rows so far (a partial sweep lists its pending points)."""
-    from moeca.bench.results import write_results
     meta = build_meta(sweep, rows, methods, grid)
     return write_results(results_name(sweep.model_name), [_clean(r) for r in rows], out_dir, meta=meta,
                          columns=COLUMNS, title=f"Pareto on `{sweep.model_name}`: MoECa vs "
@@ -1026,6 +1045,7 @@ PARETO_SCHEMA: dict = {
 
 def validate(payload: dict) -> None:
     """Raise ``jsonschema.ValidationError`` when ``payload`` (a parsed pareto_<model>.json) breaks the schema."""
+    # deferred: loads jsonschema, and this module is imported at `moeca` start-up
     import jsonschema
     jsonschema.Draft202012Validator(PARETO_SCHEMA).validate(payload)
 
@@ -1075,9 +1095,7 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    import shlex
-    import sys
-
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.models.registry import load_model, self_describing_config
     if args.model is None:            # a moeca-written --checkpoint names its model; else the shipped demo
         own = self_describing_config(args.checkpoint) if args.checkpoint else None
@@ -1094,6 +1112,7 @@ def run_cli(args: argparse.Namespace) -> int:
                               trace_samples=args.trace_samples, calibration_samples=args.calibration_samples,
                               device=args.device, threads=args.threads, compile=args.compile)
     if settings.threads is not None:
+        # deferred: loads torch, and this module is imported at `moeca` start-up
         import torch
         torch.set_num_threads(settings.threads)
     model = load_model(args.model, args.checkpoint, device=args.device)

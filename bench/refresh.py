@@ -15,6 +15,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+from moeca.bench.results import pyplot, write_results
+from moeca.policy.cost import UnitCosts
+from moeca.policy.methods.common import assemble
+from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, Rule, StepRule
+
 NAME = "refresh"
 COLUMNS = ["group", "setting", "flops_ratio", "flops_speedup", "psnr"]
 
@@ -31,9 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def schedules(config, sampler) -> list[tuple[str, str, object]]:
     """``(group, setting, schedule)`` for every replay of the benchmark."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.policy.methods import Context, fora
-    from moeca.policy.methods.common import assemble
-    from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, Rule, StepRule
 
     S, L, E = sampler.num_steps, config.depth, config.num_experts
 
@@ -64,16 +68,15 @@ def schedules(config, sampler) -> list[tuple[str, str, object]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
+    # deferred: loads torch, and this module is imported at `moeca` start-up
+    from moeca.diffusion.samplers import SamplerConfig
     from moeca.evaluation.metrics import psnr
     from moeca.models.registry import load_model
-    from moeca.diffusion.samplers import SamplerConfig
-    from moeca.replay.runtime import ReplayRuntime
-    from moeca.policy.cost import UnitCosts
     from moeca.replay.driver import sample_batches
-
-    from .results import write_results
+    from moeca.replay.runtime import ReplayRuntime
 
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
@@ -103,9 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(rows, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     groups = list(dict.fromkeys(r["group"] for r in rows))
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.6), squeeze=False)
     for ax, g in zip(axes[0], groups):

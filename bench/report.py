@@ -19,9 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from moeca.bench.results import DEFAULT_OUT, is_bench_result
 from moeca.common.outputs import OutputError, atomic_write_text, os_errors
-
-from .results import DEFAULT_OUT, is_bench_result
 
 NAME = "report"
 DEFAULT_DOCS = Path("docs/results")

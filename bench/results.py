@@ -18,7 +18,19 @@ from moeca.common.tables import markdown_table
 DEFAULT_OUT = Path("bench/results")
 
 
+def pyplot():
+    """matplotlib's ``pyplot`` on the Agg backend (plots go to files; no display needed).
+
+    Every bench module is imported when ``moeca`` starts (to register its subcommand), so matplotlib
+    (~0.3 s to import) is loaded here, by the first plot, not at module level."""
+    import matplotlib  # deferred: heavy, and this module loads at `moeca` start-up (see the docstring)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # deferred: as above
+    return plt
+
+
 def environment() -> dict:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
     return {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -25,8 +25,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Any
+
+from moeca.bench.derived import derive
+from moeca.bench.results import DEFAULT_OUT, pyplot, write_results
+from moeca.policy.cost import UnitCosts
+from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
 
 NAME = "steps"
 LEVELS = (("token", "token", False, True),
@@ -41,7 +47,6 @@ COLUMNS = ["run", "ms_step", "gflop_step", "ms_floor", "over_floor", "new_pair_s
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from moeca.bench.results import DEFAULT_OUT
     p = sub.add_parser(NAME, help="ms per forecast step at each level (token, branch host/device path) against "
                                   "its floor, with a breakdown", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,6 +86,7 @@ class Setup:
 
 def setup(args: argparse.Namespace) -> Setup:
     """Check the options; load the trace's model and its derived refresh steps, or the random model shape."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
     for name, value in (("--timing-samples", args.timing_samples), ("--repeats", args.repeats),
@@ -90,11 +96,11 @@ def setup(args: argparse.Namespace) -> Setup:
     if (args.trace is None) == (args.model is None):
         raise ValueError("give --trace (a traced model) or --model (a preset shape with random weights), not both")
     if args.trace is not None:
-        from .derived import derive
         d = derive(args)
         return Setup(d.model, d.device, d.sampler, d.labels, tuple(sorted(d.schedule.sync_refresh_steps)), NAME, False)
-    from moeca.models.registry import SHIPPED_MODELS, load_model
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import default_sampler
+    from moeca.models.registry import SHIPPED_MODELS, load_model
     from moeca.tracer import resolve_labels
 
     if args.threads is not None:
@@ -113,8 +119,6 @@ def setup(args: argparse.Namespace) -> Setup:
 def level_schedule(model, sampler, refresh: tuple[int, ...], level: str):
     """The ``sync`` rule's schedule with ``refresh`` steps and forecast ``level`` (``token`` or ``branch``),
     linear forecast (what ``moeca schedule derive --forecast-level LEVEL`` gives for these refresh steps)."""
-    from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
-
     config = model.config
     E, L = config.num_experts, config.depth
     body = BlockRule(attn=REUSE, moe=REUSE if level == "token" else ALWAYS, shared=REUSE, experts=(REUSE,) * E)
@@ -141,17 +145,15 @@ def step_flops(counters, costs, step: int, rows: int) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import sample
-    from moeca.policy.cost import UnitCosts
     from moeca.replay.calibrate import timed_steps
     from moeca.replay.runtime import ReplayRuntime
 
     from .breakdown import PARTS, profile_steps
-    from .results import write_results
-
-    import time
 
     st = setup(args)
     model, sampler, labels, refresh = st.model, st.sampler, st.labels, st.refresh
@@ -242,9 +244,7 @@ def run(args: argparse.Namespace) -> int:
 
 def plot(med: dict, refresh: tuple[int, ...], path) -> None:
     """ms of each step, full compute and each level's replay (log scale), refresh steps marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for name, m in med.items():

@@ -25,6 +25,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from moeca.bench.results import pyplot, write_results
+from moeca.models.config import get_preset
+from moeca.policy.derive import DeriveConfig, derive_schedule
+from moeca.policy.transfer import resample_steps, retarget
+
 NAME = "moeca"
 RATIO_TARGET = 0.85
 """Measured speedup over the FLOPs reduction that every setting (and the S/2 shape) should reach."""
@@ -82,6 +87,7 @@ def _parse_targets(text: str) -> list[float]:
 def pair_quartiles(times_full: list[float], times_cached: list[float]) -> tuple[float, float]:
     """First and third quartiles of the per-pair ratios ``full[i] / cached[i]`` (runs timed back to back):
     the spread behind their median, the reported speedup (one pair: its ratio twice)."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.replay.driver import pair_ratios
     ratios = pair_ratios(times_full, times_cached)
     if not ratios:
@@ -119,9 +125,10 @@ def _rectified_flow_preset(name: str, seed: int):
     """Random-weight CPU model of preset ``name`` declared a rectified-flow model, so the Euler sampler and
     the schedule's ``sampler.kind`` match its objective (S/B presets are DDPM-trained; with random weights
     only the shape and the cost matter, as in ``bench/gpu_check.py``)."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
-    from moeca.models.config import get_preset
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.models.dit_moe import DiTMoE
     from moeca.models.registry import randomize_zero_init
     torch.manual_seed(seed)
@@ -131,19 +138,17 @@ def _rectified_flow_preset(name: str, seed: int):
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.analysis import drift_summary
-    from moeca.models.registry import load_model
     from moeca.diffusion.samplers import SamplerConfig
-    from moeca.policy.derive import DeriveConfig, derive_schedule
-    from moeca.policy.transfer import resample_steps, retarget
+    from moeca.models.registry import load_model
     from moeca.replay.calibrate import ensure_costs
     from moeca.replay.driver import replay_compare, sample_batches
     from moeca.tracer.run import TraceConfig, trace_run
     from moeca.tracer.store import read_run_meta
-
-    from .results import write_results
 
     targets = _parse_targets(args.targets)
     if args.target_kind == "wallclock" and args.refresh != "sync":
@@ -275,9 +280,7 @@ def _notes(rows, passing, shape, args) -> str:
 
 
 def _plot(rows, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     demo = sorted((r for r in rows if r["model"] == "demo"), key=lambda r: r["speedup"])
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))

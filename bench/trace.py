@@ -17,6 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from moeca.bench.results import pyplot, write_results
+
+from ..models.config import get_preset
+
 TARGETS = {"demo": 2.0, "S/2-8E2A": 1.3}
 
 
@@ -36,8 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _model(name: str, device):
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
-    from ..models.config import get_preset
+
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from ..models.dit_moe import DiTMoE
     from ..models.registry import demo_weights_path, load_model, randomize_zero_init
     if name == "demo" and demo_weights_path().is_file():
@@ -49,6 +55,7 @@ def _model(name: str, device):
 
 
 def _sampler(model, steps: int):
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import SamplerConfig, default_sampler
     if model.config.objective == "rectified_flow":
         return SamplerConfig(kind="rectified_flow", num_steps=steps, cfg_scale=1.5, cfg_mode="batched")
@@ -57,12 +64,16 @@ def _sampler(model, steps: int):
 
 def measure(name: str, *, steps: int, batch: int, repeats: int, lags: int, device) -> dict:
     """One result row for model ``name``."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import pyarrow.parquet as pq
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
+
     from moeca.diffusion.samplers import initial_noise, sample
+
     from ..tracer.recorder import TracingRuntime
-    from ..tracer.run import TraceConfig, build_run_meta, prepare_out_dir, sample_seed, shard_seed, step_times
-    from ..tracer.run import trace_shard
+    from ..tracer.run import (TraceConfig, build_run_meta, prepare_out_dir, sample_seed, shard_seed, step_times,
+                              trace_shard)
 
     model, weights = _model(name, device)
     mc = model.config
@@ -122,9 +133,7 @@ def measure(name: str, *, steps: int, batch: int, repeats: int, lags: int, devic
 
 def _plot(rows: list[dict]):
     def plot(path: Path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(5, 3.2))
         names = [f"{r['model']}\n(b{r['batch']}, {r['steps']} steps)" for r in rows]
         ax.bar(names, [r["ratio"] for r in rows], color="#4C72B0")
@@ -141,8 +150,8 @@ def _plot(rows: list[dict]):
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from ..models.registry import pick_device
-    from .results import write_results
 
     device = pick_device(args.device)
     rows = []

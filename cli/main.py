@@ -5,6 +5,9 @@ import argparse
 import importlib
 import sys
 
+from moeca.common.inputs import check_utf8_arguments
+from moeca.common.outputs import describe_os_error
+
 COMMAND_MODULES = (
     "moeca.cli.pipeline",   # run: the main job end to end
     "moeca.cli.models",     # sample, train-demo, evaluate-demo
@@ -47,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        from moeca.common.inputs import check_utf8_arguments
         check_utf8_arguments(argv)
         result = args.func(args)
     except (ValueError, FloatingPointError) as exc:
@@ -57,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
         if exc.errno is None:  # raised by moeca with its own message (FileNotFoundError("... does not exist"))
             print(f"moeca {args.command}: error: {exc}", file=sys.stderr)
         else:                  # raised by the OS (full or read-only disk, permissions) outside the writers
-            from moeca.common.outputs import describe_os_error
             print(f"moeca {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

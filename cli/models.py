@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import argparse
 import math
-
-from moeca.models.model_args import SHIPPED_MODEL_NAMES, add_model_arguments
+from dataclasses import replace
 from pathlib import Path
+
+from tqdm import tqdm
+
+from moeca.common.outputs import adopt_file, check_no_overlap, check_replace_file
+from moeca.models.model_args import SHIPPED_MODEL_NAMES, add_model_arguments, load_model_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -96,15 +100,13 @@ def check_sample_options(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
-    from tqdm import tqdm
 
+    # deferred: loads torch, and this module is imported at `moeca` start-up
+    from moeca.diffusion.samplers import check_sampler_objective, default_sampler_for
     from moeca.evaluation.card import save_png
     from moeca.evaluation.grid import label_grid
-    from moeca.common.outputs import check_no_overlap, check_replace_file
-
-    from moeca.models.model_args import load_model_from_args
-    from moeca.diffusion.samplers import check_sampler_objective, default_sampler_for
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -126,9 +128,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                    ("cfg_mode", args.cfg_mode)) if v is not None}
     cfg = default_sampler_for(mc, **overrides)
     check_sampler_objective(cfg.kind, mc.objective, "--sampler" if args.sampler else "the default sampler")
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import sample
     if args.compile:
-        from moeca.models.compile import compile_model
+        from moeca.models.compile import compile_model  # deferred: as above
         compile_model(model)
     y = torch.tensor(labels, dtype=torch.long)
     with tqdm(total=cfg.num_steps, desc=f"sample {mc.name}", unit="step", disable=args.no_progress) as bar:
@@ -160,15 +163,16 @@ def _register_train_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _default_dir(sub: str) -> Path:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.models.registry import data_dir
     return data_dir() / sub
 
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from moeca.models.registry import shipped_model
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.train_demo import RECIPES, train_demo
+    # deferred: loads torch, and this module is imported at `moeca` start-up
+    from moeca.models.registry import shipped_model
 
     shipped = shipped_model(args.model)
     recipe = RECIPES[shipped.name]
@@ -184,8 +188,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{weights} already exists; pass --overwrite to replace it or --out DIR to train "
                               "elsewhere")
     if args.overwrite:                           # the user allows replacing these two, whoever wrote them
-        from moeca.common.outputs import adopt_file
-        from moeca.diffusion.train_demo import TRAINING_LOG
+        from moeca.diffusion.train_demo import TRAINING_LOG  # deferred: loads torch (module imported at start-up)
         adopt_file(weights)
         adopt_file(out / TRAINING_LOG)
     log = train_demo(out, replace(recipe, steps=steps, seed=args.seed, threads=threads), shipped=shipped)
@@ -210,6 +213,7 @@ def _register_train_classifier(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.evaluation.evaluator import CLASSIFIER_WEIGHTS, ClassifierTrainConfig, train_classifier
 
     out = Path(args.out) if args.out else _default_dir("classifier")
@@ -220,8 +224,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out / CLASSIFIER_WEIGHTS} already exists; pass --overwrite to replace it or "
                               "--out DIR to train elsewhere")
     if args.overwrite:                           # the user allows replacing these two, whoever wrote them
-        from moeca.common.outputs import adopt_file
-
+        # deferred: loads torch, and this module is imported at `moeca` start-up
         from moeca.evaluation.evaluator import CLASSIFIER_CARD
         adopt_file(out / CLASSIFIER_WEIGHTS)
         adopt_file(out / CLASSIFIER_CARD)
@@ -254,7 +257,9 @@ def _register_evaluate_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_evaluate_demo(args: argparse.Namespace) -> int:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.evaluation.card import CARD_MD, CardConfig, build_card
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.models.registry import shipped_model
 
     config = CardConfig(samples_per_class=args.samples_per_class, steps=args.steps, seed=args.seed, chunk=args.chunk)

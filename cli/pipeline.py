@@ -14,6 +14,7 @@ from pathlib import Path
 from moeca.common.outputs import (OutputError, atomic_write_text, check_no_overlap, os_errors, record_manifest,
                                   remove_listed)
 from moeca.common.tables import markdown_table
+from moeca.policy.derive import DeriveConfig, derive_schedule
 
 
 @dataclass(frozen=True)
@@ -151,10 +152,11 @@ def run_pipeline(out: Path, cfg: PipelineConfig, checkpoint: str | None = None, 
 
 
 def _stages(out: Path, cfg: PipelineConfig, checkpoint: str | None) -> str:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.analysis import analyze, drift_summary
-    from moeca.models.registry import load_model
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import SamplerConfig
-    from moeca.policy.derive import DeriveConfig, derive_schedule
+    from moeca.models.registry import load_model
     from moeca.replay.calibrate import ensure_costs
     from moeca.replay.driver import replay_compare, write_replay_outputs
     from moeca.tracer import TraceConfig, read_run_meta, resolve_labels, trace_run

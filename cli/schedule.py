@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+import textwrap
+from pathlib import Path
+
+from moeca.common.inputs import require_folder
+from moeca.common.outputs import check_no_overlap, check_replace_file
+from moeca.models.config import DiTMoEConfig
+from moeca.policy.derive import DeriveConfig, derive_schedule
+from moeca.policy.schedule import Schedule
+from moeca.policy.summary import describe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -90,8 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def methods_help() -> str:
     """Every registered method with its summary and knobs (name=default: doc), for ``--help``."""
-    import textwrap
-
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.policy.methods import REGISTRY
     lines = ["methods and their knobs (--set NAME=VALUE; defaults are the authors'):"]
     for m in REGISTRY.values():
@@ -138,14 +148,10 @@ def parse_knobs(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from moeca.common.outputs import check_replace_file
-    from moeca.models.config import DiTMoEConfig
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import SamplerConfig
-
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.policy.methods import Context, method
-    from moeca.policy.summary import describe
 
     unit = method(args.method)
     config = unit.config(parse_knobs(args.knobs))
@@ -156,6 +162,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.method == "moeca":
         summary, meta = load_summary([args.trace])
     else:
+        # deferred: loads pyarrow, and this module is imported at `moeca` start-up
         from moeca.tracer.store import read_run_meta, require_trace_folder
         require_trace_folder(args.trace)
         summary, meta = None, read_run_meta(args.trace)
@@ -170,9 +177,6 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from moeca.policy.schedule import Schedule
-    from moeca.policy.summary import describe
-
     print(describe(Schedule.load(args.file)))
     return 0
 
@@ -183,9 +187,9 @@ def load_summary(traces: list[str], allow_mixed: bool = False):
     Every trace is validated first: given once, run.json agreeing with its shards, and its sampler one
     the model's training objective can use.
     """
-    from pathlib import Path
-
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import check_sampler_objective
+    # deferred: loads pyarrow, and this module is imported at `moeca` start-up
     from moeca.tracer.store import check_distinct_traces, read_run_meta, require_trace_folder, validate_trace
 
     for t in traces:
@@ -197,12 +201,8 @@ def load_summary(traces: list[str], allow_mixed: bool = False):
         meta = validate_trace(t)
         objective = meta["model"]["config"].get("objective", "ddpm_eps")
         check_sampler_objective(meta["sampler"].get("kind"), objective, f"trace {t}: run.json field sampler.kind")
-    try:
-        from moeca.analysis import drift_summary
-    except ImportError as exc:
-        raise ValueError(f"the analysis stage is not available ({exc}); it provides moeca.analysis.drift_summary") \
-            from None
-
+    # deferred: loads pandas and duckdb, and this module is imported at `moeca` start-up
+    from moeca.analysis import drift_summary
     summary = drift_summary([str(t) for t in traces], allow_mixed=allow_mixed)
     return summary, read_run_meta(traces[0])
 
@@ -223,7 +223,6 @@ def nan_report(summary) -> str | None:
 
 def check_derive_options(args: argparse.Namespace) -> None:
     """Numeric options of ``schedule derive`` within their valid ranges (before any trace is read)."""
-    import math
     for name, value, ok, rng in (
             ("--target-speedup", args.target_speedup, lambda v: v > 1, "> 1"),
             ("--target-flops-speedup", args.target_flops_speedup, lambda v: v > 1, "> 1"),
@@ -243,15 +242,6 @@ def check_derive_options(args: argparse.Namespace) -> None:
 
 
 def cmd_derive(args: argparse.Namespace) -> int:
-    import sys
-    from pathlib import Path
-
-    from moeca.common.inputs import require_folder
-    from moeca.common.outputs import check_no_overlap, check_replace_file
-
-    from moeca.policy.derive import DeriveConfig, derive_schedule
-    from moeca.policy.summary import describe
-
     out = Path(args.out)
     check_no_overlap(out, [("trace", t) for t in args.traces])
     if out.is_dir():
@@ -295,12 +285,13 @@ def cmd_derive(args: argparse.Namespace) -> int:
 def replay_costs(meta: dict, args: argparse.Namespace):
     """The calibrated unit costs of the trace's model replayed on ``args.device`` at ``args.batch`` samples
     (measured and cached on first use by :func:`moeca.replay.calibrate.ensure_costs`)."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
-    from moeca.models.registry import load_traced_model
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import SamplerConfig
-
-    from moeca.replay.calibrate import ensure_costs   # local: torch loads only when a command needs it
+    from moeca.models.registry import load_traced_model
+    from moeca.replay.calibrate import ensure_costs  # local: torch loads only when a command needs it
 
     model_meta = meta["model"]
     checkpoint = args.checkpoint or model_meta.get("checkpoint")

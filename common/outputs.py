@@ -173,7 +173,7 @@ def output_lock(out: str | os.PathLike, option: str = "--out") -> Iterator[None]
     work. The lock file goes when the block ends; one a killed process left is taken over (the kernel released
     its lock)."""
     try:
-        import fcntl
+        import fcntl  # POSIX only: where it is missing (Windows) there is no lock
     except ImportError:  # pragma: no cover - not POSIX: no lock
         yield
         return

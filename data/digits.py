@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
@@ -24,9 +26,6 @@ class DigitsSplit:
 
 
 def load_digits_split() -> DigitsSplit:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     digits = load_digits()
     images = (digits.images.astype(np.float32) / 8.0 - 1.0)[:, None]
     labels = digits.target.astype(np.int64)

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from moeca.common.outputs import atomic_write_text
+from moeca.data.digits import load_digits_split
+from moeca.diffusion.losses import objective_for
 from moeca.models.checkpoint import save_safetensors
 from moeca.models.config import DiTMoEConfig
-from moeca.diffusion.losses import objective_for
-from moeca.data.digits import load_digits_split
 from moeca.models.dit_moe import DiTMoE, DiTMoEBlock
 from moeca.models.registry import SHIPPED_MODELS, ShippedModel
 from moeca.models.runtime import Runtime
@@ -99,8 +101,6 @@ def train_demo(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), model_conf
 
 
 def _train(out_dir: Path, cfg: TrainConfig, shipped: ShippedModel, progress: bool) -> dict:
-    from tqdm import tqdm
-
     torch.manual_seed(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_config = shipped.config
@@ -164,6 +164,5 @@ def _write_outputs(out_dir: Path, ema: DiTMoE, shipped: ShippedModel, cfg: Train
            "loss_curve": losses, "train_samples": train_samples}
     save_safetensors(ema, out_dir / shipped.weights, dtype=torch.float16,
                      metadata={"moeca_training": json.dumps({"seed": cfg.seed, "steps": steps_done})})
-    from moeca.common.outputs import atomic_write_text
     atomic_write_text(out_dir / TRAINING_LOG, json.dumps(log, indent=1), what="training log")
     return log

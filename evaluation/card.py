@@ -15,9 +15,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
+from moeca.common.outputs import atomic_file, atomic_write_text
+from moeca.data.digits import to_uint8
+from moeca.diffusion.samplers import default_sampler, initial_noise, sample
+from moeca.evaluation.evaluator import DigitsClassifier, evaluate_samples
+from moeca.models.checkpoint import weights_hash
+from moeca.models.registry import load_model, pick_device, shipped_model
 from moeca.models.runtime import Runtime
 
 CARD_MD = "MODEL_CARD.md"
@@ -91,7 +101,6 @@ def image_grid(images: torch.Tensor, nrow: int, scale: int = 4, pad: int = 2) ->
     """``[N, C, H, W]`` in [-1, 1] -> uint8 grid ``[rows*(H*scale+pad)+pad, ..., 3]`` with ``nrow``
     images per row, each upscaled ``scale`` x (nearest). One channel is shown as grey, three as RGB;
     other channel counts (raw latents) show their first three channels as RGB."""
-    from moeca.data.digits import to_uint8
     if images.dim() != 4 or images.shape[0] == 0:
         raise ValueError(f"image_grid expects a non-empty batch [N, C, H, W], got {tuple(images.shape)}")
     arr = to_uint8(images)  # [N, H, W, C]
@@ -112,21 +121,17 @@ def image_grid(images: torch.Tensor, nrow: int, scale: int = 4, pad: int = 2) ->
 def save_png(array: np.ndarray, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a uint8 ``[H, W, 3]`` array as PNG atomically (Pillow); an existing file moeca did not write is
     replaced only with ``overwrite`` (:func:`moeca.common.outputs.atomic_file`)."""
-    from PIL import Image
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"output {path} must end in .png")
     if not path.parent.exists():
         raise FileNotFoundError(f"output folder {path.parent} does not exist; create it first")
-    from moeca.common.outputs import atomic_file
     with atomic_file(path, "PNG image", overwrite=overwrite) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
     return path
 
 
 def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-    from moeca.common.outputs import atomic_file
     try:
         with atomic_file(path, "figure") as tmp:
             fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -135,9 +140,7 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def plot_loss_curve(log: dict, path: Path) -> None:
-    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     curve = log.get("loss_curve") or []
     if not curve:
         raise ValueError("the training log has an empty loss_curve; retrain with `moeca train-demo`")
@@ -158,9 +161,7 @@ def plot_loss_curve(log: dict, path: Path) -> None:
 
 
 def plot_expert_load(routing: dict, path: Path) -> None:
-    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     load = np.array(routing["load"]) * 100
     fig, ax = plt.subplots(figsize=(6, 3.4))
     im = ax.imshow(load, cmap="viridis", aspect="auto")
@@ -204,10 +205,6 @@ def sample_with_stats(model, labels: torch.Tensor, cfg_scale: float, steps: int,
     (:func:`card_sampler`), in chunks of ``chunk`` from one seeded noise tensor, through ``runtime``
     if given. The DDPM step noise of the chunk starting at sample ``i`` is seeded with ``seed + i``, so
     chunks do not share it. One tqdm tick per step per chunk."""
-    from tqdm import tqdm
-
-    from moeca.diffusion.samplers import initial_noise, sample
-
     mc = model.config
     device = next(model.parameters()).device
     noise = initial_noise((labels.shape[0], mc.in_channels, mc.input_size, mc.input_size), seed, device)
@@ -231,7 +228,6 @@ def sample_with_stats(model, labels: torch.Tensor, cfg_scale: float, steps: int,
 def card_sampler(objective: str, steps: int, cfg_scale: float):
     """The sampler a card evaluates with: the objective's reference sampler (rectified-flow Euler, or
     DDPM with learned-range variance guiding the predicted channels) at ``steps``, batched CFG."""
-    from moeca.diffusion.samplers import default_sampler
     return default_sampler(objective, num_steps=steps, cfg_scale=cfg_scale, cfg_mode="batched")
 
 
@@ -244,10 +240,6 @@ def build_card(weights: str | os.PathLike | None = None, out_dir: str | os.PathL
     (default: the shipped weights); training_log: ``training_log.json`` (default: next to the weights).
     Returns the card dict (also ``card.json``).
     """
-    from moeca.models.checkpoint import weights_hash
-    from moeca.evaluation.evaluator import DigitsClassifier, evaluate_samples
-    from moeca.models.registry import load_model, pick_device, shipped_model
-
     shipped = shipped_model(model_name)
     flag = "" if model_name == "demo" else f" --model {model_name}"
     weights = Path(weights) if weights is not None else shipped.weights_path
@@ -321,7 +313,6 @@ def build_card(weights: str | os.PathLike | None = None, out_dir: str | os.PathL
 
 
 def _write_text(path: Path, text: str) -> None:
-    from moeca.common.outputs import atomic_write_text
     atomic_write_text(path, text, what="model card")
 
 

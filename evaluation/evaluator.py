@@ -21,9 +21,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
+from moeca.common.outputs import atomic_file, atomic_write_text
 from moeca.data.digits import load_digits_split
 from moeca.evaluation.metrics import frechet_distance
+from moeca.models.registry import data_dir, pick_device
 
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 CLASSIFIER_CARD = "classifier.json"
@@ -31,7 +35,6 @@ FEATURE_DIM = 64
 
 
 def shipped_dir() -> Path:
-    from moeca.models.registry import data_dir
     return data_dir() / "classifier"
 
 
@@ -69,7 +72,6 @@ class DigitsClassifier:
     """
 
     def __init__(self, net: DigitsCNN, device: torch.device | str | None = None, info: dict | None = None):
-        from moeca.models.registry import pick_device
         self.device = device if isinstance(device, torch.device) else pick_device(device or "auto")
         self.net = net.to(self.device).eval()
         self.info = info or {}
@@ -79,7 +81,6 @@ class DigitsClassifier:
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "DigitsClassifier":
         """Load classifier weights written by :func:`train_classifier` (a ``.safetensors`` file)."""
-        from safetensors.torch import load_file
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"classifier weights not found at {path}; run `moeca train-classifier` to "
@@ -175,9 +176,6 @@ def train_classifier(out_dir: str | os.PathLike, seed: int = 0, config: Classifi
 
     Deterministic under ``seed`` (fixed thread count). Returns the card dict.
     """
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
     cfg = replace(config or ClassifierTrainConfig(), seed=seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -220,7 +218,6 @@ def train_classifier(out_dir: str | os.PathLike, seed: int = 0, config: Classifi
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     finally:
         torch.set_num_threads(prev_threads)
-    from moeca.common.outputs import atomic_file, atomic_write_text
     with atomic_file(out_dir / CLASSIFIER_WEIGHTS, "classifier weights") as tmp:
         save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp),
                   metadata={"moeca_classifier": json.dumps({"seed": cfg.seed, "test_accuracy": test_acc})})

@@ -9,6 +9,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from moeca.data.digits import to_uint8
 
 CELL_PIXELS = 64
 """Default side of one grid cell in pixels: the 8x8 digits are upscaled 8x, 32x32 latents 2x."""
@@ -27,8 +30,6 @@ def auto_scale(size: int, cell: int = CELL_PIXELS) -> int:
 def to_rgb_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """``[N, C, H, W]`` in [-1, 1] -> ``[N, H, W, 3]`` uint8. One channel is shown as grey, three as RGB;
     other channel counts (raw latents) show their first three channels (two: the first repeated)."""
-    from moeca.data.digits import to_uint8
-
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.asarray(images, dtype=np.float32))
     if images.dim() != 4 or images.shape[0] == 0:
@@ -94,8 +95,6 @@ def _caption(label: int, class_names: Sequence[str] | None) -> str:
 def _draw_captions(grid: np.ndarray, captions: list[str], ncol: int, cell_h: int, cw: int, ch: int,
                    pad: int) -> None:
     """Write each caption centred in the strip under its image (in place)."""
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default(size=LABEL_PIXELS - 4)
     img = Image.fromarray(grid)
     draw = ImageDraw.Draw(img)

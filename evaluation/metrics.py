@@ -15,6 +15,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import linalg
 
 SSIM_WINDOW = 7
 """Gaussian window side of :func:`ssim` (shrunk to the largest odd size that fits smaller images)."""
@@ -121,8 +122,6 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     imaginary parts from rounding (< 1e-3 relative) are dropped. The estimate is biased upward for
     small sets, so compare distances computed from sets of similar sizes.
     """
-    from scipy import linalg
-
     a = np.asarray(feats_a, dtype=np.float64)
     b = np.asarray(feats_b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2:

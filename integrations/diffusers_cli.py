@@ -14,6 +14,10 @@ import contextlib
 import json
 from typing import Callable, Iterator
 
+from moeca.common.outputs import atomic_write_text, output_dir
+from moeca.policy.schedule import Schedule
+from moeca.tracer.cli import format_summary
+
 CONFIG_NAMES = ("tiny", "tiny-4e", "bench", "hidream-i1")
 """Named random-weight configs (``moeca.integrations.diffusers.sampling.CONFIGS``)."""
 
@@ -74,8 +78,10 @@ def _user_errors() -> Iterator[None]:
 
 def _load(args: argparse.Namespace, samples: int):
     """(transformer, source, conditional text, unconditional text, latent size) from the options."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
+    # deferred: the optional [diffusers] extra
     from moeca.integrations.diffusers.sampling import (CONFIGS, TEXT_LENGTHS, build_transformer, load_conditioning,
                                                        load_transformer, random_conditioning)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -106,11 +112,12 @@ def _load(args: argparse.Namespace, samples: int):
 
 
 def run_trace(args: argparse.Namespace) -> int:
-    from moeca.tracer.cli import format_summary
+    # deferred: loads pyarrow, and this module is imported at `moeca` start-up
     from moeca.tracer.schema import DEFAULT_LAGS
     if args.samples is not None and args.samples < 1:
         raise ValueError(f"--samples {args.samples} must be >= 1")
     with _user_errors():
+        # deferred: the optional [diffusers] extra
         from moeca.integrations.diffusers.sampling import FlowSampler
         from moeca.integrations.diffusers.trace import DiffusersTraceConfig, trace_diffusers
         if args.resume:
@@ -129,13 +136,13 @@ def run_trace(args: argparse.Namespace) -> int:
 
 
 def run_replay(args: argparse.Namespace) -> int:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
-    from moeca.common.outputs import atomic_write_text, output_dir
-    from moeca.policy.schedule import Schedule
     if args.samples < 1 or args.repeats < 1:
         raise ValueError("--samples and --repeats must be >= 1")
     with _user_errors():
+        # deferred: the optional [diffusers] extra
         from moeca.integrations.diffusers.apply import check_identity, none_schedule
         from moeca.integrations.diffusers.hidream import moe_blocks
         from moeca.integrations.diffusers.measure import Variant, compare

@@ -13,7 +13,10 @@ import pickle
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from moeca.common.inputs import require_file
 from moeca.common.outputs import atomic_file
 
 from .config import DiTMoEConfig
@@ -28,10 +31,8 @@ class CheckpointError(ValueError):
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or ``.pt``/``.pth``/``.bin`` without executing code."""
-    from moeca.common.inputs import require_file
     path = require_file(path, "checkpoint", "give the weights file (.safetensors or .pt)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
@@ -50,7 +51,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def safetensors_config(path: str | os.PathLike) -> DiTMoEConfig:
     """The model config a moeca-written ``.safetensors`` carries in its metadata (``moeca_config``)."""
-    from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -128,7 +128,6 @@ def load_state_dict_strict(model: DiTMoE, state: dict[str, torch.Tensor], where:
 def save_safetensors(model: DiTMoE, path: str | os.PathLike, dtype: torch.dtype | None = None,
                      metadata: dict[str, str] | None = None) -> None:
     """Write the state dict atomically (temporary name, then rename). The config goes into metadata."""
-    from safetensors.torch import save_file
     path = Path(path)
     state = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
              for k, v in model.state_dict().items()}

@@ -7,6 +7,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import torch
+import torch.distributed as dist
+
 
 @dataclass(frozen=True)
 class RankInfo:
@@ -31,8 +34,6 @@ def torchrun_group(backend: str = "auto", device: str = "auto") -> Iterator[Rank
     if world == 1:
         yield RankInfo(rank, world, local_rank, lambda: None)
         return
-    import torch
-    import torch.distributed as dist
     if backend == "auto":
         backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
     if backend == "nccl":

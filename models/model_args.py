@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from moeca.common.inputs import require_file
 
 SHIPPED_MODEL_NAMES = ("demo", "demo-ddpm")
 """The shipped digits models (``moeca.models.registry.SHIPPED_MODELS`` holds their specs; this module stays
@@ -27,10 +28,10 @@ def load_model_from_args(args: argparse.Namespace, device, seed: int | None = No
 
     ``seed`` seeds ``--random-init`` weights (default ``args.model_seed``). Returns ``(name, model)``.
     """
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from .registry import load_model
 
     if args.checkpoint:
-        from moeca.common.inputs import require_file
         require_file(args.checkpoint, "--checkpoint", "give the weights file (.safetensors or .pt)")
     if args.random_init and args.checkpoint:
         raise ValueError("--random-init and --checkpoint exclude each other; pick one")

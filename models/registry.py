@@ -9,8 +9,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, read_state_dict, load_state_dict_strict, safetensors_config
-from .config import DiTMoEConfig, get_preset, PRESETS
+from moeca.common.inputs import require_file
+
+from .checkpoint import (CheckpointError, load_checkpoint, load_state_dict_strict, read_state_dict, safetensors_config,
+                         weights_hash)
+from .config import PRESETS, DiTMoEConfig, get_preset
 from .dit_moe import DiTMoE
 
 
@@ -136,7 +139,6 @@ def load_traced_model(meta: dict, checkpoint: str | Path | None = None,
     checkpoint, config, weights_hash): ``checkpoint`` (else the recorded one) loaded by :func:`load_model`'s
     rule (a moeca-written checkpoint describes itself, whatever the recorded name), then checked against the
     recorded weights hash. Used by ``schedule derive --target-speedup`` and the benches that re-derive."""
-    from .checkpoint import weights_hash
     model_meta = meta.get("model") or {}
     name, checkpoint = model_meta.get("name"), checkpoint or model_meta.get("checkpoint")
     if checkpoint is None and name not in SHIPPED_MODELS:
@@ -160,7 +162,6 @@ def self_describing_config(checkpoint: str | Path, name: str | None = None) -> D
     that is a shipped model or preset of another architecture is refused; any other name (the custom
     model's own, or one a user picked when tracing) is only a label.
     """
-    from moeca.common.inputs import require_file
     path = require_file(checkpoint, "checkpoint", "give the weights file (.safetensors or .pt)")
     if path.suffix != ".safetensors":
         return None
@@ -181,7 +182,6 @@ def self_describing_config(checkpoint: str | Path, name: str | None = None) -> D
 
 def load_demo_like(path: Path, device: torch.device, dtype: torch.dtype) -> DiTMoE:
     """Load a safetensors file written by moeca (its config lives in the metadata)."""
-    from moeca.common.inputs import require_file
     require_file(path, "checkpoint", "give the weights file (.safetensors)")
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: without --model PRESET only moeca-written .safetensors files are "

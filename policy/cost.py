@@ -6,7 +6,10 @@ forecast of reused rows (``forecast_term``: one multiply-add per element and for
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from moeca.analysis.flops import block_unit_flops
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,6 @@ class UnitCosts:
 
     @classmethod
     def of(cls, config) -> "UnitCosts":
-        from moeca.analysis.flops import block_unit_flops
         D = config.hidden_size
         patch = config.patch_size ** 2
         unit = block_unit_flops(D, config.expert_hidden, config.shared_hidden, config.num_tokens, config.num_experts)
@@ -75,7 +77,6 @@ def branch_schedule_flops(schedule, config, rows: int, computed_pairs) -> tuple[
     reuses somewhere, extrapolation of every row of a reusing unit). Token-level MoE rules, threshold
     rules and whole-model skips are data-dependent: refused.
     """
-    import math
     c = UnitCosts.of(config)
     T, k, L = c.num_tokens, c.top_k, c.depth
     N = rows * T

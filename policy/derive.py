@@ -61,15 +61,17 @@ synchronized refresh keeps them consistent. The per-expert budget rule below sta
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from moeca.models.config import DiTMoEConfig
 from moeca.policy.cost import UnitCosts
-from moeca.policy.wallclock import StepWork, WallClockCosts
 from moeca.policy.schedule import (ALWAYS, REUSE, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
                                    ScoreConfig, StepRule)
+from moeca.policy.wallclock import StepWork, WallClockCosts
 
 if TYPE_CHECKING:  # pragma: no cover
     from moeca.diffusion.samplers import SamplerConfig
@@ -201,7 +203,6 @@ def _fill(a: np.ndarray, axis_mean: tuple[int, ...], default: float) -> np.ndarr
 
 class _quiet:
     def __enter__(self):
-        import warnings
         self._w = warnings.catch_warnings()
         self._w.__enter__()
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -399,6 +400,7 @@ def placement_weight(drift: np.ndarray, sampler: "SamplerConfig") -> np.ndarray:
     (:func:`step_drift`) times the share of the step's update the model decides
     (:func:`moeca.diffusion.samplers.model_share`: 1 for Euler and deterministic DDIM; on DDPM it rises from
     ~0.5 to 1 over the last steps, whose errors later steps no longer correct)."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import model_share
     return drift * model_share(sampler)
 
@@ -518,7 +520,7 @@ def derive_schedule(summary, run_meta: dict, cfg: DeriveConfig, wallclock: WallC
     wall-clock speedup (``provenance.predicted_speedup``) whatever the target.
     Raises ValueError when ``target_speedup`` is out of reach (the message gives the reachable maximum).
     """
-    from moeca.models.config import DiTMoEConfig
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import SamplerConfig
 
     try:

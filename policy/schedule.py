@@ -63,6 +63,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
+from moeca.analysis.flops import block_unit_flops
+from moeca.common.jsontext import JSONInputError, read_json
+
 FORMAT_VERSION = 5
 READABLE_VERSIONS = (1, 2, 3, 4, 5)
 FORECASTS = ("none", "linear", "taylor", "polynomial")
@@ -322,7 +325,6 @@ class ModelIdentity:
 
     def unit_flops(self) -> dict[str, float]:
         """FLOPs per token of attention, shared expert and router, and per (token, expert) pair."""
-        from moeca.analysis.flops import block_unit_flops
         unit = block_unit_flops(self.hidden_size, self.expert_hidden, self.shared_hidden, self.num_tokens,
                                 self.num_experts)
         return {k: unit[k] for k in ("attn", "shared", "expert", "router")}
@@ -511,7 +513,6 @@ class Schedule:
                                 "(e.g. the --out of `moeca schedule derive`)")
         if not path.is_file():
             raise FileNotFoundError(f"schedule file {path} does not exist; create one with `moeca schedule derive`")
-        from moeca.common.jsontext import JSONInputError, read_json
         try:
             data = read_json(path, "schedule", "derive it again with `moeca schedule derive`")
         except JSONInputError as exc:
@@ -557,6 +558,7 @@ class Schedule:
                 f"{m.fingerprint}, depth {m.depth}, {m.num_experts} experts) but the model is {config.name!r} "
                 f"(fingerprint {config.fingerprint()}, depth {config.depth}, {config.num_experts} experts); "
                 "derive a schedule for this model with `moeca schedule derive`")
+        # deferred: loads torch, and this module is imported at `moeca` start-up
         from moeca.diffusion.samplers import check_sampler_objective
         try:                                     # every path (CLI, replay_compare, the explorer) passes here
             check_sampler_objective(self.sampler.kind, config.objective, "schedule field sampler.kind:")
@@ -624,6 +626,7 @@ def _path(parts: Iterable) -> str:
 
 def validate_json(data: Any, where: str = "schedule") -> None:
     """Validate parsed JSON against the schema; raise :class:`ScheduleError` naming the bad field."""
+    # deferred: loads jsonschema, and this module is imported at `moeca` start-up
     import jsonschema
 
     if isinstance(data, dict) and data.get("format_version") not in (None, *READABLE_VERSIONS) \
@@ -654,7 +657,7 @@ def check_structure(s: Schedule) -> None:
                             "forecast 'taylor' or 'polynomial' for higher orders")
     if not isinstance(s.token_selection, TokenSelection):
         raise ScheduleError("field token_selection: expected a TokenSelection (JSON: {\"kind\": \"moeca_score\"})")
-    from moeca.policy.methods import METHOD_NAMES   # the registry (imports this module: import here)
+    from moeca.policy.methods import METHOD_NAMES  # the registry (imports this module: import here)
     if s.method not in (*METHOD_NAMES, "custom"):
         raise ScheduleError(f"field method: {s.method!r} is not one of {', '.join((*METHOD_NAMES, 'custom'))}")
     if n != s.sampler.num_steps:

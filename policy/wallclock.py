@@ -49,6 +49,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from moeca.common.jsontext import JSONInputError, read_json
+from moeca.common.outputs import os_errors, replaced_file
+
 CACHE_FORMAT = 1
 CACHE_FILE = "calibration.json"
 COEFFICIENTS = ("step_ms", "attn_row_ms", "shared_row_ms", "pair_ms", "forecast_term_ms", "history_term_ms",
@@ -219,7 +222,6 @@ def _read(path: Path) -> dict:
     check_cache_path(path)
     if not path.exists():
         return {"format": CACHE_FORMAT, "entries": {}}
-    from moeca.common.jsontext import JSONInputError, read_json
     try:
         data = read_json(path, "calibration cache", "delete it or run `moeca calibrate` to rewrite it")
     except JSONInputError as exc:
@@ -248,7 +250,7 @@ def _exclusive(path: Path):
     """Hold an exclusive lock on ``.<name>.lock`` beside ``path`` (POSIX ``flock``; where there is none,
     no lock), so concurrent processes' read-modify-writes of the cache do not drop each other's entries."""
     try:
-        import fcntl
+        import fcntl  # POSIX only: where it is missing (Windows) there is no lock
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
@@ -264,7 +266,6 @@ def save_costs(costs: WallClockCosts, path: Path | None = None) -> Path:
     """Add or replace the entry of ``costs.key`` in the cache file (under a lock: read, add, write a
     temporary sibling, rename), keeping the entries other processes saved meanwhile."""
     path = check_cache_path(path)
-    from moeca.common.outputs import os_errors, replaced_file
     with os_errors(f"calibration cache {path}"):
         path.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(path):

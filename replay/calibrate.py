@@ -29,12 +29,17 @@ from typing import Callable
 
 import numpy as np
 import torch
+from scipy.optimize import nnls
 
+import moeca.models as models_pkg
+import moeca.policy.wallclock as wallclock_mod
 from moeca.diffusion.samplers import SamplerConfig, sample
+from moeca.models.checkpoint import weights_hash
 from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
 from moeca.policy.wallclock import (COEFFICIENTS, CalibrationError, StepWork, WallClockCosts, check_cache_path,
-                                   load_costs, save_costs)
+                                    load_costs, save_costs)
 
+from .forecast import History
 from .runtime import ReplayRuntime
 
 CALIBRATION_STEPS = 10
@@ -55,8 +60,6 @@ def _sources_hash(files: list[tuple[str, Path]]) -> str:
 def engine_hash() -> str:
     """Hash of the source of the replay engine and the model code (every ``.py`` file under ``replay/``
     and ``models/`` except :data:`NOT_ENGINE`): any change recalibrates."""
-    import moeca.models as models_pkg
-
     return _sources_hash([(p.relative_to(root).as_posix(), p)
                           for root in (Path(__file__).parent, Path(models_pkg.__file__).parent)
                           for p in sorted(q for q in root.rglob("*.py") if q.name not in NOT_ENGINE)])
@@ -65,8 +68,6 @@ def engine_hash() -> str:
 def cost_model_hash() -> str:
     """Hash of the cost model (``policy/wallclock.py``) and this measurement: a calibration fitted with
     other features or schedules is never reused."""
-    import moeca.policy.wallclock as wallclock_mod
-
     return _sources_hash([(p.name, p) for p in (Path(wallclock_mod.__file__), Path(__file__))])
 
 
@@ -83,8 +84,6 @@ def rows_per_block(config, sampler_cfg: SamplerConfig, batch: int) -> int:
 
 def calibration_key(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int) -> dict[str, str]:
     """The fields a calibration is valid for (all strings)."""
-    from moeca.models.checkpoint import weights_hash
-
     param = next(model.parameters())
     return {"device": device_name(param.device), "torch": torch.__version__, "engine": engine_hash(),
             "cost_model": cost_model_hash(),
@@ -132,8 +131,6 @@ def bookkeeping_ms(rows: int, width: int, device: torch.device, repeats: int = 3
     caches cold (a 32 MiB scratch buffer written before every timing, as a refresh step's own work does):
     a push into a forecast history (``history_term_ms``, per row and term) and one multiply-add of the
     folded stack forecast (``stack_term_ms``, per row). Medians of ``repeats``."""
-    from .forecast import History
-
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     scratch = torch.empty(8 << 20, device=device)
     values = torch.randn(rows, width, device=device)
@@ -211,8 +208,6 @@ def measure_costs(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int
                   steps: int = CALIBRATION_STEPS, repeats: int = CALIBRATION_REPEATS,
                   progress: Callable[[str], None] | None = None) -> WallClockCosts:
     """Calibrate the unit costs of ``model`` at ``batch`` samples for ``sampler_cfg``'s kind and CFG mode."""
-    from scipy.optimize import nnls
-
     if batch < 1 or steps < 4 or repeats < 1:
         raise ValueError(f"calibration needs batch >= 1, steps >= 4 and repeats >= 1 (got {batch}, {steps}, {repeats})")
     config = model.config

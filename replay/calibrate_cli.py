@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from moeca.models.model_args import add_model_arguments
+from moeca.models.model_args import add_model_arguments, load_model_from_args
+from moeca.policy.wallclock import COEFFICIENTS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,11 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
-    from moeca.models.model_args import load_model_from_args
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import SamplerConfig
-    from moeca.policy.wallclock import COEFFICIENTS
 
     from .calibrate import ensure_costs
 

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 
-from moeca.models.model_args import add_model_arguments
+from moeca.common.outputs import check_output_dir
+from moeca.models.model_args import add_model_arguments, load_model_from_args
+from moeca.policy.schedule import Schedule
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,16 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    import math
-    import sys
-
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
-    from moeca.common.outputs import check_output_dir
-    from moeca.models.checkpoint import weights_hash
-    from moeca.models.model_args import load_model_from_args
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import SamplerConfig, check_sampler_objective, default_sampler_for
-    from moeca.policy.schedule import Schedule
+    from moeca.models.checkpoint import weights_hash
 
     from .calibrate import prediction_line
     from .driver import replay_compare, write_replay_outputs

@@ -22,8 +22,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
+from moeca.common.outputs import output_dir
 from moeca.diffusion.samplers import SamplerConfig, sample
+from moeca.evaluation.card import save_png
+from moeca.evaluation.evaluator import DigitsClassifier, evaluate_samples
+from moeca.evaluation.grid import label_grid
+from moeca.evaluation.metrics import mean_finite, psnr, relative_l2, ssim
+from moeca.models.checkpoint import weights_hash
+from moeca.models.compile import compile_model
 from moeca.policy.cost import UnitCosts
 from moeca.policy.schedule import Schedule
 
@@ -260,10 +268,6 @@ def replay_compare(model: torch.nn.Module, schedule: Schedule, sampler_cfg: Samp
     compile ``model`` in place first (:func:`moeca.models.compile.compile_model`; once per process), so
     the warm-up runs compile and the timed runs do not (use with ``warmup``).
     """
-    from tqdm import tqdm
-    from moeca.models.checkpoint import weights_hash
-    from moeca.evaluation.metrics import mean_finite, psnr, relative_l2, ssim
-
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     config = model.config
@@ -278,7 +282,6 @@ def replay_compare(model: torch.nn.Module, schedule: Schedule, sampler_cfg: Samp
     n_steps = sampler_cfg.num_steps
     make_rt = runtime_factory or ReplayRuntime
     if compile:
-        from moeca.models.compile import compile_model
         compile_model(model)
     if quality_reference is not None and (qlabels is None or quality_reference.shape[0] != qlabels.numel()):
         raise ValueError("quality_reference must hold one full-compute sample per quality label")
@@ -346,7 +349,6 @@ def replay_compare(model: torch.nn.Module, schedule: Schedule, sampler_cfg: Samp
                      psnr_quality_mean=mean_finite(psnr(q_cached, q_full, max_db=100.0)),
                      ssim_quality_mean=float(ssim(q_cached, q_full).mean()))
         if evaluate or (evaluate is None and is_digits_demo(config)):
-            from moeca.evaluation.evaluator import DigitsClassifier, evaluate_samples
             clf = DigitsClassifier.load_shipped("cpu")
             ef, ec = evaluate_samples(q_full, qlabels, clf), evaluate_samples(q_cached, qlabels, clf)
             extra.update(accuracy_full=ef["accuracy"], accuracy_cached=ec["accuracy"], fd_full=ef["fd"],
@@ -383,10 +385,6 @@ def write_replay_outputs(result: ReplayResult, out_dir: str | os.PathLike, sched
     (:func:`moeca.common.outputs.output_dir`): an existing ``out_dir`` is replaced only where an
     earlier moeca output was; files moeca did not write are never removed.
     """
-    from moeca.common.outputs import output_dir
-    from moeca.evaluation.card import save_png
-    from moeca.evaluation.grid import label_grid
-
     out = Path(out_dir)
     nrow = min(8, result.full.shape[0])
     names = {"full_png": "full.png", "cached_png": "cached.png", "tensors": "samples.pt", "json": "report.json",

@@ -14,8 +14,18 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from moeca.models.model_args import add_model_arguments
+import torch
+
+from moeca.common.inputs import check_utf8_arguments
+from moeca.common.outputs import check_no_overlap
+from moeca.diffusion.samplers import SamplerConfig, default_sampler_for
+from moeca.models.checkpoint import weights_hash
 from moeca.models.distributed import torchrun_group
+from moeca.models.model_args import add_model_arguments, load_model_from_args
+from moeca.models.registry import pick_device
+from moeca.policy.schedule import Schedule
+
+from .sample_ddp import SampleJob, check_output, sample_to_npz
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, FloatingPointError)
 
@@ -61,8 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_device(name: str, local_rank: int):
     """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU; ``cuda`` -> ``cuda:LOCAL_RANK``."""
-    import torch
-    from moeca.models.registry import pick_device
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     device = pick_device(name)
@@ -71,9 +79,6 @@ def resolve_device(name: str, local_rank: int):
 
 def sampler_and_schedule(args: argparse.Namespace, model):
     """The :class:`SamplerConfig` and the schedule (None for ``--schedule none``) from the options."""
-    from moeca.diffusion.samplers import SamplerConfig, default_sampler_for
-    from moeca.policy.schedule import Schedule
-
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     base = default_sampler_for(model.config)
@@ -94,13 +99,8 @@ def sampler_and_schedule(args: argparse.Namespace, model):
 
 
 def cmd_sample(args: argparse.Namespace, rank: int, world: int, local_rank: int, barrier) -> int:
-    from moeca.models.model_args import load_model_from_args
-
-    from .sample_ddp import SampleJob, check_output, sample_to_npz
-
     job = SampleJob(num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
                     label_mode=args.label_mode)
-    from moeca.common.outputs import check_no_overlap
 
     out = Path(args.out)
     check_output(out, args.overwrite)           # before loading a model: fail fast on a bad --out
@@ -110,7 +110,6 @@ def cmd_sample(args: argparse.Namespace, rank: int, world: int, local_rank: int,
     _, model = load_model_from_args(args, device)
     sampler, schedule, digest = sampler_and_schedule(args, model)
     if schedule is not None and rank == 0:
-        from moeca.models.checkpoint import weights_hash
         note = schedule.unchecked_weights_note(f"schedule {args.schedule}", weights_hash(model))
         if note:
             print(note, file=sys.stderr)
@@ -135,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
-        from moeca.common.inputs import check_utf8_arguments
         check_utf8_arguments(argv)
         with torchrun_group(args.backend, args.device) as group:
             return cmd_sample(args, group.rank, group.world, group.local_rank, group.barrier)

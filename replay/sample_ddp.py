@@ -28,8 +28,13 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from moeca.common.outputs import replaced_file
+from moeca.common.outputs import atomic_file, check_replace_file, replaced_file
+from moeca.diffusion.samplers import initial_noise, sample
+from moeca.evaluation.grid import to_rgb_uint8
+from moeca.models.checkpoint import weights_hash
+from moeca.replay import ReplayRuntime
 
 JOB_FORMAT = 1
 JOB_FILE = "job.json"
@@ -94,7 +99,6 @@ def sample_labels(job: SampleJob, num_classes: int) -> np.ndarray:
 
 def job_identity(job: SampleJob, model, sampler_cfg, schedule_sha256: str | None) -> dict:
     """Everything that determines the images; equal identities give equal shards."""
-    from moeca.models.checkpoint import weights_hash
     return {"format": JOB_FORMAT, **asdict(job), "model_fingerprint": model.config.fingerprint(),
             "weights_hash": weights_hash(model), "schedule_sha256": schedule_sha256,
             "sampler": sampler_cfg.to_dict()}
@@ -119,7 +123,6 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist; create it first")
     if out.exists() and not out.is_file():
         raise FileExistsError(f"--out {out} exists and is not a file; choose another path")
-    from moeca.common.outputs import check_replace_file
     check_replace_file(out, "--out sample archive", overwrite)
 
 
@@ -185,9 +188,6 @@ def sample_shard(model, sampler_cfg, job: SampleJob, labels: np.ndarray, shard: 
                  on_step: Callable[[int], None] | None = None) -> np.ndarray:
     """Sample ``shard`` -> uint8 ``[b, H, W, 3]`` (one channel replicated to three; raw latents show their
     first three channels). Full compute when ``runtime_factory`` is None, else under a fresh runtime."""
-    from moeca.evaluation.grid import to_rgb_uint8
-    from moeca.diffusion.samplers import initial_noise, sample
-
     mc = model.config
     param = next(model.parameters())
     ids = job.shard_indices(shard)
@@ -209,8 +209,6 @@ def sample_my_shards(model, sampler_cfg, job: SampleJob, labels: np.ndarray, out
     """Sample this rank's missing shards (``s % world == rank``) and write each atomically.
 
     Returns ``(sampled, reused)`` shard indices."""
-    from tqdm import tqdm
-
     mc = model.config
     mine = list(range(rank, job.num_shards, world))
     image_shape = (mc.input_size, mc.input_size)
@@ -242,7 +240,6 @@ def merge_shards(out: Path, job: SampleJob, labels: np.ndarray, image_shape: tup
                                "rerun the same command to resume")
         parts.append(images)
     arr = np.concatenate(parts)
-    from moeca.common.outputs import atomic_file
     with atomic_file(out, "--out sample archive", overwrite=overwrite) as tmp, open(tmp, "wb") as f:
         np.savez(f, arr_0=arr, arr_1=labels)
     folder = shard_dir(out)
@@ -274,11 +271,9 @@ def sample_to_npz(model, sampler_cfg, job: SampleJob, out: str | os.PathLike, *,
     out = Path(out)
     check_output(out, overwrite)
     if schedule is not None:
-        from moeca.models.checkpoint import weights_hash
         schedule.check_compatible(model.config, sampler_cfg,
                                   weights_hash(model) if schedule.model.weights_hash else None)
         if runtime_factory is None:
-            from moeca.replay import ReplayRuntime
             runtime_factory = lambda: ReplayRuntime(schedule)  # noqa: E731 - one fresh runtime per shard
     labels = sample_labels(job, model.config.num_classes)
     identity = job_identity(job, model, sampler_cfg, schedule_sha256)

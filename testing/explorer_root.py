@@ -16,7 +16,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
 
+from moeca.analysis.api import drift_summary
+from moeca.analysis.report import analyze
+from moeca.analysis.summary import load_summary
+from moeca.diffusion.samplers import SamplerConfig
+from moeca.models.config import DiTMoEConfig, get_preset
+from moeca.models.dit_moe import DiTMoE
+from moeca.models.registry import randomize_zero_init
+from moeca.policy.derive import DeriveConfig, derive_schedule
+from moeca.policy.schedule import Schedule
+from moeca.replay.driver import replay_compare, write_replay_outputs
 from moeca.tracer import schema
 
 
@@ -46,7 +58,6 @@ class SyntheticTraceConfig:
     @classmethod
     def for_preset(cls, preset: str, **overrides) -> "SyntheticTraceConfig":
         """The shape of a named model preset (``moeca.models.config.PRESETS``, e.g. "demo")."""
-        from moeca.models.config import get_preset
         mc = get_preset(preset)
         shape = dict(blocks=mc.depth, tokens=mc.num_tokens, experts=mc.num_experts, top_k=mc.top_k,
                      num_classes=mc.num_classes, preset=preset)
@@ -73,7 +84,6 @@ def _labels(cfg: SyntheticTraceConfig) -> list[int]:
 
 def model_config(cfg: SyntheticTraceConfig):
     """A :class:`~moeca.models.config.DiTMoEConfig` with the synthetic trace's shape (square token grid)."""
-    from moeca.models.config import DiTMoEConfig, get_preset
     if cfg.preset is not None:
         mc = get_preset(cfg.preset)
         if (mc.depth, mc.num_tokens, mc.num_experts, mc.top_k) != (cfg.blocks, cfg.tokens, cfg.experts, cfg.top_k):
@@ -210,7 +220,6 @@ def write_synthetic_trace(out_dir: str | os.PathLike, cfg: SyntheticTraceConfig 
     rng = np.random.default_rng(cfg.seed)
     shards = range(0, cfg.samples, cfg.samples_per_shard)
     if progress:
-        from tqdm import tqdm
         shards = tqdm(shards, desc="synthetic trace", unit="shard")
     for i, first in enumerate(shards):
         count = min(cfg.samples_per_shard, cfg.samples - first)
@@ -233,16 +242,12 @@ def write_example_root(root: str | os.PathLike, trace: SyntheticTraceConfig | No
     cfg = trace or SyntheticTraceConfig(samples=4, samples_per_shard=2, steps=20, blocks=3, tokens=16, experts=4)
     paths = {"trace": write_synthetic_trace(root / "out" / "trace", cfg)}
     if report:
-        from moeca.analysis.report import analyze
         analyze([paths["trace"]], root / "out" / "report", threads=1)
         paths["report"] = root / "out" / "report"
     if schedule:
-        from moeca.analysis.summary import load_summary
-        from moeca.policy.derive import DeriveConfig, derive_schedule
         if report:
             summary = load_summary(paths["report"])
         else:
-            from moeca.analysis.api import drift_summary
             summary = drift_summary([paths["trace"]], threads=1)
         meta = json.loads((paths["trace"] / "run.json").read_text())
         sched = derive_schedule(summary, meta, DeriveConfig(target_speedup=3.0))
@@ -255,14 +260,6 @@ def write_example_root(root: str | os.PathLike, trace: SyntheticTraceConfig | No
 
 
 def _write_random_replay(cfg: SyntheticTraceConfig, schedule_path: Path, out: Path) -> Path:
-    import torch
-
-    from moeca.models.dit_moe import DiTMoE
-    from moeca.models.registry import randomize_zero_init
-    from moeca.diffusion.samplers import SamplerConfig
-    from moeca.policy.schedule import Schedule
-    from moeca.replay.driver import replay_compare, write_replay_outputs
-
     sched = Schedule.load(schedule_path)
     torch.manual_seed(cfg.seed)
     model = DiTMoE(model_config(cfg))

@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
+from moeca.models.config import DiTMoEConfig
 from moeca.tracer.schema import SCHEMA_VERSION, TOKEN_UNITS, branch_schema, token_schema
 
 TOKEN_DRIFT = {"attn": (0.0625, 0.9375), "moe": (0.125, 0.875), "shared": (0.0, 1.0), "update": (0.03125, 0.96875)}
@@ -40,7 +42,6 @@ OUT_NORM = 2.0
 
 def synthetic_config(depth: int = 2, num_experts: int = 4, top_k: int = 2, side: int = 4, hidden: int = 32,
                      shared_ratio: float = 2.0) -> dict:
-    from moeca.models.config import DiTMoEConfig
     return DiTMoEConfig(name="synthetic", input_size=side, patch_size=1, in_channels=1, hidden_size=hidden,
                         depth=depth, num_heads=2, num_experts=num_experts, top_k=top_k,
                         shared_expert_ratio=shared_ratio, num_classes=3, learn_sigma=False,
@@ -86,7 +87,6 @@ def write_synthetic_trace(out: str | Path, *, depth: int = 2, num_steps: int = 6
     top_k, T, S, B, E = 2, side * side, num_steps, depth, num_experts
     C = 2 if cfg else 1
     config = synthetic_config(depth, E, top_k, side, hidden, shared_ratio)
-    from moeca.models.config import DiTMoEConfig
     meta = {"schema_version": SCHEMA_VERSION,
             "model": {"config": config, "fingerprint": DiTMoEConfig.from_dict(config).fingerprint(),
                       "weights_hash": "synthetic", "name": "synthetic"},
@@ -102,7 +102,6 @@ def write_synthetic_trace(out: str | Path, *, depth: int = 2, num_steps: int = 6
     shard_starts = list(range(0, samples, samples_per_shard))
     it = shard_starts
     if progress:
-        from tqdm import tqdm
         it = tqdm(shard_starts, desc="synthetic trace", unit="shard")
     t_step = np.linspace(1.0, 0.0, S, endpoint=False).astype(np.float32)
     for si, start in enumerate(it):

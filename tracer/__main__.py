@@ -10,11 +10,13 @@ import argparse
 import os
 import sys
 
+from moeca.common.inputs import check_utf8_arguments
+from moeca.models.distributed import torchrun_group
+
+from .cli import add_trace_arguments, run_trace
+
 
 def main(argv: list[str] | None = None) -> int:
-    from moeca.models.distributed import torchrun_group
-
-    from .cli import add_trace_arguments, run_trace
     parser = argparse.ArgumentParser(prog="python -m moeca.tracer",
                                      description="Trace a sampling run (same options as `moeca trace`); "
                                                  "launch with torchrun to split samples across processes.")
@@ -24,7 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     try:
-        from moeca.common.inputs import check_utf8_arguments
         check_utf8_arguments(argv)
         with torchrun_group(args.backend, args.device):
             return int(run_trace(args) or 0)

@@ -6,11 +6,15 @@ same options; each rank traces the shards ``s % N == rank`` and writes its own s
 from __future__ import annotations
 
 import argparse
-
-from moeca.models.model_args import add_model_arguments
 import json
 import os
+import sys
+from dataclasses import replace
 from pathlib import Path
+
+from moeca.models.model_args import add_model_arguments
+
+from ..models.model_args import load_model_from_args
 
 
 def _int_list(text: str) -> list[int]:
@@ -66,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _sampler(args: argparse.Namespace, model):
-    from dataclasses import replace
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import default_sampler_for
     base = default_sampler_for(model.config)
     overrides = {}
@@ -82,7 +86,10 @@ def _sampler(args: argparse.Namespace, model):
 
 
 def _device(name: str):
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
+
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from ..models.registry import pick_device
     device = pick_device(name)
     local_rank = os.environ.get("LOCAL_RANK")
@@ -92,8 +99,10 @@ def _device(name: str):
 
 
 def run_trace(args: argparse.Namespace) -> int:
-    from ..models.model_args import load_model_from_args
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import check_sampler_objective
+
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from .run import TraceConfig, resolve_labels, trace_run
     from .schema import DEFAULT_LAGS
 
@@ -123,6 +132,7 @@ def run_trace(args: argparse.Namespace) -> int:
 
 
 def format_summary(trace_dir, summary: dict | None = None) -> str:
+    # deferred: loads pyarrow, and this module is imported at `moeca` start-up
     from .store import trace_summary
     s = summary if summary is not None else trace_summary(trace_dir)
     lines = [f"{s['path']}: run {s['run_name']!r}, schema v{s['schema_version']}, model {s['model']} "
@@ -144,7 +154,7 @@ def format_summary(trace_dir, summary: dict | None = None) -> str:
 def run_trace_info(args: argparse.Namespace) -> int:
     """Print each trace's summary; exit code 2 (as every command's refusal) when any trace contradicts itself
     (problems listed)."""
-    import sys
+    # deferred: loads pyarrow, and this module is imported at `moeca` start-up
     from .store import find_traces, trace_summary
     traces = list(dict.fromkeys(t.resolve() for p in args.paths for t in find_traces(p)))
     summaries = [trace_summary(t, deep=args.verify) for t in traces]

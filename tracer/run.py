@@ -12,21 +12,27 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import pyarrow
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from moeca.common.outputs import OutputError, output_lock, replaced_file
+from moeca.diffusion.samplers import DiffusionSchedule, SamplerConfig, initial_noise, sample
 
 from ..models.checkpoint import weights_hash
-from moeca.common.outputs import replaced_file
-from moeca.diffusion.samplers import DiffusionSchedule, SamplerConfig, initial_noise, sample
 from .recorder import TracingRuntime
 from .schema import DEFAULT_LAGS, RUN_META_FILE, SCHEMA_VERSION, TABLES, TMP_SUFFIX, parse_shard_file_name, tables_for
-from .store import (TraceValidationError, check_run_meta, complete_shards, read_run_meta, shard_files,
-                    validate_shards)
+from .store import TraceValidationError, check_run_meta, complete_shards, read_run_meta, shard_files, validate_shards
 from .writer import DEFAULT_ROW_GROUP_ROWS, BackgroundWriter, ShardWriter
 
 MAX_LAGS = 32
@@ -136,8 +142,6 @@ def vector_tokens(seed: int, depth: int, num_tokens: int, n: int) -> dict[int, l
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-    import pyarrow
     out = {"python": platform.python_version(), "torch": torch.__version__, "pyarrow": pyarrow.__version__,
            "numpy": np.__version__}
     try:
@@ -302,7 +306,6 @@ class _Progress:
     def __init__(self, total: int, desc: str, enabled: bool):
         self.bar = None
         if enabled:
-            from tqdm import tqdm
             self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
 
     def update(self, _step: int = 0) -> None:
@@ -346,7 +349,6 @@ def trace_shard(model: torch.nn.Module, runtime: TracingRuntime, out_dir: str | 
 
 
 def _dist_info() -> tuple[int, int]:
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -367,9 +369,7 @@ def trace_run(model: torch.nn.Module, out_dir: str | os.PathLike, config: TraceC
     rank, world = _dist_info()
     meta = build_run_meta(model, config, model_name=model_name, checkpoint=checkpoint,
                           run_name=run_name or out.resolve().name)
-    from contextlib import ExitStack
 
-    from moeca.common.outputs import OutputError, output_lock
     with ExitStack() as held:
         error: Exception | None = None
         if rank == 0:                          # one tracing job per folder (its ranks share rank 0's lock)
@@ -394,7 +394,6 @@ def _trace_locked(model: torch.nn.Module, out: Path, config: TraceConfig, meta: 
         except (ValueError, OSError) as exc:
             error = exc
     if world > 1:
-        import torch.distributed as dist
         box = [None if error is None else (type(error).__name__, str(error))]
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None and error is None:
@@ -418,8 +417,6 @@ def _trace_locked(model: torch.nn.Module, out: Path, config: TraceConfig, meta: 
         bar.close()
         runtime.release()
     if world > 1:
-        import sys
-        import torch.distributed as dist
         print(f"moeca trace rank {rank}/{world}: traced shards {todo} ({len(done)} were already complete)",
               file=sys.stderr)
         dist.barrier()

@@ -11,10 +11,11 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from moeca.common.inputs import require_folder
 from moeca.common.jsontext import JSONInputError, read_json
+from moeca.models.config import DiTMoEConfig
 
 from .schema import RUN_META_FILE, SCHEMA_VERSION, TABLES, TMP_SUFFIX, parse_shard_file_name, table_schema, tables_for
-
 
 _REQUIRED_META = ("schema_version", "model", "sampler", "steps", "cfg_scale", "seed", "batch_size", "num_samples",
                   "num_shards", "labels", "lags", "dump_vectors", "step_t")
@@ -190,7 +191,6 @@ def check_run_meta(trace_dir: str | os.PathLike, meta: dict) -> list[str]:
 
 def config_problems(trace_dir: str | os.PathLike, meta: dict) -> list[str]:
     """The model config in run.json must be valid and hash to the recorded ``model.fingerprint``."""
-    from moeca.models.config import DiTMoEConfig
     where = Path(trace_dir) / RUN_META_FILE
     model = meta.get("model") or {}
     try:
@@ -360,7 +360,6 @@ def validate_trace(trace_dir: str | os.PathLike, deep: bool = False) -> dict:
 
 def require_trace_folder(path: str | os.PathLike) -> Path:
     """``path`` if it is a folder; else an error saying it is missing or a file (e.g. the trace's run.json)."""
-    from moeca.common.inputs import require_folder
     path = Path(path)
     return require_folder(path, "trace", f"give the trace folder that holds {RUN_META_FILE}"
                           + (f" ({path.parent})" if path.name == RUN_META_FILE else ""))

@@ -16,9 +16,9 @@ from typing import Iterator
 
 import torch
 
+from moeca.diffusion.samplers import SamplerConfig
 from moeca.models.config import DiTMoEConfig
 from moeca.models.dispatch import PATHS, expert_stack, unstack_experts
-from moeca.diffusion.samplers import SamplerConfig
 from moeca.policy.schedule import Schedule, ScheduleMismatch, full_schedule
 
 from .engine import Counters, ScheduleEngine
@@ -81,6 +81,7 @@ class MoECaHandle:
     @contextlib.contextmanager
     def context(self, name: str, **fields) -> Iterator[None]:
         """``with handle.context("cond", step_index=i):`` -- state and step of the named CFG context."""
+        # deferred: the optional [diffusers] extra
         from diffusers.hooks.hooks import CacheContext
         self.hook.state_manager.set_context(CacheContext(name, **fields))
         try:

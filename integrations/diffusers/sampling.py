@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file
 
 from .compat import require_diffusers
 
@@ -139,7 +140,6 @@ def load_conditioning(path: "str | os.PathLike") -> tuple[TextConditioning, Text
     if not p.is_file():
         raise FileNotFoundError(f"--embeddings {p} does not exist; save the tensors of pipe.encode_prompt(...) there")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
         data = load_file(str(p))
     else:
         data = torch.load(p, map_location="cpu", weights_only=True)

@@ -18,6 +18,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +26,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from moeca.models.runtime import ForwardContext
 from moeca.diffusion.samplers import SamplerConfig
+from moeca.models.runtime import ForwardContext
 from moeca.tracer.recorder import TracingRuntime
 from moeca.tracer.run import prepare_out_dir
 from moeca.tracer.schema import DEFAULT_LAGS, SCHEMA_VERSION, tables_for
 from moeca.tracer.writer import ShardWriter
 
 from .compat import require_diffusers
-from .hidream import HiDreamBlock, architecture, config_hash, identity_name, moe_blocks, moe_full, view_config, weights_hash
+from .hidream import (HiDreamBlock, architecture, config_hash, identity_name, moe_blocks, moe_full, view_config,
+                      weights_hash)
 from .hooks import attach, detach
 from .sampling import FlowSampler, TextConditioning, initial_noise, sample
 
@@ -108,7 +110,6 @@ class DiffusersTraceConfig:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
     out = {"python": platform.python_version(), "torch": torch.__version__, "pyarrow": pa.__version__,
            "numpy": np.__version__}
     for pkg in ("moeca", "diffusers"):

@@ -6,12 +6,13 @@ format's token-level MoE rule.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 from moeca.policy.cost import UnitCosts
-from moeca.policy.schedule import (ALWAYS, BlockRule, ModelIdentity, ModelSkip, Rule, SamplerIdentity,
-                                   Schedule, ScoreConfig, StepRule)
+from moeca.policy.schedule import (ALWAYS, BlockRule, ModelIdentity, ModelSkip, Rule, SamplerIdentity, Schedule,
+                                   ScoreConfig, StepRule)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,6 @@ def assemble(method: str, config, sampler_cfg, steps: Sequence[StepRule], *, syn
                         sync_refresh_steps=tuple(sorted(set(sync))), model_skip=model_skip,
                         provenance=dict(provenance or {}), **kwargs)
     if predicted:
-        from dataclasses import replace
         schedule = replace(schedule, predicted_flops_ratio=predicted_flops_ratio(schedule, config))
     return schedule
 
@@ -76,7 +76,6 @@ def predicted_flops_ratio(schedule: Schedule, config, skipped_steps: Iterable[in
     forecast terms, the folded stack forecast's rows: ``2 D`` FLOPs per row each) is left out; a replay's
     counted ratio adds it (under 1% of the total on the tiny test models, less on the shipped ones).
     """
-    import math
     c = UnitCosts.of(config)
     T, k, E = c.num_tokens, c.top_k, config.num_experts
     skipped = set(skipped_steps)

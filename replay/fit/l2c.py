@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
+from moeca.diffusion.samplers import sample
 from moeca.models.runtime import Runtime
 from moeca.policy.methods.l2c import UNITS, L2CRouter, candidate_steps
 
 if TYPE_CHECKING:  # pragma: no cover
-    from moeca.models.dit_moe import DiTMoE
     from moeca.diffusion.samplers import SamplerConfig
+    from moeca.models.dit_moe import DiTMoE
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,6 @@ def train_router(model: "DiTMoE", sampler: "SamplerConfig", config: TrainConfig 
     The model's parameters are frozen during training (their ``requires_grad`` is restored after).
     ``progress(done, total)`` is called after each step. ``weights_hash`` is recorded in the meta.
     """
-    from moeca.diffusion.samplers import sample
     S, depth = sampler.num_steps, model.config.depth
     labels = calibration_labels(model.config.num_classes, config.calibration_samples)
     recorder = _Recorder()

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from moeca.diffusion.samplers import sample
 from moeca.models.runtime import Runtime
 
 if TYPE_CHECKING:  # pragma: no cover
-    from moeca.models.dit_moe import DiTMoE
     from moeca.diffusion.samplers import SamplerConfig
+    from moeca.models.dit_moe import DiTMoE
 
 EPS = 1e-8
 
@@ -49,7 +50,6 @@ def fit_mag_ratios(model: "DiTMoE", sampler: "SamplerConfig", labels: torch.Tens
                    seeds: Sequence[int] = (0,)) -> tuple[float, ...]:
     """The per-step magnitude ratios ``[S]`` of ``model`` under ``sampler`` on full-compute samples of
     ``labels [B]`` (one run per seed, CFG contexts and seeds averaged)."""
-    from moeca.diffusion.samplers import sample
     per_seed = []
     for seed in seeds:
         rec = _ResidualRatios()

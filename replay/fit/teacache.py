@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from moeca.diffusion.samplers import sample
 from moeca.models.runtime import ForwardContext, Runtime
 
 if TYPE_CHECKING:  # pragma: no cover
-    from moeca.models.dit_moe import DiTMoE
     from moeca.diffusion.samplers import SamplerConfig
+    from moeca.models.dit_moe import DiTMoE
 
 DEFAULT_DEGREE = 4
 """Degree of the rescaling polynomial; the published TeaCache coefficients are quartics."""
@@ -100,7 +101,6 @@ def fit_rescale_polynomial(model: "DiTMoE", sampler: "SamplerConfig", labels: to
     ``degree``. Needs at least ``degree + 1`` pairs; the published fits use several calibration
     prompts, the Pareto benchmark fits on 16 samples.
     """
-    from moeca.diffusion.samplers import sample
     if degree < 1:
         raise ValueError(f"teacache polynomial degree must be >= 1, got {degree}")
     recorder = _ChangeRecorder()
