@@ -24,9 +24,17 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from moeca.bench.results import pyplot, write_results
 from moeca.cli.schedule import load_summary
+from moeca.diffusion.samplers import SamplerConfig
+from moeca.models.registry import load_traced_model
 from moeca.policy.derive import DeriveConfig, derive_schedule
+from moeca.replay.calibrate import ensure_costs
+from moeca.replay.driver import replay_compare
+from moeca.replay.runtime import ReplayRuntime
+from moeca.tracer import resolve_labels
 
 NAME = "ablation"
 COLUMNS = ["target", "variant", "level", "refreshes", "predicted_speedup", "speedup", "flops_speedup", "psnr", "ssim",
@@ -37,7 +45,7 @@ VARIANTS = (("moeca", {}), ("- drift placement", {"placement": "even"}), ("- for
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(NAME, help="ablations of MoECa's default rule at equal predicted wall-clock speed",
+    p = sub.add_parser(NAME,
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", required=True, help="trace directory of the model (moeca trace)")
     p.add_argument("--checkpoint", default=None, help="the model's weights when run.json names none")
@@ -87,17 +95,6 @@ def level_note(levels: dict | None) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
-
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.diffusion.samplers import SamplerConfig
-    from moeca.models.registry import load_traced_model
-    from moeca.replay.calibrate import ensure_costs
-    from moeca.replay.driver import replay_compare
-    from moeca.replay.runtime import ReplayRuntime
-    from moeca.tracer import resolve_labels
-
     targets = _targets(args.targets)
     chosen = _variants(args.variants)
     for name, value, low in (("--timing-samples", args.timing_samples, 1), ("--quality-samples", args.quality_samples, 1),

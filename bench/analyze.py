@@ -27,10 +27,15 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 
+from moeca.analysis.collect import collect
+from moeca.analysis.report import analyze
+from moeca.analysis.trace import branch_columns, open_trace, parse_memory_limit, token_columns
 from moeca.bench.results import check_results_out, pyplot, write_results
 from moeca.common.outputs import (OutputError, atomic_write_text, check_output_dir, check_replace_file, os_errors,
                                   remove_listed)
+from moeca.testing.synthetic_traces import write_synthetic_trace
 
 ROWS_PER_SAMPLE = 2 * 50 * 12 * 256 * 2          # cfg x steps x blocks x tokens x top-k
 TARGET_ROWS_PER_S = 5e6
@@ -38,7 +43,7 @@ TARGET_PEAK_GB = 2.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="analysis throughput (branch rows/s, peak memory) on a large synthetic trace",
+    p = sub.add_parser("analyze",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=float, default=50e6, help="minimum branch rows (default 50e6)")
     p.add_argument("--work-dir", default=None,
@@ -87,8 +92,6 @@ class PeakRSS:
 
 def ensure_trace(work: Path, rows: float, regenerate: bool = False) -> Path:
     """The cached synthetic trace with >= ``rows`` branch rows (regenerated when parameters differ)."""
-    # deferred: loads pyarrow, and this module is imported at `moeca` start-up
-    from moeca.testing.synthetic_traces import write_synthetic_trace
     samples = max(4, math.ceil(rows / ROWS_PER_SAMPLE))
     params = {"depth": 12, "num_steps": 50, "num_experts": 8, "side": 16, "samples": samples,
               "samples_per_shard": 4, "lags": 4, "routing": "random", "noise": 0.5, "seed": 0,
@@ -135,11 +138,6 @@ def _load() -> float:
 
 def decode_only(trace: Path) -> None:
     """Read and decode every shard's analysed columns (pyarrow, all cores) and drop them."""
-    # deferred: loads pyarrow, and this module is imported at `moeca` start-up
-    import pyarrow.parquet as pq
-
-    # deferred: loads pyarrow, and this module is imported at `moeca` start-up
-    from moeca.analysis.trace import branch_columns, open_trace, token_columns
     info = open_trace(trace)
     for shard in info.shards:
         pq.read_table(shard.tokens, columns=token_columns(info.lags), use_threads=True)
@@ -164,12 +162,6 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # deferred: loads distributed, matplotlib, pandas, pyarrow, seaborn, and this module is imported at `moeca` start-up
-    from moeca.analysis.collect import collect
-    # deferred: loads distributed, matplotlib, pandas, pyarrow, seaborn, and this module is imported at `moeca` start-up
-    from moeca.analysis.report import analyze
-    from moeca.analysis.trace import parse_memory_limit
-
     check_options(args)
     check_results_out("analyze", args.out, with_plot=True)          # before minutes of work, not after
     memory = parse_memory_limit(args.memory_limit)

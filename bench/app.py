@@ -17,10 +17,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import duckdb
 import numpy as np
+import streamlit
+from streamlit.testing.v1 import AppTest
 from tqdm import tqdm
 
+from moeca.app.common import ROOT_ENV
+from moeca.bench.pareto_synthetic import write_synthetic_pareto
 from moeca.bench.results import DEFAULT_OUT, pyplot, write_results
+from moeca.testing.explorer_root import SyntheticTraceConfig, samples_for_rows, write_example_root
 
 TARGET_S = 3.0
 PAGES = (("Overview", "page_overview.py", None),
@@ -47,12 +53,6 @@ def _content(at) -> dict:
 
 
 def measure_pages(root: Path, repeats: int, progress: bool = True) -> list[dict]:
-    # deferred: loads duckdb, pandas, pyarrow, streamlit, and this module is imported at `moeca` start-up
-    from streamlit.testing.v1 import AppTest
-
-    # deferred: loads duckdb, pandas, pyarrow, streamlit, and this module is imported at `moeca` start-up
-    from moeca.app.common import ROOT_ENV
-
     script = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
     os.environ[ROOT_ENV] = str(root)
     at = AppTest.from_file(str(script), default_timeout=900)
@@ -97,11 +97,6 @@ def _plot(rows: list[dict]):
 
 
 def run(args: argparse.Namespace) -> int:
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.bench.pareto_synthetic import write_synthetic_pareto
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.testing.explorer_root import SyntheticTraceConfig, samples_for_rows, write_example_root
-
     if args.rows < 1000:
         raise ValueError(f"--rows {args.rows} is too small; use at least 1000 (default 10000000)")
     if args.repeats < 1:
@@ -123,9 +118,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    # deferred: their versions for the results; both heavy, and this module is imported at `moeca` start-up
-    import duckdb
-    import streamlit
     meta = {"branch_rows": cfg.branch_rows, "token_rows": cfg.branch_rows // cfg.top_k, "samples": cfg.samples,
             "trace_bytes": trace_bytes, "shape": "demo (6 blocks, 64 tokens, 8 experts top-2, 50 steps, CFG)",
             "repeats": args.repeats, "setup_s": round(setup_s, 1), "streamlit": streamlit.__version__,
@@ -149,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("app", help="explorer page render times over a 10M-branch-row trace",
+    p = sub.add_parser("app",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=10_000_000, help="branch rows of the synthetic trace (default 10M)")
     p.add_argument("--repeats", type=int, default=5, help="renders after the first load (median reported)")

@@ -16,8 +16,16 @@ import argparse
 import statistics
 import time
 
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
 from moeca.bench.derived import add_arguments, command, derive
 from moeca.bench.results import pyplot, write_results
+from moeca.diffusion.samplers import sample
+from moeca.models.compile import CompileOptions, compile_model
+from moeca.replay.driver import median_ratio
+from moeca.replay.runtime import ReplayRuntime
 
 NAME = "compile"
 COLUMNS = ["run", "ms_eager", "ms_compiled", "compile_speedup", "speedup_eager", "speedup_compiled",
@@ -25,7 +33,7 @@ COLUMNS = ["run", "ms_eager", "ms_compiled", "compile_speedup", "speedup_eager",
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(NAME, help="eager vs --compile in one process: full compute and a MoECa replay",
+    p = sub.add_parser(NAME,
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p, target=3.0)
     p.add_argument("--seed", type=int, default=0)
@@ -35,15 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch._dynamo
-
-    from moeca.diffusion.samplers import sample
-    from moeca.models.compile import CompileOptions, compile_model
-    from moeca.replay.driver import median_ratio
-    from moeca.replay.runtime import ReplayRuntime
 
     d = derive(args)
     model, device, sampler, labels, schedule = d.model, d.device, d.sampler, d.labels, d.schedule
@@ -109,8 +108,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _frame_count() -> int:
     """Graphs dynamo has compiled so far in this process."""
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from torch._dynamo.utils import counters
     return int(counters["stats"]["unique_graphs"])
 
 

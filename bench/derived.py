@@ -6,9 +6,15 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from moeca.bench.results import DEFAULT_OUT
 from moeca.cli.schedule import load_summary
+from moeca.diffusion.samplers import SamplerConfig
+from moeca.models.registry import load_traced_model
 from moeca.policy.derive import DeriveConfig, derive_schedule
+from moeca.replay.calibrate import ensure_costs
+from moeca.tracer import resolve_labels
 
 
 def add_arguments(p: argparse.ArgumentParser, target: float) -> None:
@@ -36,15 +42,6 @@ class Derived:
 
 def derive(args: argparse.Namespace) -> Derived:
     """Check the options, load the trace's model and derive its MoECa schedule (see :class:`Derived`)."""
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
-
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.diffusion.samplers import SamplerConfig
-    from moeca.models.registry import load_traced_model
-    from moeca.replay.calibrate import ensure_costs
-    from moeca.tracer import resolve_labels
-
     for name, value in (("--timing-samples", args.timing_samples), ("--repeats", args.repeats),
                         ("--threads", args.threads)):
         if value is not None and value < 1:

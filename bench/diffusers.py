@@ -17,6 +17,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from moeca.bench.results import check_results_out, markdown_table, pyplot, write_results
 from moeca.cli.main import main as moeca_main
 from moeca.policy.schedule import Schedule
@@ -28,7 +30,7 @@ CONFIG = "bench"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(NAME, help="HiDream-I1 (diffusers) scaled down: stock vs moeca full vs MoECa 2x/3x FLOPs",
+    p = sub.add_parser(NAME,
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="sampling steps (default 10)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (default 3)")
@@ -43,10 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
-
-    # deferred: the optional [diffusers] extra
+    # deferred: the optional [diffusers] extra (its import names what is missing)
     from moeca.integrations.diffusers.apply import none_schedule
     from moeca.integrations.diffusers.measure import Variant, compare
     from moeca.integrations.diffusers.sampling import (CONFIGS, TEXT_LENGTHS, FlowSampler, build_transformer,

@@ -18,9 +18,15 @@ import time
 from collections import defaultdict
 from functools import lru_cache
 
+import torch
+
 from moeca.bench.results import DEFAULT_OUT, median_time, pyplot, write_results
 from moeca.common.outputs import atomic_write_text
 from moeca.common.tables import markdown_table
+from moeca.diffusion.samplers import GuidedDenoiser, SamplerConfig, default_sampler, initial_noise
+from moeca.models.compile import compile_model
+from moeca.models.registry import load_model, pick_device
+from moeca.models.runtime import Runtime
 
 SEAMS = ("routed_experts", "shared_expert", "attention", "route")
 COLUMNS = ["model", "batch", "rows_per_call", "tokens_per_row", "device", "ms_per_step", "ms_per_sample_step",
@@ -31,9 +37,6 @@ COLUMNS = ["model", "batch", "rows_per_call", "tokens_per_row", "device", "ms_pe
 @lru_cache(maxsize=None)
 def _timing_runtime_class():
     """Built on first use so registering ``moeca bench`` does not import torch."""
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.models.runtime import Runtime
-
     class TimingRuntime(Runtime):
         """Default compute with wall-clock totals per seam (seconds), ``time.perf_counter`` based.
 
@@ -80,12 +83,6 @@ def __getattr__(name: str):
 
 def step_fn(model, batch: int, seed: int = 0):
     """A full-compute guided step of ``batch`` samples (one batched-CFG call) as a no-argument function."""
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
-
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.diffusion.samplers import GuidedDenoiser, SamplerConfig, default_sampler, initial_noise
-
     mc = model.config
     device = next(model.parameters()).device
     kind = default_sampler(mc.objective).kind
@@ -104,9 +101,6 @@ def step_fn(model, batch: int, seed: int = 0):
 
 def measure(model, batch: int, repeats: int, seed: int = 0) -> dict:
     """One row: median ms per guided step (plain) and seam shares (timing runtime) for ``batch`` samples."""
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
-
     mc = model.config
     device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else None
@@ -138,9 +132,6 @@ def measure(model, batch: int, repeats: int, seed: int = 0) -> dict:
 
 def measure_compiled(model, row: dict, repeats: int, seed: int = 0) -> None:
     """Add the compiled model's median ms per step to ``row`` (``model`` compiled already; the warm-up compiles)."""
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
-
     device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     median_s, _ = median_time(step_fn(model, row["batch"], seed), repeats, warmup=2, sync=sync)
@@ -171,13 +162,6 @@ def plot_shares(rows: list[dict]):
 
 
 def run(args: argparse.Namespace) -> int:
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
-
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.models.compile import compile_model
-    from moeca.models.registry import load_model, pick_device
-
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     try:
@@ -246,7 +230,7 @@ def _reformat_table(md_path, rows: list[dict]) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("full", help="full-compute ms per sampling step and the expert/attention share",
+    p = sub.add_parser("full",
                        description="Median ms per full-compute sampling step (one batched-CFG call) for the demo "
                                    "model and the S/2-8E2A shape (random weights), and the share of step time "
                                    "in routed experts, shared expert, attention and router.")

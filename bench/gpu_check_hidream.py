@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # deferred: the optional [diffusers] extra
     from moeca.integrations.diffusers.apply import none_schedule
-    # deferred: the optional [diffusers] extra
     from moeca.integrations.diffusers.hidream import view_config
     from moeca.integrations.diffusers.measure import Variant, compare
     from moeca.integrations.diffusers.sampling import (CONFIGS, FlowSampler, build_transformer, initial_noise,

@@ -55,13 +55,29 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import jsonschema
+import torch
 from tqdm import tqdm
 
+from moeca.analysis import drift_summary
 from moeca.bench.results import pyplot, write_results
 from moeca.common.outputs import replaced_file
-from moeca.policy.methods import BASELINES, REGISTRY
+from moeca.diffusion.samplers import default_sampler
+from moeca.evaluation.evaluator import DigitsClassifier, evaluate_samples
+from moeca.evaluation.metrics import psnr, relative_l2, ssim
+from moeca.models.checkpoint import weights_hash
+from moeca.models.registry import load_model, self_describing_config
+from moeca.policy.methods import BASELINES, REGISTRY, Context
 from moeca.policy.methods.l2c import L2CRouter
 from moeca.policy.schedule import FORMAT_VERSION
+from moeca.replay.calibrate import ensure_costs
+from moeca.replay.driver import is_digits_demo, pair_ratios, replay_compare, sample_batches
+from moeca.replay.fit.l2c import TrainConfig, train_router
+from moeca.replay.fit.magcache import fit_mag_ratios
+from moeca.replay.fit.teacache import fit_rescale_polynomial
+from moeca.replay.runtime import ReplayRuntime
+from moeca.tracer.run import TraceConfig, trace_run
+from moeca.tracer.store import complete_shards, read_run_meta
 
 NAME = "pareto"
 STATE_FILE = "pareto_state.json"
@@ -318,16 +334,12 @@ class SweepState:
 def quality(images, reference, labels, classifier) -> dict[str, float | None]:
     """PSNR (capped), SSIM, relative L2 of ``images`` against ``reference`` (both ``[N, C, H, W]``, means
     over samples) and, with a ``classifier``, class accuracy and Frechet distance to the real digits."""
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.evaluation.metrics import psnr, relative_l2, ssim
     out: dict[str, float | None] = {
         "psnr": float(psnr(images, reference, max_db=PSNR_CAP_DB).mean()),
         "ssim": float(ssim(images, reference).mean()),
         "rel_l2": float(relative_l2(images, reference).mean()),
         "accuracy": None, "fd": None}
     if classifier is not None:
-        # deferred: loads torch, and this module is imported at `moeca` start-up
-        from moeca.evaluation.evaluator import evaluate_samples
         ev = evaluate_samples(images, labels, classifier)
         out.update(accuracy=float(ev["accuracy"]), fd=float(ev["fd"]))
     return out
@@ -346,8 +358,6 @@ def with_spread(per_seed: Sequence[Mapping[str, float | None]], names: Iterable[
 
 def timing_spread(times_full: Sequence[float], times_cached: Sequence[float]) -> float:
     """Half the range of the per-pair speedups ``full_i / cached_i`` of the interleaved timed runs."""
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.replay.driver import pair_ratios
     ratios = pair_ratios(times_full, times_cached)
     return (max(ratios) - min(ratios)) / 2
 
@@ -368,8 +378,6 @@ class SweepContext:
 
 def sampler_for(model_config, settings: ParetoSettings):
     """The sampler of the sweep: the model objective's reference sampler at the settings' steps and CFG."""
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.diffusion.samplers import default_sampler
     return default_sampler(model_config.objective, num_steps=settings.num_steps, cfg_scale=settings.cfg_scale,
                            cfg_mode=settings.cfg_mode)
 
@@ -407,8 +415,6 @@ class ParetoSweep:
 
     def __init__(self, model, settings: ParetoSettings, work_dir: str | os.PathLike, *, resume: bool = False,
                  progress: bool = True, log: Callable[[str], None] = print, model_name: str | None = None):
-        # deferred: loads torch, and this module is imported at `moeca` start-up
-        from moeca.models.checkpoint import weights_hash
         self.model, self.settings, self.work = model, settings, Path(work_dir)
         self.work.mkdir(parents=True, exist_ok=True)
         self.weights_hash = weights_hash(model)
@@ -434,11 +440,7 @@ class ParetoSweep:
     def context(self) -> SweepContext:
         if self._ctx is not None:
             return self._ctx
-        # deferred: loads torch, and this module is imported at `moeca` start-up
-        import torch
 
-        # deferred: loads torch, and this module is imported at `moeca` start-up
-        from moeca.replay.driver import is_digits_demo, sample_batches
         s, model = self.settings, self.model
         mc = model.config
         labels = torch.arange(s.eval_samples) % mc.num_classes
@@ -455,7 +457,6 @@ class ParetoSweep:
             references.append(ref)
         classifier = None
         if is_digits_demo(mc):
-            from moeca.evaluation.evaluator import DigitsClassifier  # deferred: loads torch (imported at start-up)
             classifier = DigitsClassifier.load_shipped("cpu")
         self._ctx = SweepContext(model, self.sampler, labels, references, self.weights_hash, classifier)
         return self._ctx
@@ -464,11 +465,6 @@ class ParetoSweep:
     def teacache_fit(self) -> dict:
         """TeaCache's polynomial on ``calibration_samples`` full-compute samples (own noise), cached in
         ``teacache-fit-<key>.json`` (key: samples, sampler, weights hash)."""
-        # deferred: loads torch, and this module is imported at `moeca` start-up
-        import torch
-
-        # deferred: loads torch, and this module is imported at `moeca` start-up
-        from moeca.replay.fit.teacache import fit_rescale_polynomial
         n = self.settings.calibration_samples
 
         def fit() -> dict:
@@ -482,11 +478,6 @@ class ParetoSweep:
     def mag_ratios(self) -> tuple[float, ...]:
         """MagCache's magnitude-ratio curve on ``calibration_samples`` full-compute samples (own noise),
         cached in ``magcache-ratios-<key>.json`` (key: samples, sampler, weights hash)."""
-        # deferred: loads torch, and this module is imported at `moeca` start-up
-        import torch
-
-        # deferred: loads torch, and this module is imported at `moeca` start-up
-        from moeca.replay.fit.magcache import fit_mag_ratios
         n = self.settings.calibration_samples
 
         def fit() -> dict:
@@ -510,8 +501,6 @@ class ParetoSweep:
         return got
 
     def l2c_config(self, sparsity: float):
-        # deferred: loads torch, and this module is imported at `moeca` start-up
-        from moeca.replay.fit.l2c import TrainConfig
         s = self.settings
         return TrainConfig(sparsity=sparsity, max_iterations=s.l2c_max_iterations,
                            batch_samples=min(TrainConfig.batch_samples, s.calibration_samples),
@@ -521,8 +510,6 @@ class ParetoSweep:
         """L2C's routers trained with sparsity penalty ``sparsity`` until the loss converges (candidate steps
         only), cached in ``l2c-router-<key>.json`` with their loss curves (key: training knobs, sampler,
         weights hash); returns the file."""
-        # deferred: loads torch, and this module is imported at `moeca` start-up
-        from moeca.replay.fit.l2c import train_router
         cfg = self.l2c_config(sparsity)
         path = self.work / f"l2c-router-{self.cache_key('l2c-router', **cfg.training_key())}.json"
         if path.is_file():
@@ -548,8 +535,6 @@ class ParetoSweep:
         once per sweep process."""
         ctx = self.context()
         if "wallclock" not in ctx.extra:
-            # deferred: loads torch, and this module is imported at `moeca` start-up
-            from moeca.replay.calibrate import ensure_costs
             costs = ensure_costs(self.model, self.sampler, self.settings.timing_batch, progress=self.log)
             self.state.set_calibration("wallclock", costs.summary())
             ctx.extra["wallclock"] = costs
@@ -558,10 +543,6 @@ class ParetoSweep:
     def moeca_inputs(self) -> tuple[Any, dict]:
         ctx = self.context()
         if "moeca" not in ctx.extra:
-            # deferred: loads torch, and this module is imported at `moeca` start-up
-            from moeca.analysis import drift_summary
-            from moeca.tracer.run import TraceConfig, trace_run
-            from moeca.tracer.store import complete_shards, read_run_meta
             s = self.settings
             trace_dir = self.work / f"trace-{self.cache_key('trace', samples=s.trace_samples)}"
             labels = tuple(i % self.model.config.num_classes for i in range(s.trace_samples))
@@ -581,8 +562,6 @@ class ParetoSweep:
         """``(schedule, detail)`` of a point: the registered unit's ``build`` on the point's knob values
         (plus the fits a unit needs and the bench knobs turned into unit knobs); ``detail`` holds derived
         knob values worth recording."""
-        # deferred: loads torch, and this module is imported at `moeca` start-up
-        from moeca.policy.methods import Context
         name = "moeca" if point.method in MOECA_KNOBS else point.method
         unit = REGISTRY[name]
         types = {k.name: k.type for k in unit.knobs()}
@@ -625,10 +604,6 @@ class ParetoSweep:
     def measure(self, point: Point) -> dict:
         """One row: timing by :func:`moeca.replay.driver.replay_compare` (warm-up of both runtimes, then
         interleaved timed runs) and quality of the two seeds' evaluation sets against their references."""
-        # deferred: loads torch, and this module is imported at `moeca` start-up
-        from moeca.replay.driver import replay_compare, sample_batches
-        # deferred: loads torch, and this module is imported at `moeca` start-up
-        from moeca.replay.runtime import ReplayRuntime
         ctx = self.context()
         schedule, detail = self.schedule_for(point)
         s = self.settings
@@ -664,8 +639,6 @@ class ParetoSweep:
             got = {"accuracy": None, "accuracy_spread": None, "fd": None, "fd_spread": None, "fd_floor": None,
                    "samples": int(ctx.labels.shape[0]), "seeds": list(self.settings.seeds)}
             if ctx.classifier is not None:
-                # deferred: loads torch, and this module is imported at `moeca` start-up
-                from moeca.evaluation.evaluator import evaluate_samples
                 evs = [evaluate_samples(ref, ctx.labels, ctx.classifier) for ref in ctx.references]
                 got.update(with_spread([{k: float(e[k]) for k in ("accuracy", "fd")} for e in evs], ("accuracy", "fd")))
                 got["fd_floor"] = float(evs[0]["fd_floor"])
@@ -1045,15 +1018,13 @@ PARETO_SCHEMA: dict = {
 
 def validate(payload: dict) -> None:
     """Raise ``jsonschema.ValidationError`` when ``payload`` (a parsed pareto_<model>.json) breaks the schema."""
-    # deferred: loads jsonschema, and this module is imported at `moeca` start-up
-    import jsonschema
     jsonschema.Draft202012Validator(PARETO_SCHEMA).validate(payload)
 
 
 # ----------------------------------------------------------------------------- CLI
 def register(sub: argparse._SubParsersAction) -> None:
     d = ParetoSettings()
-    p = sub.add_parser(NAME, help="MoECa vs baselines: speedup/quality Pareto sweep on one model",
+    p = sub.add_parser(NAME,
                        description="Sweep each method's knobs on one model; record measured speedup (medians of "
                                    "interleaved runs after a warm-up), FLOPs ratio, PSNR/SSIM vs full compute, class "
                                    "accuracy and FD on two noise seeds with their spread; write "
@@ -1095,8 +1066,6 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.models.registry import load_model, self_describing_config
     if args.model is None:            # a moeca-written --checkpoint names its model; else the shipped demo
         own = self_describing_config(args.checkpoint) if args.checkpoint else None
         args.model = own.name if own is not None else ParetoSettings().model
@@ -1112,8 +1081,6 @@ def run_cli(args: argparse.Namespace) -> int:
                               trace_samples=args.trace_samples, calibration_samples=args.calibration_samples,
                               device=args.device, threads=args.threads, compile=args.compile)
     if settings.threads is not None:
-        # deferred: loads torch, and this module is imported at `moeca` start-up
-        import torch
         torch.set_num_threads(settings.threads)
     model = load_model(args.model, args.checkpoint, device=args.device)
     work = args.work or str(Path("out") / "pareto" / re.sub(r"[^A-Za-z0-9_.-]", "_", args.model))

@@ -15,17 +15,25 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+import torch
+
 from moeca.bench.results import pyplot, write_results
+from moeca.diffusion.samplers import SamplerConfig
+from moeca.evaluation.metrics import psnr
+from moeca.models.registry import load_model
 from moeca.policy.cost import UnitCosts
+from moeca.policy.methods import Context, fora
 from moeca.policy.methods.common import assemble
 from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, Rule, StepRule
+from moeca.replay.driver import sample_batches
+from moeca.replay.runtime import ReplayRuntime
 
 NAME = "refresh"
 COLUMNS = ["group", "setting", "flops_ratio", "flops_speedup", "psnr"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(NAME, help="replays behind MoECa's refresh rule: forecasting, synchronized refresh, granularity",
+    p = sub.add_parser(NAME,
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
     p.add_argument("--samples", type=int, default=32, help="samples compared with full compute (default 32)")
@@ -36,9 +44,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def schedules(config, sampler) -> list[tuple[str, str, object]]:
     """``(group, setting, schedule)`` for every replay of the benchmark."""
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.policy.methods import Context, fora
-
     S, L, E = sampler.num_steps, config.depth, config.num_experts
 
     def every(n: int, body: BlockRule, forecast: str = "none", method: str = "custom"):
@@ -68,16 +73,6 @@ def schedules(config, sampler) -> list[tuple[str, str, object]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
-
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.diffusion.samplers import SamplerConfig
-    from moeca.evaluation.metrics import psnr
-    from moeca.models.registry import load_model
-    from moeca.replay.driver import sample_batches
-    from moeca.replay.runtime import ReplayRuntime
-
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     torch.set_num_threads(args.threads)

@@ -137,7 +137,7 @@ def write_report(results: Path = DEFAULT_OUT, docs: Path = DEFAULT_DOCS) -> list
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(NAME, help="generate the docs' results pages (docs/results/) from bench/results/",
+    p = sub.add_parser(NAME,
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=DEFAULT_OUT, help="benchmark results folder (default %(default)s)")
     p.add_argument("--out", type=Path, default=DEFAULT_DOCS, help="pages folder (default %(default)s)")

@@ -12,6 +12,10 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import matplotlib
+import matplotlib.pyplot as plt
+import torch
+
 from moeca.common.outputs import OutputError, atomic_file, atomic_write_text, check_replace_file, os_errors
 from moeca.common.tables import markdown_table
 
@@ -19,19 +23,12 @@ DEFAULT_OUT = Path("bench/results")
 
 
 def pyplot():
-    """matplotlib's ``pyplot`` on the Agg backend (plots go to files; no display needed).
-
-    Every bench module is imported when ``moeca`` starts (to register its subcommand), so matplotlib
-    (~0.3 s to import) is loaded here, by the first plot, not at module level."""
-    import matplotlib  # deferred: heavy, and this module loads at `moeca` start-up (see the docstring)
+    """matplotlib's ``pyplot`` on the Agg backend (plots go to files; no display needed)."""
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # deferred: as above
     return plt
 
 
 def environment() -> dict:
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
     return {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -29,10 +29,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from moeca.bench.derived import derive
 from moeca.bench.results import DEFAULT_OUT, pyplot, write_results
+from moeca.diffusion.samplers import default_sampler, sample
+from moeca.models.registry import SHIPPED_MODELS, load_model
 from moeca.policy.cost import UnitCosts
 from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
+from moeca.replay.calibrate import timed_steps
+from moeca.replay.runtime import ReplayRuntime
+from moeca.tracer import resolve_labels
+
+from .breakdown import PARTS, profile_steps
 
 NAME = "steps"
 LEVELS = (("token", "token", False, True),
@@ -47,8 +56,8 @@ COLUMNS = ["run", "ms_step", "gflop_step", "ms_floor", "over_floor", "new_pair_s
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(NAME, help="ms per forecast step at each level (token, branch host/device path) against "
-                                  "its floor, with a breakdown", description=__doc__,
+    p = sub.add_parser(NAME,
+                       description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("what to replay (a trace, or a model shape with random weights)")
     src.add_argument("--trace", default=None, help="trace directory of the model (moeca trace)")
@@ -86,9 +95,6 @@ class Setup:
 
 def setup(args: argparse.Namespace) -> Setup:
     """Check the options; load the trace's model and its derived refresh steps, or the random model shape."""
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
-
     for name, value in (("--timing-samples", args.timing_samples), ("--repeats", args.repeats),
                         ("--threads", args.threads), ("--steps", args.steps), ("--interval", args.interval)):
         if value is not None and value < 1:
@@ -98,10 +104,6 @@ def setup(args: argparse.Namespace) -> Setup:
     if args.trace is not None:
         d = derive(args)
         return Setup(d.model, d.device, d.sampler, d.labels, tuple(sorted(d.schedule.sync_refresh_steps)), NAME, False)
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.diffusion.samplers import default_sampler
-    from moeca.models.registry import SHIPPED_MODELS, load_model
-    from moeca.tracer import resolve_labels
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -145,16 +147,6 @@ def step_flops(counters, costs, step: int, rows: int) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
-
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.diffusion.samplers import sample
-    from moeca.replay.calibrate import timed_steps
-    from moeca.replay.runtime import ReplayRuntime
-
-    from .breakdown import PARTS, profile_steps
-
     st = setup(args)
     model, sampler, labels, refresh = st.model, st.sampler, st.labels, st.refresh
     if args.clock == "cpu" and st.device.type != "cpu":

@@ -25,10 +25,20 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
+from moeca.analysis import drift_summary
 from moeca.bench.results import pyplot, write_results
+from moeca.diffusion.samplers import SamplerConfig
 from moeca.models.config import get_preset
+from moeca.models.dit_moe import DiTMoE
+from moeca.models.registry import load_model, randomize_zero_init
 from moeca.policy.derive import DeriveConfig, derive_schedule
 from moeca.policy.transfer import resample_steps, retarget
+from moeca.replay.calibrate import ensure_costs
+from moeca.replay.driver import pair_ratios, replay_compare, sample_batches
+from moeca.tracer.run import TraceConfig, trace_run
+from moeca.tracer.store import read_run_meta
 
 NAME = "moeca"
 RATIO_TARGET = 0.85
@@ -40,7 +50,7 @@ COLUMNS = ["setting", "model", "target", "forecast_level", "predicted_speedup", 
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(NAME, help="MoECa speed/quality targets (demo model) and the S/2-8E2A shape check",
+    p = sub.add_parser(NAME,
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
     p.add_argument("--checkpoint", default=None,
@@ -87,8 +97,6 @@ def _parse_targets(text: str) -> list[float]:
 def pair_quartiles(times_full: list[float], times_cached: list[float]) -> tuple[float, float]:
     """First and third quartiles of the per-pair ratios ``full[i] / cached[i]`` (runs timed back to back):
     the spread behind their median, the reported speedup (one pair: its ratio twice)."""
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.replay.driver import pair_ratios
     ratios = pair_ratios(times_full, times_cached)
     if not ratios:
         raise ValueError("pair_quartiles needs at least one timed pair")
@@ -125,12 +133,6 @@ def _rectified_flow_preset(name: str, seed: int):
     """Random-weight CPU model of preset ``name`` declared a rectified-flow model, so the Euler sampler and
     the schedule's ``sampler.kind`` match its objective (S/B presets are DDPM-trained; with random weights
     only the shape and the cost matter, as in ``bench/gpu_check.py``)."""
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
-
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.models.dit_moe import DiTMoE
-    from moeca.models.registry import randomize_zero_init
     torch.manual_seed(seed)
     model = DiTMoE(replace(get_preset(name), objective="rectified_flow"))
     randomize_zero_init(model, seed)
@@ -138,18 +140,6 @@ def _rectified_flow_preset(name: str, seed: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
-
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.analysis import drift_summary
-    from moeca.diffusion.samplers import SamplerConfig
-    from moeca.models.registry import load_model
-    from moeca.replay.calibrate import ensure_costs
-    from moeca.replay.driver import replay_compare, sample_batches
-    from moeca.tracer.run import TraceConfig, trace_run
-    from moeca.tracer.store import read_run_meta
-
     targets = _parse_targets(args.targets)
     if args.target_kind == "wallclock" and args.refresh != "sync":
         raise ValueError("--target-kind wallclock needs --refresh sync (the budget rule predicts FLOPs only); "

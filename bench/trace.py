@@ -17,15 +17,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
+import torch
+
 from moeca.bench.results import pyplot, write_results
+from moeca.diffusion.samplers import SamplerConfig, default_sampler, initial_noise, sample
 
 from ..models.config import get_preset
+from ..models.dit_moe import DiTMoE
+from ..models.registry import demo_weights_path, load_model, pick_device, randomize_zero_init
+from ..tracer.recorder import TracingRuntime
+from ..tracer.run import TraceConfig, build_run_meta, prepare_out_dir, sample_seed, shard_seed, step_times, trace_shard
 
 TARGETS = {"demo": 2.0, "S/2-8E2A": 1.3}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("trace", help="tracing overhead: traced / untraced sampling time",
+    p = sub.add_parser("trace",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="demo,S/2-8E2A", help="comma-separated: demo and/or preset names")
     p.add_argument("--steps", type=int, default=20, help="sampling steps for the demo model (default 20)")
@@ -40,12 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _model(name: str, device):
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
-
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from ..models.dit_moe import DiTMoE
-    from ..models.registry import demo_weights_path, load_model, randomize_zero_init
     if name == "demo" and demo_weights_path().is_file():
         return load_model("demo", device=device), "trained"
     torch.manual_seed(0)
@@ -55,8 +57,6 @@ def _model(name: str, device):
 
 
 def _sampler(model, steps: int):
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.diffusion.samplers import SamplerConfig, default_sampler
     if model.config.objective == "rectified_flow":
         return SamplerConfig(kind="rectified_flow", num_steps=steps, cfg_scale=1.5, cfg_mode="batched")
     return default_sampler(model.config.objective, num_steps=steps, cfg_mode="batched")
@@ -64,17 +64,6 @@ def _sampler(model, steps: int):
 
 def measure(name: str, *, steps: int, batch: int, repeats: int, lags: int, device) -> dict:
     """One result row for model ``name``."""
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import pyarrow.parquet as pq
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
-
-    from moeca.diffusion.samplers import initial_noise, sample
-
-    from ..tracer.recorder import TracingRuntime
-    from ..tracer.run import (TraceConfig, build_run_meta, prepare_out_dir, sample_seed, shard_seed, step_times,
-                              trace_shard)
-
     model, weights = _model(name, device)
     mc = model.config
     sampler = _sampler(model, steps)
@@ -150,9 +139,6 @@ def _plot(rows: list[dict]):
 
 
 def run(args: argparse.Namespace) -> int:
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from ..models.registry import pick_device
-
     device = pick_device(args.device)
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:

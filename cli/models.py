@@ -105,6 +105,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import check_sampler_objective, default_sampler_for
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.evaluation.card import save_png
     from moeca.evaluation.grid import label_grid
 

@@ -156,6 +156,7 @@ def _stages(out: Path, cfg: PipelineConfig, checkpoint: str | None) -> str:
     from moeca.analysis import analyze, drift_summary
     # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import SamplerConfig
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.models.registry import load_model
     from moeca.replay.calibrate import ensure_costs
     from moeca.replay.driver import replay_compare, write_replay_outputs

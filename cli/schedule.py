@@ -290,6 +290,7 @@ def replay_costs(meta: dict, args: argparse.Namespace):
 
     # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import SamplerConfig
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.models.registry import load_traced_model
     from moeca.replay.calibrate import ensure_costs  # local: torch loads only when a command needs it
 

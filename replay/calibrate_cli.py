@@ -43,6 +43,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import SamplerConfig
 
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from .calibrate import ensure_costs
 
     for name, value, low in (("--batch", args.batch, 1), ("--steps", args.steps, 4), ("--repeats", args.repeats, 1),

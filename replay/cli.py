@@ -42,6 +42,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import SamplerConfig, check_sampler_objective, default_sampler_for
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.models.checkpoint import weights_hash
 
     from .calibrate import prediction_line

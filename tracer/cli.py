@@ -104,6 +104,7 @@ def run_trace(args: argparse.Namespace) -> int:
 
     # deferred: loads torch, and this module is imported at `moeca` start-up
     from .run import TraceConfig, resolve_labels, trace_run
+    # deferred: loads pyarrow, and this module is imported at `moeca` start-up
     from .schema import DEFAULT_LAGS
 
     if args.resume and args.overwrite:
