@@ -81,15 +81,14 @@ def test_rows_measure_each_schedule_on_two_seeds_with_their_spread(sweep_run):
 
 
 def test_every_method_is_warmed_up_and_timed_interleaved(tmp_path, monkeypatch):
-    from moeca.replay import driver
     calls = []
-    real = driver.replay_compare
+    real = pareto.replay_compare
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(driver, "replay_compare", spy)
+    monkeypatch.setattr(pareto, "replay_compare", spy)          # the name the sweep calls
     sweep = quiet(make_tiny(), tmp_path)
     sweep.run(pareto.grid_points(["none", "fora"], {"none": ({},), "fora": ({"interval": 2},)}))
     assert len(calls) == 2 and all(c["warmup"] is True and c["repeats"] == SETTINGS.repeats for c in calls)
@@ -229,7 +228,7 @@ def test_moeca_points_derive_for_measured_speed_with_the_sweeps_calibration(swee
                            history_term_ms=0.001, router_block_ms=0.1, full_step_ms=1.0 + rows * 0.05,
                            rows_per_block=rows, top_k=sweep.model.config.top_k,
                            key=calibrate.calibration_key(sweep.model, sweep.sampler, SETTINGS.timing_batch))
-    monkeypatch.setattr(calibrate, "ensure_costs", lambda model, sampler, batch, **kw: fixed)
+    monkeypatch.setattr(pareto, "ensure_costs", lambda model, sampler, batch, **kw: fixed)  # the name the sweep calls
     assert set(pareto.ABLATIONS) == {"moeca-branch", "moeca-even", "moeca-plain", "moeca-budget"}
     assert not set(pareto.ABLATIONS) & set(pareto.DEFAULT_METHODS)
     point = lambda m, t: pareto.Point(m, (("target_speedup", t),))

@@ -90,15 +90,15 @@ def test_bench_analyze_refuses_a_report_folder_it_did_not_write(trace, tmp_path,
 
 def test_bench_analyze_keeps_a_users_file_put_into_its_report_during_the_run(trace, tmp_path, monkeypatch, capsys):
     """A file the user drops into the report while the bench runs stays, and so does the folder holding it."""
-    import moeca.analysis.report as report
-    real = report.analyze
+    import moeca.bench.analyze as ba
+    real = ba.analyze
 
     def analyze_then_user_writes(traces, out, **kw):
         head = real(traces, out, **kw)
         (Path(out) / "notes.txt").write_text("mine")
         return head
     _small_trace(monkeypatch, trace)
-    monkeypatch.setattr(report, "analyze", analyze_then_user_writes)
+    monkeypatch.setattr(ba, "analyze", analyze_then_user_writes)          # the name the bench calls
     work = tmp_path / "work"
     rc, err = _bench_analyze(work, tmp_path / "results", capsys)
     assert rc == 0, err
