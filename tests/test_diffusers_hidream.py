@@ -101,6 +101,60 @@ def _derived_like(model, experts=None, steps: int = STEPS) -> Schedule:
                                sync_refresh_steps=(0,), forecast="linear")
 
 
+def _token_level(model, steps: int = 8, sync: tuple[int, ...] = (0, 3, 5)) -> Schedule:
+    """A token-level sync schedule: ``sync`` steps compute all, the others forecast attention and the whole
+    MoE output of every block (no router)."""
+    base = _none(model, steps)
+    E = base.model.num_experts
+    body = StepRule("compute", (BlockRule(attn=REUSE, moe=REUSE, shared=REUSE, experts=(REUSE,) * E),) * base.model.depth)
+    return dataclasses.replace(base, method="custom", steps=tuple(base.steps[0] if s in sync else body for s in range(steps)),
+                               sync_refresh_steps=sync, forecast="linear")
+
+
+def _runs(model, schedule, noise, cond, uncond, variants: dict) -> tuple[dict, dict]:
+    out, stats = {}, {}
+    for name, kw in variants.items():
+        handle = apply_schedule(model, schedule, **kw)
+        out[name] = sample(model, FlowSampler(num_steps=schedule.num_steps), noise, cond, uncond)
+        stats[name] = handle.stats()
+        handle.remove()
+    return out, stats
+
+
+def test_token_level_forecast_steps_run_as_one_sum_over_the_stack():
+    """A step that forecasts every block's attention and MoE output runs no block: the stack's output is
+    the patch embedding plus the gated unit forecasts (image rows), equal to running every block with its
+    hooks forecasting each unit; folded after two full refreshes (steps 4, 6, 7 here)."""
+    model, cond, uncond, noise = _setup()
+    stock = sample(model, FlowSampler(num_steps=8), noise, cond, uncond)
+    s = _token_level(model)
+    out, stats = _runs(model, s, noise, cond, uncond, {"blocks": dict(stack=False), "exact": dict(fold=False),
+                                                        "folded": {}})
+    torch.testing.assert_close(out["exact"], out["blocks"], rtol=1e-5, atol=1e-5)
+    assert (stats["blocks"]["stack_forwards"], stats["exact"]["stack_forwards"], stats["folded"]["stack_forwards"]) == (0, 5, 5)
+    assert (stats["exact"]["folded_forwards"], stats["folded"]["folded_forwards"]) == (0, 3)
+    assert stats["folded"]["flops_ratio"] == stats["blocks"]["flops_ratio"] == pytest.approx(8 / 3)
+    assert not torch.equal(out["folded"], out["exact"])                   # the gates move with the step
+    # random weights move the gates far from linearly; the folded samples stay as close to full compute
+    err = {k: float((out[k] - stock).norm() / stock.norm()) for k in ("folded", "exact")}
+    assert err["folded"] < 2 * err["exact"] < 0.2, err
+    assert torch.equal(sample(model, FlowSampler(num_steps=8), noise, cond, uncond), stock)   # hooks removed
+
+
+def test_fold_equals_the_exact_sum_when_the_gates_do_not_move():
+    model, cond, uncond, noise = _setup()
+    D = model.inner_dim
+    with torch.no_grad():
+        for block in moe_blocks(model):        # gates = their bias, the same at every step
+            proj = block.module.adaLN_modulation[-1]
+            for chunk in (2, 5):
+                proj.weight[chunk * D:(chunk + 1) * D].zero_()
+                proj.bias[chunk * D:(chunk + 1) * D].normal_(0.0, 0.5)
+    out, stats = _runs(model, _token_level(model), noise, cond, uncond, {"exact": dict(fold=False), "folded": {}})
+    assert stats["folded"]["folded_forwards"] == 3
+    torch.testing.assert_close(out["folded"], out["exact"], rtol=1e-5, atol=1e-5)
+
+
 def test_computed_pairs_are_what_the_schedule_says():
     model, *_ = _setup()
     E = 4

@@ -40,18 +40,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""Clocks a run can be timed by: wall-clock, or the process's CPU time (one thread on a CPU shared with other
+jobs: leaves out the time others hold the core, not their share of caches and memory bandwidth)."""
+
+
 def run_variant(transformer, variant: Variant, sampler: FlowSampler, noise: torch.Tensor, cond: TextConditioning,
-                uncond: TextConditioning, dispatch: str = "auto") -> float:
-    """One sampling call of ``variant``; returns its wall-clock seconds (hooks attached outside the timing)."""
+                uncond: TextConditioning, dispatch: str = "auto", clock: str = "wall") -> float:
+    """One sampling call of ``variant``; returns its seconds by ``clock`` (:data:`CLOCKS`; hooks attached
+    outside the timing)."""
     device = next(transformer.parameters()).device
     handle = apply_schedule(transformer, variant.schedule, dispatch=dispatch, check_weights=False) \
         if variant.schedule is not None else None
     try:
+        now = CLOCKS[clock]
         _sync(device)
-        start = time.perf_counter()
+        start = now()
         latents = sample(transformer, sampler, noise, cond, uncond)
         _sync(device)
-        seconds = time.perf_counter() - start
+        seconds = now() - start
         variant.latents = latents
         if handle is not None:
             variant.stats = handle.stats()
@@ -63,18 +70,21 @@ def run_variant(transformer, variant: Variant, sampler: FlowSampler, noise: torc
 
 def compare(transformer, variants: list[Variant], sampler: FlowSampler, noise: torch.Tensor,
             cond: TextConditioning, uncond: TextConditioning, *, repeats: int, dispatch: str = "auto",
-            progress=None) -> list[dict]:
+            progress=None, clock: str = "wall") -> list[dict]:
     """Time ``variants`` interleaved (the first must be the stock one, ``schedule=None``); rows per variant:
     ``ms_step`` (median), ``speed`` (median ratio to stock), ``flops_ratio``, ``speed_over_flops``,
-    ``max_abs_diff``, ``rel_l2`` and ``psnr_db`` of the latents vs stock, ``cache_mb``."""
+    ``max_abs_diff``, ``rel_l2`` and ``psnr_db`` of the latents vs stock, ``cache_mb``. ``clock``: ``wall``
+    or ``cpu`` (:data:`CLOCKS`)."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock {clock!r} is not one of {', '.join(CLOCKS)}")
     if not variants or variants[0].schedule is not None:
         raise ValueError("compare: the first variant must be the stock forward (schedule None)")
     for v in variants:                                    # warm-up, and the latents to compare
-        run_variant(transformer, v, sampler, noise, cond, uncond, dispatch)
+        run_variant(transformer, v, sampler, noise, cond, uncond, dispatch, clock)
     for r in range(repeats):
         stock = None
         for v in variants:
-            s = run_variant(transformer, v, sampler, noise, cond, uncond, dispatch)
+            s = run_variant(transformer, v, sampler, noise, cond, uncond, dispatch, clock)
             v.seconds.append(s)
             stock = s if v.schedule is None else stock
             v.ratios.append(stock / s)

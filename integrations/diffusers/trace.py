@@ -60,6 +60,15 @@ class TraceEngine:
         self.recorder.end_forward(None, self._ctx)
         self._ctx = None
 
+    def forward(self, module, call: dict, compute):
+        return compute()
+
+    def stack_input(self, x: torch.Tensor) -> None:
+        pass
+
+    def stack_output(self, x: torch.Tensor) -> None:
+        pass
+
     def block(self, block: HiDreamBlock, x_in: torch.Tensor, compute):
         self._scratch = {}
         out = compute()
