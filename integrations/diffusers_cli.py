@@ -171,3 +171,15 @@ def run_replay(args: argparse.Namespace) -> int:
     print(text)
     print(f"wrote {args.out}/report.json, {args.out}/report.md")
     return 0
+
+
+def trace_costs(meta: dict, args: argparse.Namespace):
+    """``moeca schedule derive --target-speedup`` on a diffusers trace: the HiDream engine's calibrated unit
+    costs for a replay at ``args.batch`` samples on ``args.device`` (measured and cached on first use,
+    :mod:`moeca.integrations.diffusers.calibrate`); the transformer is rebuilt from the trace (``--checkpoint``:
+    its ``from_pretrained`` folder when the trace's is elsewhere)."""
+    with _user_errors():
+        from moeca.integrations.diffusers.calibrate import ensure_costs, setting_of_trace, transformer_of_trace
+        transformer = transformer_of_trace(meta, args.checkpoint, device=args.device)
+        return ensure_costs(transformer, setting_of_trace(meta, args.batch),
+                            progress=lambda msg: print(msg, flush=True))

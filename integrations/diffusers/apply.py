@@ -105,7 +105,7 @@ class MoECaHandle:
 
 def apply_schedule(transformer: torch.nn.Module, schedule: "Schedule | str | os.PathLike", *,
                    dispatch: str = "auto", check_weights: bool = True, fold: bool = True,
-                   stack: bool = True) -> MoECaHandle:
+                   stack: bool = True, record: bool = False) -> MoECaHandle:
     """Attach moeca to a diffusers HiDream transformer so its forwards follow ``schedule`` (a
     :class:`~moeca.policy.schedule.Schedule` or a schedule file).
 
@@ -114,7 +114,8 @@ def apply_schedule(transformer: torch.nn.Module, schedule: "Schedule | str | os.
     device; ``"loop"``/``"grouped"`` to compare). ``fold``: token-level forecast steps sum the folded
     products (:mod:`moeca.replay.units.stack`, the native engine's default); False: the exact gates, unit by
     unit. ``stack``: a step that forecasts every unit runs as one sum over the stack, no block running (False:
-    every block runs and its hooks forecast each unit). Returns a :class:`MoECaHandle`.
+    every block runs and its hooks forecast each unit). ``record``: keep what each forward executed in
+    ``handle.counters.work`` (the wall-clock calibration). Returns a :class:`MoECaHandle`.
     """
     if dispatch not in PATHS:
         raise ValueError(f"dispatch {dispatch!r} is not one of {', '.join(PATHS)}")
@@ -123,7 +124,7 @@ def apply_schedule(transformer: torch.nn.Module, schedule: "Schedule | str | os.
     blocks = moe_blocks(transformer)
     check_identity(schedule, transformer, blocks, check_weights)
     engine = ScheduleEngine(schedule, architecture(transformer, blocks), dispatch, blocks=blocks, fold=fold,
-                            stack=stack)
+                            stack=stack, record=record)
     hook = attach(transformer, blocks, engine, HOOK_NAME, attention=True)
     for block in blocks:       # stack the routed experts now (their weights become views), not in the first forward
         expert_stack(block.moe)

@@ -162,10 +162,30 @@ class ContextCaches:
 
 
 @dataclass
+class ForwardWork:
+    """What one forward executed, rows summed over its blocks (a block's rows: ``N_b = B * T_b``, the tokens
+    its MoE sees), in the terms of the wall-clock cost model (:class:`~moeca.policy.wallclock.StepWork`):
+    ``attn`` / ``shared`` rows computed, ``pairs`` routed pairs computed, ``reused`` rows forecast unit by
+    unit, ``routed_blocks`` blocks whose router ran, ``stack_terms`` rows of the stack sum's work (a folded
+    step: its terms times the mean rows per block; a refresh of a folding plan: ``2 (p + 1)`` per unit row
+    and the stack's residual), ``pushed`` rows pushed into forecast histories, ``rows`` the rows of its
+    blocks (``N_b`` summed)."""
+
+    attn: float = 0.0
+    shared: float = 0.0
+    pairs: float = 0.0
+    reused: float = 0.0
+    routed_blocks: float = 0.0
+    stack_terms: float = 0.0
+    pushed: float = 0.0
+    rows: float = 0.0
+
+
+@dataclass
 class Counters:
     """FLOPs run and FLOPs of full compute (:class:`~.hidream.UnitFlops`), summed over forwards, the
     routed pairs computed / routed, and the forwards that ran as one stack sum (``stack_forwards``), folded
-    (``folded_forwards``)."""
+    (``folded_forwards``); ``work``: each forward's :class:`ForwardWork` (when the engine records it)."""
 
     flops: float = 0.0
     full_flops: float = 0.0
@@ -174,6 +194,7 @@ class Counters:
     forwards: int = 0
     stack_forwards: int = 0
     folded_forwards: int = 0
+    work: list[ForwardWork] = field(default_factory=list)
 
     @property
     def flops_ratio(self) -> float:
@@ -190,10 +211,12 @@ class ScheduleEngine:
     docstring). ``dispatch``: the routed-expert path (``"auto"``: the fastest for the device). ``blocks``:
     the transformer's MoE blocks (their gates serve the stack sum); ``stack``: run a step that forecasts
     every unit as one sum over the stack, no block running (False: block by block, each unit forecast by its
-    hook); ``fold``: fold that sum once two full refreshes are folded (False: the exact gates)."""
+    hook); ``fold``: fold that sum once two full refreshes are folded (False: the exact gates); ``record``:
+    keep each forward's :class:`ForwardWork` in ``counters.work`` (the wall-clock calibration)."""
 
     def __init__(self, schedule: Schedule, arch: Architecture, dispatch: str = "auto",
-                 blocks: tuple[HiDreamBlock, ...] = (), fold: bool = True, stack: bool = True):
+                 blocks: tuple[HiDreamBlock, ...] = (), fold: bool = True, stack: bool = True,
+                 record: bool = False):
         check_supported(schedule, arch.depth, arch.num_experts)
         self.schedule, self.arch, self.dispatch = schedule, arch, dispatch
         self.plan = Plan.of(schedule)
@@ -207,6 +230,8 @@ class ScheduleEngine:
         self._sync = False
         self._stacked = False
         self._snapshot = (0.0, 0)
+        self.record = record
+        self.work = ForwardWork()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def begin(self, cs: ContextCaches, step: int | None, num_steps: int | None, batch: int,
@@ -240,6 +265,7 @@ class ScheduleEngine:
         self._stacked = False
         self._snapshot = (self.counters.full_flops, self.counters.routed_pairs)
         self.counters.forwards += 1
+        self.work = ForwardWork()
 
     def end(self) -> None:
         cs = self.cs
@@ -248,6 +274,8 @@ class ScheduleEngine:
             cs.forward_pairs = self.counters.routed_pairs - self._snapshot[1]
         if cs is not None:
             cs.fold = cs.fold_gates = cs.stack_in = None
+            if self.record:
+                self.counters.work.append(self.work)
         self.cs = None
 
     # -- the whole stack: token-level forecast steps, and the fold's products at full refreshes -----------
@@ -283,12 +311,15 @@ class ScheduleEngine:
         cs = self.cs
         if cs is not None and cs.fold is not None and cs.stack_in is not None:
             end_fold(cs.stack, x, cs.stack_in)
+            self.work.stack_terms += self.work.rows / max(len(self.blocks), 1)
             cs.fold = None
 
     def _fold_block(self, block: HiDreamBlock) -> None:
         """A refreshed block's attention and MoE values (image rows) into the fold's products."""
         cs = self.cs
         T = cs.stack_in.shape[1]
+        moe = cs.whole[("moe", block.index)]
+        self.work.stack_terms += 2 * (cs.fold.degree + 1) * moe.shapes[0][0] * moe.shapes[0][1]
         for u, cache in ((2 * block.index, cs.whole[("attn", block.index)]), (2 * block.index + 1, cs.whole[("moe", block.index)])):
             cs.fold.add(u, lambda j, c=cache: c.level(0, j)[:, :T])
 
@@ -334,16 +365,20 @@ class ScheduleEngine:
         temb = self._temb(module, call)
         step, N = float(self.step), B * T
         sp = cs.stack
+        rows = [c.shapes[0][0] * c.shapes[0][1] for _, c in caches]                # N_b of each block's MoE
+        self.work.rows = float(sum(rows))
         if self.fold and sp is not None and sp.refreshes > GATE_DEGREE and sp.prods.shape[2] == N:
             lag = caches[0][0].hists[0].weights(step) if self.plan.degree else [1.0]
             acc = fold_sum(sp, x.reshape(N, D).float(), step, lag).view(B, T, D)
             self.counters.folded_forwards += 1
+            self.work.stack_terms += len(sp.gates.weights(step)) * len(lag) * self.work.rows / len(rows)
         else:
             gates = self._gates(temb).unsqueeze(2)                                    # [U, B, 1, D]
             acc = x.to(torch.float32, copy=True)
             for b, pair in enumerate(caches):
                 for i, cache in enumerate(pair):
                     acc.addcmul_(cache.hists[0].forecast(step).view(cache.shapes[0])[:, :T], gates[2 * b + i])
+            self.work.reused += 2 * self.work.rows
         out = module.final_layer(acc.to(x.dtype), temb)
         out = module.unpatchify(out, img_sizes, module.training)
         self._stacked = True
@@ -373,13 +408,17 @@ class ScheduleEngine:
         full = self._unit_flops(J).attn * B
         rule, key = self.rule(block).attn, ("attn", block.index)
         cache = self.cs.whole.get(key)
+        rows = inputs[0].shape[0] * inputs[0].shape[1]          # the block's MoE rows (image, or all in a single block)
         if rule.mode == "reuse" and not self._sync and cache is not None and cache.n:
             self.counters.add(0.0, full)
+            self.work.reused += rows
             out = cache.forecast(self.step, self.plan.linear, inputs[0].dtype)
             return out if len(out) > 1 else out[0]
         out = compute()
         self.counters.add(full, full)
+        self.work.attn += rows
         if block.index in self.plan.attn:
+            self.work.pushed += rows
             self.cs.whole.setdefault(key, WholeCache(self.plan.degree)).push(out if isinstance(out, tuple) else (out,), self.step)
         return out
 
@@ -409,9 +448,11 @@ class ScheduleEngine:
         full = N * (a.top_k * 6.0 * D * a.expert_hidden + 6.0 * D * a.shared_hidden + 2.0 * D * a.num_experts)
         rule = self.rule(block)
         whole = cs.whole.get(("moe", bi))
+        self.work.rows += N
         if rule.moe.mode == "reuse" and not self._sync and whole is not None and whole.n:
             self.counters.add(0.0, full)
             self.counters.routed_pairs += N * a.top_k
+            self.work.reused += N
             return whole.forecast(self.step, self.plan.linear, x.dtype)[0]
         drift = self._drift(bi, x.reshape(N, D)) if bi in self.plan.scored else None
         computes_all = self._sync or (rule.shared.mode == "always" and all(r.mode == "always" for r in rule.experts))
@@ -421,10 +462,14 @@ class ScheduleEngine:
             self._fill_caches(block, x, res, drift)
             self.counters.add(full, full)
             self.counters.pairs += N * a.top_k
+            w = self.work
+            w.shared, w.pairs, w.routed_blocks = w.shared + N, w.pairs + N * a.top_k, w.routed_blocks + 1
+            w.pushed += N * a.top_k * (bi in self.plan.experts) + N * (bi in self.plan.shared)
         else:
             out = self._branches(block, x, rule, drift, full)
         self.counters.routed_pairs += N * a.top_k
         if bi in self.plan.moe:
+            self.work.pushed += N
             cs.whole.setdefault(("moe", bi), WholeCache(self.plan.degree)).push((out,), self.step)
             if cs.fold is not None:
                 self._fold_block(block)
@@ -507,6 +552,10 @@ class ScheduleEngine:
         a, D = self.arch, x.shape[2]
         shared, n_shared = self._shared(block, x, rule, drift)
         self.counters.pairs += n_pairs
+        N, k, w = x.shape[0] * x.shape[1], a.top_k, self.work
+        w.shared, w.pairs, w.routed_blocks = w.shared + n_shared, w.pairs + n_pairs, w.routed_blocks + 1
+        w.reused += (N * k - n_pairs) + (N - n_shared)
+        w.pushed += n_pairs * (block.index in self.plan.experts) + n_shared * (block.index in self.plan.shared)
         done = (x.shape[0] * x.shape[1] * 2.0 * D * a.num_experts + n_pairs * 6.0 * D * a.expert_hidden
                 + n_shared * 6.0 * D * a.shared_hidden)
         self.counters.add(done, full)

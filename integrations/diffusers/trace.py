@@ -129,10 +129,11 @@ def _versions() -> dict:
 
 
 def run_meta(transformer, config: DiffusersTraceConfig, text: TextConditioning, *, source: str,
-             run_name: str) -> dict:
+             run_name: str, model_seed: int = 0) -> dict:
     """run.json: the tracer's fields, with the model as moeca's analysis sees it (``config``: the
-    :func:`~.hidream.view_config`) plus ``family``, ``diffusers`` {class, config, config_hash, version} and
-    ``layout`` {block_kinds, image_tokens, text_tokens}."""
+    :func:`~.hidream.view_config`) plus ``family``, ``model_seed`` (of a ``config:NAME`` source's random
+    weights), ``diffusers`` {class, config, config_hash, version} and ``layout`` {block_kinds, image_tokens,
+    text_tokens, latent_size, text_lengths (T5, Llama)}."""
     blocks = moe_blocks(transformer)
     arch = architecture(transformer, blocks)
     p = transformer.config.patch_size
@@ -148,12 +149,13 @@ def run_meta(transformer, config: DiffusersTraceConfig, text: TextConditioning, 
         "model": {"name": identity_name(transformer), "checkpoint": source, "config": view.to_dict(),
                   "fingerprint": view.fingerprint(), "weights_hash": weights_hash(transformer),
                   "dtype": str(param.dtype).replace("torch.", ""), "device": param.device.type,
-                  "family": "diffusers",
+                  "family": "diffusers", "model_seed": model_seed,
                   "diffusers": {"class": type(transformer).__name__, "config_hash": config_hash(transformer),
                                 "config": {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")},
                                 "version": versions["diffusers"]},
                   "layout": {"block_kinds": [b.kind for b in blocks], "image_tokens": image_tokens,
-                             "text_tokens": text.tokens}},
+                             "text_tokens": text.tokens, "latent_size": list(config.latent_size),
+                             "text_lengths": [int(text.t5.shape[1]), int(text.llama.shape[2])]}},
         "sampler": sampler.to_dict(),
         "flow_shift": s.shift,
         "steps": s.num_steps, "cfg_scale": s.cfg_scale, "seed": config.seed, "batch_size": config.batch_size,
@@ -186,11 +188,11 @@ def write_layout(out_dir: Path, block_kinds: list[str], image_tokens: int, text_
 
 def trace_diffusers(transformer, out_dir: "str | os.PathLike", config: DiffusersTraceConfig, cond: TextConditioning,
                     uncond: TextConditioning, *, source: str, run_name: str = "trace", overwrite: bool = False,
-                    on_step=None) -> Path:
+                    on_step=None, model_seed: int = 0) -> Path:
     """Sample every shard with the hooks attached, write run.json, the shards and ``layout.parquet``.
     The samples are the stock transformer's (the hooks compute the same numbers); returns ``out_dir``."""
     require_diffusers()
-    meta = run_meta(transformer, config, cond, source=source, run_name=run_name)
+    meta = run_meta(transformer, config, cond, source=source, run_name=run_name, model_seed=model_seed)
     out = Path(out_dir)
     prepare_out_dir(out, meta, overwrite=overwrite)
     lay = meta["model"]["layout"]
