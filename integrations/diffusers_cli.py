@@ -113,8 +113,8 @@ def run_trace(args: argparse.Namespace) -> int:
     with _user_errors():
         from moeca.integrations.diffusers.sampling import FlowSampler
         from moeca.integrations.diffusers.trace import DiffusersTraceConfig, trace_diffusers
-        if args.resume:
-            raise ValueError("--resume is not supported with --diffusers; trace again with --overwrite")
+        if args.resume and args.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
         samples = args.samples or 2
         transformer, source, cond, uncond, latent = _load(args, samples)
         prompts = tuple(i % cond.batch for i in range(samples))
@@ -123,7 +123,8 @@ def run_trace(args: argparse.Namespace) -> int:
         config = DiffusersTraceConfig(sampler=sampler, prompts=prompts, latent_size=latent, seed=args.seed,
                                       batch_size=min(args.batch_size, samples),
                                       lags=args.lags if args.lags is not None else DEFAULT_LAGS)
-        out = trace_diffusers(transformer, args.out, config, cond, uncond, source=source, overwrite=args.overwrite)
+        out = trace_diffusers(transformer, args.out, config, cond, uncond, source=source, overwrite=args.overwrite,
+                              resume=args.resume)
     print(format_summary(out))
     return 0
 

@@ -276,6 +276,29 @@ def test_trace_analyze_derive_apply_round_trip(tmp_path):
         apply_schedule(build_transformer("tiny"), s)     # another config
 
 
+def test_trace_resume_redoes_only_the_missing_shards(tmp_path, capsys):
+    import pyarrow.parquet as pq
+    out = tmp_path / "trace"
+    base = ["trace", "--diffusers-config", "tiny-4e", "--steps", "3", "--samples", "2", "--batch-size", "1",
+            "--height", "128", "--out", str(out), "--no-progress"]
+    assert moeca_main(base) == 0
+    shards = {t: sorted((out / t).glob("*.parquet")) for t in ("branches", "tokens")}
+    assert all(len(v) == 2 for v in shards.values())
+    before = {t: [pq.read_table(p) for p in v] for t, v in shards.items()}
+    kept = shards["branches"][0].stat().st_mtime_ns
+    for v in shards.values():
+        v[1].unlink()                                  # the second shard was never finished
+    assert moeca_main(base) == 2 and "--resume" in capsys.readouterr().err     # an existing trace
+    assert moeca_main(base + ["--resume"]) == 0
+    assert shards["branches"][0].stat().st_mtime_ns == kept
+    for t, v in shards.items():
+        assert all(pq.read_table(p).equals(b) for p, b in zip(v, before[t])), t
+    other = [a if a != "128" else "96" for a in base] + ["--resume"]
+    assert moeca_main(other) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "layout" in err
+
+
 def test_replay_cli_reports_speed_flops_and_fidelity(tmp_path, capsys):
     model = build_transformer("tiny-4e")
     path = tmp_path / "s.json"
