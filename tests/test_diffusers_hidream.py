@@ -155,6 +155,44 @@ def test_fold_equals_the_exact_sum_when_the_gates_do_not_move():
     torch.testing.assert_close(out["folded"], out["exact"], rtol=1e-5, atol=1e-5)
 
 
+def test_stack_steps_read_nothing_back_to_the_host():
+    """A token-level forecast step (step from the caller's ``CacheContext``) runs no operator that reads a
+    tensor value back to the host (``.item()``, ``bool()``, slicing by a tensor, ``nonzero``): on a GPU it
+    queues without a sync, unlike the stock forward (``bincount().cpu()`` in every MoE, image sizes read in
+    ``unpatchify``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    model, *_ = _setup()
+    handle = apply_schedule(model, _token_level(model))
+    inputs = [_inputs(model, t=900.0 - 100 * i) for i in range(8)]
+    stock = Ops()
+    with torch.no_grad(), handle.context("cond", step_index=0, num_inference_steps=8), stock:
+        model(**inputs[0])                                               # step 0: a full refresh
+    seen = {}
+    with torch.no_grad():
+        for i in range(1, 8):
+            with handle.context("cond", step_index=i, num_inference_steps=8), Ops() as ops:
+                model(**inputs[i])
+            seen[i] = ops.seen
+    stats = handle.stats()
+    handle.remove()
+    assert stats["stack_forwards"] == 5 and stats["folded_forwards"] == 3
+    reads = {"_local_scalar_dense", "nonzero", "item"}
+    assert reads & stock.seen               # a full forward does (unpatchify's image sizes, the CPU dispatch's counts)
+    for i in (1, 2, 4, 6, 7):                                            # exact, then folded stack steps
+        assert not reads & seen[i], (i, reads & seen[i])
+        assert "mm" not in seen[i] and "bmm" not in seen[i]             # no block ran
+
+
 def test_computed_pairs_are_what_the_schedule_says():
     model, *_ = _setup()
     E = 4

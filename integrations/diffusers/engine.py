@@ -206,6 +206,25 @@ class Counters:
         self.full_flops += full
 
 
+def _patchify_square(latent: torch.Tensor, p: int) -> torch.Tensor:
+    """``[B, C, H, W]`` -> tokens ``[B, H/p * W/p, p * p * C]``: the reshapes and permute of
+    ``HiDreamImageTransformer2DModel.patchify`` for a square latent (the same values), without the image
+    sizes and ids it also builds (a host-to-device copy each)."""
+    B, C, H, W = latent.shape
+    x = latent.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def _unpatchify_square(x: torch.Tensor, H: int, W: int, p: int) -> torch.Tensor:
+    """The final layer's ``[B, H/p * W/p, p * p * C]`` -> ``[B, C, H, W]``: ``unpatchify``'s inference branch
+    for a square latent with the patch grid as host integers (the model's own reads them from a tensor, a
+    host sync per sample)."""
+    B, pH, pW = x.shape[0], H // p, W // p
+    C = x.shape[-1] // (p * p)
+    t = x[:, : pH * pW].reshape(B, pH, pW, p, p, C).permute(0, 5, 1, 3, 2, 4)
+    return t.reshape(B, C, pH * p, pW * p)
+
+
 class ScheduleEngine:
     """Runs HiDream's units as ``schedule`` says for the context :meth:`begin` selects (see the module
     docstring). ``dispatch``: the routed-expert path (``"auto"``: the fastest for the device). ``blocks``:
@@ -350,7 +369,10 @@ class ScheduleEngine:
         hs, masks = call["hidden_states"], call.get("hidden_states_masks")
         if masks is None and hs.dim() != 4:
             return None
-        if masks is None:
+        square = masks is None and hs.shape[-2] == hs.shape[-1]
+        if square:              # the transformer's own patchify of a square latent, without its host reads
+            tokens, img_sizes = _patchify_square(hs, int(module.config.patch_size)), None
+        elif masks is None:
             tokens, _, img_sizes, _ = module.patchify(hs)
         else:
             tokens, img_sizes = hs, call.get("img_sizes")
@@ -380,7 +402,10 @@ class ScheduleEngine:
                     acc.addcmul_(cache.hists[0].forecast(step).view(cache.shapes[0])[:, :T], gates[2 * b + i])
             self.work.reused += 2 * self.work.rows
         out = module.final_layer(acc.to(x.dtype), temb)
-        out = module.unpatchify(out, img_sizes, module.training)
+        if square and not (module.training and not module.config.force_inference_output):
+            out = _unpatchify_square(out, hs.shape[-2], hs.shape[-1], int(module.config.patch_size))
+        else:
+            out = module.unpatchify(out, img_sizes, module.training)
         self._stacked = True
         self.counters.stack_forwards += 1
         self.counters.add(0.0, cs.forward_flops)
