@@ -10,7 +10,8 @@ sample with the stock forward, moeca's full compute (schedule ``none``: the rout
 moeca's dispatch) and each schedule, interleaved ``--repeats`` times after a warm-up (hooks attached and
 removed outside the timings). Rows: ms/step (median), speed vs stock (median of per-round ratios), the
 FLOPs ratio counted from what ran, speed over FLOPs ratio, max |diff| / relative L2 / PSNR of the final
-latents vs stock, each schedule's forecast level, refreshes and predicted speedup. ``--clock cpu`` times
+latents vs stock, the median ms of a refresh step and of a forecast step, each schedule's forecast level,
+refreshes and predicted speedup. ``--clock cpu`` times
 by the process's CPU time (one thread on a machine shared with other jobs). The machine's load average
 is recorded with the results.
 """
@@ -22,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 NAME = "diffusers"
-COLUMNS = ["variant", "ms_step", "speed", "flops_ratio", "speed_over_flops", "max_abs_diff", "rel_l2", "psnr_db",
-           "cache_mb", "repeats"]
+COLUMNS = ["variant", "ms_step", "speed", "flops_ratio", "speed_over_flops", "refresh_ms", "forecast_ms",
+           "max_abs_diff", "rel_l2", "psnr_db", "cache_mb", "repeats"]
 CONFIG = "bench"
 
 

@@ -158,3 +158,17 @@ def test_a_trace_whose_weights_cannot_be_rebuilt_is_refused(trace, tmp_path):
     meta["model"]["model_seed"] = 7
     with pytest.raises(ValueError, match="weights"):
         hcal.transformer_of_trace(meta)
+
+
+def test_cli_calibrate_measures_the_hidream_engine(trace, cache_dir, capsys):
+    """``moeca calibrate --diffusers-config NAME`` measures the HiDream engine's costs under the key a
+    wall-clock derive on a trace of the same transformer and shapes looks up."""
+    assert moeca_main(["calibrate", "--diffusers-config", NAME, "--height", str(HEIGHT), "--steps", "4", "--repeats",
+                       "1", "--threads", "1", "--max-fit-error", str(NOISY)]) == 0
+    out = capsys.readouterr().out
+    assert "stock step" in out and "router_block_ms" in out
+    meta = json.loads((trace / "run.json").read_text())
+    entries = json.loads((cache_dir / "calibration.json").read_text())["entries"]
+    key = hcal.calibration_key(hcal.transformer_of_trace(meta), hcal.setting_of_trace(meta, 1))
+    assert [e["key"] for e in entries.values()] == [key]
+    assert moeca_main(["calibrate", "--diffusers-config", NAME, "--model", "demo"]) == 2     # one model, not two

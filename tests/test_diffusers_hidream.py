@@ -385,8 +385,10 @@ def test_gpu_check_hidream_dry_run_measures_every_variant(tmp_path):
     from moeca.bench.gpu_check_hidream import main
     assert main(["--dry-run", "--out", str(tmp_path), "--repeats", "1", "--intervals", "2"]) == 0
     rows = json.loads((tmp_path / "gpu_check_hidream_dry_run.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["stock forward", "moeca full compute", "MoECa, refresh every 2"]
-    assert rows[1]["max_abs_diff"] == 0.0 and rows[2]["flops_ratio"] > 1.2
+    assert [r["variant"] for r in rows] == ["stock forward", "moeca full compute", "MoECa branch level, refresh every 2",
+                                            "MoECa token level, refresh every 2"]
+    assert rows[1]["max_abs_diff"] == 0.0 and rows[2]["flops_ratio"] > 1.2 and rows[3]["flops_ratio"] > rows[2]["flops_ratio"]
+    assert rows[3]["forecast_ms"] < rows[3]["refresh_ms"]
 
 
 def test_apply_inside_a_hidream_pipeline_call():
