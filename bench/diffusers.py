@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--forecast-level", default="token",
                    help="forecast level(s) of the FLOPs-target schedules, comma-separated (token, branch, auto; "
                         "default token: what `auto` takes for a wall-clock target on this CPU, see --wallclock-targets)")
+    p.add_argument("--exact-gates", action="store_true",
+                   help="also time the token-level FLOPs-target schedules with the stack sum unfolded (exact gates, "
+                        "apply_schedule(fold=False)) next to the folded default")
     p.add_argument("--wallclock-targets", default="2,3",
                    help="wall-clock speedup targets, derived with --forecast-level auto from the HiDream engine's "
                         "calibration on this machine (`moeca schedule derive --target-speedup`); '' for none (default 2,3)")
@@ -109,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
     variants = [Variant("stock forward", None), Variant("moeca full compute", full)]
     variants += [Variant(f"MoECa {t:g}x {'wall-clock' if kind == 'wall-clock' else 'FLOPs'} target, "
                          f"{s.provenance.get('forecast_level', kind)} level", s) for (kind, t), s in schedules.items()]
+    exact = [(key, s) for key, s in schedules.items() if args.exact_gates and key[0] == "token"]
+    variants += [Variant(f"MoECa {t:g}x FLOPs target, token level, exact gates", s, options={"fold": False})
+                 for (_, t), s in exact]
     noise = initial_noise((model.config.in_channels, *latent), [args.seed])
 
     def progress(r: int, vs: list) -> None:
@@ -116,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
                                                                  for v in vs), flush=True)
     rows = compare(model, variants, sampler, noise, cond.select([0]), uncond.select([0]), repeats=args.repeats,
                    progress=progress, clock=args.clock)
-    for row, ((kind, t), s) in zip(rows[2:], schedules.items()):
+    for row, ((kind, t), s) in zip(rows[2:], list(schedules.items()) + exact):
         row["target"], row["predicted_flops_ratio"] = f"{t:g}x {'wall' if kind == 'wall-clock' else 'FLOPs'}", \
             1 / s.predicted_flops_ratio
         row["level"], row["refreshes"] = s.provenance.get("forecast_level", kind), len(s.sync_refresh_steps)
@@ -127,10 +133,12 @@ def run(args: argparse.Namespace) -> int:
             "parameters": sum(p.numel() for p in model.parameters()),
             "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "calibration": costs.summary() if costs is not None else None}
-    defaults = {"steps": 10, "repeats": 3, "targets": "2,3", "forecast_level": "token", "wallclock_targets": "2,3", "trace_samples": 2, "size": 256,
+    defaults = {"steps": 10, "repeats": 3, "targets": "2,3", "forecast_level": "token", "wallclock_targets": "2,3",
+                "exact_gates": False, "trace_samples": 2, "size": 256,
                 "threads": 2, "clock": "wall", "seed": 0}
-    cmd = "moeca bench diffusers" + "".join(f" --{k.replace('_', '-')} {getattr(args, k)}"
-                                            for k, v in defaults.items() if getattr(args, k) != v)
+    cmd = "moeca bench diffusers" + "".join(
+        f" --{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {getattr(args, k)}")
+        for k, v in defaults.items() if getattr(args, k) != v)
     notes = (f"HiDream-I1's transformer class (diffusers) with random weights at a scaled shape ({CONFIG!r}: "
              f"{meta['parameters'] / 1e6:.0f}M parameters, {image_tokens} image + {cond.tokens} text tokens, CFG "
              f"batched), {args.steps} flow-matching Euler steps, {args.threads} threads, "

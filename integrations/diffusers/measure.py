@@ -26,13 +26,15 @@ from .sampling import FlowSampler, TextConditioning, sample
 class Variant:
     """One timed variant: ``name``, ``schedule`` (None: the stock forward, no hooks), its runs' seconds,
     ``ratios`` to the stock run of the same round, each run's milliseconds per step (``step_ms``), the last
-    run's latents and engine stats."""
+    run's latents and engine stats; ``options``: keyword arguments of :func:`~.apply.apply_schedule` (``fold``,
+    ``stack``)."""
 
     name: str
     schedule: Schedule | None
     seconds: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
     step_ms: list[list[float]] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
     latents: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
 
@@ -60,7 +62,7 @@ def run_variant(transformer, variant: Variant, sampler: FlowSampler, noise: torc
     """One sampling call of ``variant``; returns its seconds by ``clock`` (:data:`CLOCKS`; hooks attached
     outside the timing)."""
     device = next(transformer.parameters()).device
-    handle = apply_schedule(transformer, variant.schedule, dispatch=dispatch, check_weights=False) \
+    handle = apply_schedule(transformer, variant.schedule, dispatch=dispatch, check_weights=False, **variant.options) \
         if variant.schedule is not None else None
     try:
         now = CLOCKS[clock]
