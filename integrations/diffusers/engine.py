@@ -29,7 +29,6 @@ import torch
 
 from moeca.models.dispatch import run_experts, run_routed
 from moeca.policy.schedule import BlockRule, Schedule, ScheduleMismatch
-
 from moeca.replay.state import StackProducts
 from moeca.replay.units.stack import GATE_DEGREE, FoldRefresh, begin_fold, end_fold, fold_sum
 
