@@ -18,6 +18,7 @@ is recorded with the results.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -37,9 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--forecast-level", default="token",
                    help="forecast level(s) of the FLOPs-target schedules, comma-separated (token, branch, auto; "
                         "default token: what `auto` takes for a wall-clock target on this CPU, see --wallclock-targets)")
-    p.add_argument("--exact-gates", action="store_true",
-                   help="also time the token-level FLOPs-target schedules with the stack sum unfolded (exact gates, "
-                        "apply_schedule(fold=False)) next to the folded default")
+    p.add_argument("--always-fold", action="store_true",
+                   help="also time the token-level FLOPs-target schedules with the stack sum folded whatever the gates "
+                        "do (apply_schedule(fold_tolerance=inf)) next to the default, which folds only while the gates "
+                        "move linearly between refreshes")
     p.add_argument("--wallclock-targets", default="2,3",
                    help="wall-clock speedup targets, derived with --forecast-level auto from the HiDream engine's "
                         "calibration on this machine (`moeca schedule derive --target-speedup`); '' for none (default 2,3)")
@@ -112,9 +114,9 @@ def run(args: argparse.Namespace) -> int:
     variants = [Variant("stock forward", None), Variant("moeca full compute", full)]
     variants += [Variant(f"MoECa {t:g}x {'wall-clock' if kind == 'wall-clock' else 'FLOPs'} target, "
                          f"{s.provenance.get('forecast_level', kind)} level", s) for (kind, t), s in schedules.items()]
-    exact = [(key, s) for key, s in schedules.items() if args.exact_gates and key[0] == "token"]
-    variants += [Variant(f"MoECa {t:g}x FLOPs target, token level, exact gates", s, options={"fold": False})
-                 for (_, t), s in exact]
+    forced = [(key, s) for key, s in schedules.items() if args.always_fold and key[0] == "token"]
+    variants += [Variant(f"MoECa {t:g}x FLOPs target, token level, fold forced", s,
+                         options={"fold_tolerance": math.inf}) for (_, t), s in forced]
     noise = initial_noise((model.config.in_channels, *latent), [args.seed])
 
     def progress(r: int, vs: list) -> None:
@@ -122,11 +124,14 @@ def run(args: argparse.Namespace) -> int:
                                                                  for v in vs), flush=True)
     rows = compare(model, variants, sampler, noise, cond.select([0]), uncond.select([0]), repeats=args.repeats,
                    progress=progress, clock=args.clock)
-    for row, ((kind, t), s) in zip(rows[2:], list(schedules.items()) + exact):
+    v_stats = {v.name: v.stats for v in variants}
+    for row, ((kind, t), s) in zip(rows[2:], list(schedules.items()) + forced):
         row["target"], row["predicted_flops_ratio"] = f"{t:g}x {'wall' if kind == 'wall-clock' else 'FLOPs'}", \
             1 / s.predicted_flops_ratio
         row["level"], row["refreshes"] = s.provenance.get("forecast_level", kind), len(s.sync_refresh_steps)
         row["predicted_speedup"] = s.provenance.get("predicted_speedup")
+        row["folded_forwards"] = v_stats.get(row["variant"], {}).get("folded_forwards")
+        row["gate_error"] = v_stats.get(row["variant"], {}).get("gate_error")
     meta = {"config": CONFIGS[CONFIG], "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
             "clock": args.clock,
             "latent_size": list(latent), "image_tokens": image_tokens, "text_tokens": cond.tokens, "cfg_rows": 2,
@@ -134,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
             "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "calibration": costs.summary() if costs is not None else None}
     defaults = {"steps": 10, "repeats": 3, "targets": "2,3", "forecast_level": "token", "wallclock_targets": "2,3",
-                "exact_gates": False, "trace_samples": 2, "size": 256,
+                "always_fold": False, "trace_samples": 2, "size": 256,
                 "threads": 2, "clock": "wall", "seed": 0}
     cmd = "moeca bench diffusers" + "".join(
         f" --{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {getattr(args, k)}")
@@ -145,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
              f"{'wall-clock' if args.clock == 'wall' else 'process CPU time'}; load average "
              f"{load_before[0]:.2f} before, {meta['load_average_after'][0]:.2f} after. speed: median per-round ratio "
              "to the stock forward; flops_ratio: full-compute FLOPs over FLOPs run; latents compared with stock.")
-    paths = write_results(NAME, rows, args.out, meta=meta, columns=COLUMNS + ["target", "level", "refreshes", "predicted_flops_ratio", "predicted_speedup"],
+    paths = write_results(NAME, rows, args.out, meta=meta, columns=COLUMNS + ["target", "level", "refreshes", "folded_forwards", "gate_error",
+                                             "predicted_flops_ratio",
+                                             "predicted_speedup"],
                           title="MoECa on HiDream-I1 (diffusers), scaled down, CPU", notes=notes,
                           plot=lambda path: plot(rows, path), command=cmd, overwrite=args.overwrite)
     print(markdown_table(rows, COLUMNS))

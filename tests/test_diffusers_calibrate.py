@@ -6,6 +6,7 @@ Needs the optional extra (``pip install -e ".[test,diffusers]"``); skipped witho
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -79,15 +80,17 @@ def test_calibration_schedules_separate_every_coefficient():
 @pytest.mark.parametrize("level", ["token", "branch"])
 def test_predicted_work_is_what_the_hidream_engine_counts(trace, level):
     """The wall-clock prediction's step work (``sync_work``) of a derived plan is, step by step, what the
-    HiDream engine counts: full refreshes, folded and unfolded stack steps (token level), routed forecast
-    steps (branch level: the traced share of new pairs against the replay's, so only their totals differ)."""
+    HiDream engine counts: full refreshes, folded and unfolded stack steps (token level; the prediction
+    prices the fold, so the replay folds whatever these random gates do), routed forecast steps (branch
+    level: the traced share of new pairs against the replay's, so only their totals differ)."""
     summary, meta = _summary(trace)
     s = derive_schedule(summary, meta, DeriveConfig(target_speedup=2.0, forecast_level=level))
     model = build_transformer(NAME)
     setting = hcal.setting_of_trace(meta, 1)
     cond, uncond = random_conditioning(CONFIGS[NAME], 1, seed=0, lengths=setting.text_lengths)
     noise = initial_noise((model.config.in_channels, *setting.latent_size), [0])
-    _, counted = hcal.timed_steps(model, s, FlowSampler(num_steps=s.num_steps), noise, cond, uncond)
+    _, counted = hcal.timed_steps(model, s, FlowSampler(num_steps=s.num_steps), noise, cond, uncond,
+                                  fold_tolerance=math.inf)
     rows = hcal._rows(model, setting)
     depth = s.model.depth
     assert rows % depth == 0                       # 2 x (2 x 64) + 2 x (2 x 88) rows over 4 blocks

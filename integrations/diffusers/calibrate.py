@@ -142,14 +142,15 @@ def step_work(work: ForwardWork, order: int) -> StepWork:
 
 
 def timed_steps(transformer: torch.nn.Module, schedule: Schedule | None, sampler: FlowSampler, noise: torch.Tensor,
-                cond: TextConditioning, uncond: TextConditioning,
-                clock: str = "wall") -> tuple[list[float], list[StepWork] | None]:
+                cond: TextConditioning, uncond: TextConditioning, clock: str = "wall",
+                **options) -> tuple[list[float], list[StepWork] | None]:
     """Milliseconds of each sampling step of one run (``schedule`` None: the stock forward; the device
-    synchronised at every step) and, under a schedule, what each step executed."""
+    synchronised at every step) and, under a schedule, what each step executed. ``options``: keyword
+    arguments of :func:`~.apply.apply_schedule` (``fold_tolerance``, ...)."""
     device = next(transformer.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     now = CLOCKS[clock]
-    handle = (apply_schedule(transformer, schedule, check_weights=False, record=True)
+    handle = (apply_schedule(transformer, schedule, check_weights=False, record=True, **options)
               if schedule is not None else None)
     marks: list[float] = []
 
