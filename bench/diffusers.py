@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
             costs = ensure_costs(model, setting_of_trace(meta, 1), clock=args.clock,
                                  progress=lambda msg: print(msg, flush=True))
             for t in wall_targets:
-                s = derive_schedule(summary, meta, DeriveConfig(target_speedup=t, target="wallclock"), costs)
+                s = derive_schedule(summary, meta, DeriveConfig(target_speedup=t, target="wallclock",
+                                                                fold=costs.token_folds), costs)
                 schedules[("wall-clock", t)] = s
     image_tokens = latent[0] * latent[1] // 4
     full = none_schedule(model, args.steps, max_tokens=image_tokens + cond.tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -277,6 +278,8 @@ def cmd_derive(args: argparse.Namespace) -> int:
     if nans:
         print(f"warning: {nans}", file=sys.stderr)
     wallclock = replay_costs(meta, args) if cfg.target == "wallclock" else None
+    if wallclock is not None and not wallclock.token_folds:   # the engine sums the stack with the exact gates here
+        cfg = replace(cfg, fold=False)
     schedule = derive_schedule(summary, meta, cfg, wallclock).with_provenance(
         traces=[str(t) for t in args.traces], nan_metric_values=int(summary["nan_count"].sum()))
     schedule.save(out, overwrite=args.overwrite)

@@ -119,6 +119,7 @@ def test_measured_calibration_is_cached_per_key(cache_dir, monkeypatch):
     assert first.key["model"].startswith("diffusers.HiDreamImageTransformer2DModel@")
     assert all(getattr(first, c) >= 0 for c in COEFFICIENTS) and first.full_step_ms > 0
     assert first.rows_per_block == hcal._rows(model, _setting()) // 4 and first.top_k == 2
+    assert first.token_folds is False          # random gates: the engine's check keeps the exact gates
     assert hcal.ensure_costs(model, _setting(), steps=4, repeats=1, progress=None, max_fit_error=NOISY) == first
     assert len(measured) == 1                                               # cached
     monkeypatch.setattr(hcal, "engine_hash", lambda: "a-changed-engine")
@@ -126,12 +127,13 @@ def test_measured_calibration_is_cached_per_key(cache_dir, monkeypatch):
     assert len(measured) == 2                                               # the engine changed: measured again
 
 
-def _costs(model, setting, router_block_ms: float, stack_term_ms: float) -> WallClockCosts:
+def _costs(model, setting, router_block_ms: float, stack_term_ms: float, token_folds: bool = True) -> WallClockCosts:
     """A calibration of this key with chosen prices (a perfect fit)."""
     return WallClockCosts(step_ms=1.0, attn_row_ms=0.01, shared_row_ms=0.005, pair_ms=0.005, forecast_term_ms=0.0005,
                           history_term_ms=0.0002, router_block_ms=router_block_ms, full_step_ms=20.0,
                           rows_per_block=hcal._rows(model, setting) // 4, top_k=2,
-                          key=hcal.calibration_key(model, setting), stack_term_ms=stack_term_ms)
+                          key=hcal.calibration_key(model, setting), stack_term_ms=stack_term_ms,
+                          token_folds=token_folds)
 
 
 @pytest.mark.parametrize("router, stack, level", [(3.0, 0.0001, "token"), (0.0, 0.05, "branch")])
@@ -175,3 +177,22 @@ def test_cli_calibrate_measures_the_hidream_engine(trace, cache_dir, capsys):
     key = hcal.calibration_key(hcal.transformer_of_trace(meta), hcal.setting_of_trace(meta, 1))
     assert [e["key"] for e in entries.values()] == [key]
     assert moeca_main(["calibrate", "--diffusers-config", NAME, "--model", "demo"]) == 2     # one model, not two
+
+
+def test_a_wallclock_derive_prices_the_stack_steps_as_the_engine_will_run_them(trace, cache_dir, capsys):
+    """When the HiDream calibration's token-level runs did not fold (the gates moved far from linearly), a
+    wall-clock derivation prices the token-level forecast steps unfolded (``fold`` False in its config)."""
+    torch.set_num_threads(1)
+    meta = json.loads((trace / "run.json").read_text())
+    model = hcal.transformer_of_trace(meta)
+    setting = hcal.setting_of_trace(meta, 1)
+    schedules = {}
+    for folds in (True, False):
+        save_costs(_costs(model, setting, 3.0, 0.0001, token_folds=folds))
+        out = trace.parent / f"s-folds-{folds}.json"
+        assert moeca_main(["schedule", "derive", str(trace), "--target-speedup", "1.5", "--threads", "1",
+                           "--out", str(out), "--overwrite"]) == 0
+        schedules[folds] = Schedule.load(out)
+    assert schedules[True].provenance["config"]["fold"] is True
+    assert schedules[False].provenance["config"]["fold"] is False
+    assert schedules[False].provenance["forecast_level"] == "token"

@@ -8,7 +8,9 @@ a HiDream transformer under the HiDream engine (:class:`~.engine.ScheduleEngine`
 between full steps; token-level forecast steps, the stack sum folded after the second refresh, every 5th
 and every 3rd step full), each step timed (median of ``repeats`` interleaved runs after a warm-up), what each
 forward executed counted by the engine (:class:`~.engine.ForwardWork`), and the same non-negative least
-squares fit (:func:`moeca.replay.calibrate.fit_costs`). The speedup reference (``full_step_ms``) is the stock
+squares fit (:func:`moeca.replay.calibrate.fit_costs`). Whether the token-level runs folded their forecast
+steps (the engine folds only while the gates move linearly) is recorded as ``token_folds``, so a derivation
+prices those steps as they will run. The speedup reference (``full_step_ms``) is the stock
 diffusers forward, which ``moeca replay --diffusers`` and ``moeca bench diffusers`` measure against.
 
 A HiDream block's rows are ``N_b = B * T_b`` (the tokens its MoE sees: image tokens in a double-stream block,
@@ -24,7 +26,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -135,6 +137,10 @@ def calibration_schedules(transformer: torch.nn.Module, num_steps: int, max_toke
     ]
 
 
+TOKEN_SCHEDULES = (8, 9)
+"""Indices of :func:`calibration_schedules`' token-level schedules (every 5th and every 3rd step full)."""
+
+
 def step_work(work: ForwardWork, order: int) -> StepWork:
     """One forward's :class:`~.engine.ForwardWork` as the cost model's :class:`StepWork`."""
     return StepWork(attn=work.attn, shared=work.shared, pairs=work.pairs, reused=work.reused, order=order,
@@ -204,9 +210,12 @@ def measure_costs(transformer: torch.nn.Module, setting: Setting, *, steps: int 
                 works[i] = w
     rows_per_block = max(1, round(_rows(transformer, setting) / len(moe_blocks(transformer))))
     fixed = dict(zip(DIRECT, bookkeeping_ms(rows_per_block, int(transformer.inner_dim), p.device)))
-    return fit_costs(times, works, fixed, rows_per_block=rows_per_block,
-                     top_k=int(transformer.config.num_activated_experts),
-                     key=calibration_key(transformer, setting, clock))
+    costs = fit_costs(times, works, fixed, rows_per_block=rows_per_block,
+                      top_k=int(transformer.config.num_activated_experts),
+                      key=calibration_key(transformer, setting, clock))
+    # whether the token-level calibration runs folded their forecast steps (the engine's gate check)
+    folded = any(w.stack_terms > 0 and w.attn == 0 and w.reused == 0 for i in TOKEN_SCHEDULES for w in works[i])
+    return replace(costs, token_folds=folded)
 
 
 def _rows(transformer: torch.nn.Module, setting: Setting) -> int:
