@@ -7,9 +7,10 @@ caches fit an 80 GB H100 next to the 34 GB of weights; 1024 needs an H200), 128 
 tokens, ``--steps`` flow-matching Euler steps. Variants, interleaved after a warm-up of each
 (:func:`moeca.integrations.diffusers.measure.compare`): the stock forward, moeca's full compute (the
 routed experts through moeca's sync-free grouped dispatch instead of the stock per-expert loop with a
-host sync) and the MoECa sync rule refreshing every ``N`` steps (``--intervals``; forecast steps run
-the router and the newly routed pairs, forecast the rest linearly). Random weights: speed, not
-quality. Needs diffusers (the extra) and CUDA; it is not part of the tests. ``--dry-run`` runs the
+host sync) and the MoECa sync rule refreshing every ``N`` steps (``--intervals``) at each forecast level
+(``--levels``: ``branch`` forecast steps run the router and the newly routed pairs and forecast the rest
+linearly; ``token`` forecast steps run no block, one folded sum over the stack). Random weights: speed,
+not quality. Needs diffusers (the extra) and CUDA; it is not part of the tests. ``--dry-run`` runs the
 same flow on the CPU at the ``tiny-4e`` config (float32, 3 steps) and writes ``gpu_check_hidream_dry_run.*``.
 """
 from __future__ import annotations
@@ -25,12 +26,25 @@ from moeca.bench.results import write_results
 from moeca.diffusion.samplers import SamplerConfig
 
 
+def token_level(schedule):
+    """The same refresh steps with token-level forecast steps: every block's attention and whole MoE output
+    forecast (no router), which the HiDream engine runs as one folded sum over the stack."""
+    from dataclasses import replace
+
+    from moeca.policy.schedule import REUSE, StepRule
+    sync = set(schedule.sync_refresh_steps)
+    steps = tuple(st if s in sync else StepRule(st.model, tuple(replace(r, moe=REUSE) for r in st.blocks))
+                  for s, st in enumerate(schedule.steps))
+    return replace(schedule, steps=steps)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/gpu_check.sh --hidream", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/results", help="folder for gpu_check_hidream.json / .md")
     p.add_argument("--size", type=int, default=768, help="image size in pixels (latents 1/8; default 768)")
     p.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
     p.add_argument("--intervals", default="2,3", help="MoECa refresh intervals (default 2,3)")
+    p.add_argument("--levels", default="branch,token", help="forecast levels of the MoECa variants (default branch,token)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved timed rounds (default 2)")
     p.add_argument("--dry-run", action="store_true", help="tiny config on the CPU: checks the script only")
     args = p.parse_args(argv)
@@ -63,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     view = view_config(model, tokens)
     smp = SamplerConfig(kind="rectified_flow", num_steps=steps, cfg_scale=sampler.cfg_scale, cfg_mode="batched")
     variants = [Variant("stock forward", None), Variant("moeca full compute", none_schedule(model, steps, max_tokens=tokens))]
-    variants += [Variant(f"MoECa, refresh every {n}", moeca_shaped(view, smp, n)) for n in intervals]
+    levels = [v.strip() for v in args.levels.split(",") if v.strip()]
+    if not levels or any(v not in ("branch", "token") for v in levels):
+        raise SystemExit(f"--levels {args.levels!r}: give branch and/or token")
+    variants += [Variant(f"MoECa {level} level, refresh every {n}", token_level(moeca_shaped(view, smp, n))
+                         if level == "token" else moeca_shaped(view, smp, n)) for level in levels for n in intervals]
     rows = compare(model, variants, sampler, initial_noise((model.config.in_channels, *latent), [0]), cond, uncond,
                    repeats=args.repeats, progress=lambda r, vs: print(f"round {r + 1} done", flush=True))
     meta = {"config": config, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",

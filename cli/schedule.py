@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 from moeca.common.inputs import require_folder
@@ -70,9 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(token, expert) branch (branch), or skip the router and forecast each block's MoE output "
                         "per token (token); auto (default): the level that fits more refreshes into a wall-clock "
                         "target (branch for FLOPs targets)")
-    d.add_argument("--batch", type=int, default=16,
+    d.add_argument("--batch", type=int, default=None,
                    help="--target-speedup: samples per sampling call of the replay the schedule is for "
-                        "(`moeca replay --samples`; default 16)")
+                        "(`moeca replay --samples`; default 16, 1 for a diffusers trace)")
     d.add_argument("--device", default="auto", help="--target-speedup: the device that replays (default auto)")
     d.add_argument("--threads", type=int, default=None,
                    help="--target-speedup: torch CPU threads of the replay (default: torch's choice)")
@@ -261,10 +262,14 @@ def cmd_derive(args: argparse.Namespace) -> int:
                        staleness_weight=args.staleness_weight, min_fraction=args.min_fraction,
                        attn_weight=args.attn_weight)
     summary, meta = load_summary(args.traces, args.allow_mixed)
+    if args.batch is None:      # the replay's samples per call: one HiDream image, 16 of moeca's own models
+        args.batch = 1 if meta.get("model", {}).get("family") == "diffusers" else 16
     nans = nan_report(summary)
     if nans:
         print(f"warning: {nans}", file=sys.stderr)
     wallclock = replay_costs(meta, args) if cfg.target == "wallclock" else None
+    if wallclock is not None and not wallclock.token_folds:   # the engine sums the stack with the exact gates here
+        cfg = replace(cfg, fold=False)
     schedule = derive_schedule(summary, meta, cfg, wallclock).with_provenance(
         traces=[str(t) for t in args.traces], nan_metric_values=int(summary["nan_count"].sum()))
     schedule.save(out, overwrite=args.overwrite)
@@ -284,20 +289,22 @@ def cmd_derive(args: argparse.Namespace) -> int:
 
 def replay_costs(meta: dict, args: argparse.Namespace):
     """The calibrated unit costs of the trace's model replayed on ``args.device`` at ``args.batch`` samples
-    (measured and cached on first use by :func:`moeca.replay.calibrate.ensure_costs`)."""
+    (measured and cached on first use by :func:`moeca.replay.calibrate.ensure_costs`; a diffusers trace's by
+    its engine's calibration, :mod:`moeca.integrations.diffusers.calibrate`)."""
     # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
-    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.diffusion.samplers import SamplerConfig
-    # deferred: loads torch, and this module is imported at `moeca` start-up
     from moeca.models.registry import load_traced_model
-    from moeca.replay.calibrate import ensure_costs  # local: torch loads only when a command needs it
+    from moeca.replay.calibrate import ensure_costs
 
     model_meta = meta["model"]
     checkpoint = args.checkpoint or model_meta.get("checkpoint")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if model_meta.get("family") == "diffusers":      # HiDream through diffusers: its own engine's calibration
+        from moeca.integrations.diffusers_cli import trace_costs
+        return trace_costs(meta, args)
     try:
         model = load_traced_model(meta, args.checkpoint, device=args.device)
     except (ValueError, FileNotFoundError, KeyError) as exc:

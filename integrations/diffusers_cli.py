@@ -48,8 +48,9 @@ def wants_diffusers(args: argparse.Namespace) -> bool:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Extend ``moeca trace`` and ``moeca replay`` (registered before this) with the diffusers family."""
-    for command, run in (("trace", run_trace), ("replay", run_replay)):
+    """Extend ``moeca trace``, ``moeca replay`` and ``moeca calibrate`` (registered before this) with the
+    diffusers family."""
+    for command, run in (("trace", run_trace), ("replay", run_replay), ("calibrate", run_calibrate)):
         parser = sub.choices[command]
         add_diffusers_arguments(parser)
         parser.set_defaults(func=_either(parser.get_default("func"), run))
@@ -96,7 +97,7 @@ def _load(args: argparse.Namespace, samples: int):
     if args.embeddings:
         cond, uncond = load_conditioning(args.embeddings)
     elif args.diffusers_config:
-        cond, uncond = random_conditioning(CONFIGS[args.diffusers_config], samples, seed=args.seed,
+        cond, uncond = random_conditioning(CONFIGS[args.diffusers_config], samples, seed=getattr(args, "seed", 0),
                                            lengths=TEXT_LENGTHS[args.diffusers_config])
     else:
         raise ValueError("--diffusers with real weights needs --embeddings FILE (the tensors of pipe.encode_prompt); "
@@ -120,8 +121,8 @@ def run_trace(args: argparse.Namespace) -> int:
         # deferred: the optional [diffusers] extra
         from moeca.integrations.diffusers.sampling import FlowSampler
         from moeca.integrations.diffusers.trace import DiffusersTraceConfig, trace_diffusers
-        if args.resume:
-            raise ValueError("--resume is not supported with --diffusers; trace again with --overwrite")
+        if args.resume and args.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
         samples = args.samples or 2
         transformer, source, cond, uncond, latent = _load(args, samples)
         prompts = tuple(i % cond.batch for i in range(samples))
@@ -130,7 +131,8 @@ def run_trace(args: argparse.Namespace) -> int:
         config = DiffusersTraceConfig(sampler=sampler, prompts=prompts, latent_size=latent, seed=args.seed,
                                       batch_size=min(args.batch_size, samples),
                                       lags=args.lags if args.lags is not None else DEFAULT_LAGS)
-        out = trace_diffusers(transformer, args.out, config, cond, uncond, source=source, overwrite=args.overwrite)
+        out = trace_diffusers(transformer, args.out, config, cond, uncond, source=source, overwrite=args.overwrite,
+                              resume=args.resume)
     print(format_summary(out))
     return 0
 
@@ -166,8 +168,8 @@ def run_replay(args: argparse.Namespace) -> int:
     report = {"schedule": str(args.schedule), "model": schedule.model.name, "samples": args.samples,
               "steps": schedule.num_steps, "cfg_scale": sampler.cfg_scale, "latent_size": list(latent),
               "device": str(next(transformer.parameters()).device), "rows": rows}
-    cols = ("variant", "ms_step", "speed", "flops_ratio", "speed_over_flops", "max_abs_diff", "rel_l2", "psnr_db",
-            "cache_mb")
+    cols = ("variant", "ms_step", "speed", "flops_ratio", "speed_over_flops", "refresh_ms", "forecast_ms",
+            "max_abs_diff", "rel_l2", "psnr_db", "cache_mb")
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
            for r in rows]
@@ -176,5 +178,54 @@ def run_replay(args: argparse.Namespace) -> int:
         atomic_write_text(tmp / "report.json", json.dumps(report, indent=1, default=float))
         atomic_write_text(tmp / "report.md", f"# moeca replay on {schedule.model.name}\n\n{text}\n")
     print(text)
+    predicted = schedule.provenance.get("predicted_speedup")
+    if predicted is not None:     # a wall-clock target: the calibrated prediction against this replay
+        measured = rows[2]["speed"]
+        print(f"wall-clock speedup: predicted {predicted:.2f}x, measured {measured:.2f}x ({measured / predicted - 1:+.1%}) "
+              f"against the stock forward")
     print(f"wrote {args.out}/report.json, {args.out}/report.md")
     return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """``moeca calibrate --diffusers PATH | --diffusers-config NAME``: (re)measure the HiDream engine's unit
+    costs for a replay at ``--batch`` samples of ``--height`` x ``--width`` (the text lengths of
+    ``--embeddings``, or the named config's random text)."""
+    import torch
+
+    from moeca.policy.wallclock import COEFFICIENTS
+    if args.batch is None:
+        args.batch = 1
+    for name, value, low in (("--batch", args.batch, 1), ("--steps", args.steps, 4), ("--repeats", args.repeats, 1),
+                             ("--threads", args.threads, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{name} {value} must be >= {low}")
+    if args.max_fit_error is not None and not args.max_fit_error > 0:
+        raise ValueError(f"--max-fit-error {args.max_fit_error} must be a number > 0 (e.g. 0.3 for 30%)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    with _user_errors():
+        from moeca.integrations.diffusers.calibrate import Setting, ensure_costs
+        transformer, source, cond, _, latent = _load(args, args.batch)
+        setting = Setting(batch=args.batch, latent_size=latent,
+                          text_lengths=(int(cond.t5.shape[1]), int(cond.llama.shape[2])), cfg_scale=args.cfg_scale)
+        limit = {} if args.max_fit_error is None else {"max_fit_error": args.max_fit_error}
+        costs = ensure_costs(transformer, setting, recalibrate=True, steps=args.steps, repeats=args.repeats,
+                             progress=lambda msg: print(msg, flush=True), **limit)
+    print(f"{source} on {costs.key['device']}, batch {args.batch}, {costs.key['tokens']} tokens: stock step "
+          f"{costs.full_step_ms:.2f} ms; fit error {costs.fit_rel_error:.1%} per step")
+    for c in COEFFICIENTS:
+        print(f"  {c:18s} {getattr(costs, c):.6g}")
+    return 0
+
+
+def trace_costs(meta: dict, args: argparse.Namespace):
+    """``moeca schedule derive --target-speedup`` on a diffusers trace: the HiDream engine's calibrated unit
+    costs for a replay at ``args.batch`` samples on ``args.device`` (measured and cached on first use,
+    :mod:`moeca.integrations.diffusers.calibrate`); the transformer is rebuilt from the trace (``--checkpoint``:
+    its ``from_pretrained`` folder when the trace's is elsewhere)."""
+    with _user_errors():
+        from moeca.integrations.diffusers.calibrate import ensure_costs, setting_of_trace, transformer_of_trace
+        transformer = transformer_of_trace(meta, args.checkpoint, device=args.device)
+        return ensure_costs(transformer, setting_of_trace(meta, args.batch),
+                            progress=lambda msg: print(msg, flush=True))

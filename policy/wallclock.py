@@ -99,6 +99,9 @@ class WallClockCosts:
     rows_per_block: ``N``, the rows a block sees per step at this batch (``batch * T``, x2 for CFG).
     top_k: routed experts per token. key: the calibration key (a mapping of strings).
     fit_rel_error: median relative error of the fit on the calibration steps; created: ISO time.
+    token_folds: whether the replay engine folds token-level forecast steps on this model (the native engine
+    always does; the HiDream engine only while the gates move linearly, as its calibration runs showed), so
+    a derivation prices them folded (``DeriveConfig.fold``).
     """
 
     step_ms: float
@@ -115,6 +118,7 @@ class WallClockCosts:
     fit_rel_error: float = 0.0
     created: str = ""
     stack_term_ms: float = 0.0
+    token_folds: bool = True
 
     def __post_init__(self) -> None:
         for name in (*COEFFICIENTS, "full_step_ms", "fit_rel_error"):

@@ -226,16 +226,29 @@ def measure_costs(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int
                 times[i].append(t)
             if rt is not None:
                 works[i] = step_work(rt.counters, schedules[i])
+    device = next(model.parameters()).device
+    fixed = dict(zip(DIRECT, bookkeeping_ms(rows_per_block(config, sampler_cfg, batch), config.hidden_size, device)))
+    return fit_costs(times, works, fixed, rows_per_block=rows_per_block(config, sampler_cfg, batch), top_k=config.top_k,
+                     key=calibration_key(model, sampler_cfg, batch))
+
+
+def fit_costs(times: dict[int, list[list[float]]], works: dict[int, list[StepWork]], fixed: dict[str, float], *,
+              rows_per_block: int, top_k: int, key: dict[str, str]) -> WallClockCosts:
+    """The calibration from timed runs, for any model family: ``times[i]`` the per-step milliseconds of each
+    timed run of calibration schedule ``i`` (``-1``: full compute, the speedup reference), ``works[i]`` what
+    each of its steps executed; ``fixed`` the directly timed coefficients (:data:`DIRECT`). The first step of
+    a run (cache allocation) is not fitted; the others' medians over the runs are fitted by non-negative least
+    squares (each feature scaled to its largest value)."""
+    from scipy.optimize import nnls
+
     med = {i: [statistics.median(col) for col in zip(*runs)] for i, runs in times.items()}
     full_step_ms = statistics.median(med[-1][1:])
     rows, obs = [], []
-    for i in range(len(schedules)):
-        for s in range(1, steps):
+    for i in sorted(k for k in works if k >= 0):
+        for s in range(1, len(med[i])):
             rows.append(works[i][s].features())
             obs.append(med[i][s])
     a, b = np.asarray(rows, dtype=float), np.asarray(obs, dtype=float)
-    device = next(model.parameters()).device
-    fixed = dict(zip(DIRECT, bookkeeping_ms(rows_per_block(config, sampler_cfg, batch), config.hidden_size, device)))
     cols = [COEFFICIENTS.index(c) for c in DIRECT]
     free = [j for j in range(len(COEFFICIENTS)) if j not in cols]
     rest = b - a[:, cols] @ np.array([fixed[c] for c in DIRECT])
@@ -246,8 +259,7 @@ def measure_costs(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int
     coef[cols] = [fixed[c] for c in DIRECT]
     rel = np.abs(a @ coef - b) / b
     return WallClockCosts(**dict(zip(COEFFICIENTS, (float(c) for c in coef))), full_step_ms=float(full_step_ms),
-                          rows_per_block=rows_per_block(config, sampler_cfg, batch), top_k=config.top_k,
-                          key=calibration_key(model, sampler_cfg, batch), fit_rel_error=float(np.median(rel)),
+                          rows_per_block=rows_per_block, top_k=top_k, key=key, fit_rel_error=float(np.median(rel)),
                           created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
@@ -272,8 +284,18 @@ def ensure_costs(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int,
     """The cached calibration of this key, measured (and cached) first when there is none, when ``recalibrate``,
     or when the cached one fits worse than ``max_fit_error``. A measurement that fits worse is repeated once;
     a second one is refused (:class:`CalibrationError`, saying why and what to do) and not cached."""
+    return ensure_measured(calibration_key(model, sampler_cfg, batch), batch,
+                           lambda: measure_costs(model, sampler_cfg, batch, progress=progress, **measure),
+                           recalibrate=recalibrate, cache=cache, progress=progress, max_fit_error=max_fit_error)
+
+
+def ensure_measured(key: dict[str, str], batch: int, measure: Callable[[], WallClockCosts], *,
+                    recalibrate: bool = False, cache: Path | None = None,
+                    progress: Callable[[str], None] | None = print,
+                    max_fit_error: float = MAX_FIT_ERROR) -> WallClockCosts:
+    """:func:`ensure_costs` for any model family: the cached calibration of ``key``, else ``measure()``d (once
+    more when too noisy, then refused) and cached."""
     say = progress or (lambda _msg: None)
-    key = calibration_key(model, sampler_cfg, batch)
     check_cache_path(cache)                    # before measuring: a folder where the file should be is refused
     costs = None if recalibrate else load_costs(key, cache)
     if costs is not None and _fit_problem(costs, max_fit_error):
@@ -284,7 +306,7 @@ def ensure_costs(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int,
         say(f"no wall-clock calibration for {key['device']} (batch {batch}, {key['dtype']}, engine "
             f"{key['engine']}); measuring it once (moeca calibrate redoes it)")
         for attempt in (1, 2):
-            costs = measure_costs(model, sampler_cfg, batch, progress=progress, **measure)
+            costs = measure()
             problem = _fit_problem(costs, max_fit_error)
             if problem is None:
                 break

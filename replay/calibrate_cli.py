@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "MOECA_CACHE_DIR overrides); derive measures it on first use, this command redoes it.",
         epilog="example:\n  moeca calibrate --model demo --batch 16")
     add_model_arguments(p)
-    p.add_argument("--batch", type=int, default=16, help="samples per sampling call (moeca replay --samples; default 16)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="samples per sampling call (moeca replay --samples; default 16, 1 with --diffusers)")
     p.add_argument("--sampler", choices=("rectified_flow", "ddpm", "ddim"), default=None,
                    help="sampler kind (default: the model's: rectified_flow or ddpm)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale; 1 = unguided (default 1.5)")
@@ -46,6 +47,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     # deferred: loads torch, and this module is imported at `moeca` start-up
     from .calibrate import ensure_costs
 
+    if args.batch is None:
+        args.batch = 16
     for name, value, low in (("--batch", args.batch, 1), ("--steps", args.steps, 4), ("--repeats", args.repeats, 1),
                              ("--threads", args.threads, 1)):
         if value is not None and value < low:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -99,6 +100,102 @@ def _derived_like(model, experts=None, steps: int = STEPS) -> Schedule:
     later = StepRule("compute", tuple(rule for _ in range(base.model.depth)))
     return dataclasses.replace(base, method="custom", steps=(base.steps[0],) + (later,) * (steps - 1),
                                sync_refresh_steps=(0,), forecast="linear")
+
+
+def _token_level(model, steps: int = 8, sync: tuple[int, ...] = (0, 3, 5)) -> Schedule:
+    """A token-level sync schedule: ``sync`` steps compute all, the others forecast attention and the whole
+    MoE output of every block (no router)."""
+    base = _none(model, steps)
+    E = base.model.num_experts
+    body = StepRule("compute", (BlockRule(attn=REUSE, moe=REUSE, shared=REUSE, experts=(REUSE,) * E),) * base.model.depth)
+    return dataclasses.replace(base, method="custom", steps=tuple(base.steps[0] if s in sync else body for s in range(steps)),
+                               sync_refresh_steps=sync, forecast="linear")
+
+
+def _runs(model, schedule, noise, cond, uncond, variants: dict) -> tuple[dict, dict]:
+    out, stats = {}, {}
+    for name, kw in variants.items():
+        handle = apply_schedule(model, schedule, **kw)
+        out[name] = sample(model, FlowSampler(num_steps=schedule.num_steps), noise, cond, uncond)
+        stats[name] = handle.stats()
+        handle.remove()
+    return out, stats
+
+
+def test_token_level_forecast_steps_run_as_one_sum_over_the_stack():
+    """A step that forecasts every block's attention and MoE output runs no block: the stack's output is
+    the patch embedding plus the gated unit forecasts (image rows), equal to running every block with its
+    hooks forecasting each unit; folded after two full refreshes (steps 4, 6, 7 here) unless the gates move
+    far from linearly between refreshes, as these random weights' do (then the exact gates)."""
+    model, cond, uncond, noise = _setup()
+    stock = sample(model, FlowSampler(num_steps=8), noise, cond, uncond)
+    s = _token_level(model)
+    out, stats = _runs(model, s, noise, cond, uncond, {"blocks": dict(stack=False), "exact": dict(fold=False),
+                                                        "folded": dict(fold_tolerance=math.inf), "guarded": {}})
+    torch.testing.assert_close(out["exact"], out["blocks"], rtol=1e-5, atol=1e-5)
+    assert (stats["blocks"]["stack_forwards"], stats["exact"]["stack_forwards"], stats["folded"]["stack_forwards"]) == (0, 5, 5)
+    assert (stats["exact"]["folded_forwards"], stats["folded"]["folded_forwards"]) == (0, 3)
+    assert stats["guarded"]["folded_forwards"] == 0 and torch.equal(out["guarded"], out["exact"])
+    assert stats["guarded"]["gate_error"] > 0.05 and stats["folded"]["gate_error"] == stats["guarded"]["gate_error"]
+    assert stats["folded"]["flops_ratio"] == stats["blocks"]["flops_ratio"] == pytest.approx(8 / 3)
+    assert not torch.equal(out["folded"], out["exact"])                   # the gates move with the step
+    # random weights move the gates far from linearly; the folded samples stay as close to full compute
+    err = {k: float((out[k] - stock).norm() / stock.norm()) for k in ("folded", "exact")}
+    assert err["folded"] < 2 * err["exact"] < 0.2, err
+    assert torch.equal(sample(model, FlowSampler(num_steps=8), noise, cond, uncond), stock)   # hooks removed
+
+
+def test_fold_equals_the_exact_sum_when_the_gates_do_not_move():
+    model, cond, uncond, noise = _setup()
+    D = model.inner_dim
+    with torch.no_grad():
+        for block in moe_blocks(model):        # gates = their bias, the same at every step
+            proj = block.module.adaLN_modulation[-1]
+            for chunk in (2, 5):
+                proj.weight[chunk * D:(chunk + 1) * D].zero_()
+                proj.bias[chunk * D:(chunk + 1) * D].normal_(0.0, 0.5)
+    out, stats = _runs(model, _token_level(model), noise, cond, uncond, {"exact": dict(fold=False), "folded": {}})
+    assert stats["folded"]["folded_forwards"] == 3          # the default guard folds: the gates are linear
+    assert stats["folded"]["gate_error"] < 1e-6
+    torch.testing.assert_close(out["folded"], out["exact"], rtol=1e-5, atol=1e-5)
+
+
+def test_stack_steps_read_nothing_back_to_the_host():
+    """A token-level forecast step (step from the caller's ``CacheContext``) runs no operator that reads a
+    tensor value back to the host (``.item()``, ``bool()``, slicing by a tensor, ``nonzero``): on a GPU it
+    queues without a sync, unlike the stock forward (``bincount().cpu()`` in every MoE, image sizes read in
+    ``unpatchify``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    model, *_ = _setup()
+    handle = apply_schedule(model, _token_level(model), fold_tolerance=math.inf)
+    inputs = [_inputs(model, t=900.0 - 100 * i) for i in range(8)]
+    stock = Ops()
+    with torch.no_grad(), handle.context("cond", step_index=0, num_inference_steps=8), stock:
+        model(**inputs[0])                                               # step 0: a full refresh
+    seen = {}
+    with torch.no_grad():
+        for i in range(1, 8):
+            with handle.context("cond", step_index=i, num_inference_steps=8), Ops() as ops:
+                model(**inputs[i])
+            seen[i] = ops.seen
+    stats = handle.stats()
+    handle.remove()
+    assert stats["stack_forwards"] == 5 and stats["folded_forwards"] == 3
+    reads = {"_local_scalar_dense", "nonzero", "item"}
+    assert reads & stock.seen               # a full forward does (unpatchify's image sizes, the CPU dispatch's counts)
+    for i in (1, 2, 4, 6, 7):                                            # exact, then folded stack steps
+        assert not reads & seen[i], (i, reads & seen[i])
+        assert "mm" not in seen[i] and "bmm" not in seen[i]             # no block ran
 
 
 def test_computed_pairs_are_what_the_schedule_says():
@@ -222,6 +319,29 @@ def test_trace_analyze_derive_apply_round_trip(tmp_path):
         apply_schedule(build_transformer("tiny"), s)     # another config
 
 
+def test_trace_resume_redoes_only_the_missing_shards(tmp_path, capsys):
+    import pyarrow.parquet as pq
+    out = tmp_path / "trace"
+    base = ["trace", "--diffusers-config", "tiny-4e", "--steps", "3", "--samples", "2", "--batch-size", "1",
+            "--height", "128", "--out", str(out), "--no-progress"]
+    assert moeca_main(base) == 0
+    shards = {t: sorted((out / t).glob("*.parquet")) for t in ("branches", "tokens")}
+    assert all(len(v) == 2 for v in shards.values())
+    before = {t: [pq.read_table(p) for p in v] for t, v in shards.items()}
+    kept = shards["branches"][0].stat().st_mtime_ns
+    for v in shards.values():
+        v[1].unlink()                                  # the second shard was never finished
+    assert moeca_main(base) == 2 and "--resume" in capsys.readouterr().err     # an existing trace
+    assert moeca_main(base + ["--resume"]) == 0
+    assert shards["branches"][0].stat().st_mtime_ns == kept
+    for t, v in shards.items():
+        assert all(pq.read_table(p).equals(b) for p, b in zip(v, before[t])), t
+    other = [a if a != "128" else "96" for a in base] + ["--resume"]
+    assert moeca_main(other) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "layout" in err
+
+
 def test_replay_cli_reports_speed_flops_and_fidelity(tmp_path, capsys):
     model = build_transformer("tiny-4e")
     path = tmp_path / "s.json"
@@ -270,8 +390,10 @@ def test_gpu_check_hidream_dry_run_measures_every_variant(tmp_path):
     from moeca.bench.gpu_check_hidream import main
     assert main(["--dry-run", "--out", str(tmp_path), "--repeats", "1", "--intervals", "2"]) == 0
     rows = json.loads((tmp_path / "gpu_check_hidream_dry_run.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["stock forward", "moeca full compute", "MoECa, refresh every 2"]
-    assert rows[1]["max_abs_diff"] == 0.0 and rows[2]["flops_ratio"] > 1.2
+    assert [r["variant"] for r in rows] == ["stock forward", "moeca full compute", "MoECa branch level, refresh every 2",
+                                            "MoECa token level, refresh every 2"]
+    assert rows[1]["max_abs_diff"] == 0.0 and rows[2]["flops_ratio"] > 1.2 and rows[3]["flops_ratio"] > rows[2]["flops_ratio"]
+    assert rows[3]["forecast_ms"] < rows[3]["refresh_ms"]
 
 
 def test_apply_inside_a_hidream_pipeline_call():

@@ -21,7 +21,7 @@ from moeca.models.config import DiTMoEConfig
 from moeca.models.dispatch import PATHS, expert_stack, unstack_experts
 from moeca.policy.schedule import Schedule, ScheduleMismatch, full_schedule
 
-from .engine import Counters, ScheduleEngine
+from .engine import FOLD_GATE_TOLERANCE, Counters, ScheduleEngine
 from .hidream import HiDreamBlock, architecture, identity_name, moe_blocks, view_config, weights_hash
 from .hooks import TransformerHook, attach, detach
 
@@ -95,21 +95,33 @@ class MoECaHandle:
 
     def stats(self) -> dict:
         """``flops_ratio`` (full-compute FLOPs over FLOPs run), ``pairs_computed``, ``pairs_routed``,
-        ``forwards``, ``cache_bytes`` of every context."""
+        ``forwards`` (``stack_forwards`` of them one sum over the stack, ``folded_forwards`` folded),
+        ``gate_error`` (the largest relative error of the gates' linear interpolation the fold's check measured),
+        ``cache_bytes`` of every context."""
         c = self.engine.counters
         states = self.hook.state_manager._state_cache.values()
         return {"flops_ratio": c.flops_ratio, "pairs_computed": c.pairs, "pairs_routed": c.routed_pairs,
-                "forwards": c.forwards, "cache_bytes": sum(s.nbytes for s in states)}
+                "forwards": c.forwards, "stack_forwards": c.stack_forwards, "folded_forwards": c.folded_forwards,
+                "gate_error": c.gate_error,
+                "cache_bytes": sum(s.nbytes for s in states)}
 
 
 def apply_schedule(transformer: torch.nn.Module, schedule: "Schedule | str | os.PathLike", *,
-                   dispatch: str = "auto", check_weights: bool = True) -> MoECaHandle:
+                   dispatch: str = "auto", check_weights: bool = True, fold: bool = True,
+                   stack: bool = True, record: bool = False,
+                   fold_tolerance: float = FOLD_GATE_TOLERANCE) -> MoECaHandle:
     """Attach moeca to a diffusers HiDream transformer so its forwards follow ``schedule`` (a
     :class:`~moeca.policy.schedule.Schedule` or a schedule file).
 
     The schedule must have been derived for this transformer (class, config, weights: see
     :func:`check_identity`). ``dispatch``: the routed-expert path (``"auto"`` = the fastest for the
-    device; ``"loop"``/``"grouped"`` to compare). Returns a :class:`MoECaHandle`.
+    device; ``"loop"``/``"grouped"`` to compare). ``fold``: token-level forecast steps sum the folded
+    products (:mod:`moeca.replay.units.stack`, the native engine's default) while the gates move linearly
+    enough between refreshes (``fold_tolerance``: the largest relative error of their linear interpolation
+    at the forecast steps between two refreshes, :data:`~.engine.FOLD_GATE_TOLERANCE`; ``math.inf``: fold
+    whatever the gates do); False: the exact gates, unit by unit. ``stack``: a step that forecasts every unit runs as one sum over the stack, no block running (False:
+    every block runs and its hooks forecast each unit). ``record``: keep what each forward executed in
+    ``handle.counters.work`` (the wall-clock calibration). Returns a :class:`MoECaHandle`.
     """
     if dispatch not in PATHS:
         raise ValueError(f"dispatch {dispatch!r} is not one of {', '.join(PATHS)}")
@@ -117,7 +129,8 @@ def apply_schedule(transformer: torch.nn.Module, schedule: "Schedule | str | os.
         schedule = Schedule.load(schedule)
     blocks = moe_blocks(transformer)
     check_identity(schedule, transformer, blocks, check_weights)
-    engine = ScheduleEngine(schedule, architecture(transformer, blocks), dispatch)
+    engine = ScheduleEngine(schedule, architecture(transformer, blocks), dispatch, blocks=blocks, fold=fold,
+                            stack=stack, record=record, fold_tolerance=fold_tolerance)
     hook = attach(transformer, blocks, engine, HOOK_NAME, attention=True)
     for block in blocks:       # stack the routed experts now (their weights become views), not in the first forward
         expert_stack(block.moe)

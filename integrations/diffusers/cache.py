@@ -3,12 +3,15 @@
 A :class:`RowCache` keeps, per row (a token, or a (token, expert) pair), the last two computed outputs
 and the steps they were computed at; a :class:`WholeCache` the same for a unit computed for all rows at
 once (attention, the text feed-forward, a whole MoE output), possibly several tensors (the double-stream
-attention's image and text outputs). ``forecast`` is the schedule's: ``none`` gives the last computed
-output, ``linear`` ``y1 + (y1 - y0) * (s - s1) / (s1 - s0)`` (a row computed once: ``y1``).
+attention's image and text outputs), in the native replay engine's forecast histories. ``forecast`` is the
+schedule's: ``none`` gives the last computed output, ``linear`` ``y1 + (y1 - y0) * (s - s1) / (s1 - s0)``
+(a row computed once: ``y1``).
 """
 from __future__ import annotations
 
 import torch
+
+from moeca.replay.forecast import History
 
 
 class RowCache:
@@ -52,30 +55,37 @@ class RowCache:
 
 
 class WholeCache:
-    """A unit computed for all rows at once: the last two outputs of each of its tensors (float32)."""
+    """A unit computed for all rows at once: each of its tensors (``[B, T_i, D]``) kept in a forecast
+    :class:`~moeca.replay.forecast.History` of the native replay engine (degree 1 for ``linear``, 0 for plain
+    reuse; float32), so reuse forecasts with the same code and the folded stack sum
+    (:mod:`moeca.replay.units.stack`) reads its values. A push of other shapes starts the history afresh."""
 
-    def __init__(self) -> None:
-        self.y1: list[torch.Tensor] = []
-        self.y0: list[torch.Tensor] = []
-        self.s1 = self.s0 = 0.0
-        self.n = 0
+    def __init__(self, degree: int) -> None:
+        self.degree = degree
+        self.hists: list[History] = []
+        self.shapes: list[torch.Size] = []
+
+    @property
+    def n(self) -> int:
+        """Outputs held (every row shares its steps: all pushed whole)."""
+        return self.hists[0].uniform or 0 if self.hists else 0
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.y1, *self.y0))
+        return sum(h.nbytes() for h in self.hists)
 
     def push(self, values: tuple[torch.Tensor, ...], step: int) -> None:
-        if self.n == 2 and [v.shape for v in values] == [y.shape for y in self.y0]:
-            self.y0, self.y1 = self.y1, self.y0
-            for dst, v in zip(self.y1, values):
-                dst.copy_(v)
-        else:
-            self.y0, self.y1 = self.y1, [v.float().clone() for v in values]
-        self.s0, self.s1 = self.s1, float(step)
-        self.n = min(self.n + 1, 2)
+        shapes = [v.shape for v in values]
+        if shapes != self.shapes:
+            self.shapes = shapes
+            self.hists = [History.empty(self.degree, v.shape[0] * v.shape[1], v.shape[-1], v.device) for v in values]
+        for h, v in zip(self.hists, values):
+            h.push_all(v.reshape(h.rows, -1), float(step))
+
+    def level(self, i: int, j: int) -> torch.Tensor:
+        """Tensor ``i``'s ``j``-th newest kept value, ``[B, T_i, D]`` float32 (a view of the buffers)."""
+        return self.hists[i].level(j).view(self.shapes[i])
 
     def forecast(self, step: int, linear: bool, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        if not linear or self.n < 2:
-            return tuple(y.to(dtype) for y in self.y1)
-        c = (step - self.s1) / max(self.s1 - self.s0, 1.0)
-        return tuple(torch.add(y1, y1 - y0, alpha=c).to(dtype) for y1, y0 in zip(self.y1, self.y0))
+        """Every tensor at ``step`` (``linear`` is the history's degree), in ``dtype``."""
+        return tuple(h.forecast(float(step)).view(shape).to(dtype) for h, shape in zip(self.hists, self.shapes))

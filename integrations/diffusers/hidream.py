@@ -192,11 +192,13 @@ def combine_in_expert_order(slot_out: torch.Tensor, topk_idx: torch.Tensor, topk
     """Gate-weighted sum of the unweighted outputs ``slot_out [N, k, D]`` -> ``[N, D]`` in the stock
     ``moe_infer``'s order and dtype: each output times its weight, rounded to the output dtype, then
     summed in increasing expert id (the stock loop adds expert by expert into zeros), so the result is
-    the stock one bit for bit."""
+    the stock one bit for bit. With two slots the order does not matter (addition commutes), so no gather."""
     weighted = (slot_out * topk_weight.unsqueeze(-1)).to(slot_out.dtype)
     k = topk_idx.shape[1]
     if k == 1:
         return weighted[:, 0]
+    if k == 2:      # (0 + a) + b == a + b == b + a in floating point: no reordering needed (HiDream's top-2)
+        return weighted[:, 0] + weighted[:, 1]
     order = topk_idx.argsort(dim=1)
     weighted = weighted.gather(1, order.unsqueeze(-1).expand(-1, -1, weighted.shape[2]))
     out = weighted[:, 0]

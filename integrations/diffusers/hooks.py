@@ -11,11 +11,15 @@ diffusers class) and removed by name:
   each ``ff_t``: ``new_forward`` hands the call to the engine, which computes (through the module's
   original forward, or moeca's dispatch for the routed experts) or reuses.
 
-The engine protocol (``begin``/``end``/``moe``/``attention``/``dense``, and ``block`` with block hooks) is met by the replay engine
+- :class:`StackInputHook` after ``x_embedder`` and :class:`StackOutputHook` before ``final_layer``: the
+  stack's input and output (the fold of token-level forecast steps needs what the blocks added).
+
+The engine protocol (``begin``/``end``/``forward``/``stack_input``/``stack_output``/``moe``/``attention``/``dense``, and ``block`` with block hooks) is met by the replay engine
 (:class:`~.engine.ScheduleEngine`) and by the tracer (:class:`~.trace.TraceEngine`).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Protocol
 
 import torch
@@ -44,6 +48,12 @@ class Engine(Protocol):
 
     def dense(self, block: HiDreamBlock, x: torch.Tensor, compute) -> torch.Tensor: ...
 
+    def forward(self, module: torch.nn.Module, call: dict, compute) -> Any: ...
+
+    def stack_input(self, x: torch.Tensor) -> None: ...
+
+    def stack_output(self, x: torch.Tensor) -> None: ...
+
 
 def _timestep(value: Any) -> float | None:
     """The forward's timestep as a number (one host read of the first element), None when absent."""
@@ -55,7 +65,9 @@ def _timestep(value: Any) -> float | None:
 
 
 class TransformerHook(ModelHook):
-    """Per-context state and step bookkeeping around each transformer forward."""
+    """Per-context state and step bookkeeping around each transformer forward; ``new_forward`` hands the
+    forward to the engine (which runs the stock one, or on a token-level forecast step one sum over the
+    stack)."""
 
     _is_stateful = True
 
@@ -64,6 +76,15 @@ class TransformerHook(ModelHook):
         self.engine = engine
         self.state_manager = StateManager(ContextCaches)
         self._own_context = False
+        self._params: list[str] = []
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        # the forward's parameter names (after self), to read its arguments by name
+        self._params = list(inspect.signature(type(module).forward).parameters)[1:]
+        return module
+
+    def _call(self, args: tuple, kwargs: dict) -> dict:
+        return {**dict(zip(self._params, args)), **kwargs}
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         sm = self.state_manager
@@ -71,12 +92,15 @@ class TransformerHook(ModelHook):
         if self._own_context:
             sm.set_context(CacheContext(DEFAULT_CONTEXT))
         ctx = sm.context
-        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        t = kwargs["timesteps"] if "timesteps" in kwargs else (args[1] if len(args) > 1 else None)
+        call = self._call(args, kwargs)
+        x, t = call["hidden_states"], call.get("timesteps")
         # the timestep (one host read) tells a new sampling call only where the caller gives no step index
         t = _timestep(t) if ctx.step_index is None else None
         self.engine.begin(sm.get_state(), ctx.step_index, ctx.num_inference_steps, int(x.shape[0]), t)
         return args, kwargs
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        return self.engine.forward(module, self._call(args, kwargs), lambda: self.fn_ref.original_forward(*args, **kwargs))
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         self.engine.end()
@@ -128,6 +152,30 @@ class BlockHook(ModelHook):
         return self.engine.block(self.block, x_in, lambda: self.fn_ref.original_forward(*args, **kwargs))
 
 
+class StackInputHook(ModelHook):
+    """After ``x_embedder``: its output (the stack's input) -> ``engine.stack_input``."""
+
+    def __init__(self, engine: Engine):
+        super().__init__()
+        self.engine = engine
+
+    def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
+        self.engine.stack_input(output)
+        return output
+
+
+class StackOutputHook(ModelHook):
+    """Before ``final_layer``: its input (the stack's output, image tokens) -> ``engine.stack_output``."""
+
+    def __init__(self, engine: Engine):
+        super().__init__()
+        self.engine = engine
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        self.engine.stack_output(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+        return args, kwargs
+
+
 class DenseHook(ModelHook):
     """``ff_t(x)`` -> ``engine.dense(block, x, original call)``."""
 
@@ -149,6 +197,8 @@ def attach(transformer: torch.nn.Module, blocks: tuple[HiDreamBlock, ...], engin
                          "the handle that attached them first")
     top = TransformerHook(engine)
     registry.register_hook(top, name)
+    HookRegistry.check_if_exists_or_initialize(transformer.x_embedder).register_hook(StackInputHook(engine), name)
+    HookRegistry.check_if_exists_or_initialize(transformer.final_layer).register_hook(StackOutputHook(engine), name)
     for block in blocks:
         if block_level:
             HookRegistry.check_if_exists_or_initialize(block.module).register_hook(BlockHook(engine, block), name)

@@ -14,6 +14,7 @@ layers; a double-stream block's MoE sees the image tokens only.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import time
@@ -30,6 +31,7 @@ from moeca.diffusion.samplers import SamplerConfig
 from moeca.models.runtime import ForwardContext
 from moeca.tracer.recorder import TracingRuntime
 from moeca.tracer.run import prepare_out_dir
+from moeca.tracer.store import read_run_meta
 from moeca.tracer.schema import DEFAULT_LAGS, SCHEMA_VERSION, tables_for
 from moeca.tracer.writer import ShardWriter
 
@@ -61,6 +63,15 @@ class TraceEngine:
     def end(self) -> None:
         self.recorder.end_forward(None, self._ctx)
         self._ctx = None
+
+    def forward(self, module, call: dict, compute):
+        return compute()
+
+    def stack_input(self, x: torch.Tensor) -> None:
+        pass
+
+    def stack_output(self, x: torch.Tensor) -> None:
+        pass
 
     def block(self, block: HiDreamBlock, x_in: torch.Tensor, compute):
         self._scratch = {}
@@ -121,10 +132,11 @@ def _versions() -> dict:
 
 
 def run_meta(transformer, config: DiffusersTraceConfig, text: TextConditioning, *, source: str,
-             run_name: str) -> dict:
+             run_name: str, model_seed: int = 0) -> dict:
     """run.json: the tracer's fields, with the model as moeca's analysis sees it (``config``: the
-    :func:`~.hidream.view_config`) plus ``family``, ``diffusers`` {class, config, config_hash, version} and
-    ``layout`` {block_kinds, image_tokens, text_tokens}."""
+    :func:`~.hidream.view_config`) plus ``family``, ``model_seed`` (of a ``config:NAME`` source's random
+    weights), ``diffusers`` {class, config, config_hash, version} and ``layout`` {block_kinds, image_tokens,
+    text_tokens, latent_size, text_lengths (T5, Llama)}."""
     blocks = moe_blocks(transformer)
     arch = architecture(transformer, blocks)
     p = transformer.config.patch_size
@@ -140,12 +152,13 @@ def run_meta(transformer, config: DiffusersTraceConfig, text: TextConditioning, 
         "model": {"name": identity_name(transformer), "checkpoint": source, "config": view.to_dict(),
                   "fingerprint": view.fingerprint(), "weights_hash": weights_hash(transformer),
                   "dtype": str(param.dtype).replace("torch.", ""), "device": param.device.type,
-                  "family": "diffusers",
+                  "family": "diffusers", "model_seed": model_seed,
                   "diffusers": {"class": type(transformer).__name__, "config_hash": config_hash(transformer),
                                 "config": {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")},
                                 "version": versions["diffusers"]},
                   "layout": {"block_kinds": [b.kind for b in blocks], "image_tokens": image_tokens,
-                             "text_tokens": text.tokens}},
+                             "text_tokens": text.tokens, "latent_size": list(config.latent_size),
+                             "text_lengths": [int(text.t5.shape[1]), int(text.llama.shape[2])]}},
         "sampler": sampler.to_dict(),
         "flow_shift": s.shift,
         "steps": s.num_steps, "cfg_scale": s.cfg_scale, "seed": config.seed, "batch_size": config.batch_size,
@@ -154,6 +167,34 @@ def run_meta(transformer, config: DiffusersTraceConfig, text: TextConditioning, 
         "dump_vectors": 0, "vector_tokens": {}, "step_t": s.timesteps(), "tables": list(tables_for(0)),
         "versions": versions,
     }
+
+
+RESUME_FIELDS = (("model", "name"), ("model", "layout"), ("model", "model_seed"), ("flow_shift",), ("text_hash",))
+"""Fields of a diffusers trace's run.json that must also agree on ``--resume`` (beyond the tracer's own)."""
+
+
+def text_hash(cond: TextConditioning, uncond: TextConditioning) -> str:
+    """16 hex digits of SHA-256 over the text conditioning's tensors (float32 bytes)."""
+    h = hashlib.sha256()
+    for t in (cond.t5, cond.llama, cond.pooled, uncond.t5, uncond.llama, uncond.pooled):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_resume(out: Path, meta: dict) -> None:
+    """Refuse to resume a trace made with another transformer config, layout, sampler shift or text."""
+    old, diffs = read_run_meta(out), []
+    for path in RESUME_FIELDS:
+        a, b = old, meta
+        for key in path:
+            a = a.get(key) if isinstance(a, dict) else None
+            b = b.get(key) if isinstance(b, dict) else None
+        if a != b:
+            diffs.append(f"{'.'.join(path)} (trace has {a!r}, this run asks for {b!r})")
+    if diffs:
+        raise ValueError(f"cannot resume {out}: it was traced with different settings: " + "; ".join(diffs)
+                         + ". Use --overwrite to start over, or a new --out")
 
 
 def write_layout(out_dir: Path, block_kinds: list[str], image_tokens: int, text_tokens: int) -> Path:
@@ -178,13 +219,19 @@ def write_layout(out_dir: Path, block_kinds: list[str], image_tokens: int, text_
 
 def trace_diffusers(transformer, out_dir: "str | os.PathLike", config: DiffusersTraceConfig, cond: TextConditioning,
                     uncond: TextConditioning, *, source: str, run_name: str = "trace", overwrite: bool = False,
-                    on_step=None) -> Path:
+                    resume: bool = False, on_step=None, model_seed: int = 0) -> Path:
     """Sample every shard with the hooks attached, write run.json, the shards and ``layout.parquet``.
-    The samples are the stock transformer's (the hooks compute the same numbers); returns ``out_dir``."""
+    The samples are the stock transformer's (the hooks compute the same numbers); returns ``out_dir``.
+    ``resume``: finish an interrupted trace in ``out_dir`` (the native tracer's rule: run.json must agree,
+    the diffusers fields and the text conditioning included; finished shards are validated and kept, the
+    others redone; a sample's noise and text do not depend on its shard, so the result is the same)."""
     require_diffusers()
-    meta = run_meta(transformer, config, cond, source=source, run_name=run_name)
+    meta = run_meta(transformer, config, cond, source=source, run_name=run_name, model_seed=model_seed)
+    meta["text_hash"] = text_hash(cond, uncond)
     out = Path(out_dir)
-    prepare_out_dir(out, meta, overwrite=overwrite)
+    if resume and (out / "run.json").is_file():
+        _check_resume(out, meta)
+    done = set(prepare_out_dir(out, meta, resume=resume, overwrite=overwrite))
     lay = meta["model"]["layout"]
     blocks = moe_blocks(transformer)
     recorder = TracingRuntime(lags=config.lags, step_t=config.sampler.timesteps())
@@ -193,6 +240,8 @@ def trace_diffusers(transformer, out_dir: "str | os.PathLike", config: Diffusers
     try:
         C = transformer.config.in_channels
         for shard in range(config.num_shards):
+            if shard in done:
+                continue
             ids = list(range(shard * config.batch_size, min(len(config.prompts), (shard + 1) * config.batch_size)))
             prompts = [config.prompts[i] for i in ids]
             noise = initial_noise((C, *config.latent_size), [config.seed + i for i in ids])

@@ -34,7 +34,8 @@ Shapes: ``x [B, T, D]``, ``c [B, D]`` -> ``[B, T, D]`` in ``x``'s dtype.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -124,31 +125,86 @@ def refresh_folded(rt: "ReplayRuntime", model, x: torch.Tensor, c: torch.Tensor)
     ``P_00``, this refresh's gates times this refresh's values summed over the units, is what the blocks
     add to the residual stream: the stack's output minus its input. ``x [B, T, D]`` -> the stack's output."""
     B, T, D = x.shape
-    N, U, p = B * T, 2 * len(model.blocks), rt.plan.degree
     cs = rt.context
-    sp = cs.stack
-    if sp is None or sp.prods.shape[2] != N or sp.prods.device != c.device:
-        sp = cs.stack = StackProducts(History.empty(GATE_DEGREE, U * B, D, c.device),
-                                      torch.zeros(GATE_DEGREE + 1, p + 1, N, D, dtype=torch.float32, device=c.device))
-    sp.gates.push_all(_gates(model, c).view(U * B, D), rt.step)
-    newest, older = (sp.gates.level(i).view(U, B, 1, D) for i in (0, 1))
-    # the push made the newest gates and values the older ones: P_1(j+1) is the last fold's P_0j
-    sp.prods[1, 1:].copy_(sp.prods[0, :p])
-    fresh = [sp.prods[0, j].view(B, T, D) for j in range(1, p + 1)] + [sp.prods[1, 0].view(B, T, D)]
-    for out in fresh:
-        out.zero_()
+    cs.stack, fold = begin_fold(cs.stack, _gates(model, c), rt.step, T, rt.plan.degree)
     x_in = x
     for block, st in zip(model.blocks, cs.blocks):
         x = block(x, c, rt)
         for u, cache in ((2 * block.index, st.attn), (2 * block.index + 1, st.moe)):
-            for j in range(1, p + 1):
-                fresh[j - 1].addcmul_(cache.hist.level(j).view(B, T, D), newest[u])
-            fresh[-1].addcmul_(cache.hist.level(0).view(B, T, D), older[u])
-        rt.count("stack", block.index, 2 * (p + 1) * N)
-    torch.sub(x.reshape(N, D).float(), x_in.reshape(N, D).float(), out=sp.prods[0, 0])
-    rt.count("stack", 0, N)
-    sp.refreshes = min(sp.refreshes + 1, GATE_DEGREE + 1)
+            fold.add(u, lambda j, h=cache.hist: h.level(j).view(B, T, D))
+        rt.count("stack", block.index, 2 * (fold.degree + 1) * B * T)
+    end_fold(cs.stack, x, x_in)
+    rt.count("stack", 0, B * T)
     return x
+
+
+# ----------------------------------------------------------------------------- the fold, for any model family
+@dataclass
+class FoldRefresh:
+    """The products being rebuilt at one full refresh (:func:`begin_fold`): the units' ``newest`` and
+    ``older`` gates ``[U, B, 1, D]`` and the ``fresh`` products ``[B, T, D]`` (views of ``prods``) that
+    :meth:`add` accumulates: ``P_0j`` for ``j = 1..p``, then ``P_10``."""
+
+    newest: torch.Tensor
+    older: torch.Tensor
+    fresh: list[torch.Tensor]
+    degree: int
+
+    def add(self, u: int, level: Callable[[int], torch.Tensor]) -> None:
+        """Unit ``u``'s kept values (``level(j)``: the ``j``-th newest, ``[B, T, D]``, any strides) into the
+        products: ``p + 1`` multiply-adds."""
+        for j in range(1, self.degree + 1):
+            self.fresh[j - 1].addcmul_(level(j), self.newest[u])
+        self.fresh[-1].addcmul_(level(0), self.older[u])
+
+
+def begin_fold(sp: StackProducts | None, gates: torch.Tensor, step: "torch.Tensor | float", tokens: int,
+               degree: int) -> tuple[StackProducts, FoldRefresh]:
+    """Start rebuilding the folded products at a full refresh: push the units' gates ``[U, B, D]`` (float32,
+    unit-major) at ``step``, shift the last fold's newest products into the older gates' row, zero the ones
+    this refresh accumulates. ``tokens``: ``T``, rows per batch row of the summed units; ``degree``: ``p``,
+    the units' forecast degree. A state of another shape or device is replaced (its fold starts afresh).
+    Returns the state and the :class:`FoldRefresh` whose :meth:`~FoldRefresh.add` takes each unit."""
+    U, B, D = gates.shape
+    N, p = B * tokens, degree
+    if sp is None or sp.prods.shape[2] != N or sp.prods.shape[1] != p + 1 or sp.prods.device != gates.device \
+            or sp.gates.rows != U * B:
+        sp = StackProducts(History.empty(GATE_DEGREE, U * B, D, gates.device),
+                           torch.zeros(GATE_DEGREE + 1, p + 1, N, D, dtype=torch.float32, device=gates.device))
+    sp.gates.push_all(gates.view(U * B, D), step)
+    newest, older = (sp.gates.level(i).view(U, B, 1, D) for i in (0, 1))
+    # the push made the newest gates and values the older ones: P_1(j+1) is the last fold's P_0j
+    sp.prods[1, 1:].copy_(sp.prods[0, :p])
+    fresh = [sp.prods[0, j].view(B, tokens, D) for j in range(1, p + 1)] + [sp.prods[1, 0].view(B, tokens, D)]
+    for out in fresh:
+        out.zero_()
+    return sp, FoldRefresh(newest, older, fresh, p)
+
+
+def end_fold(sp: StackProducts, x_out: torch.Tensor, x_in: torch.Tensor) -> None:
+    """Finish a refresh's fold: ``P_00``, this refresh's gates times its values summed over the units, is
+    what the units added to the residual stream, the stack's output ``x_out`` minus its input ``x_in``
+    (``[B, T, D]`` each, any dtype; float32 difference)."""
+    N, D = sp.prods.shape[2], sp.prods.shape[3]
+    torch.sub(x_out.reshape(N, D).float(), x_in.reshape(N, D).float(), out=sp.prods[0, 0])
+    sp.refreshes = min(sp.refreshes + 1, GATE_DEGREE + 1)
+
+
+def fold_sum(sp: StackProducts, base: torch.Tensor, step: "torch.Tensor | float",
+             lag: "list[torch.Tensor | float]") -> torch.Tensor:
+    """``base + sum_ij m_i(step) l_j(step) P_ij`` -> ``[N, D]`` float32: ``base [N, D]`` float32 (the stack's
+    input; not written), ``lag``: the units' forecast weights at ``step`` (``[1.0]`` for plain reuse), the
+    gates' from their history. ``2 (p + 1)`` multiply-adds."""
+    acc = None
+    for i, m in enumerate(sp.gates.weights(step)):
+        for j, l in enumerate(lag):
+            w, term = _scalar(m) * _scalar(l), sp.prods[i, j]
+            if isinstance(w, torch.Tensor):
+                w = w.view(-1, 1)
+                acc = torch.addcmul(base, term, w) if acc is None else acc.addcmul_(term, w)
+            else:
+                acc = torch.add(base, term, alpha=w) if acc is None else acc.add_(term, alpha=w)
+    return acc
 
 
 def _scalar(w: "torch.Tensor | float") -> "torch.Tensor | float":
@@ -166,15 +222,7 @@ def forecast_folded(rt: "ReplayRuntime", model, x: torch.Tensor, c: torch.Tensor
     sp = rt.context.stack
     lag = [1.0] if rt.plan.degree == 0 else rt.context.blocks[0].attn.hist.weights(step)
     base = x.reshape(N, D).float()  # no copy for float32: the first term adds into a new tensor, the others in place
-    acc = None
-    for i, m in enumerate(sp.gates.weights(step)):
-        for j, l in enumerate(lag):
-            w, term = _scalar(m) * _scalar(l), sp.prods[i, j]
-            if isinstance(w, torch.Tensor):
-                w = w.view(-1, 1)
-                acc = torch.addcmul(base, term, w) if acc is None else acc.addcmul_(term, w)
-            else:
-                acc = torch.add(base, term, alpha=w) if acc is None else acc.add_(term, alpha=w)
-            rt.count("stack", 0, N)
+    acc = fold_sum(sp, base, step, lag)
+    rt.count("stack", 0, N * len(sp.gates.weights(step)) * len(lag))
     _note(rt, model, N)
     return acc.view(B, T, D).to(x.dtype)
