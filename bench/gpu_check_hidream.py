@@ -18,20 +18,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
 from moeca.bench.gpu_check import NoCuda, moeca_shaped, require_cuda
 from moeca.bench.results import write_results
 from moeca.diffusion.samplers import SamplerConfig
+from moeca.policy.schedule import REUSE, StepRule
 
 
 def token_level(schedule):
     """The same refresh steps with token-level forecast steps: every block's attention and whole MoE output
     forecast (no router), which the HiDream engine runs as one folded sum over the stack."""
-    from dataclasses import replace
-
-    from moeca.policy.schedule import REUSE, StepRule
     sync = set(schedule.sync_refresh_steps)
     steps = tuple(st if s in sync else StepRule(st.model, tuple(replace(r, moe=REUSE) for r in st.blocks))
                   for s, st in enumerate(schedule.steps))

@@ -303,7 +303,7 @@ def replay_costs(meta: dict, args: argparse.Namespace):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if model_meta.get("family") == "diffusers":      # HiDream through diffusers: its own engine's calibration
-        from moeca.integrations.diffusers_cli import trace_costs
+        from moeca.integrations.diffusers_cli import trace_costs  # deferred: loads torch (start-up module)
         return trace_costs(meta, args)
     try:
         model = load_traced_model(meta, args.checkpoint, device=args.device)

@@ -191,6 +191,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     """``moeca calibrate --diffusers PATH | --diffusers-config NAME``: (re)measure the HiDream engine's unit
     costs for a replay at ``--batch`` samples of ``--height`` x ``--width`` (the text lengths of
     ``--embeddings``, or the named config's random text)."""
+    # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
     from moeca.policy.wallclock import COEFFICIENTS
@@ -205,6 +206,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     with _user_errors():
+        # deferred: the optional [diffusers] extra
         from moeca.integrations.diffusers.calibrate import Setting, ensure_costs
         transformer, source, cond, _, latent = _load(args, args.batch)
         setting = Setting(batch=args.batch, latent_size=latent,
@@ -225,6 +227,7 @@ def trace_costs(meta: dict, args: argparse.Namespace):
     :mod:`moeca.integrations.diffusers.calibrate`); the transformer is rebuilt from the trace (``--checkpoint``:
     its ``from_pretrained`` folder when the trace's is elsewhere)."""
     with _user_errors():
+        # deferred: the optional [diffusers] extra
         from moeca.integrations.diffusers.calibrate import ensure_costs, setting_of_trace, transformer_of_trace
         transformer = transformer_of_trace(meta, args.checkpoint, device=args.device)
         return ensure_costs(transformer, setting_of_trace(meta, args.batch),

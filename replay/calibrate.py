@@ -239,8 +239,6 @@ def fit_costs(times: dict[int, list[list[float]]], works: dict[int, list[StepWor
     each of its steps executed; ``fixed`` the directly timed coefficients (:data:`DIRECT`). The first step of
     a run (cache allocation) is not fitted; the others' medians over the runs are fitted by non-negative least
     squares (each feature scaled to its largest value)."""
-    from scipy.optimize import nnls
-
     med = {i: [statistics.median(col) for col in zip(*runs)] for i, runs in times.items()}
     full_step_ms = statistics.median(med[-1][1:])
     rows, obs = [], []

@@ -32,6 +32,12 @@ from typing import Callable
 
 import torch
 
+import moeca.models.dispatch as dispatch
+import moeca.policy.wallclock as wallclock
+import moeca.replay.calibrate as native
+import moeca.replay.forecast as forecast
+import moeca.replay.state as state
+import moeca.replay.units.stack as stack
 from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, Schedule, StepRule
 from moeca.policy.wallclock import StepWork, WallClockCosts
 from moeca.replay.calibrate import (DIRECT, MAX_FIT_ERROR, bookkeeping_ms, device_name, ensure_measured,
@@ -40,7 +46,8 @@ from moeca.replay.calibrate import (DIRECT, MAX_FIT_ERROR, bookkeeping_ms, devic
 from .apply import apply_schedule, none_schedule
 from .engine import ForwardWork
 from .hidream import identity_name, moe_blocks, weights_hash
-from .sampling import FlowSampler, TextConditioning, initial_noise, random_conditioning, sample
+from .sampling import (FlowSampler, TextConditioning, build_transformer, initial_noise, load_transformer,
+                       random_conditioning, sample)
 
 CALIBRATION_STEPS = 10
 CALIBRATION_REPEATS = 3
@@ -77,11 +84,6 @@ def _sources_hash(paths: list[Path]) -> str:
 def engine_hash() -> str:
     """Hash of what runs while a schedule replays on HiDream: this integration's engine, caches and hooks, and
     the native forecast, stack and dispatch code it shares (any change recalibrates)."""
-    import moeca.models.dispatch as dispatch
-    import moeca.replay.forecast as forecast
-    import moeca.replay.state as state
-    import moeca.replay.units.stack as stack
-
     here = Path(__file__).parent
     own = [here / n for n in ("engine.py", "cache.py", "hooks.py", "hidream.py", "apply.py", "sampling.py")]
     return _sources_hash(own + [Path(m.__file__) for m in (dispatch, forecast, state, stack)])
@@ -89,9 +91,6 @@ def engine_hash() -> str:
 
 def cost_model_hash() -> str:
     """Hash of the cost model, the fit and this measurement."""
-    import moeca.policy.wallclock as wallclock
-    import moeca.replay.calibrate as native
-
     return _sources_hash([Path(wallclock.__file__), Path(native.__file__), Path(__file__)])
 
 
@@ -259,8 +258,6 @@ def setting_of_trace(meta: dict, batch: int) -> Setting:
 def transformer_of_trace(meta: dict, path: "str | os.PathLike | None" = None, device: str = "auto"):
     """The traced transformer, rebuilt: a named random config (``config:NAME`` with its ``model_seed``) or a
     local ``from_pretrained`` folder (the trace's, or ``path``), checked against the trace's weights hash."""
-    from .sampling import build_transformer, load_transformer
-
     model = meta["model"]
     source = str(path or model.get("checkpoint") or "")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
