@@ -42,6 +42,7 @@ from .counters import ReplayCounters
 from .plan import SchedulePlan, StepKind
 from .state import BlockState, ContextState, RowCache
 from .units.attention import reused_attention, run_attention
+from .units.branch import block_ready, branch_block
 from .units.model_skip import run_with_model_skip
 from .units.routed import all_pairs, run_routed
 from .units.stack import fold_ready, forecast_folded, forecast_stack, refresh_folded, stack_ready
@@ -224,6 +225,10 @@ class ReplayRuntime(Runtime):
         if self.fold and self.kind.full:
             return refresh_folded(self, model, x, c)
         for block in model.blocks:
+            st = self._cs.blocks[block.index]
+            if block_ready(self, block, st, rows):
+                x = branch_block(self, block, st, x, c)
+                continue
             cached = reused_attention(self, block, self._cs.blocks[block.index], x.shape, x.dtype) \
                 if isinstance(block, DiTMoEBlock) else None
             if cached is None:

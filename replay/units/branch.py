@@ -24,9 +24,11 @@ import numpy as np
 import torch
 
 from moeca.models.dispatch import run_experts
+from moeca.models.dit_moe import DiTMoEBlock, modulate
 from moeca.models.runtime import Runtime
 
-from ..state import PairCache
+from ..state import BlockState, PairCache, RowCache
+from .attention import reused_attention
 from .dispatch import grouped_prefix
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,9 +75,9 @@ def match_host(ids: torch.Tensor, topk_idx: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def forecast_branches(rt: "ReplayRuntime", block, cache: PairCache, flat: torch.Tensor, topk_idx: torch.Tensor,
-                      topk_w: torch.Tensor) -> torch.Tensor:
+                      topk_w: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
     """Gate-weighted routed-expert output ``[N, D]`` of a step whose experts are all ``never`` (see the
-    module docstring)."""
+    module docstring); ``base``: a float32 ``[N, D]`` it is added to in place (the shared expert's forecast)."""
     from .routed import match_slots
 
     bi = block.index
@@ -107,7 +109,7 @@ def forecast_branches(rt: "ReplayRuntime", block, cache: PairCache, flat: torch.
     rt.note_reused("routed-expert", bi, cache)
     rt.count("forecast", bi, M * rt.plan.degree)
     gates = torch.zeros_like(topk_w).scatter_(1, pos, topk_w)       # current gates, storage order
-    return hist.combine(step, gates).to(flat.dtype)
+    return hist.combine(step, gates, out=base).to(flat.dtype)
 
 
 def _new_device(rt: "ReplayRuntime", block, hist, flat: torch.Tensor, flat_idx: torch.Tensor, new: torch.Tensor,
@@ -136,3 +138,60 @@ def _new_device(rt: "ReplayRuntime", block, hist, flat: torch.Tensor, flat_idx: 
     rt.count("gather", bi, 3 * M)
     rt.count("forecast", bi, M * rt.plan.degree)
     return True
+
+
+def block_ready(rt: "ReplayRuntime", block, st: BlockState, rows: int) -> bool:
+    """Whether ``block`` runs whole as a lean branch forecast step (:func:`branch_block`): a DiT-MoE block
+    whose attention and shared expert are reused whole and untracked, whose MoE is routed (not reused per
+    token), whose routed experts are all ``never`` (:func:`lean_ready`), with caches of ``rows`` rows (host
+    flags only)."""
+    if not rt.lean or not isinstance(block, DiTMoEBlock):
+        return False
+    bi, rule = block.index, rt.rule(block.index)
+    plan = rt.plan
+    if rule.attn.mode != "reuse" or rule.moe.mode != "always" or plan.track_attn[bi] or plan.track_moe[bi] \
+            or plan.moe_token_level[bi]:
+        return False
+    if block.moe.shared_experts is not None and (rule.shared.mode != "reuse" or not _cached(st.shared, rows)):
+        return False
+    return _cached(st.attn, rows) and lean_ready(rt, st.experts, rt.kind.expert_summary[bi]) \
+        and st.experts.ids is not None and st.experts.ids.shape[0] == rows
+
+
+def _cached(cache: RowCache, rows: int) -> bool:
+    return cache.valid and cache.hist is not None and cache.hist.rows == rows
+
+
+def shared_forecast(rt: "ReplayRuntime", bi: int, cache: RowCache) -> torch.Tensor:
+    """The shared expert's forecast ``[N, D]`` float32, a tensor of its own (the caller adds to it in place),
+    counted as :func:`.token.run_token_unit` counts a reused unit."""
+    hist = cache.hist
+    out = hist.forecast(rt.step)
+    if hist.degree == 0 or hist.uniform == 1:     # the forecast is the kept value itself (History.forecast):
+        out = out.clone()                          # never add into the history
+    rt.note_reused("shared", bi, cache)
+    rt.count("forecast", bi, hist.rows * rt.plan.degree)
+    return out
+
+
+def branch_block(rt: "ReplayRuntime", block, st: BlockState, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """One block of a lean branch forecast step (:func:`block_ready`), ``x [B, T, D]``, ``c [B, D]`` -> ``[B, T, D]``.
+
+    The arithmetic of :meth:`DiTMoEBlock.forward` with the reused attention, the routed experts of
+    :func:`forecast_branches` and the reused shared expert, in fewer passes over ``[N, D]``: no ``norm1`` or
+    attention modulation (attention is reused whole), each gated residual add one ``addcmul``, and the
+    branches' gate-weighted forecasts added straight into the shared expert's forecast. The counters are
+    those of the block-by-block path."""
+    bi = block.index
+    B, T, D = x.shape
+    N, k = B * T, block.moe.top_k
+    _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
+    attn = reused_attention(rt, block, st, x.shape, x.dtype)
+    x = torch.addcmul(x, gate_msa.unsqueeze(1), attn)
+    flat = modulate(block.norm2(x), shift_mlp, scale_mlp).reshape(N, D)
+    rt.count("pairs", bi, N * k)
+    topk_idx, topk_w = rt.route(block, flat)
+    rt.count("router", bi, N)
+    base = shared_forecast(rt, bi, st.shared) if block.moe.shared_experts is not None else None
+    moe = forecast_branches(rt, block, st.experts, flat, topk_idx, topk_w, base=base)
+    return torch.addcmul(x, gate_mlp.unsqueeze(1), moe.view(B, T, D))
