@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="time full compute and every variant with the model compiled by torch.compile (each new "
                         "schedule compiles its kinds of step in its warm-up: minutes per variant on a CPU)")
     p.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
+    p.add_argument("--name", default=NAME, help=f"results file name, NAME.json/.md/.png (default {NAME}; e.g. one per "
+                                                "model, so both are kept)")
     p.set_defaults(func=run)
 
 
@@ -96,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
     from .results import write_results
 
+    if not args.name or any(ch in args.name for ch in "/\\") or args.name.startswith("."):
+        raise ValueError(f"--name {args.name!r}: give a plain file name without folders (e.g. ablation_demo)")
     targets = _targets(args.targets)
     chosen = _variants(args.variants)
     for name, value, low in (("--timing-samples", args.timing_samples, 1), ("--quality-samples", args.quality_samples, 1),
@@ -140,8 +144,9 @@ def run(args: argparse.Namespace) -> int:
     cmd = (f"moeca bench ablation --trace {args.trace} --targets {args.targets}"
            + (f" --variants '{args.variants}'" if len(chosen) < len(VARIANTS) else "") + f" --timing-samples "
            f"{args.timing_samples} --quality-samples {args.quality_samples} --repeats {args.repeats}"
-           + (f" --threads {args.threads}" if args.threads else "") + (" --compile" if args.compile else ""))
-    paths = write_results(NAME, rows, args.out, columns=COLUMNS, command=cmd, plot=lambda path: plot(rows, path),
+           + (f" --threads {args.threads}" if args.threads else "") + (" --compile" if args.compile else "")
+           + (f" --name {args.name}" if args.name != NAME else ""))
+    paths = write_results(args.name, rows, args.out, columns=COLUMNS, command=cmd, plot=lambda path: plot(rows, path),
                           title="Ablations of MoECa's default rule at equal predicted wall-clock speed",
                           meta={"trace": args.trace, "sampler": sampler.to_dict(), "calibration": dict(costs.key),
                                 "compiled": args.compile,
