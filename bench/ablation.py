@@ -12,9 +12,10 @@ and Frechet distance). Variants:
 - ``- drift placement``: the same rule with evenly spaced refreshes;
 - ``- forecast``: the same rule reusing cached outputs plainly (its cheaper forecast steps buy it more
   refreshes at the same predicted speed);
-- ``branch level`` / ``token level``: the rule with its forecast level fixed (router and newly routed
-  pairs computed, branches forecast with the current gates / no router, each block's MoE output forecast
-  per token);
+- ``branch level`` / ``routing level`` / ``token level``: the rule with its forecast level fixed (router and
+  newly routed pairs computed, branches forecast with the current gates / the same, but only tokens whose
+  routed experts changed since the last refresh forecast per branch, the others per token / no router, each
+  block's MoE output forecast per token);
 - ``- folded stack``: the engine forecasts the token-level steps unit by unit with the exact gates
   (``ReplayRuntime(fold=False)``, priced so by the derivation) instead of the folded stack sum.
 
@@ -28,7 +29,8 @@ NAME = "ablation"
 COLUMNS = ["target", "variant", "level", "refreshes", "predicted_speedup", "speedup", "flops_speedup", "psnr", "ssim",
            "accuracy_cached", "fd_full", "fd_cached", "levels", "note"]
 VARIANTS = (("moeca", {}), ("- drift placement", {"placement": "even"}), ("- forecast", {"forecast": "none"}),
-            ("branch level", {"forecast_level": "branch"}), ("token level", {"forecast_level": "token"}),
+            ("branch level", {"forecast_level": "branch"}), ("routing level", {"forecast_level": "routing"}),
+            ("token level", {"forecast_level": "token"}),
             ("- folded stack", {"fold": False}))
 
 
@@ -154,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
                           notes="Each target's variants are derived for the same predicted wall-clock speedup "
                                 "(this device's calibrated unit costs) and replayed against full compute from the "
                                 "same noise; PSNR/SSIM on the quality samples. levels: what the derivation priced "
-                                "for each forecast level it tried (`auto` tries both and takes the one that fits "
-                                "more refreshes, branch on a tie): refreshes that fit the target and predicted ms "
+                                "for each forecast level it tried (`auto` tries branch, routing and token and takes "
+                                "the one that fits the most refreshes, the first of them on a tie): refreshes that fit the target and predicted ms "
                                 "per forecast step.")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -170,7 +172,7 @@ def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = dict(zip([v for v, _ in VARIANTS], "o^sDvP"))
+    markers = dict(zip([v for v, _ in VARIANTS], "o^sDXvP"))
     for variant, _ in VARIANTS:
         pts = sorted((r["speedup"], r["psnr"], r["target"]) for r in rows
                      if r["variant"] == variant and r.get("speedup") is not None and r.get("psnr") is not None)

@@ -74,6 +74,9 @@ class ReplayRuntime(Runtime):
         self.plan = SchedulePlan(schedule)
         self.fold = fold and self.plan.fold_stack
         self.lean = lean
+        # a lean forecast block runs its MoE inline: only while the moe seam is this class's (a subclass that
+        # overrides it sees every block's call)
+        self._whole_blocks = type(self).moe is ReplayRuntime.moe
         self.counters = ReplayCounters(schedule.num_steps, schedule.model.depth)
         self.peak_cache_bytes = 0
         self._device_path_arg = device_path
@@ -227,7 +230,7 @@ class ReplayRuntime(Runtime):
             return refresh_folded(self, model, x, c)
         for block in model.blocks:
             st = self._cs.blocks[block.index]
-            if block_ready(self, block, st, rows):
+            if self._whole_blocks and block_ready(self, block, st, rows):
                 x = branch_block(self, block, st, x, c)
                 continue
             cached = reused_attention(self, block, self._cs.blocks[block.index], x.shape, x.dtype) \
