@@ -85,13 +85,19 @@ def match_host(ids: torch.Tensor, topk_idx: torch.Tensor) -> tuple[torch.Tensor,
     ``(pos [N, k]: the storage slot of every new pair, sel [m]: the newly routed pairs n*k + j, rows [m]:
     their storage rows)``. Only the tokens with a new pair go through the freed-slot assignment."""
     cached, new_ids = ids.numpy(), topk_idx.numpy()
-    k = new_ids.shape[1]
-    eq = cached[:, None, :] == new_ids[:, :, None]                            # [N, new j, storage s]
-    has = eq.any(axis=2)
-    pos = eq.argmax(axis=2)
-    moved = np.flatnonzero(~has.all(axis=1))                                  # tokens with a newly routed pair
+    N, k = new_ids.shape
+    # column by column (k^2 operations on [N]): NumPy's reductions over an axis of length k are slow
+    has, pos = np.zeros((N, k), dtype=bool), np.zeros((N, k), dtype=np.int64)
+    for j in range(k):
+        for slot in range(k):               # a token's experts are distinct: at most one slot matches
+            eq = new_ids[:, j] == cached[:, slot]
+            has[:, j] |= eq
+            if slot:
+                pos[:, j] += eq * slot
+    moved = np.flatnonzero(~_all_columns(has))                                # tokens with a newly routed pair
     if moved.size:
-        sub_has, sub_kept = has[moved], eq[moved].any(axis=1)
+        eq = cached[moved, None, :] == new_ids[moved, :, None]                # [m, new j, storage s]
+        sub_has, sub_kept = has[moved], eq.any(axis=1)
         free_first = np.argsort(sub_kept, axis=1, kind="stable")              # freed slots first, in slot order
         rank = np.clip(np.cumsum(~sub_has, axis=1) - 1, 0, None)
         pos[moved] = np.where(sub_has, pos[moved], np.take_along_axis(free_first, rank, axis=1))
@@ -101,6 +107,26 @@ def match_host(ids: torch.Tensor, topk_idx: torch.Tensor) -> tuple[torch.Tensor,
     else:
         sel = rows = np.zeros(0, dtype=np.int64)
     return torch.from_numpy(pos), torch.from_numpy(sel), torch.from_numpy(rows)
+
+
+def _all_columns(a: np.ndarray) -> np.ndarray:
+    """``a [N, k]`` bool -> ``[N]``: every column holds (a column loop: faster than ``all(axis=1)`` for small k)."""
+    out = a[:, 0].copy()
+    for j in range(1, a.shape[1]):
+        out &= a[:, j]
+    return out
+
+
+def same_sets_host(ids: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """``[N]`` bool: row ``n`` of ``ids [N, k]`` holds the same experts as row ``n`` of ``ref [N, k]`` (in any order;
+    a row's experts are distinct), column by column."""
+    out = np.ones(ids.shape[0], dtype=bool)
+    for j in range(ids.shape[1]):
+        found = ids[:, j] == ref[:, 0]
+        for slot in range(1, ref.shape[1]):
+            found |= ids[:, j] == ref[:, slot]
+        out &= found
+    return out
 
 
 def update_pairs(rt: "ReplayRuntime", block, cache: PairCache, flat: torch.Tensor, topk_idx: torch.Tensor
@@ -192,8 +218,7 @@ def routing_forecast(rt: "ReplayRuntime", block, st: BlockState, flat: torch.Ten
     shared = st.shared if block.moe.shared_experts is not None else None
     units = k + (shared is not None)
     if not rt.device_path and flat.device.type == "cpu":
-        ids, ref = cache.ids.numpy(), cache.ref_ids.numpy()
-        moved = np.flatnonzero(~(ids[:, :, None] == ref[:, None, :]).any(axis=2).all(axis=1))
+        moved = np.flatnonzero(~same_sets_host(cache.ids.numpy(), cache.ref_ids.numpy()))
         if moved.size:
             rows = torch.from_numpy(moved)
             sub = _rows_forecast(shared.hist, rows, step) if shared is not None \
@@ -302,13 +327,16 @@ def branch_block(rt: "ReplayRuntime", block, st: BlockState, x: torch.Tensor, c:
 
     The arithmetic of :meth:`DiTMoEBlock.forward` with the reused attention, the routed experts of
     :func:`forecast_branches` and the reused shared expert, in fewer passes over ``[N, D]``: no ``norm1`` or
-    attention modulation (attention is reused whole), each gated residual add one ``addcmul``, and the
+    attention modulation (attention is reused whole) and only the four adaLN chunks the block uses, each gated
+    residual add one ``addcmul``, and the
     branches' gate-weighted forecasts added straight into the shared expert's forecast. The counters are
     those of the block-by-block path."""
     bi = block.index
     B, T, D = x.shape
     N, k = B * T, block.moe.top_k
-    _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
+    proj = block.adaLN_modulation[-1]           # only the four chunks this block uses: rows 2D..6D
+    gate_msa, shift_mlp, scale_mlp, gate_mlp = F.linear(block.adaLN_modulation[0](c), proj.weight[2 * D:],
+                                                        proj.bias[2 * D:]).chunk(4, dim=1)
     attn = reused_attention(rt, block, st, x.shape, x.dtype)
     x = torch.addcmul(x, gate_msa.unsqueeze(1), attn)
     flat = modulate(block.norm2(x), shift_mlp, scale_mlp).reshape(N, D)
