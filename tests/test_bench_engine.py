@@ -67,3 +67,15 @@ def test_bench_steps_without_a_trace_and_on_cpu_time(tmp_path):
     assert payload["meta"]["sync_refresh_steps"] == [0, 3, 6] and "--clock cpu" in payload["command"]
     assert payload["meta"]["forecast_steps"] == [4, 5, 7, 8] and len(payload["rows"]) == 8
     assert "--model demo --steps 9 --interval 3" in payload["command"]
+
+
+def test_breakdown_files_the_lean_and_routing_steps_functions_under_their_parts():
+    """Each engine function of the lean branch and routing-aware steps is filed under the part it does (the
+    innermost named frame decides), so a bench steps breakdown does not count the new pairs' GEMMs as gathers."""
+    from moeca.bench.breakdown import frame_part
+
+    where = "/x/moeca/replay/units/branch.py(10): "
+    expected = {"few_pairs": "new pairs", "padded_swiglu": "new pairs", "shared_forecast": "forecasts",
+                "routing_forecast": "forecasts", "_rows_forecast": "forecasts", "branch_block": "rest",
+                "update_pairs": "gathers/scatters", "match_host": "gathers/scatters"}
+    assert {f: frame_part(where + f) for f in expected} == expected
