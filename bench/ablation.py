@@ -12,9 +12,10 @@ and Frechet distance). Variants:
 - ``- drift placement``: the same rule with evenly spaced refreshes;
 - ``- forecast``: the same rule reusing cached outputs plainly (its cheaper forecast steps buy it more
   refreshes at the same predicted speed);
-- ``branch level`` / ``token level``: the rule with its forecast level fixed (router and newly routed
-  pairs computed, branches forecast with the current gates / no router, each block's MoE output forecast
-  per token);
+- ``branch level`` / ``routing level`` / ``token level``: the rule with its forecast level fixed (router and
+  newly routed pairs computed, branches forecast with the current gates / the same, but only tokens whose
+  routed experts changed since the last refresh forecast per branch, the others per token / no router, each
+  block's MoE output forecast per token);
 - ``- folded stack``: the engine forecasts the token-level steps unit by unit with the exact gates
   (``ReplayRuntime(fold=False)``, priced so by the derivation) instead of the folded stack sum.
 
@@ -40,7 +41,8 @@ NAME = "ablation"
 COLUMNS = ["target", "variant", "level", "refreshes", "predicted_speedup", "speedup", "flops_speedup", "psnr", "ssim",
            "accuracy_cached", "fd_full", "fd_cached", "levels", "note"]
 VARIANTS = (("moeca", {}), ("- drift placement", {"placement": "even"}), ("- forecast", {"forecast": "none"}),
-            ("branch level", {"forecast_level": "branch"}), ("token level", {"forecast_level": "token"}),
+            ("branch level", {"forecast_level": "branch"}), ("routing level", {"forecast_level": "routing"}),
+            ("token level", {"forecast_level": "token"}),
             ("- folded stack", {"fold": False}))
 
 
@@ -62,6 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="time full compute and every variant with the model compiled by torch.compile (each new "
                         "schedule compiles its kinds of step in its warm-up: minutes per variant on a CPU)")
     p.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
+    p.add_argument("--name", default=NAME, help=f"results file name, NAME.json/.md/.png (default {NAME}; e.g. one per "
+                                                "model, so both are kept)")
     p.set_defaults(func=run)
 
 
@@ -95,6 +99,8 @@ def level_note(levels: dict | None) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.name or any(ch in args.name for ch in "/\\") or args.name.startswith("."):
+        raise ValueError(f"--name {args.name!r}: give a plain file name without folders (e.g. ablation_demo)")
     targets = _targets(args.targets)
     chosen = _variants(args.variants)
     for name, value, low in (("--timing-samples", args.timing_samples, 1), ("--quality-samples", args.quality_samples, 1),
@@ -139,8 +145,9 @@ def run(args: argparse.Namespace) -> int:
     cmd = (f"moeca bench ablation --trace {args.trace} --targets {args.targets}"
            + (f" --variants '{args.variants}'" if len(chosen) < len(VARIANTS) else "") + f" --timing-samples "
            f"{args.timing_samples} --quality-samples {args.quality_samples} --repeats {args.repeats}"
-           + (f" --threads {args.threads}" if args.threads else "") + (" --compile" if args.compile else ""))
-    paths = write_results(NAME, rows, args.out, columns=COLUMNS, command=cmd, plot=lambda path: plot(rows, path),
+           + (f" --threads {args.threads}" if args.threads else "") + (" --compile" if args.compile else "")
+           + (f" --name {args.name}" if args.name != NAME else ""))
+    paths = write_results(args.name, rows, args.out, columns=COLUMNS, command=cmd, plot=lambda path: plot(rows, path),
                           title="Ablations of MoECa's default rule at equal predicted wall-clock speed",
                           meta={"trace": args.trace, "sampler": sampler.to_dict(), "calibration": dict(costs.key),
                                 "compiled": args.compile,
@@ -148,8 +155,8 @@ def run(args: argparse.Namespace) -> int:
                           notes="Each target's variants are derived for the same predicted wall-clock speedup "
                                 "(this device's calibrated unit costs) and replayed against full compute from the "
                                 "same noise; PSNR/SSIM on the quality samples. levels: what the derivation priced "
-                                "for each forecast level it tried (`auto` tries both and takes the one that fits "
-                                "more refreshes, branch on a tie): refreshes that fit the target and predicted ms "
+                                "for each forecast level it tried (`auto` tries branch, routing and token and takes "
+                                "the one that fits the most refreshes, the first of them on a tie): refreshes that fit the target and predicted ms "
                                 "per forecast step.")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -162,7 +169,7 @@ def plot(rows: list[dict], path) -> None:
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = dict(zip([v for v, _ in VARIANTS], "o^sDvP"))
+    markers = dict(zip([v for v, _ in VARIANTS], "o^sDXvP"))
     for variant, _ in VARIANTS:
         pts = sorted((r["speedup"], r["psnr"], r["target"]) for r in rows
                      if r["variant"] == variant and r.get("speedup") is not None and r.get("psnr") is not None)

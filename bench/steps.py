@@ -9,13 +9,16 @@ sum folded after the second refresh), ``branch`` (every block routes, the newly 
 pairs are computed, every other branch, the shared expert and attention forecast, branches combined with
 the current gates) on the host path and on the device path (fixed shapes, no host sync, tested here on
 the CPU), each through the lean forecast step (:mod:`moeca.replay.units.branch`) and through the general
-selection path (``general``: the branch level before it). Full compute and the replays run interleaved, ``--repeats`` times after one warm-up each,
-every step timed.
+selection path (``general``: the branch level before it), and ``routing`` (routing-aware: every block routes and
+computes the new pairs; tokens whose routed experts changed since the last refresh are forecast per branch,
+the others' whole MoE output per token) on both paths. Full compute and the replays run interleaved,
+``--repeats`` times after one warm-up each, every step timed.
 
 Rows: full compute's step; per level its forecast steps after the second refresh (median over runs of
 each step, then over the steps), their FLOPs (counted from what ran, GFLOP per step) and for the branch
 level its *floor*: the token level's forecast step plus the router and the newly routed pairs at full
-compute's FLOP rate (``ms_full * FLOPs(router + new pairs) / FLOPs(full step)``), and the ratio to it;
+compute's FLOP rate (``ms_full * FLOPs(router + new pairs) / FLOPs(full step)``; the routing level has the
+same floor), and the ratio to it;
 the share of newly routed pairs; where the branch step's time goes (:mod:`.breakdown`: router, new
 pairs, forecasts, gathers/scatters, rest, in ms: shares of one profiled run times the measured step);
 and the refresh step over full compute's step.
@@ -36,7 +39,7 @@ from moeca.bench.results import DEFAULT_OUT, pyplot, write_results
 from moeca.diffusion.samplers import default_sampler, sample
 from moeca.models.registry import SHIPPED_MODELS, load_model
 from moeca.policy.cost import UnitCosts
-from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
+from moeca.policy.schedule import ALWAYS, REUSE, ROUTING, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
 from moeca.replay.calibrate import timed_steps
 from moeca.replay.runtime import ReplayRuntime
 from moeca.tracer import resolve_labels
@@ -46,10 +49,11 @@ from .breakdown import PARTS, profile_steps
 NAME = "steps"
 LEVELS = (("token", "token", False, True),
           ("branch, host path, general", "branch", False, False), ("branch, device path, general", "branch", True, False),
-          ("branch, host path", "branch", False, True), ("branch, device path", "branch", True, True))
+          ("branch, host path", "branch", False, True), ("branch, device path", "branch", True, True),
+          ("routing, host path", "routing", False, True), ("routing, device path", "routing", True, True))
 """``(row name, forecast level, device path, lean)`` of the replays; ``general``: the branch step through the
 general selection path (``ReplayRuntime(lean=False)``, the branch level before the lean step), timed in the
-same runs as the lean one."""
+same runs as the lean one; ``routing``: the routing-aware level (``moe`` rule ``routing``)."""
 PARTS_MS = ("ms_router", "ms_new_pairs", "ms_forecasts", "ms_gathers", "ms_rest")
 COLUMNS = ["run", "ms_step", "gflop_step", "ms_floor", "over_floor", "new_pair_share", *PARTS_MS,
            "ms_refresh", "refresh_over_full", "repeats"]
@@ -119,11 +123,13 @@ def setup(args: argparse.Namespace) -> Setup:
 
 
 def level_schedule(model, sampler, refresh: tuple[int, ...], level: str):
-    """The ``sync`` rule's schedule with ``refresh`` steps and forecast ``level`` (``token`` or ``branch``),
-    linear forecast (what ``moeca schedule derive --forecast-level LEVEL`` gives for these refresh steps)."""
+    """The ``sync`` rule's schedule with ``refresh`` steps and forecast ``level`` (``token``, ``branch`` or
+    ``routing``), linear forecast (what ``moeca schedule derive --forecast-level LEVEL`` gives for these refresh
+    steps)."""
     config = model.config
     E, L = config.num_experts, config.depth
-    body = BlockRule(attn=REUSE, moe=REUSE if level == "token" else ALWAYS, shared=REUSE, experts=(REUSE,) * E)
+    moe = {"token": REUSE, "branch": ALWAYS, "routing": ROUTING}[level]
+    body = BlockRule(attn=REUSE, moe=moe, shared=REUSE, experts=(REUSE,) * E)
     steps = tuple(StepRule("compute", (BlockRule.full(E) if s in refresh else body,) * L)
                   for s in range(sampler.num_steps))
     return Schedule(method="moeca", model=ModelIdentity.of(config), sampler=SamplerIdentity.of(sampler), steps=steps,
@@ -193,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
                "gflop_step": statistics.median(counted[name][s]["total"] for s in forecast) / 1e9,
                "ms_refresh": statistics.median(m[s] for s in refresh[1:]),
                "refresh_over_full": statistics.median(m[s] / full[s] for s in refresh[1:]), "repeats": args.repeats}
-        if level == "branch":
+        if level in ("branch", "routing"):
             extra = statistics.median((counted[name][s]["router"] + counted[name][s]["pairs"]) / full_flops
                                       for s in forecast)
             row.update(ms_floor=token_ms + ms_full * extra, new_pair_share=statistics.median(

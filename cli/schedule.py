@@ -66,11 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--refresh sync: a refresh step wherever the traced drift accumulated since the last "
                         "refresh reaches a threshold (default; on DDPM weighted toward the last steps, whose "
                         "errors stay in the sample) or evenly spaced")
-    d.add_argument("--forecast-level", choices=("auto", "branch", "token"), default="auto",
+    d.add_argument("--forecast-level", choices=("auto", "branch", "routing", "token"), default="auto",
                    help="--refresh sync: forecast steps run the router and the newly routed pairs and forecast per "
-                        "(token, expert) branch (branch), or skip the router and forecast each block's MoE output "
-                        "per token (token); auto (default): the level that fits more refreshes into a wall-clock "
-                        "target (branch for FLOPs targets)")
+                        "(token, expert) branch (branch); the same, but only tokens whose routed experts changed "
+                        "since the last refresh are forecast per branch, the others' MoE output per token (routing: "
+                        "routing-aware); or skip the router and forecast each block's MoE output per token (token); "
+                        "auto (default): the level that fits the most refreshes into a wall-clock target, as this "
+                        "device's calibration prices each (branch for FLOPs targets)")
     d.add_argument("--batch", type=int, default=None,
                    help="--target-speedup: samples per sampling call of the replay the schedule is for "
                         "(`moeca replay --samples`; default 16, 1 for a diffusers trace)")
@@ -277,9 +279,13 @@ def cmd_derive(args: argparse.Namespace) -> int:
     print(head)
     level = schedule.provenance.get("forecast_level")
     print(f"refresh rule: {args.refresh}; forecast: {schedule.forecast}"
-          f"{f' per {level}' if level else ''}; {len(schedule.sync_refresh_steps)} full "
+          f"{f' at the {level} level' if level else ''}; {len(schedule.sync_refresh_steps)} full "
           f"refresh steps; error budget tau: {schedule.provenance['tau']:.4g}; lag exponents: "
           f"{schedule.provenance['alpha']}")
+    for lv, c in (schedule.provenance.get("levels") or {}).items():
+        ms = c.get("forecast_step_ms")
+        print(f"  level {lv}: {c['refreshes']} refreshes fit, predicted {c['predicted_speedup']:.2f}x"
+              + (f", {ms:.3g} ms per forecast step" if ms is not None else "") + (" (chosen)" if lv == level else ""))
     if "predicted_speedup" in schedule.provenance:
         print(f"predicted wall-clock speedup: {schedule.provenance['predicted_speedup']:.2f}x on "
               f"{wallclock.key['device']} at batch {args.batch} (`moeca replay --samples {args.batch}` measures it)")

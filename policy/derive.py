@@ -24,7 +24,10 @@ Two refresh rules (``DeriveConfig.refresh``); both forecast reused outputs linea
    skips the router and forecasts each block's whole MoE output and attention per token: less quality per
    step (0.5-0.7 dB PSNR at the same refreshes on the demo model), much less bookkeeping, so on a device
    where the bookkeeping is dear a wall-clock target fits more refreshes. ``forecast_level="auto"``
-   (default) takes the level that fits more refreshes into a wall-clock target.
+   (default) takes the level that fits more refreshes into a wall-clock target. The ``routing`` level
+   (routing-aware) runs the router and computes the new pairs as the branch level does, but forecasts the
+   whole MoE output per token of every token whose routed experts did not change since the last refresh;
+   only tokens whose routing moved get their branches forecast with the current gates.
 3. ``n`` is the largest count whose predicted speedup reaches ``target_speedup``: with
    ``target="flops"`` the FLOPs ratio (router + the traces' newly routed share of pairs on forecast
    steps), with ``target="wallclock"`` the wall-clock time predicted from the calibrated unit costs of
@@ -69,7 +72,7 @@ import numpy as np
 
 from moeca.models.config import DiTMoEConfig
 from moeca.policy.cost import UnitCosts
-from moeca.policy.schedule import (ALWAYS, REUSE, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
+from moeca.policy.schedule import (ALWAYS, REUSE, ROUTING, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
                                    ScoreConfig, StepRule)
 from moeca.policy.wallclock import StepWork, WallClockCosts
 
@@ -78,6 +81,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SUMMARY_COLUMNS = ("unit", "block", "step", "expert", "lag", "n", "mean_rel_l2", "mean_gate_weight",
                    "persist_frac")
+
+
+FORECAST_LEVELS = ("auto", "branch", "routing", "token")
+"""``DeriveConfig.forecast_level`` values; ``auto`` tries the others in this order (a later level must fit strictly
+more refreshes to be taken)."""
 
 
 @dataclass(frozen=True)
@@ -93,9 +101,12 @@ class DeriveConfig:
     ``even`` (evenly spaced).
     forecast_level: ``sync`` rule: what a forecast step forecasts. ``branch``: the router runs, newly
     routed (token, expert) pairs are computed, every other branch is forecast and combined with the current
-    gates; ``token``: no router, each block's whole MoE output is forecast per token (cheaper per step);
-    ``auto``: with a wall-clock target, the level that fits more refreshes into the target (``branch`` on
-    a tie, and with a FLOPs target or an error budget, where the per-step bookkeeping is not priced).
+    gates; ``routing`` (routing-aware): the router runs and the new pairs are computed, tokens whose routed
+    experts changed since the last refresh are forecast per branch as at ``branch``, every other token's whole
+    MoE output per token; ``token``: no router, each block's whole MoE output is forecast per token (cheapest
+    per step); ``auto``: with a wall-clock target, the level that fits the most refreshes into the target
+    (on a tie the first of ``branch``, ``routing``, ``token``; with a FLOPs target or an error budget, where
+    the per-step bookkeeping is not priced, ``branch``).
     error_budget: the budget ``tau`` (max staleness error, relative L2) instead of a target speedup.
     refresh: ``sync`` (evenly spaced synchronized full refreshes, everything forecast in between) or
     ``budget`` (fixed ``sync_interval`` plus per-expert token budgets); see the module docstring.
@@ -148,8 +159,8 @@ class DeriveConfig:
         if self.target == "wallclock" and self.refresh != "sync":
             raise ValueError("a wall-clock target needs refresh='sync' (the budget rule predicts FLOPs only); "
                              "use a FLOPs target (--target-flops-speedup) with --refresh budget")
-        if self.forecast_level not in ("auto", "branch", "token"):
-            raise ValueError(f"forecast_level must be 'auto', 'branch' or 'token', got {self.forecast_level!r}")
+        if self.forecast_level not in FORECAST_LEVELS:
+            raise ValueError(f"forecast_level must be one of {', '.join(FORECAST_LEVELS)}, got {self.forecast_level!r}")
         if self.placement not in ("even", "drift"):
             raise ValueError(f"placement must be 'even' or 'drift', got {self.placement!r}")
         if self.forecast not in ("none", "linear"):
@@ -324,12 +335,13 @@ def _plan(tables: DriftTables, tau: float, cfg: DeriveConfig, sync: frozenset[in
 
 def _plan_sync(tables: DriftTables, sync: frozenset[int], costs: UnitCosts, level: str = "branch") -> _Plan:
     """The ``sync`` rule's plan: full blocks on ``sync`` steps, everything forecast elsewhere: per branch
-    with the router and the newly routed pairs computed (``level="branch"``), or per token with no router
+    with the router and the newly routed pairs computed (``level="branch"``), the same with the tokens whose
+    routing did not move forecast per token (``"routing"``: the same FLOPs), or per token with no router
     (``"token"``)."""
     S, L, E = tables.expert.shape
     full_token = costs.block_per_token()
     fixed = costs.fixed_per_sample() / costs.num_tokens / costs.depth
-    moe = REUSE if level == "token" else ALWAYS
+    moe = {"token": REUSE, "branch": ALWAYS, "routing": ROUTING}[level]
     body = tuple(BlockRule(attn=REUSE, moe=moe, shared=REUSE, experts=(REUSE,) * E) for _ in range(L))
     full_blocks = tuple(BlockRule.full(E) for _ in range(L))
     new_pairs = costs.top_k * np.sum(tables.share * (1 - tables.persist), axis=2)     # [S, L] per token
@@ -422,9 +434,23 @@ def sync_work(tables: DriftTables, sync: frozenset[int], wallclock: WallClockCos
     new_pairs = wallclock.top_k * np.sum(tables.share * (1 - tables.persist), axis=(1, 2))   # [S] per token
     folds = fold and level == "token"
     refreshed = np.cumsum([s in sync for s in range(S)])      # refreshes up to and including each step
+    moved = moved_since_refresh(new_pairs / L, sync) * L
     return [wallclock.full_step(L, order, folds, level) if s in sync
             else wallclock.forecast_step(L, order, float(new_pairs[s]), level,
-                                         folded=folds and refreshed[s] >= FOLD_REFRESHES) for s in range(S)]
+                                         folded=folds and refreshed[s] >= FOLD_REFRESHES, moved_per_token=float(moved[s]))
+            for s in range(S)]
+
+
+def moved_since_refresh(new_pairs: np.ndarray, sync: frozenset[int]) -> np.ndarray:
+    """``[S]``: the share of a block's tokens whose routed experts changed since the last refresh, estimated from
+    the traced newly routed pairs per token and block of each step (``new_pairs [S]``: a pair routed now and not
+    at the step before): their sum since the last refresh, at most 1 (an upper bound: a token counts once per new
+    pair, and one that returns to its experts still counts)."""
+    out, acc = np.zeros(len(new_pairs)), 0.0
+    for s, n in enumerate(new_pairs):
+        acc = 0.0 if s in sync else min(1.0, acc + float(n))
+        out[s] = acc
+    return out
 
 
 FOLD_REFRESHES = 2
@@ -469,15 +495,15 @@ def _derive_sync(tables: DriftTables, cfg: DeriveConfig, sampler: "SamplerConfig
 
     if cfg.forecast_level != "auto":
         levels = (cfg.forecast_level,)
-    elif cfg.target == "wallclock" and cfg.error_budget is None:   # only a wall-clock target prices both
-        levels = ("branch", "token")
+    elif cfg.target == "wallclock" and cfg.error_budget is None:   # only a wall-clock target prices them all
+        levels = FORECAST_LEVELS[1:]
     else:
         levels = ("branch",)
     if cfg.error_budget is not None:
         count = next((n for n in range(1, S + 1) if np.max(d) * (S / n) ** alpha <= cfg.error_budget), S)
         return replace(choice(count, levels[0]), tau=cfg.error_budget)
     best, per_level = None, {}
-    for level in levels:   # branch first: a token-level plan must fit strictly more refreshes to be chosen
+    for level in levels:   # in FORECAST_LEVELS order: a later level must fit strictly more refreshes to be chosen
         for count in range(1, S + 1):  # more refreshes = better quality; keep the most that fit the target
             c = choice(count, level)
             reached = c.wallclock_speedup >= cfg.target_speedup if cfg.target == "wallclock" \
@@ -491,6 +517,7 @@ def _derive_sync(tables: DriftTables, cfg: DeriveConfig, sampler: "SamplerConfig
         what, most = (("wall-clock", max(f.wallclock_speedup for f in floors)) if cfg.target == "wallclock"
                       else ("FLOPs", max(1 / f.plan.ratio for f in floors)))
         work = " or ".join({"branch": "the router plus newly routed pairs computed",
+                            "routing": "the router plus newly routed pairs computed (routing-aware)",
                             "token": "every block's MoE output forecast per token"}[lv] for lv in levels)
         raise ValueError(
             f"target speedup {cfg.target_speedup:g}x is out of reach: with warm-up {cfg.warmup_steps} and final "

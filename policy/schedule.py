@@ -13,8 +13,11 @@ dataclasses:
 - :class:`StepRule` -- ``model`` (``compute`` | ``reuse`` | ``adaptive``) and one :class:`BlockRule`
   per transformer block;
 - :class:`BlockRule` -- one :class:`Rule` for each unit of a block: ``attn`` (attention output per
-  token), ``moe`` (the whole MoE output per token: ``always`` means "decide per branch", anything else
-  is token-level reuse of the whole MoE output, ToCa/FORA-like), ``shared`` (shared expert output per
+  token), ``moe`` (the whole MoE output per token: ``always`` means "decide per branch", ``routing``
+  means routing-aware: the router runs, a token whose routed experts changed since the last synchronized
+  refresh is decided per branch (its newly routed pairs computed, its kept branches forecast) and every other
+  token's whole MoE output is forecast per token; anything else is token-level reuse of the whole MoE output,
+  ToCa/FORA-like), ``shared`` (shared expert output per
   token) and ``experts[e]`` (routed expert ``e``'s unweighted output per (token, expert) pair);
 - :class:`Rule` -- ``always`` (recompute every token), ``never`` (reuse every cached token),
   ``fraction f`` (recompute the ``ceil(f * n)`` cached tokens with the highest score, reuse the rest),
@@ -22,7 +25,7 @@ dataclasses:
   entry (first step, a batch-size change, a newly routed (token, expert) pair) are always computed.
 
 JSON encoding of a rule: the strings ``"always"`` (recompute) / ``"reuse"`` (reuse or forecast the cached
-output) or ``{"fraction": f}`` / ``{"threshold": x}``.
+output) / ``"routing"`` (a ``moe`` rule only, see above) or ``{"fraction": f}`` / ``{"threshold": x}``.
 
 ``forecast`` says what a reused output is: ``none`` -- the cached output as last computed (plain
 reuse); ``linear`` -- the first-order extrapolation from the unit's last two computed outputs,
@@ -49,7 +52,8 @@ the 2x2 spatial bonus; applies to the whole-MoE ``fraction`` rules, other rules 
 Format versions: 2 added ``forecast``; 3 added ``taylor``, ``forecast_order`` and ``token_selection``;
 4 renamed version 3's ``taylor`` (the interpolating polynomial) to ``polynomial``, made ``taylor``
 TaylorSeer's finite-difference expansion and added ``model_skip.indicator`` / ``first_blocks`` /
-``last_blocks``; 5 renamed the rule ``never`` (which meant: always reuse) to ``reuse``. Version-1 files are
+``last_blocks``; 5 renamed the rule ``never`` (which meant: always reuse) to ``reuse``; 6 added the ``moe``
+rule ``routing``. Version-1 files are
 read as ``forecast: none``, version-1/2 files as order 1 and ``moeca_score``, version-3 ``taylor`` as
 ``polynomial`` (what those files were replayed with), version-1..4 ``never`` rules as ``reuse``.
 """
@@ -66,14 +70,14 @@ from typing import Any, Iterable, Literal, Mapping
 from moeca.analysis.flops import block_unit_flops
 from moeca.common.jsontext import JSONInputError, read_json
 
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 FORECASTS = ("none", "linear", "taylor", "polynomial")
 MAX_FORECAST_ORDER = 4
 TOKEN_SELECTIONS = ("moeca_score", "toca")
 SCHEMA_FILE = "schedule.schema.json"
 MODEL_SKIP_INDICATORS = ("modulated_input", "first_blocks_residual")
-RuleMode = Literal["always", "reuse", "fraction", "threshold"]
+RuleMode = Literal["always", "reuse", "fraction", "threshold", "routing"]
 ModelMode = Literal["compute", "reuse", "adaptive"]
 UNIT_KINDS = ("attn", "moe", "shared", "expert")
 
@@ -91,7 +95,8 @@ class ScheduleMismatch(ValueError):
 class Rule:
     """Refresh rule of one unit at one (step, block[, expert]).
 
-    mode: ``always`` | ``never`` | ``fraction`` | ``threshold``. value: for ``fraction`` the share in
+    mode: ``always`` | ``reuse`` | ``fraction`` | ``threshold`` | ``routing`` (a block's ``moe`` rule only:
+    routing-aware, see the module docstring). value: for ``fraction`` the share in
     [0, 1] of cached tokens recomputed (the highest scores); for ``threshold`` the score above which a
     cached token is recomputed (>= 0); unused otherwise.
     """
@@ -100,8 +105,9 @@ class Rule:
     value: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.mode not in ("always", "reuse", "fraction", "threshold"):
-            raise ScheduleError(f"rule mode {self.mode!r} must be always, never, fraction or threshold")
+        if self.mode not in ("always", "reuse", "fraction", "threshold", "routing"):
+            raise ScheduleError(f"rule mode {self.mode!r} must be always, reuse, fraction, threshold or routing "
+                                "(routing: a block's moe rule only)")
         if self.mode == "fraction" and not 0.0 <= self.value <= 1.0:
             raise ScheduleError(f"fraction rule value {self.value} must lie in [0, 1]")
         if self.mode == "threshold" and not (self.value >= 0 and math.isfinite(self.value)):
@@ -114,10 +120,10 @@ class Rule:
 
     def expected_refresh(self) -> float:
         """Expected share of cached tokens recomputed (threshold rules count as 0.5, a guess)."""
-        return {"always": 1.0, "reuse": 0.0, "fraction": self.value, "threshold": 0.5}[self.mode]
+        return {"always": 1.0, "reuse": 0.0, "fraction": self.value, "threshold": 0.5, "routing": 0.0}[self.mode]
 
     def to_json(self) -> Any:
-        if self.mode in ("always", "reuse"):
+        if self.mode in ("always", "reuse", "routing"):
             return self.mode
         return {self.mode: self.value}
 
@@ -137,6 +143,7 @@ class Rule:
 
 ALWAYS = Rule("always")
 REUSE = Rule("reuse")
+ROUTING = Rule("routing")
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,14 @@ class BlockRule:
     moe: Rule = ALWAYS
     shared: Rule = ALWAYS
     experts: tuple[Rule, ...] = ()
+
+    def __post_init__(self) -> None:
+        for unit, rules in (("attn", (self.attn,)), ("shared", (self.shared,)), ("experts", self.experts)):
+            if any(r.mode == "routing" for r in rules):
+                raise ScheduleError(f"block rule field {unit}: the rule routing applies to the moe rule only")
+        if self.moe.mode == "routing" and any(r.mode != "reuse" for r in (self.attn, self.shared, *self.experts)):
+            raise ScheduleError("block rule field moe: the rule routing forecasts every unit it does not have to "
+                                "compute, so attn, shared and every expert rule must be reuse")
 
     @property
     def computes_all(self) -> bool:

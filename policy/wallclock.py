@@ -139,18 +139,21 @@ class WallClockCosts:
     def full_step(self, depth: int, order: int, folds: bool = False, level: str = "branch") -> StepWork:
         """A synchronized refresh step: every unit of every block computed (``folds``: and the folded stack
         forecast's products rebuilt); ``level`` says what its forecast histories keep (``token``: attention
-        and the whole MoE output per token, ``branch``: every computed row)."""
+        and the whole MoE output per token, ``branch``: every computed row, ``routing``: both)."""
         n = self.rows_per_block * depth
+        pushed = {"token": 2.0 * n, "branch": None, "routing": (3.0 + self.top_k) * n}[level]
         return StepWork(attn=n, shared=n, pairs=self.top_k * n, reused=0.0, order=order, routed_blocks=depth,
-                        stack_terms=2.0 * (order + 1) * n + self.rows_per_block if folds else 0.0,
-                        pushed=2.0 * n if level == "token" else None)
+                        stack_terms=2.0 * (order + 1) * n + self.rows_per_block if folds else 0.0, pushed=pushed)
 
     def forecast_step(self, depth: int, order: int, new_pairs_per_token: float, level: str = "branch",
-                      folded: bool = False) -> StepWork:
+                      folded: bool = False, moved_per_token: float = 0.0) -> StepWork:
         """A forecast step of the sync rule. ``branch``: the router runs in every block and only the newly
         routed pairs are computed (``new_pairs_per_token``: newly routed pairs per token summed over the
         blocks, from the trace); ``token``: no router, every block's MoE output forecast per token, unit by
-        unit or (``folded``) as the folded stack sum."""
+        unit or (``folded``) as the folded stack sum; ``routing`` (routing-aware): the router runs and the new
+        pairs are computed as at the branch level, attention and the whole MoE output are forecast per token,
+        and the tokens whose routed experts changed since the last refresh (``moved_per_token``: such tokens
+        per token summed over the blocks) also forecast their ``k`` branches and the shared expert."""
         n = self.rows_per_block
         if level == "token" and folded:
             return StepWork(attn=0.0, shared=0.0, pairs=0.0, reused=0.0, order=order, routed_blocks=0.0,
@@ -158,6 +161,9 @@ class WallClockCosts:
         if level == "token":   # per block: attention and the whole MoE output, one row per token each
             return StepWork(attn=0.0, shared=0.0, pairs=0.0, reused=2 * n * depth, order=order, routed_blocks=0.0)
         pairs = new_pairs_per_token * n
+        if level == "routing":
+            return StepWork(attn=0.0, shared=0.0, pairs=pairs, reused=2 * n * depth + (1 + self.top_k) * moved_per_token * n,
+                            order=order, routed_blocks=depth)
         return StepWork(attn=0.0, shared=0.0, pairs=pairs, reused=(2 + self.top_k) * n * depth - pairs, order=order,
                         routed_blocks=depth)
 

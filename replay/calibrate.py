@@ -1,11 +1,12 @@
 """Measure the wall-clock unit costs of the replay engine on this device (``moeca calibrate``).
 
 :func:`measure_costs` samples a short run (``steps`` steps of the schedule's sampler) with the default
-runtime and with ten calibration schedules that each exercise a different mix of units -- every step
+runtime and with eleven calibration schedules that each exercise a different mix of units -- every step
 full, with and without a forecast history; everything forecast (linear) or reused plainly between full
 steps; only attention, only the shared expert or only the routed experts recomputed between full steps;
 every other step full; token-level forecast steps (no router, the stack forecast folded after the
-second refresh) between full steps, every 5th and every 3rd step full -- times every step (median of ``repeats`` interleaved runs, after a warm-up; the
+second refresh) between full steps, every 5th and every 3rd step full; routing-aware forecast steps
+(``moe`` rule ``routing``) between full steps every 5th -- times every step (median of ``repeats`` interleaved runs, after a warm-up; the
 device is synchronised at each step on CUDA), counts what each step executed (:class:`~moeca.replay.counters.ReplayCounters`) and fits
 the non-negative coefficients of :class:`~moeca.policy.wallclock.WallClockCosts` by least squares, except
 the refresh-side bookkeeping (``history_term_ms``, ``stack_term_ms``), which is timed directly
@@ -35,7 +36,7 @@ import moeca.models as models_pkg
 import moeca.policy.wallclock as wallclock_mod
 from moeca.diffusion.samplers import SamplerConfig, sample
 from moeca.models.checkpoint import weights_hash
-from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
+from moeca.policy.schedule import ALWAYS, REUSE, ROUTING, BlockRule, ModelIdentity, SamplerIdentity, Schedule, StepRule
 from moeca.policy.wallclock import (COEFFICIENTS, CalibrationError, StepWork, WallClockCosts, check_cache_path,
                                     load_costs, save_costs)
 
@@ -94,7 +95,7 @@ def calibration_key(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: i
 
 
 def calibration_schedules(config, sampler_cfg: SamplerConfig) -> list[Schedule]:
-    """The ten schedules whose steps the fit uses (see the module docstring)."""
+    """The eleven schedules whose steps the fit uses (see the module docstring)."""
     S, L, E = sampler_cfg.num_steps, config.depth, config.num_experts
     identity, sampler = ModelIdentity.of(config), SamplerIdentity.of(sampler_cfg)
     full = BlockRule.full(E)
@@ -117,6 +118,7 @@ def calibration_schedules(config, sampler_cfg: SamplerConfig) -> list[Schedule]:
         make(forecast_all, "linear", every=2),
         make(BlockRule(attn=REUSE, moe=REUSE, shared=REUSE, experts=(REUSE,) * E), "linear", every=5),
         make(BlockRule(attn=REUSE, moe=REUSE, shared=REUSE, experts=(REUSE,) * E), "linear", every=3),
+        make(BlockRule(attn=REUSE, moe=ROUTING, shared=REUSE, experts=(REUSE,) * E), "linear", every=5),
     ]
 
 
@@ -167,8 +169,14 @@ def step_work(counters, schedule: Schedule) -> list[StepWork]:
     stack = counters.stack.sum(1)
     folded = (stack > 0) & ~routes.any(1)
     reused_b = np.where(folded[:, None], 0, reused_b)
-    attn, shared, pairs, reused = attn_b.sum(1), shared_b.sum(1), pairs_b.sum(1), reused_b.sum(1)
+    # a routing-aware forecast block forecasts attention and the whole MoE output per token, and the branches and
+    # shared expert of its moved tokens only: its forecast rows, less the new pairs' pushes
     order = schedule.forecast_degree
+    routing = np.array([[not schedule.is_sync(s) and schedule.rule(s, b).moe.mode == "routing"
+                         for b in range(counters.router.shape[1])] for s in range(counters.router.shape[0])])
+    if order and routing.any():
+        reused_b = np.where(routing & routes, counters.forecast / order - pairs_b, reused_b)
+    attn, shared, pairs, reused = attn_b.sum(1), shared_b.sum(1), pairs_b.sum(1), reused_b.sum(1)
     routed = routes.sum(1)
     # on a step that reuses nothing, the forecast terms are the rows pushed into a history times the order
     # (a token-level refresh keeps attention and the MoE output per token, not every computed row); on a

@@ -231,15 +231,15 @@ class History:
                 out.add_(self.level(j), alpha=ws[j])
         return out
 
-    def combine(self, step: Step, weights: torch.Tensor) -> torch.Tensor:
+    def combine(self, step: Step, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Gate-weighted sum of forecasts: rows are ``N`` groups of ``k`` slots (row ``n*k + j``), ``weights
         [N, k]`` -> ``sum_j weights[n, j] * forecast(step)[n*k + j]``, ``[N, D]`` float32. The Lagrange
-        weights are folded into the gates, so no ``[N*k, D]`` forecast is materialised."""
+        weights are folded into the gates, so no ``[N*k, D]`` forecast is materialised. ``out``: a float32
+        ``[N, D]`` the sum is added to in place (and returned), e.g. the shared expert's forecast."""
         N, k = weights.shape
         D = self.vals.shape[-1]
         w = weights.float()
         lag = [1.0] if self.degree == 0 else self.weights(step)
-        out = None
         for j, l in enumerate(lag):
             values = self.level(j).view(N, k, D)
             ww = w * (l.view(N, k) if isinstance(l, torch.Tensor) and l.numel() > 1 else l)

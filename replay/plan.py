@@ -51,13 +51,21 @@ class SchedulePlan:
 
         self.attn_reused = [reused(b, lambda r: r.attn.mode != "always") for b in range(depth)]
         self.moe_token_level = [reused(b, lambda r: r.moe.mode != "always") for b in range(depth)]
-        self.shared_reused = [reused(b, lambda r: r.moe.mode == "always" and r.shared.mode != "always")
+        per_branch = ("always", "routing")     # moe rules under which the shared expert and branches are kept
+        self.shared_reused = [reused(b, lambda r: r.moe.mode in per_branch and r.shared.mode != "always")
                               for b in range(depth)]
-        self.experts_reused = [reused(b, lambda r: r.moe.mode == "always" and any(e.mode != "always" for e in r.experts))
+        self.experts_reused = [reused(b, lambda r: r.moe.mode in per_branch and any(e.mode != "always" for e in r.experts))
                                for b in range(depth)]
+        self.moe_routing = [reused(b, lambda r: r.moe.mode == "routing") for b in range(depth)]
+        """Blocks with a routing-aware forecast step somewhere (:func:`.units.branch.routing_forecast`): their refreshes
+        keep the whole MoE output per token, every branch, the shared expert and each token's routed experts."""
         self.track_attn = [self._scored(b, "attn") for b in range(depth)]
         self.track_moe = [self._scored(b, "moe") or self._scored(b, "shared") or self._scored(b, "expert")
                           for b in range(depth)]
+        for b in range(depth):
+            if self.moe_routing[b] and self.track_moe[b]:
+                raise ValueError(f"block {b}: the moe rule routing cannot be combined with scored rules (fraction or "
+                                 "threshold) in the same block")
         self.uses_model_skip = schedule.uses_model_skip
         untracked = not any(self.track_attn) and not any(self.track_moe)
         kinds: dict[tuple, StepKind] = {}

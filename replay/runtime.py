@@ -42,6 +42,7 @@ from .counters import ReplayCounters
 from .plan import SchedulePlan, StepKind
 from .state import BlockState, ContextState, RowCache
 from .units.attention import reused_attention, run_attention
+from .units.branch import block_ready, branch_block, routing_forecast, routing_ready
 from .units.model_skip import run_with_model_skip
 from .units.routed import all_pairs, run_routed
 from .units.stack import fold_ready, forecast_folded, forecast_stack, refresh_folded, stack_ready
@@ -60,7 +61,8 @@ class ReplayRuntime(Runtime):
     forecast folded where the plan allows (:mod:`.units.stack`); False = the exact gates, unit by unit.
     lean: a branch-level forecast step (every expert ``never``, nothing scored) takes the lean path
     (:mod:`.units.branch`); False = the general selection path of :mod:`.units.routed` (the same numbers
-    with more operators: the reference the lean path is tested against).
+    with more operators: the reference the lean path is tested against). A routing-aware step (``moe`` rule
+    ``routing``) has one path, :func:`.units.branch.routing_forecast`, run block by block when ``lean`` is False.
     """
 
     def __init__(self, schedule: Schedule, device_path: bool | None = None, check_finite: str | None = None,
@@ -72,6 +74,9 @@ class ReplayRuntime(Runtime):
         self.plan = SchedulePlan(schedule)
         self.fold = fold and self.plan.fold_stack
         self.lean = lean
+        # a lean forecast block runs its MoE inline: only while the moe seam is this class's (a subclass that
+        # overrides it sees every block's call)
+        self._whole_blocks = type(self).moe is ReplayRuntime.moe
         self.counters = ReplayCounters(schedule.num_steps, schedule.model.depth)
         self.peak_cache_bytes = 0
         self._device_path_arg = device_path
@@ -224,6 +229,10 @@ class ReplayRuntime(Runtime):
         if self.fold and self.kind.full:
             return refresh_folded(self, model, x, c)
         for block in model.blocks:
+            st = self._cs.blocks[block.index]
+            if self._whole_blocks and block_ready(self, block, st, rows):
+                x = branch_block(self, block, st, x, c)
+                continue
             cached = reused_attention(self, block, self._cs.blocks[block.index], x.shape, x.dtype) \
                 if isinstance(block, DiTMoEBlock) else None
             if cached is None:
@@ -245,7 +254,11 @@ class ReplayRuntime(Runtime):
         flat = h.reshape(N, D)
         self.count("pairs", bi, N * block.moe.top_k)
         drift = st.moe_drift.update(flat) if self.plan.track_moe[bi] else None
-        if rule.moe.mode != "always" and st.moe.valid and st.moe.hist.rows == N:
+        if rule.moe.mode == "routing" and routing_ready(self, block, st, N):
+            topk_idx, topk_w = self.route(block, flat)
+            self.count("router", bi, N)
+            return routing_forecast(self, block, st, flat, topk_idx, topk_w).to(h.dtype).view(B, T, D)
+        if rule.moe.mode not in ("always", "routing") and st.moe.valid and st.moe.hist.rows == N:
             # token-level reuse of the whole MoE output; branch caches would be stale after it
             st.experts.valid = st.shared.valid = False
             return run_token_unit(self, bi, "moe", st.moe, rule.moe, flat, lambda rows: self._full_moe_rows(block, rows),

@@ -66,12 +66,15 @@ class RowCache:
 class PairCache(RowCache):
     """Routed experts: rows are (token, storage slot) pairs, ``N*k`` of them. ``ids [N, k]`` holds the
     expert cached in each storage slot. A persisting (token, expert) pair keeps its storage slot from
-    step to step (no gather of the history); a newly routed pair takes a slot its token no longer uses."""
+    step to step (no gather of the history); a newly routed pair takes a slot its token no longer uses.
+    ``ref_ids [N, k]``: ``ids`` as the last store of every pair left them (a synchronized refresh), kept for
+    routing-aware steps only (which tokens' routed experts changed since; None otherwise)."""
 
     ids: torch.Tensor | None = None
+    ref_ids: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        return super().nbytes() + _nbytes(self.ids)
+        return super().nbytes() + _nbytes(self.ids, self.ref_ids)
 
 
 @dataclass

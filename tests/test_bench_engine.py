@@ -39,13 +39,14 @@ def test_bench_steps_prices_each_levels_forecast_step_against_its_floor(trace, t
     assert main(["bench", "steps", "--trace", str(trace), "--target", "2", "--timing-samples", "2",
                  "--repeats", "1", "--threads", "1", "--out", str(out)]) == 0
     payload = json.loads((out / "steps.json").read_text())
-    full, token, host_general, device_general, host, device = payload["rows"]
+    full, token, host_general, device_general, host, device, routing_host, routing_device = payload["rows"]
     assert len(payload["meta"]["sync_refresh_steps"]) >= 3 and payload["meta"]["forecast_steps"]
     assert full["run"] == "full compute" and full["ms_step"] > 0 and full["gflop_step"] > 0
     assert token["run"] == "token forecast" and 0 < token["ms_step"] < full["ms_step"]
     for row, name in ((host, "branch, host path forecast"), (device, "branch, device path forecast"),
                       (host_general, "branch, host path, general forecast"),
-                      (device_general, "branch, device path, general forecast")):
+                      (device_general, "branch, device path, general forecast"),
+                      (routing_host, "routing, host path forecast"), (routing_device, "routing, device path forecast")):
         assert row["run"] == name and row["ms_step"] > 0 and row["ms_refresh"] > 0
         # the floor: the token step plus the router and new pairs at full compute's rate
         assert token["ms_step"] < row["ms_floor"] < full["ms_step"]
@@ -64,5 +65,17 @@ def test_bench_steps_without_a_trace_and_on_cpu_time(tmp_path):
     payload = json.loads((out / "steps_demo.json").read_text())
     assert not payload["meta"]["random_init"] and payload["meta"]["clock"] == "cpu"
     assert payload["meta"]["sync_refresh_steps"] == [0, 3, 6] and "--clock cpu" in payload["command"]
-    assert payload["meta"]["forecast_steps"] == [4, 5, 7, 8] and len(payload["rows"]) == 6
+    assert payload["meta"]["forecast_steps"] == [4, 5, 7, 8] and len(payload["rows"]) == 8
     assert "--model demo --steps 9 --interval 3" in payload["command"]
+
+
+def test_breakdown_files_the_lean_and_routing_steps_functions_under_their_parts():
+    """Each engine function of the lean branch and routing-aware steps is filed under the part it does (the
+    innermost named frame decides), so a bench steps breakdown does not count the new pairs' GEMMs as gathers."""
+    from moeca.bench.breakdown import frame_part
+
+    where = "/x/moeca/replay/units/branch.py(10): "
+    expected = {"few_pairs": "new pairs", "padded_swiglu": "new pairs", "shared_forecast": "forecasts",
+                "routing_forecast": "forecasts", "_rows_forecast": "forecasts", "branch_block": "rest",
+                "update_pairs": "gathers/scatters", "match_host": "gathers/scatters"}
+    assert {f: frame_part(where + f) for f in expected} == expected

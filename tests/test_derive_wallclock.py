@@ -122,10 +122,12 @@ def test_forecast_level_follows_the_price_of_routing():
     assert len(auto.sync_refresh_steps) > len(branch.sync_refresh_steps)
     # why: both levels priced, the refreshes each fits and its predicted forecast step recorded
     levels = auto.provenance["levels"]
-    assert set(levels) == {"branch", "token"}
+    assert set(levels) == {"branch", "routing", "token"}
     assert levels["token"]["refreshes"] == len(auto.sync_refresh_steps) > levels["branch"]["refreshes"]
     assert levels["branch"]["refreshes"] == len(branch.sync_refresh_steps)
     assert levels["branch"]["forecast_step_ms"] > levels["token"]["forecast_step_ms"] > 0
+    # routing-aware steps route and compute the new pairs too: dearer than token-level steps
+    assert levels["routing"]["forecast_step_ms"] > levels["token"]["forecast_step_ms"]
     assert min(c["predicted_speedup"] for c in levels.values()) >= 1.8
     assert set(branch.provenance["levels"]) == {"branch"}
     forecast_steps = [s for s in range(SAMPLER.num_steps) if not auto.is_sync(s)]
@@ -139,6 +141,53 @@ def test_forecast_level_follows_the_price_of_routing():
     assert token.provenance["forecast_level"] == "token" and token.predicted_flops_ratio < 1 / 1.8
     with pytest.raises(ValueError, match="forecast_level"):
         DeriveConfig(forecast_level="expert")
+
+
+def test_auto_takes_the_routing_level_where_it_fits_the_most_refreshes():
+    """Where the calibration prices a per-row forecast dear and routing cheap (and the folded token step dearer
+    still), the routing-aware level fits the most refreshes, and ``auto`` takes it and writes its ``routing``
+    rules; the branch level (which forecasts every branch) and the token level fit fewer."""
+    summary, meta = synthetic_summary(), run_meta()
+    priced = costs(step_ms=0.5, forecast_term_ms=0.005, stack_term_ms=0.05, full_step_ms=6.2)
+    auto = derive_schedule(summary, meta, DeriveConfig(target_speedup=1.3, target="wallclock"), priced)
+    levels = auto.provenance["levels"]
+    assert auto.provenance["forecast_level"] == "routing"
+    assert levels["routing"]["refreshes"] == len(auto.sync_refresh_steps)
+    assert levels["routing"]["refreshes"] > max(levels["token"]["refreshes"], levels["branch"]["refreshes"])
+    forecast_steps = [s for s in range(SAMPLER.num_steps) if not auto.is_sync(s)]
+    assert forecast_steps and all(auto.rule(s, b).moe.mode == "routing" for s in forecast_steps
+                                  for b in range(TINY.depth))
+
+
+def test_predicted_work_of_a_routing_level_plan_is_what_the_replay_counts():
+    """A routing-aware refresh keeps attention, shared, pair and whole-MoE rows; its forecast steps compute the
+    newly routed pairs and forecast attention and the whole MoE output of every token: the replay's counters
+    (``moeca.replay.calibrate.step_work``) against the prediction (``sync_work``) step by step; the moved tokens'
+    branch rows, which the prediction estimates from the trace, bound from above."""
+    from moeca.diffusion.samplers import sample
+    from moeca.replay.calibrate import step_work
+    from moeca.replay.runtime import ReplayRuntime
+    from moeca.policy.derive import drift_tables
+
+    summary, meta = synthetic_summary(), run_meta()
+    s = derive_schedule(summary, meta, DeriveConfig(target_speedup=2.0, forecast_level="routing"))
+    model = make_tiny()
+    rt = ReplayRuntime(s)
+    labels = torch.tensor([0, 1])
+    with torch.inference_mode(), model.use_runtime(rt):
+        sample(model, SAMPLER, labels, seed=0)
+    measured = step_work(rt.counters, s)
+    tables = drift_tables(summary, SAMPLER.num_steps, TINY.depth, TINY.num_experts, True)
+    predicted = sync_work(tables, frozenset(s.sync_refresh_steps), costs(), order=1, level="routing")
+    n = 2 * len(labels) * TINY.num_tokens * TINY.depth
+    for step, (m, p) in enumerate(zip(measured, predicted)):
+        assert m.routed_blocks == p.routed_blocks == TINY.depth
+        if s.is_sync(step):
+            assert m.features()[5] == p.features()[5] == (3 + TINY.top_k) * n    # pushed rows (order 1)
+        else:
+            assert m.attn == m.shared == p.attn == p.shared == 0
+            assert 2 * n <= m.reused <= 2 * n + (1 + TINY.top_k) * n
+            assert 2 * n <= p.reused <= 2 * n + (1 + TINY.top_k) * n
 
 
 def test_predicted_work_of_a_token_level_plan_is_what_the_replay_counts():

@@ -49,3 +49,78 @@ def test_lean_step_gives_the_general_paths_samples_and_counters(device_path, for
     ran = lean_rt.counters.expert[forecast_steps].sum()
     assert 0 < ran < lean_rt.counters.pairs[forecast_steps].sum() // 4
 
+
+
+def test_lean_block_runs_on_forecast_steps_only_and_general_path_never(monkeypatch):
+    """:func:`branch_block` runs every block of every forecast step after the first refresh, and never with
+    ``lean=False`` (the reference above is then a different code path, not the same one twice)."""
+    import moeca.replay.runtime as runtime_module
+
+    seen: list[tuple[int, int]] = []
+    real = runtime_module.branch_block
+
+    def spy(rt, block, st, x, c):
+        seen.append((rt._ctx.step, block.index))
+        return real(rt, block, st, x, c)
+
+    monkeypatch.setattr(runtime_module, "branch_block", spy)
+    model = make_tiny(seed=1)
+    s = branch_schedule()
+    replay(model, ReplayRuntime(s))
+    forecast_steps = [1, 2, 4, 5, 7, 8]
+    assert sorted(set(seen)) == [(step, b) for step in forecast_steps for b in range(TINY.depth)]
+    seen.clear()
+    replay(model, ReplayRuntime(s, lean=False))
+    assert seen == []
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+def test_lean_step_on_the_shipped_model_matches_the_general_path(device_path):
+    """The trained demo model, 20 steps, refreshes every 4: the lean step's samples equal the general path's
+    within float tolerance and every counter is the same (routing moves on the trained model: new pairs ran)."""
+    from moeca.bench.steps import level_schedule
+    from moeca.diffusion.samplers import default_sampler
+    from moeca.models.registry import load_model
+
+    model = load_model("demo", device="cpu")
+    sampler = default_sampler(model.config.objective, num_steps=20, cfg_scale=1.5, cfg_mode="batched")
+    labels = torch.tensor([3, 7, 1, 9])
+    s = level_schedule(model, sampler, tuple(range(0, 20, 4)), "branch")
+    out = {}
+    for lean in (True, False):
+        rt = ReplayRuntime(s, device_path=device_path, lean=lean)
+        with torch.inference_mode(), model.use_runtime(rt):
+            out[lean] = (sample(model, sampler, labels, seed=2), rt.counters)
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-4, atol=1e-5)
+    lean_c, general_c = out[True][1], out[False][1]
+    assert lean_c.totals() == general_c.totals()
+    for name in ("expert", "gather", "forecast", "router", "pairs", "tokens", "shared", "attn_q"):
+        assert (getattr(lean_c, name) == getattr(general_c, name)).all(), name
+    assert lean_c.expert[[5, 6, 7]].sum() > 0
+
+
+def test_padded_new_pairs_equal_the_per_expert_loop():
+    """:func:`padded_swiglu` (rows padded per expert, two ``bmm``) gives the models' per-expert loop's outputs, in
+    the caller's row order, with uneven rows per expert; :func:`few_pairs` takes the loop when an expert has
+    no row (its weights are then not read)."""
+    import numpy as np
+
+    from moeca.models.dispatch import expert_stack, run_experts
+    from moeca.replay.units.branch import few_pairs, padded_swiglu
+
+    model = make_tiny(seed=3)
+    block = model.blocks[1]
+    E = TINY.num_experts
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.arange(E), torch.randint(0, E, (3 * E,), generator=gen)])[torch.randperm(4 * E, generator=gen)]
+    rows = torch.randn(ids.shape[0], TINY.hidden_size, generator=gen)
+    with torch.inference_mode():
+        ref = run_experts(block, rows, ids, path="loop")
+        counts = np.bincount(ids.numpy(), minlength=E)
+        assert counts.min() > 0 and counts.max() > counts.min()
+        got = padded_swiglu(expert_stack(block.moe), rows, ids.numpy(), counts)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        rt = ReplayRuntime(branch_schedule())
+        torch.testing.assert_close(few_pairs(rt, block, rows, ids), ref, rtol=1e-5, atol=1e-6)
+        some = ids != 0                                                      # expert 0 has no row: the loop
+        torch.testing.assert_close(few_pairs(rt, block, rows[some], ids[some]), ref[some], rtol=1e-5, atol=1e-6)

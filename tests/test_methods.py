@@ -17,7 +17,7 @@ import torch
 from moeca.diffusion.samplers import SamplerConfig, sample
 from moeca.policy.methods import REGISTRY, Context, fbcache, fora, l2c, magcache, none, teacache, toca
 from moeca.policy.methods.common import predicted_flops_ratio
-from moeca.policy.schedule import Schedule
+from moeca.policy.schedule import FORMAT_VERSION, Schedule
 from moeca.replay.fit import l2c as l2c_fit
 from moeca.replay.fit import teacache as teacache_fit
 from moeca.replay.forecast import History, polynomial_weights, taylor_weights
@@ -498,7 +498,7 @@ def test_format_3_taylor_files_load_as_the_interpolating_polynomial(tmp_path):
     from moeca.policy.methods import taylorseer
     schedule = taylorseer.build(taylorseer.Config(order=2), CTX)
     data = schedule.to_json()
-    assert (data["format_version"], data["forecast"]) == (5, "taylor")
+    assert (data["format_version"], data["forecast"]) == (FORMAT_VERSION, "taylor")
     old = {**data, "format_version": 3, "model_skip": None}
     assert Schedule.from_json(old).forecast == "polynomial"
     assert Schedule.from_json(data).forecast == "taylor"

@@ -13,7 +13,7 @@ from conftest import TINY
 from moeca.models.config import get_preset
 from moeca.diffusion.samplers import SamplerConfig
 from moeca.policy.derive import DeriveConfig, derive_schedule, even_sync_steps, sync_steps
-from moeca.policy.schedule import (ALWAYS, REUSE, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
+from moeca.policy.schedule import (ALWAYS, FORMAT_VERSION, REUSE, BlockRule, ModelIdentity, Rule, SamplerIdentity, Schedule,
                                    ScheduleError, ScheduleMismatch, ScoreConfig, StepRule, schema, TokenSelection)
 from moeca.policy.summary import reuse_grid
 from moeca.policy.transfer import retarget
@@ -77,7 +77,7 @@ def test_round_trip_and_published_schema(tmp_path):
     jsonschema.Draft202012Validator.check_schema(published)
     jsonschema.validate(data, published)
     assert published == schema()
-    assert data["format_version"] == 5 and data["forecast"] == "none" and data["steps"][2]["blocks"][0]["experts"][1] == {"fraction": 0.5}
+    assert data["format_version"] == FORMAT_VERSION and data["forecast"] == "none" and data["steps"][2]["blocks"][0]["experts"][1] == {"fraction": 0.5}
     assert Schedule.load(path) == s
 
 
@@ -122,7 +122,7 @@ def test_version_1_files_read_as_plain_reuse_and_bad_forecast_is_named(tmp_path)
     p = tmp_path / "v1.json"
     p.write_text(json.dumps(data))
     old = Schedule.load(p)
-    assert old.forecast == "none" and old.format_version == 5 and old.steps == mixed_schedule().steps
+    assert old.forecast == "none" and old.format_version == FORMAT_VERSION and old.steps == mixed_schedule().steps
     assert old.forecast_order == 1 and old.token_selection == TokenSelection()
     assert "forecast" in _bad(tmp_path, lambda d: d.__setitem__("forecast", "cubic"))
 

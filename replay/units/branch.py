@@ -22,11 +22,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from moeca.models.dispatch import run_experts
+from moeca.models.dispatch import ExpertStack, expert_stack, run_experts
+from moeca.models.dit_moe import DiTMoEBlock, modulate
 from moeca.models.runtime import Runtime
 
-from ..state import PairCache
+from ..state import BlockState, PairCache, RowCache
+from .attention import reused_attention
 from .dispatch import grouped_prefix
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,12 +43,40 @@ def lean_ready(rt: "ReplayRuntime", cache: PairCache, summary: tuple[bool, bool,
 
 
 def few_pairs(rt: "ReplayRuntime", block, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """Unweighted outputs of a few pairs on the host path: expert ``experts[i]`` on ``rows[i]`` -> ``[m, D]``,
-    through the models' per-expert loop (the runtime's ``expert`` seam when overridden). Measured against two
-    CPU ``grouped_mm`` calls over the same sorted rows (fewer operators), the loop was faster: 6.8 against
-    7.6 ms per demo forecast step, 53 against 68 ms at S/2 (``bench/results/steps_*.md``)."""
-    seam = None if type(rt).expert is Runtime.expert else functools.partial(rt.expert, block)
+    """Unweighted outputs of a few pairs on the host path: expert ``experts[i]`` on ``rows[i]`` -> ``[m, D]``.
+
+    When every expert has a new row (the common case on the demo model: ~80 new pairs over 8 experts per
+    block), the rows are padded per expert into ``[E, r, D]`` (``r`` the most rows an expert has, counted on the
+    host) and run as two batched GEMMs against the stacked weights (:func:`padded_swiglu`): about ten operators
+    a block instead of the loop's ten per expert. Otherwise (an expert with no new row: its weights are then not
+    read, which matters where experts are large, e.g. S/2's 7 MB each), and when the runtime's ``expert`` seam is
+    overridden or the experts cannot be stacked, the models' per-expert loop."""
+    overridden = type(rt).expert is not Runtime.expert
+    stack = None if overridden else expert_stack(block.moe)
+    if stack is not None and rows.shape[0]:
+        ids = experts.numpy()
+        counts = np.bincount(ids, minlength=stack.gate_up.shape[0])
+        if counts.min() > 0:
+            return padded_swiglu(stack, rows, ids, counts)
+    seam = functools.partial(rt.expert, block) if overridden else None
     return run_experts(block, rows, experts, path="loop", expert=seam)
+
+
+def padded_swiglu(stack: ExpertStack, rows: torch.Tensor, ids: np.ndarray, counts: np.ndarray) -> torch.Tensor:
+    """Expert ``ids[i]`` on ``rows[i]`` (``rows [m, D]``, ``ids [m]`` int64, ``counts [E]`` rows per expert, each
+    > 0) -> ``[m, D]``, through the stacked SwiGLU experts as two ``bmm`` over rows padded to ``[E, r, D]``
+    (``r = counts.max()``; the padding rows are zeros and their outputs dropped)."""
+    E, r, D = counts.shape[0], int(counts.max()), rows.shape[1]
+    H = stack.hidden
+    order = np.argsort(ids, kind="stable")
+    starts = np.cumsum(counts) - counts
+    dest = np.empty_like(ids)
+    dest[order] = ids[order] * r + (np.arange(ids.shape[0]) - np.repeat(starts, counts))
+    where = torch.from_numpy(dest)
+    padded = rows.new_zeros(E * r, D).index_copy_(0, where, rows).view(E, r, D)
+    gu = torch.bmm(padded, stack.gate_up.transpose(1, 2))                                    # [E, r, 2H]
+    out = torch.bmm(F.silu(gu[..., :H]).mul_(gu[..., H:]), stack.down.transpose(1, 2))       # [E, r, D]
+    return out.view(E * r, D).index_select(0, where)
 
 
 def match_host(ids: torch.Tensor, topk_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,13 +85,19 @@ def match_host(ids: torch.Tensor, topk_idx: torch.Tensor) -> tuple[torch.Tensor,
     ``(pos [N, k]: the storage slot of every new pair, sel [m]: the newly routed pairs n*k + j, rows [m]:
     their storage rows)``. Only the tokens with a new pair go through the freed-slot assignment."""
     cached, new_ids = ids.numpy(), topk_idx.numpy()
-    k = new_ids.shape[1]
-    eq = cached[:, None, :] == new_ids[:, :, None]                            # [N, new j, storage s]
-    has = eq.any(axis=2)
-    pos = eq.argmax(axis=2)
-    moved = np.flatnonzero(~has.all(axis=1))                                  # tokens with a newly routed pair
+    N, k = new_ids.shape
+    # column by column (k^2 operations on [N]): NumPy's reductions over an axis of length k are slow
+    has, pos = np.zeros((N, k), dtype=bool), np.zeros((N, k), dtype=np.int64)
+    for j in range(k):
+        for slot in range(k):               # a token's experts are distinct: at most one slot matches
+            eq = new_ids[:, j] == cached[:, slot]
+            has[:, j] |= eq
+            if slot:
+                pos[:, j] += eq * slot
+    moved = np.flatnonzero(~_all_columns(has))                                # tokens with a newly routed pair
     if moved.size:
-        sub_has, sub_kept = has[moved], eq[moved].any(axis=1)
+        eq = cached[moved, None, :] == new_ids[moved, :, None]                # [m, new j, storage s]
+        sub_has, sub_kept = has[moved], eq.any(axis=1)
         free_first = np.argsort(sub_kept, axis=1, kind="stable")              # freed slots first, in slot order
         rank = np.clip(np.cumsum(~sub_has, axis=1) - 1, 0, None)
         pos[moved] = np.where(sub_has, pos[moved], np.take_along_axis(free_first, rank, axis=1))
@@ -72,15 +109,35 @@ def match_host(ids: torch.Tensor, topk_idx: torch.Tensor) -> tuple[torch.Tensor,
     return torch.from_numpy(pos), torch.from_numpy(sel), torch.from_numpy(rows)
 
 
-def forecast_branches(rt: "ReplayRuntime", block, cache: PairCache, flat: torch.Tensor, topk_idx: torch.Tensor,
-                      topk_w: torch.Tensor) -> torch.Tensor:
-    """Gate-weighted routed-expert output ``[N, D]`` of a step whose experts are all ``never`` (see the
-    module docstring)."""
-    from .routed import match_slots
+def _all_columns(a: np.ndarray) -> np.ndarray:
+    """``a [N, k]`` bool -> ``[N]``: every column holds (a column loop: faster than ``all(axis=1)`` for small k)."""
+    out = a[:, 0].copy()
+    for j in range(1, a.shape[1]):
+        out &= a[:, j]
+    return out
+
+
+def same_sets_host(ids: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """``[N]`` bool: row ``n`` of ``ids [N, k]`` holds the same experts as row ``n`` of ``ref [N, k]`` (in any order;
+    a row's experts are distinct), column by column."""
+    out = np.ones(ids.shape[0], dtype=bool)
+    for j in range(ids.shape[1]):
+        found = ids[:, j] == ref[:, 0]
+        for slot in range(1, ref.shape[1]):
+            found |= ids[:, j] == ref[:, slot]
+        out &= found
+    return out
+
+
+def update_pairs(rt: "ReplayRuntime", block, cache: PairCache, flat: torch.Tensor, topk_idx: torch.Tensor
+                 ) -> torch.Tensor:
+    """Steps 1-3 of the module docstring: match the new top-k ``topk_idx [N, k]`` against the cached experts
+    (storing the new ids), compute the newly routed pairs on rows of ``flat [N, D]`` and write each as the newest
+    value of its history, with one kept value. -> ``pos [N, k]``: the storage slot of every routed pair."""
+    from .routed import match_slots     # routed.py imports this module
 
     bi = block.index
     N, k = topk_idx.shape
-    M = N * k
     hist, step = cache.hist, rt.step
     host = not rt.device_path and topk_idx.device.type == "cpu"
     if host:
@@ -104,10 +161,99 @@ def forecast_branches(rt: "ReplayRuntime", block, cache: PairCache, flat: torch.
         rt.count("expert", bi, m)
         rt.count("gather", bi, 3 * m)
         rt.count("forecast", bi, m * rt.plan.degree)
-    rt.note_reused("routed-expert", bi, cache)
-    rt.count("forecast", bi, M * rt.plan.degree)
+    return pos
+
+
+def forecast_branches(rt: "ReplayRuntime", block, cache: PairCache, flat: torch.Tensor, topk_idx: torch.Tensor,
+                      topk_w: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """Gate-weighted routed-expert output ``[N, D]`` of a step whose experts are all ``never`` (see the
+    module docstring); ``base``: a float32 ``[N, D]`` it is added to in place (the shared expert's forecast)."""
+    pos = update_pairs(rt, block, cache, flat, topk_idx)
+    N, k = topk_idx.shape
+    rt.note_reused("routed-expert", block.index, cache)
+    rt.count("forecast", block.index, N * k * rt.plan.degree)
     gates = torch.zeros_like(topk_w).scatter_(1, pos, topk_w)       # current gates, storage order
-    return hist.combine(step, gates).to(flat.dtype)
+    return cache.hist.combine(rt.step, gates, out=base).to(flat.dtype)
+
+
+def routing_ready(rt: "ReplayRuntime", block, st: BlockState, rows: int) -> bool:
+    """Whether ``block``'s routing-aware step can run (:func:`routing_forecast`): its whole-MoE, branch and shared
+    caches hold ``rows`` rows and the routed experts of the last refresh are known (host flags only)."""
+    pairs = st.experts
+    return (_cached(st.moe, rows) and pairs.valid and pairs.hist is not None and pairs.age is None
+            and pairs.ref_ids is not None and pairs.ref_ids.shape[0] == rows and pairs.ids.shape == pairs.ref_ids.shape
+            and (block.moe.shared_experts is None or _cached(st.shared, rows)))
+
+
+def moved_tokens(ids: torch.Tensor, ref_ids: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: the token's routed experts ``ids [N, k]`` are not the set ``ref_ids [N, k]`` (the last
+    refresh's; compared as sets, so a slot permutation is no change)."""
+    return ~(ids.unsqueeze(2) == ref_ids.unsqueeze(1)).any(dim=2).all(dim=1)
+
+
+def routing_forecast(rt: "ReplayRuntime", block, st: BlockState, flat: torch.Tensor, topk_idx: torch.Tensor,
+                     topk_w: torch.Tensor) -> torch.Tensor:
+    """The MoE output ``[N, D]`` float32 (routed and shared experts, before ``gate_mlp``) of a routing-aware forecast
+    step (the schedule's ``moe`` rule ``routing``): the newly routed pairs are computed and stored as at the branch
+    level (:func:`update_pairs`); a token whose routed experts are the set it had at the last refresh gets the
+    forecast of its whole MoE output (per token, as at the token level: the routing gates as they were at the
+    refreshes); a token whose set changed (*moved*) gets its branches forecast and combined with the current gates
+    plus the shared expert's forecast, as at the branch level.
+
+    Host path: the moved tokens are found on the host and only their rows are gathered, combined and scattered
+    (``c`` moved tokens: ``c (k + 1)`` forecast rows). Device path: every token's branch combination is formed and
+    the moved ones picked by mask (no host sync; ``N (k + 1)`` forecast rows counted)."""
+    bi = block.index
+    N, k = topk_idx.shape
+    D = flat.shape[1]
+    cache, step, degree = st.experts, rt.step, rt.plan.degree
+    pos = update_pairs(rt, block, cache, flat, topk_idx)
+    gates = torch.zeros_like(topk_w).scatter_(1, pos, topk_w).float()      # current gates, storage order
+    whole = st.moe.hist
+    out = whole.forecast(step)
+    if whole.degree == 0 or whole.uniform == 1:      # the kept value itself (History.forecast): never write into it
+        out = out.clone()
+    rt.note_reused("moe", bi, st.moe)
+    rt.count("forecast", bi, N * degree)
+    shared = st.shared if block.moe.shared_experts is not None else None
+    units = k + (shared is not None)
+    if not rt.device_path and flat.device.type == "cpu":
+        moved = np.flatnonzero(~same_sets_host(cache.ids.numpy(), cache.ref_ids.numpy()))
+        if moved.size:
+            rows = torch.from_numpy(moved)
+            sub = _rows_forecast(shared.hist, rows, step) if shared is not None \
+                else torch.zeros(moved.size, D, device=flat.device)
+            lag = [1.0] if cache.hist.degree == 0 else cache.hist.weights(step)
+            g = gates.index_select(0, rows)
+            for j, lj in enumerate(lag):
+                vals = cache.hist.level(j).view(N, k, D).index_select(0, rows)               # [c, k, D]
+                ww = g * (lj.view(N, k).index_select(0, rows) if isinstance(lj, torch.Tensor) and lj.numel() > 1
+                          else lj)
+                for slot in range(k):
+                    sub.addcmul_(vals[:, slot], ww[:, slot:slot + 1])
+            out.index_copy_(0, rows, sub)
+            rt.count("gather", bi, moved.size * (units + 1))
+        rt.count("forecast", bi, moved.size * units * degree)
+    else:
+        moved = moved_tokens(cache.ids, cache.ref_ids)
+        base = shared_forecast(rt, bi, shared, count=False) if shared is not None else None
+        out = torch.where(moved.unsqueeze(1), cache.hist.combine(step, gates, out=base), out)
+        rt.count("forecast", bi, N * units * degree)
+    rt.note_reused("routed-expert", bi, cache)
+    if shared is not None:
+        rt.note_reused("shared", bi, shared)
+    return out
+
+
+def _rows_forecast(hist, rows: torch.Tensor, step) -> torch.Tensor:
+    """The forecast of rows ``rows [c]`` of ``hist`` at ``step`` -> ``[c, D]`` float32, a tensor of its own."""
+    out = None
+    for j, w in enumerate([1.0] if hist.degree == 0 else hist.weights(step)):
+        v = hist.level(j).index_select(0, rows)
+        if isinstance(w, torch.Tensor) and w.dim():
+            w = w.index_select(0, rows).unsqueeze(1)
+        out = v * w if out is None else out.add_(v * w)
+    return out
 
 
 def _new_device(rt: "ReplayRuntime", block, hist, flat: torch.Tensor, flat_idx: torch.Tensor, new: torch.Tensor,
@@ -136,3 +282,70 @@ def _new_device(rt: "ReplayRuntime", block, hist, flat: torch.Tensor, flat_idx: 
     rt.count("gather", bi, 3 * M)
     rt.count("forecast", bi, M * rt.plan.degree)
     return True
+
+
+def block_ready(rt: "ReplayRuntime", block, st: BlockState, rows: int) -> bool:
+    """Whether ``block`` runs whole as a lean branch forecast step (:func:`branch_block`): a DiT-MoE block
+    whose attention and shared expert are reused whole and untracked, whose MoE is routed (not reused per
+    token), whose routed experts are all ``never`` (:func:`lean_ready`), with caches of ``rows`` rows; or a
+    routing-aware step (``moe`` rule ``routing``, :func:`routing_ready`) (host flags only)."""
+    if not rt.lean or not isinstance(block, DiTMoEBlock):
+        return False
+    bi, rule = block.index, rt.rule(block.index)
+    plan = rt.plan
+    if rule.attn.mode != "reuse" or plan.track_attn[bi] or plan.track_moe[bi] or not _cached(st.attn, rows):
+        return False
+    if rule.moe.mode == "routing":
+        return routing_ready(rt, block, st, rows)
+    if rule.moe.mode != "always" or plan.moe_token_level[bi]:
+        return False
+    if block.moe.shared_experts is not None and (rule.shared.mode != "reuse" or not _cached(st.shared, rows)):
+        return False
+    return lean_ready(rt, st.experts, rt.kind.expert_summary[bi]) and st.experts.ids is not None \
+        and st.experts.ids.shape[0] == rows
+
+
+def _cached(cache: RowCache, rows: int) -> bool:
+    return cache.valid and cache.hist is not None and cache.hist.rows == rows
+
+
+def shared_forecast(rt: "ReplayRuntime", bi: int, cache: RowCache, count: bool = True) -> torch.Tensor:
+    """The shared expert's forecast ``[N, D]`` float32, a tensor of its own (the caller adds to it in place),
+    counted (``count``) as :func:`.token.run_token_unit` counts a reused unit."""
+    hist = cache.hist
+    out = hist.forecast(rt.step)
+    if hist.degree == 0 or hist.uniform == 1:     # the forecast is the kept value itself (History.forecast):
+        out = out.clone()                          # never add into the history
+    if count:
+        rt.note_reused("shared", bi, cache)
+        rt.count("forecast", bi, hist.rows * rt.plan.degree)
+    return out
+
+
+def branch_block(rt: "ReplayRuntime", block, st: BlockState, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """One block of a lean branch forecast step (:func:`block_ready`), ``x [B, T, D]``, ``c [B, D]`` -> ``[B, T, D]``.
+
+    The arithmetic of :meth:`DiTMoEBlock.forward` with the reused attention, the routed experts of
+    :func:`forecast_branches` and the reused shared expert, in fewer passes over ``[N, D]``: no ``norm1`` or
+    attention modulation (attention is reused whole) and only the four adaLN chunks the block uses, each gated
+    residual add one ``addcmul``, and the
+    branches' gate-weighted forecasts added straight into the shared expert's forecast. The counters are
+    those of the block-by-block path."""
+    bi = block.index
+    B, T, D = x.shape
+    N, k = B * T, block.moe.top_k
+    proj = block.adaLN_modulation[-1]           # only the four chunks this block uses: rows 2D..6D
+    gate_msa, shift_mlp, scale_mlp, gate_mlp = F.linear(block.adaLN_modulation[0](c), proj.weight[2 * D:],
+                                                        proj.bias[2 * D:]).chunk(4, dim=1)
+    attn = reused_attention(rt, block, st, x.shape, x.dtype)
+    x = torch.addcmul(x, gate_msa.unsqueeze(1), attn)
+    flat = modulate(block.norm2(x), shift_mlp, scale_mlp).reshape(N, D)
+    rt.count("pairs", bi, N * k)
+    topk_idx, topk_w = rt.route(block, flat)
+    rt.count("router", bi, N)
+    if rt.rule(bi).moe.mode == "routing":
+        moe = routing_forecast(rt, block, st, flat, topk_idx, topk_w)
+    else:
+        base = shared_forecast(rt, bi, st.shared) if block.moe.shared_experts is not None else None
+        moe = forecast_branches(rt, block, st.experts, flat, topk_idx, topk_w, base=base)
+    return torch.addcmul(x, gate_mlp.unsqueeze(1), moe.view(B, T, D).to(x.dtype))

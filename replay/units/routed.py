@@ -146,6 +146,10 @@ def _store_all(rt: "ReplayRuntime", bi: int, cache: PairCache, topk_idx: torch.T
         cache.ids.copy_(topk_idx)
         cache.hist.forget(torch.ones(N * k, dtype=torch.bool, device=values.device))
         cache.hist.push_all(values, rt.step)
+    if rt.plan.moe_routing[bi]:       # the routed experts every token has now, for routing-aware steps
+        if cache.ref_ids is None or cache.ref_ids.shape != cache.ids.shape:
+            cache.ref_ids = torch.empty_like(cache.ids)
+        cache.ref_ids.copy_(cache.ids)
     cache.computed(None)
     cache.valid = True
     rt.count("forecast", bi, N * k * degree)
