@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 from moeca.common.outputs import atomic_write_text, output_dir
 from moeca.policy.schedule import Schedule
+from moeca.replay.calibrate_cli import check_options, print_costs
 from moeca.tracer.cli import format_summary
 
 CONFIG_NAMES = ("tiny", "tiny-4e", "bench", "hidream-i1")
@@ -194,15 +195,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     # deferred: loads torch, and this module is imported at `moeca` start-up
     import torch
 
-    from moeca.policy.wallclock import COEFFICIENTS
-    if args.batch is None:
-        args.batch = 1
-    for name, value, low in (("--batch", args.batch, 1), ("--steps", args.steps, 4), ("--repeats", args.repeats, 1),
-                             ("--threads", args.threads, 1)):
-        if value is not None and value < low:
-            raise ValueError(f"{name} {value} must be >= {low}")
-    if args.max_fit_error is not None and not args.max_fit_error > 0:
-        raise ValueError(f"--max-fit-error {args.max_fit_error} must be a number > 0 (e.g. 0.3 for 30%)")
+    check_options(args, default_batch=1)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     with _user_errors():
@@ -214,10 +207,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         limit = {} if args.max_fit_error is None else {"max_fit_error": args.max_fit_error}
         costs = ensure_costs(transformer, setting, recalibrate=True, steps=args.steps, repeats=args.repeats,
                              progress=lambda msg: print(msg, flush=True), **limit)
-    print(f"{source} on {costs.key['device']}, batch {args.batch}, {costs.key['tokens']} tokens: stock step "
-          f"{costs.full_step_ms:.2f} ms; fit error {costs.fit_rel_error:.1%} per step")
-    for c in COEFFICIENTS:
-        print(f"  {c:18s} {getattr(costs, c):.6g}")
+    print_costs(f"{source} on {costs.key['device']}, batch {args.batch}, {costs.key['tokens']} tokens: stock "
+                f"step {costs.full_step_ms:.2f} ms; fit error {costs.fit_rel_error:.1%} per step", costs)
     return 0
 
 

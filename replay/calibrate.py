@@ -94,32 +94,43 @@ def calibration_key(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: i
             "threads": str(torch.get_num_threads()) if param.device.type == "cpu" else "-"}
 
 
-def calibration_schedules(config, sampler_cfg: SamplerConfig) -> list[Schedule]:
-    """The eleven schedules whose steps the fit uses (see the module docstring)."""
-    S, L, E = sampler_cfg.num_steps, config.depth, config.num_experts
-    identity, sampler = ModelIdentity.of(config), SamplerIdentity.of(sampler_cfg)
+def calibration_plan(model: ModelIdentity, sampler: SamplerIdentity, num_steps: int, *,
+                     routing: bool = True) -> list[Schedule]:
+    """The schedules whose steps the fit uses (see the module docstring), for any model family: full compute
+    with and without forecast history, branch-level forecast steps every 5 and every 2 steps (linear and plain
+    reuse), each unit computed alone, token-level forecast steps every 5 and every 3, and (``routing``, for an
+    engine that runs it) routing-aware forecast steps every 5."""
+    S, L, E = num_steps, model.depth, model.num_experts
     full = BlockRule.full(E)
 
     def make(body: BlockRule | None, forecast: str, every: int = S) -> Schedule:
         sync = tuple(range(0, S, every)) if body is not None else tuple(range(S))
         steps = tuple(StepRule("compute", (full if body is None or s in sync else body,) * L) for s in range(S))
-        return Schedule(method="custom", model=identity, sampler=sampler, steps=steps, sync_refresh_steps=sync,
+        return Schedule(method="custom", model=model, sampler=sampler, steps=steps, sync_refresh_steps=sync,
                         forecast=forecast, provenance={"calibration": True})
 
-    forecast_all = BlockRule(attn=REUSE, shared=REUSE, experts=(REUSE,) * E)
-    return [
+    branch = BlockRule(attn=REUSE, shared=REUSE, experts=(REUSE,) * E)
+    token = BlockRule(attn=REUSE, moe=REUSE, shared=REUSE, experts=(REUSE,) * E)
+    plan = [
         make(None, "linear"),
         make(None, "none"),
-        make(forecast_all, "linear", every=5),
-        make(forecast_all, "none", every=5),
+        make(branch, "linear", every=5),
+        make(branch, "none", every=5),
         make(BlockRule(attn=ALWAYS, shared=REUSE, experts=(REUSE,) * E), "linear", every=5),
         make(BlockRule(attn=REUSE, shared=ALWAYS, experts=(REUSE,) * E), "linear", every=5),
         make(BlockRule(attn=REUSE, shared=REUSE, experts=(ALWAYS,) * E), "linear", every=5),
-        make(forecast_all, "linear", every=2),
-        make(BlockRule(attn=REUSE, moe=REUSE, shared=REUSE, experts=(REUSE,) * E), "linear", every=5),
-        make(BlockRule(attn=REUSE, moe=REUSE, shared=REUSE, experts=(REUSE,) * E), "linear", every=3),
-        make(BlockRule(attn=REUSE, moe=ROUTING, shared=REUSE, experts=(REUSE,) * E), "linear", every=5),
+        make(branch, "linear", every=2),
+        make(token, "linear", every=5),
+        make(token, "linear", every=3),
     ]
+    if routing:
+        plan.append(make(BlockRule(attn=REUSE, moe=ROUTING, shared=REUSE, experts=(REUSE,) * E), "linear", every=5))
+    return plan
+
+
+def calibration_schedules(config, sampler_cfg: SamplerConfig) -> list[Schedule]:
+    """The eleven schedules of a native model's calibration (:func:`calibration_plan`)."""
+    return calibration_plan(ModelIdentity.of(config), SamplerIdentity.of(sampler_cfg), sampler_cfg.num_steps)
 
 
 DIRECT = ("history_term_ms", "stack_term_ms")

@@ -37,34 +37,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_calibrate)
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    import torch
-
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from moeca.diffusion.samplers import SamplerConfig
-
-    # deferred: loads torch, and this module is imported at `moeca` start-up
-    from .calibrate import ensure_costs
-
+def check_options(args: argparse.Namespace, default_batch: int) -> None:
+    """Fill in ``--batch`` (``default_batch`` when not given) and refuse out-of-range options before anything
+    loads; shared by ``moeca calibrate`` and ``moeca calibrate --diffusers``."""
     if args.batch is None:
-        args.batch = 16
+        args.batch = default_batch
     for name, value, low in (("--batch", args.batch, 1), ("--steps", args.steps, 4), ("--repeats", args.repeats, 1),
                              ("--threads", args.threads, 1)):
         if value is not None and value < low:
             raise ValueError(f"{name} {value} must be >= {low}")
+    if args.max_fit_error is not None and not args.max_fit_error > 0:
+        raise ValueError(f"--max-fit-error {args.max_fit_error} must be a number > 0 (e.g. 0.3 for 30%)")
+
+
+def print_costs(header: str, costs) -> None:
+    """``header``, then each fitted coefficient of ``costs`` (a :class:`~moeca.policy.wallclock.WallClockCosts`)."""
+    print(header)
+    for c in COEFFICIENTS:
+        print(f"  {c:18s} {getattr(costs, c):.6g}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    # deferred: loads torch, and this module is imported at `moeca` start-up
+    import torch
+
+    from moeca.diffusion.samplers import SamplerConfig
+
+    from .calibrate import ensure_costs
+
+    check_options(args, default_batch=16)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     name, model = load_model_from_args(args, args.device)
     kind = args.sampler or ("rectified_flow" if model.config.objective == "rectified_flow" else "ddpm")
     sampler = SamplerConfig(kind=kind, cfg_scale=args.cfg_scale, cfg_mode=args.cfg_mode)
-    if args.max_fit_error is not None and not args.max_fit_error > 0:
-        raise ValueError(f"--max-fit-error {args.max_fit_error} must be a number > 0 (e.g. 0.3 for 30%)")
     limit = {} if args.max_fit_error is None else {"max_fit_error": args.max_fit_error}
     costs = ensure_costs(model, sampler, args.batch, recalibrate=True, steps=args.steps, repeats=args.repeats,
                          progress=lambda msg: print(msg, flush=True), **limit)
-    print(f"{name or args.checkpoint} on {costs.key['device']}, batch {args.batch}: full step "
-          f"{costs.full_step_ms:.2f} ms; fit error {costs.fit_rel_error:.1%} per step")
-    for c in COEFFICIENTS:
-        print(f"  {c:18s} {getattr(costs, c):.6g}")
+    print_costs(f"{name or args.checkpoint} on {costs.key['device']}, batch {args.batch}: full step "
+                f"{costs.full_step_ms:.2f} ms; fit error {costs.fit_rel_error:.1%} per step", costs)
     return 0

@@ -38,10 +38,10 @@ import moeca.replay.calibrate as native
 import moeca.replay.forecast as forecast
 import moeca.replay.state as state
 import moeca.replay.units.stack as stack
-from moeca.policy.schedule import ALWAYS, REUSE, BlockRule, Schedule, StepRule
+from moeca.policy.schedule import Schedule
 from moeca.policy.wallclock import StepWork, WallClockCosts
-from moeca.replay.calibrate import (DIRECT, MAX_FIT_ERROR, bookkeeping_ms, device_name, ensure_measured,
-                                    fit_costs)
+from moeca.replay.calibrate import (DIRECT, MAX_FIT_ERROR, bookkeeping_ms, calibration_plan, device_name,
+                                    ensure_measured, fit_costs)
 
 from .apply import apply_schedule, none_schedule
 from .engine import ForwardWork
@@ -109,31 +109,10 @@ def calibration_key(transformer: torch.nn.Module, setting: Setting, clock: str =
 
 def calibration_schedules(transformer: torch.nn.Module, num_steps: int, max_tokens: int,
                           cfg_scale: float = 5.0) -> list[Schedule]:
-    """The ten calibration schedules (see the module docstring), for this transformer and step count."""
+    """The ten calibration schedules of the native plan (:func:`moeca.replay.calibrate.calibration_plan`; the
+    HiDream engine has no routing-aware step), for this transformer and step count."""
     base = none_schedule(transformer, num_steps, max_tokens=max_tokens, cfg_scale=cfg_scale)
-    S, L, E = num_steps, base.model.depth, base.model.num_experts
-    full = BlockRule.full(E)
-
-    def make(body: BlockRule | None, forecast: str, every: int = S) -> Schedule:
-        sync = tuple(range(0, S, every)) if body is not None else tuple(range(S))
-        steps = tuple(StepRule("compute", (full if body is None or s in sync else body,) * L) for s in range(S))
-        return Schedule(method="custom", model=base.model, sampler=base.sampler, steps=steps,
-                        sync_refresh_steps=sync, forecast=forecast, provenance={"calibration": True})
-
-    branch = BlockRule(attn=REUSE, shared=REUSE, experts=(REUSE,) * E)
-    token = BlockRule(attn=REUSE, moe=REUSE, shared=REUSE, experts=(REUSE,) * E)
-    return [
-        make(None, "linear"),
-        make(None, "none"),
-        make(branch, "linear", every=5),
-        make(branch, "none", every=5),
-        make(BlockRule(attn=ALWAYS, shared=REUSE, experts=(REUSE,) * E), "linear", every=5),
-        make(BlockRule(attn=REUSE, shared=ALWAYS, experts=(REUSE,) * E), "linear", every=5),
-        make(BlockRule(attn=REUSE, shared=REUSE, experts=(ALWAYS,) * E), "linear", every=5),
-        make(branch, "linear", every=2),
-        make(token, "linear", every=5),
-        make(token, "linear", every=3),
-    ]
+    return calibration_plan(base.model, base.sampler, num_steps, routing=False)
 
 
 TOKEN_SCHEDULES = (8, 9)
