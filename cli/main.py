@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     # a command that takes the rest of the line (``moeca bench NAME ...``: its module parses it) gets the
     # arguments this parser does not know; any other command is refused them, as parse_args would
     args, rest = parser.parse_known_args(argv)
-    if rest and not getattr(args, "takes_rest", False):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if rest or getattr(args, "takes_rest", False):
+    if getattr(args, "takes_rest", False):
         args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

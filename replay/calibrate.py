@@ -49,7 +49,7 @@ NOT_ENGINE = ("calibrate.py", "calibrate_cli.py", "cli.py", "__main__.py")
 """Sources that never run while sampling (this measurement and the command lines): not hashed."""
 
 
-def _sources_hash(files: list[tuple[str, Path]]) -> str:
+def sources_hash(files: list[tuple[str, Path]]) -> str:
     """16 hex digits of SHA-256 over ``(name, path)`` pairs: each name, then the file's bytes."""
     h = hashlib.sha256()
     for name, path in files:
@@ -61,7 +61,7 @@ def _sources_hash(files: list[tuple[str, Path]]) -> str:
 def engine_hash() -> str:
     """Hash of the source of the replay engine and the model code (every ``.py`` file under ``replay/``
     and ``models/`` except :data:`NOT_ENGINE`): any change recalibrates."""
-    return _sources_hash([(p.relative_to(root).as_posix(), p)
+    return sources_hash([(p.relative_to(root).as_posix(), p)
                           for root in (Path(__file__).parent, Path(models_pkg.__file__).parent)
                           for p in sorted(q for q in root.rglob("*.py") if q.name not in NOT_ENGINE)])
 
@@ -69,7 +69,7 @@ def engine_hash() -> str:
 def cost_model_hash() -> str:
     """Hash of the cost model (``policy/wallclock.py``) and this measurement: a calibration fitted with
     other features or schedules is never reused."""
-    return _sources_hash([(p.name, p) for p in (Path(wallclock_mod.__file__), Path(__file__))])
+    return sources_hash([(p.name, p) for p in (Path(wallclock_mod.__file__), Path(__file__))])
 
 
 def device_name(device: torch.device) -> str:

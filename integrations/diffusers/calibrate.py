@@ -22,7 +22,6 @@ weights, batch, dtype, sampler, CFG, tokens and CPU threads (:func:`calibration_
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -41,7 +40,7 @@ import moeca.replay.units.stack as stack
 from moeca.policy.schedule import Schedule
 from moeca.policy.wallclock import StepWork, WallClockCosts
 from moeca.replay.calibrate import (DIRECT, MAX_FIT_ERROR, bookkeeping_ms, calibration_plan, device_name,
-                                    ensure_measured, fit_costs)
+                                    ensure_measured, fit_costs, sources_hash)
 
 from .apply import apply_schedule, none_schedule
 from .engine import ForwardWork
@@ -73,12 +72,9 @@ class Setting:
         return self.cfg_scale > 1.0
 
 
-def _sources_hash(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+def _files_hash(paths: list[Path]) -> str:
+    """:func:`moeca.replay.calibrate.sources_hash` of ``paths`` in path order, each named by its file name."""
+    return sources_hash([(p.name, p) for p in sorted(paths)])
 
 
 def engine_hash() -> str:
@@ -86,12 +82,12 @@ def engine_hash() -> str:
     the native forecast, stack and dispatch code it shares (any change recalibrates)."""
     here = Path(__file__).parent
     own = [here / n for n in ("engine.py", "cache.py", "hooks.py", "hidream.py", "apply.py", "sampling.py")]
-    return _sources_hash(own + [Path(m.__file__) for m in (dispatch, forecast, state, stack)])
+    return _files_hash(own + [Path(m.__file__) for m in (dispatch, forecast, state, stack)])
 
 
 def cost_model_hash() -> str:
     """Hash of the cost model, the fit and this measurement."""
-    return _sources_hash([Path(wallclock.__file__), Path(native.__file__), Path(__file__)])
+    return _files_hash([Path(wallclock.__file__), Path(native.__file__), Path(__file__)])
 
 
 def calibration_key(transformer: torch.nn.Module, setting: Setting, clock: str = "wall") -> dict[str, str]:

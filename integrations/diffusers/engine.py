@@ -434,9 +434,10 @@ class ScheduleEngine:
             cs.tembs.append((self.step, temb))
         if self.fold and cs.fold_ok and sp is not None and sp.refreshes > GATE_DEGREE and sp.prods.shape[2] == N:
             lag = caches[0][0].hists[0].weights(step) if self.plan.degree else [1.0]
-            acc = fold_sum(sp, x.reshape(N, D).float(), step, lag).view(B, T, D)
+            acc, terms = fold_sum(sp, x.reshape(N, D).float(), step, lag)
+            acc = acc.view(B, T, D)
             self.counters.folded_forwards += 1
-            self.work.stack_terms += len(sp.gates.weights(step)) * len(lag) * self.work.rows / len(rows)
+            self.work.stack_terms += terms * self.work.rows / len(rows)
         else:
             gates = self._gates(temb).unsqueeze(2)                                    # [U, B, 1, D]
             acc = x.to(torch.float32, copy=True)

@@ -191,12 +191,12 @@ def end_fold(sp: StackProducts, x_out: torch.Tensor, x_in: torch.Tensor) -> None
 
 
 def fold_sum(sp: StackProducts, base: torch.Tensor, step: "torch.Tensor | float",
-             lag: "list[torch.Tensor | float]") -> torch.Tensor:
+             lag: "list[torch.Tensor | float]") -> tuple[torch.Tensor, int]:
     """``base + sum_ij m_i(step) l_j(step) P_ij`` -> ``[N, D]`` float32: ``base [N, D]`` float32 (the stack's
     input; not written), ``lag``: the units' forecast weights at ``step`` (``[1.0]`` for plain reuse), the
-    gates' from their history. ``2 (p + 1)`` multiply-adds."""
-    acc = None
-    for i, m in enumerate(sp.gates.weights(step)):
+    gates' from their history. Also returns the terms summed (``2 (p + 1)`` multiply-adds)."""
+    acc, gate_weights = None, sp.gates.weights(step)
+    for i, m in enumerate(gate_weights):
         for j, l in enumerate(lag):
             w, term = _scalar(m) * _scalar(l), sp.prods[i, j]
             if isinstance(w, torch.Tensor):
@@ -204,7 +204,7 @@ def fold_sum(sp: StackProducts, base: torch.Tensor, step: "torch.Tensor | float"
                 acc = torch.addcmul(base, term, w) if acc is None else acc.addcmul_(term, w)
             else:
                 acc = torch.add(base, term, alpha=w) if acc is None else acc.add_(term, alpha=w)
-    return acc
+    return acc, len(gate_weights) * len(lag)
 
 
 def _scalar(w: "torch.Tensor | float") -> "torch.Tensor | float":
@@ -222,7 +222,7 @@ def forecast_folded(rt: "ReplayRuntime", model, x: torch.Tensor, c: torch.Tensor
     sp = rt.context.stack
     lag = [1.0] if rt.plan.degree == 0 else rt.context.blocks[0].attn.hist.weights(step)
     base = x.reshape(N, D).float()  # no copy for float32: the first term adds into a new tensor, the others in place
-    acc = fold_sum(sp, base, step, lag)
-    rt.count("stack", 0, N * len(sp.gates.weights(step)) * len(lag))
+    acc, terms = fold_sum(sp, base, step, lag)
+    rt.count("stack", 0, N * terms)
     _note(rt, model, N)
     return acc.view(B, T, D).to(x.dtype)
