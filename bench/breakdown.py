@@ -28,7 +28,7 @@ RULES: tuple[tuple[str, frozenset[str] | None, str], ...] = (
     ("replay/forecast.py", HISTORY_WRITES, "gathers/scatters"),
     ("replay/forecast.py", None, "forecasts"),
     ("replay/units/stack.py", None, "forecasts"),
-    ("replay/units/branch.py", frozenset({"few_pairs", "padded_swiglu"}), "new pairs"),
+    ("replay/units/branch.py", frozenset({"few_pairs", "sorted_swiglu"}), "new pairs"),
     ("replay/units/branch.py", frozenset({"shared_forecast", "routing_forecast", "_rows_forecast"}), "forecasts"),
     ("replay/units/branch.py", frozenset({"branch_block"}), "rest"),
     ("replay/units/routed.py", None, "gathers/scatters"),

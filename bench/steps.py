@@ -18,7 +18,10 @@ Rows: full compute's step; per level its forecast steps after the second refresh
 each step, then over the steps), their FLOPs (counted from what ran, GFLOP per step) and for the branch
 level its *floor*: the token level's forecast step plus the router and the newly routed pairs at full
 compute's FLOP rate (``ms_full * FLOPs(router + new pairs) / FLOPs(full step)``; the routing level has the
-same floor), and the ratio to it;
+same floor), and the ratio to it; the floor with this device's own kernels (``ms_kernels``,
+:mod:`.kernel_floor`: the token step, the router at full compute's rate, the new pairs as GEMMs of the rows each
+touched expert gets at random (binomial), timed on the model's own weights, and every kept forecast value the
+level reads, once, at the measured read bandwidth), and the ratio to it;
 the share of newly routed pairs; where the branch step's time goes (:mod:`.breakdown`: router, new
 pairs, forecasts, gathers/scatters, rest, in ms: shares of one profiled run times the measured step);
 and the refresh step over full compute's step.
@@ -45,6 +48,7 @@ from moeca.replay.runtime import ReplayRuntime
 from moeca.tracer import resolve_labels
 
 from .breakdown import PARTS, profile_steps
+from .kernel_floor import history_bytes, pairs_ms, read_bandwidth
 
 NAME = "steps"
 LEVELS = (("token", "token", False, True),
@@ -55,8 +59,8 @@ LEVELS = (("token", "token", False, True),
 general selection path (``ReplayRuntime(lean=False)``, the branch level before the lean step), timed in the
 same runs as the lean one; ``routing``: the routing-aware level (``moe`` rule ``routing``)."""
 PARTS_MS = ("ms_router", "ms_new_pairs", "ms_forecasts", "ms_gathers", "ms_rest")
-COLUMNS = ["run", "ms_step", "gflop_step", "ms_floor", "over_floor", "new_pair_share", *PARTS_MS,
-           "ms_refresh", "refresh_over_full", "repeats"]
+COLUMNS = ["run", "ms_step", "gflop_step", "ms_floor", "over_floor", "ms_kernels", "over_kernels", "ms_pair_gemms",
+           "ms_history_reads", "new_pair_share", *PARTS_MS, "ms_refresh", "refresh_over_full", "repeats"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -139,7 +143,7 @@ def level_schedule(model, sampler, refresh: tuple[int, ...], level: str):
 def step_flops(counters, costs, step: int, rows: int) -> dict[str, float]:
     """FLOPs of ``step`` from a replay's counters: ``total`` (units run, forecast and stack terms, the fixed
     per-sample work of ``rows`` samples), ``router`` and ``pairs`` (routed experts), and ``full`` (what full
-    compute runs at that step)."""
+    compute runs at that step); also ``new_pairs`` (routed pairs computed) and ``new_pair_share``."""
     c = counters
     s = step
     fixed = rows * costs.fixed_per_sample()
@@ -149,6 +153,7 @@ def step_flops(counters, costs, step: int, rows: int) -> dict[str, float]:
     full = c.tokens[s].sum() * (costs.attn + costs.shared + costs.router) + c.pairs[s].sum() * costs.expert + fixed
     return {"total": float(total), "router": float(c.router[s].sum() * costs.router),
             "pairs": float(c.expert[s].sum() * costs.expert), "full": float(full),
+            "new_pairs": float(c.expert[s].sum()),
             "new_pair_share": float(c.expert[s].sum() / max(c.pairs[s].sum(), 1))}
 
 
@@ -192,6 +197,10 @@ def run(args: argparse.Namespace) -> int:
     full_flops = statistics.median(c["full"] for c in counted["token"])
     rows = [{"run": "full compute", "ms_step": ms_full, "gflop_step": full_flops / 1e9, "repeats": args.repeats}]
     token_ms = statistics.median(med["token"][s] for s in forecast)
+    bandwidth = read_bandwidth(st.device, clock)
+    tokens = rows_per_step * model.config.num_tokens
+    kernel_meta = {"read_gb_per_s": bandwidth / 1e9}
+    kernel_pairs: dict[str, tuple[float, float] | None] = {}
     for name, level, _, _ in LEVELS:
         m = med[name]
         ms = statistics.median(m[s] for s in forecast)
@@ -205,6 +214,17 @@ def run(args: argparse.Namespace) -> int:
             row.update(ms_floor=token_ms + ms_full * extra, new_pair_share=statistics.median(
                 counted[name][s]["new_pair_share"] for s in forecast))
             row["over_floor"] = ms / row["ms_floor"]
+            if level not in kernel_pairs:      # one estimate per level: its rows (host, device, general) share it
+                new_pairs = statistics.median(counted[name][s]["new_pairs"] for s in forecast)
+                kernel_pairs[level] = pairs_ms(model, new_pairs, clock)
+            pairs = kernel_pairs[level]
+            if pairs is not None:
+                reads = history_bytes(model.config, tokens, level) / bandwidth * 1e3
+                router = ms_full * statistics.median(counted[name][s]["router"] / full_flops for s in forecast)
+                row.update(ms_pair_gemms=pairs[0], ms_history_reads=reads,
+                           ms_kernels=token_ms + router + pairs[0] + reads)
+                row["over_kernels"] = ms / row["ms_kernels"]
+                kernel_meta[f"new_pair_rows_per_touched_expert_{level}"] = round(pairs[1], 2)
 
             def one_run(on_step, name=name):
                 with torch.inference_mode(), model.use_runtime(runtime(name)):
@@ -227,11 +247,18 @@ def run(args: argparse.Namespace) -> int:
                         meta={"trace": args.trace, "model": model.config.name, "random_init": st.random_init, "clock": args.clock,
                               "sampler": sampler.to_dict(), "device": str(st.device),
                               "timing_samples": args.timing_samples, "sync_refresh_steps": list(refresh),
-                              "forecast_steps": forecast, "load_average": [round(v, 2) for v in load]},
+                              "forecast_steps": forecast, "load_average": [round(v, 2) for v in load],
+                              **kernel_meta},
                         notes=("Times are the process's CPU time (--clock cpu). " if args.clock == "cpu" else "") + "ms: medians over the runs of each step, then over the forecast steps after the "
                               "second refresh (refresh: over the refresh steps after the first); gflop_step: "
                               "FLOPs counted from what ran; ms_floor: the token forecast step plus the router and "
                               "the newly routed pairs at full compute's FLOP rate; over_floor: ms_step / ms_floor; "
+                              "ms_kernels: the floor with this core's own kernels (the token forecast step, the router "
+                              "at full compute's rate, ms_pair_gemms: the new pairs as GEMMs of their rows per expert "
+                              "over the model's own expert weights, ms_history_reads: every kept forecast value the "
+                              "level must read, once, at the measured read bandwidth: "
+                              f"{bandwidth / 1e9:.1f} GB/s; bench/kernel_floor.py); over_kernels: ms_step / "
+                              "ms_kernels; "
                               "new_pair_share: newly routed pairs / all routed pairs; ms_router .. ms_rest: where "
                               "the step's time goes (shares of the operators' self CPU time in one profiled run, "
                               f"times ms_step). Load average while it ran: {load[0]:.1f} / {load[1]:.1f} / "

@@ -440,8 +440,8 @@ class Schedule:
     def computed_share_floor(self) -> float:
         """The least share (0..1) of the blocks' FLOPs the rules compute: synchronized steps and ``always`` rules
         in full, ``fraction f`` rules ``f``; ``threshold`` and ``never`` rules and ``reuse``/``adaptive`` steps
-        nothing. Newly routed pairs and forecasts only add to it, so a ``predicted_flops_ratio`` below it
-        contradicts the rules."""
+        nothing; a routed (``always``) or routing-aware (``routing``) MoE its router and its experts' rules. Newly
+        routed pairs and forecasts only add to it, so a ``predicted_flops_ratio`` below it contradicts the rules."""
         flops, k = self.model.unit_flops(), self.model.top_k
         moe_full = flops["router"] + flops["shared"] + k * flops["expert"]
         full = flops["attn"] + moe_full
@@ -459,7 +459,7 @@ class Schedule:
             if step.model != "compute":
                 continue
             for b in step.blocks:
-                moe = least(b.moe) * moe_full if b.moe.mode != "always" else (
+                moe = least(b.moe) * moe_full if b.moe.mode not in ("always", "routing") else (
                     flops["router"] + least(b.shared) * flops["shared"]
                     + k * flops["expert"] * sum(least(r) for r in b.experts) / len(b.experts))
                 total += (least(b.attn) * flops["attn"] + moe) / full / len(step.blocks)

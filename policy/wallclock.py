@@ -8,7 +8,7 @@ CFG counting both halves)::
 
     ms(step) = step_ms + attn_row_ms * attn + shared_row_ms * shared + pair_ms * pairs
                + forecast_term_ms * reused * order + history_term_ms * pushed * order
-               + router_block_ms * routed_blocks + stack_term_ms * stack_terms
+               + router_block_ms * routed_blocks + stack_term_ms * stack_terms + new_pair_ms * new_pairs
 
 ``step_ms`` is a step that reuses every row plainly without routing: the sampler update, patch embedding,
 final layer, and per block the norms and modulation (the batch size is part of the calibration key, so
@@ -16,8 +16,12 @@ per-row costs of work done for every row fold into it). ``router_block_ms`` is w
 router runs over every row with the slot matching and the per-pair combine (a branch-level forecast step
 and a full step route in every block; a token-level forecast step, which forecasts each block's whole MoE
 output per token, in none).
-The row costs are what computing a row adds over reusing it; ``forecast_term_ms`` what forecasting a
-reused row adds per polynomial term (``order`` 0 = plain reuse, 1 = linear, ``p`` = Taylor order ``p``);
+The row costs are what computing a row adds over reusing it; ``pair_ms`` prices the pairs a step computes with
+its experts' GEMMs over many rows each (full compute, a refresh), ``new_pair_ms`` the newly routed pairs of a
+branch-level or routing-aware forecast step (``new_pairs``): a few rows per expert, whose GEMMs run far below
+full compute's rate and, at one or two rows, cost the time to stream the expert's weights;
+``forecast_term_ms`` what forecasting a reused row adds per polynomial term (``order`` 0 = plain reuse, 1 =
+linear, ``p`` = Taylor order ``p``);
 ``history_term_ms`` what pushing a computed row into the forecast history adds per term;
 ``stack_term_ms`` a row of the folded stack forecast's work (``moeca.replay.units.stack``: rebuilding its
 products after a full refresh, ``2 depth (order + 1) + 1`` rows per token; summing them on a folded step,
@@ -55,7 +59,7 @@ from moeca.common.outputs import os_errors, replaced_file
 CACHE_FORMAT = 1
 CACHE_FILE = "calibration.json"
 COEFFICIENTS = ("step_ms", "attn_row_ms", "shared_row_ms", "pair_ms", "forecast_term_ms", "history_term_ms",
-                "router_block_ms", "stack_term_ms")
+                "router_block_ms", "stack_term_ms", "new_pair_ms")
 
 
 class CalibrationError(ValueError):
@@ -71,7 +75,8 @@ class StepWork:
     (reused or forecast; in a block that does not route, attention and whole-MoE rows); order: forecast
     order (0 = plain reuse, 1 = linear, p = Taylor order p); routed_blocks: blocks whose router ran;
     stack_terms: rows of the folded stack forecast's work (see the module docstring); pushed: rows pushed
-    into a forecast history (None: every computed row, as at the branch level).
+    into a forecast history (None: every computed row, as at the branch level); new_pairs: the newly routed
+    pairs a branch-level or routing-aware forecast step computes (not counted in ``pairs``).
     """
 
     attn: float
@@ -82,12 +87,13 @@ class StepWork:
     routed_blocks: float
     stack_terms: float = 0.0
     pushed: float | None = None
+    new_pairs: float = 0.0
 
     def features(self) -> tuple[float, ...]:
         """The row vector of the linear model, in the order of :data:`COEFFICIENTS`."""
-        pushed = self.attn + self.shared + self.pairs if self.pushed is None else self.pushed
+        pushed = self.attn + self.shared + self.pairs + self.new_pairs if self.pushed is None else self.pushed
         return (1.0, self.attn, self.shared, self.pairs, self.reused * self.order, pushed * self.order,
-                self.routed_blocks, self.stack_terms)
+                self.routed_blocks, self.stack_terms, self.new_pairs)
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,7 @@ class WallClockCosts:
     token_folds: whether the replay engine folds token-level forecast steps on this model (the native engine
     always does; the HiDream engine only while the gates move linearly, as its calibration runs showed), so
     a derivation prices them folded (``DeriveConfig.fold``).
+    new_pair_ms: see the module docstring; None (costs set by hand) prices new pairs as ``pair_ms``.
     """
 
     step_ms: float
@@ -119,8 +126,11 @@ class WallClockCosts:
     created: str = ""
     stack_term_ms: float = 0.0
     token_folds: bool = True
+    new_pair_ms: float | None = None
 
     def __post_init__(self) -> None:
+        if self.new_pair_ms is None:
+            object.__setattr__(self, "new_pair_ms", self.pair_ms)
         for name in (*COEFFICIENTS, "full_step_ms", "fit_rel_error"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
@@ -162,10 +172,11 @@ class WallClockCosts:
             return StepWork(attn=0.0, shared=0.0, pairs=0.0, reused=2 * n * depth, order=order, routed_blocks=0.0)
         pairs = new_pairs_per_token * n
         if level == "routing":
-            return StepWork(attn=0.0, shared=0.0, pairs=pairs, reused=2 * n * depth + (1 + self.top_k) * moved_per_token * n,
-                            order=order, routed_blocks=depth)
-        return StepWork(attn=0.0, shared=0.0, pairs=pairs, reused=(2 + self.top_k) * n * depth - pairs, order=order,
-                        routed_blocks=depth)
+            reused = 2 * n * depth + (1 + self.top_k) * moved_per_token * n
+            return StepWork(attn=0.0, shared=0.0, pairs=0.0, reused=reused, order=order, routed_blocks=depth,
+                            new_pairs=pairs)
+        return StepWork(attn=0.0, shared=0.0, pairs=0.0, reused=(2 + self.top_k) * n * depth - pairs, order=order,
+                        routed_blocks=depth, new_pairs=pairs)
 
     def predicted_speedup(self, steps: list[StepWork]) -> float:
         """Full compute's time over the predicted time of ``steps`` (one entry per sampling step)."""

@@ -168,8 +168,18 @@ def bookkeeping_ms(rows: int, width: int, device: torch.device, repeats: int = 3
     return push, stack
 
 
+def new_pair_blocks(schedule: Schedule, depth: int) -> np.ndarray:
+    """``[S, L]`` bool: the block computes only newly routed pairs at that step (a branch-level or routing-aware
+    forecast step: not a refresh, the MoE routed or routing-aware, every expert's rule ``reuse``)."""
+    S = schedule.num_steps
+    return np.array([[not schedule.is_sync(s) and (r := schedule.rule(s, b)).moe.mode in ("always", "routing")
+                      and bool(r.experts) and all(e.mode == "reuse" for e in r.experts) for b in range(depth)]
+                     for s in range(S)], dtype=bool).reshape(S, depth)
+
+
 def step_work(counters, schedule: Schedule) -> list[StepWork]:
-    """What each step of a replay executed, from its counters (rows summed over blocks)."""
+    """What each step of a replay executed, from its counters (rows summed over blocks); the pairs of blocks
+    that compute only newly routed pairs (:func:`new_pair_blocks`) are its ``new_pairs``."""
     routes = counters.router > 0                                              # [S, L] blocks that routed
     attn_b, shared_b = counters.attn_q, counters.shared
     pairs_b = counters.expert - counters.padded
@@ -187,15 +197,17 @@ def step_work(counters, schedule: Schedule) -> list[StepWork]:
                          for b in range(counters.router.shape[1])] for s in range(counters.router.shape[0])])
     if order and routing.any():
         reused_b = np.where(routing & routes, counters.forecast / order - pairs_b, reused_b)
+    new_b = np.where(new_pair_blocks(schedule, routes.shape[1]), pairs_b, 0)
     attn, shared, pairs, reused = attn_b.sum(1), shared_b.sum(1), pairs_b.sum(1), reused_b.sum(1)
+    new = new_b.sum(1)
     routed = routes.sum(1)
     # on a step that reuses nothing, the forecast terms are the rows pushed into a history times the order
     # (a token-level refresh keeps attention and the MoE output per token, not every computed row); on a
     # forecast step they also count the forecast rows, so its pushes are taken as its computed rows
     computed = attn + shared + pairs
     pushed = np.where(reused == 0, counters.forecast.sum(1) / order, computed) if order else computed
-    return [StepWork(float(a), float(s), float(p), float(r), order, float(b), float(k), float(h))
-            for a, s, p, r, b, k, h in zip(attn, shared, pairs, reused, routed, stack, pushed)]
+    return [StepWork(float(a), float(s), float(p - n), float(r), order, float(b), float(k), float(h), float(n))
+            for a, s, p, r, b, k, h, n in zip(attn, shared, pairs, reused, routed, stack, pushed, new)]
 
 
 def timed_steps(model, sampler_cfg: SamplerConfig, labels: torch.Tensor, runtime,

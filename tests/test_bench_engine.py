@@ -52,6 +52,12 @@ def test_bench_steps_prices_each_levels_forecast_step_against_its_floor(trace, t
         assert token["ms_step"] < row["ms_floor"] < full["ms_step"]
         assert row["over_floor"] == pytest.approx(row["ms_step"] / row["ms_floor"])
         assert 0 < row["new_pair_share"] < 0.5 and token["gflop_step"] < row["gflop_step"] < full["gflop_step"]
+        # the floor with this core's kernels: it adds the pairs' GEMMs and the history reads to the token step
+        assert row["ms_pair_gemms"] > 0 and row["ms_history_reads"] > 0
+        assert token["ms_step"] + row["ms_pair_gemms"] + row["ms_history_reads"] <= row["ms_kernels"]
+        assert row["over_kernels"] == pytest.approx(row["ms_step"] / row["ms_kernels"])
+    assert host["ms_history_reads"] > routing_host["ms_history_reads"]        # 4 units a block against 2
+    assert payload["meta"]["read_gb_per_s"] > 0
     parts = [host[c] for c in ("ms_router", "ms_new_pairs", "ms_forecasts", "ms_gathers", "ms_rest")]
     assert min(parts) >= 0 and sum(parts) == pytest.approx(host["ms_step"])
     assert parts[0] > 0 and parts[1] > 0 and parts[2] > 0
@@ -75,7 +81,60 @@ def test_breakdown_files_the_lean_and_routing_steps_functions_under_their_parts(
     from moeca.bench.breakdown import frame_part
 
     where = "/x/moeca/replay/units/branch.py(10): "
-    expected = {"few_pairs": "new pairs", "padded_swiglu": "new pairs", "shared_forecast": "forecasts",
+    expected = {"few_pairs": "new pairs", "sorted_swiglu": "new pairs", "shared_forecast": "forecasts",
                 "routing_forecast": "forecasts", "_rows_forecast": "forecasts", "branch_block": "rest",
                 "update_pairs": "gathers/scatters", "match_host": "gathers/scatters"}
     assert {f: frame_part(where + f) for f in expected} == expected
+
+
+def test_kernel_floor_prices_the_reads_and_pairs_of_a_forecast_step():
+    """The history a forecast step must read: kept values x units x blocks x ``[rows, D]`` float32; the new pairs
+    spread over the experts at the rows per expert they come to."""
+    from moeca.bench.kernel_floor import history_bytes, pairs_ms
+    from moeca.models.registry import load_model
+
+    model = load_model("demo")
+    config = model.config                                    # 6 blocks, D 96, top-2, a shared expert
+    assert history_bytes(config, 100, "branch") == 6 * (1 + 1 + 2) * 2 * 100 * 96 * 4
+    assert history_bytes(config, 100, "routing") == 6 * 2 * 2 * 100 * 96 * 4
+    ms, rows = pairs_ms(model, new_pairs=6 * 8 * 10)          # 80 pairs a block: ~10 rows for each of 8 experts
+    assert rows == pytest.approx(10, abs=0.01) and ms > 0
+    few, rows = pairs_ms(model, new_pairs=6 * 4)              # 4 pairs a block: ~3.3 experts of 8 touched
+    assert rows == pytest.approx(4 / (8 * (1 - (7 / 8) ** 4))) and few < ms
+    assert pairs_ms(model, new_pairs=0) == (0.0, 0.0)
+
+
+def test_route_trigger_places_a_refresh_where_routes_changed_since_the_last_one():
+    """The trigger refreshes at step 0 and then where the share of routed pairs not routed at the last refresh
+    exceeds its threshold (routes compared per token as sets); the bisection finds the threshold for a count."""
+    import numpy as np
+
+    from moeca.bench.trigger import changed_share, even, place, placement_with
+
+    base = np.array([[0, 1], [2, 3]])
+    swapped = np.array([[1, 0], [2, 3]])                     # same sets, other slots: no change
+    moved = np.array([[0, 5], [2, 3]])                        # one pair of four changed
+    assert changed_share([swapped], [base], slice(None)) == 0.0
+    assert changed_share([moved], [base], slice(None)) == 0.25
+    assert changed_share([base, moved], [base, base], slice(0, 1)) == 0.0       # block 0 only
+    routes = {0: [base], 1: [swapped], 2: [moved], 3: [moved], 4: [np.array([[4, 5], [6, 7]])]}
+    assert place(routes, 0.2, slice(None)) == (0, 2, 4)      # 4 differs from 2 in three pairs of four
+    assert place(routes, 0.9, slice(None)) == (0, 4)
+    steps, threshold = placement_with(routes, 3, slice(None))
+    assert steps == (0, 2, 4) and 0 <= threshold < 0.75
+    assert even(50, 5) == (0, 10, 20, 30, 40)
+
+
+def test_bench_trigger_replays_each_placement_with_as_many_refreshes_as_moeca(trace, tmp_path):
+    out = tmp_path / "results"
+    assert main(["bench", "trigger", "--trace", str(trace), "--targets", "1.5", "--timing-samples", "2",
+                 "--quality-samples", "4", "--threads", "1", "--out", str(out)]) == 0
+    payload = json.loads((out / "trigger_demo.json").read_text())
+    rows = payload["rows"]
+    assert [r["placement"] for r in rows] == ["moeca", "route trigger, block 0", "route trigger, all blocks", "even"]
+    n = rows[0]["refreshes"]
+    for row in rows:
+        steps = [int(s) for s in row["refresh_steps"].split()]
+        assert steps[0] == 0 and len(steps) == row["refreshes"] and abs(row["refreshes"] - n) <= 1
+        assert row["psnr"] > 10 and row["flops_speedup"] > 1
+    assert (out / "trigger_demo.md").exists() and (out / "trigger_demo.png").exists()

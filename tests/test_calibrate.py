@@ -121,8 +121,12 @@ def test_step_model_adds_the_calibrated_terms():
     assert token_full.pushed == 256
     assert c.step_ms_of(token_full) == pytest.approx(c.step_ms_of(full) - 256 * 0.0003)
     fc = c.forecast_step(depth=2, order=1, new_pairs_per_token=0.5)
-    assert fc.pairs == 32 and fc.reused == 4 * 64 * 2 - 32 and fc.routed_blocks == 2
+    assert fc.new_pairs == 32 and fc.pairs == 0 and fc.reused == 4 * 64 * 2 - 32 and fc.routed_blocks == 2
+    assert c.new_pair_ms == c.pair_ms                         # set by hand without it: new pairs at pair_ms
     assert c.step_ms_of(fc) == pytest.approx(2.0 + 32 * 0.004 + 480 * 0.0002 + 32 * 0.0003 + 2 * 0.05)
+    slow = costs(new_pair_ms=0.02)                            # a few rows per expert: dearer than full compute's pairs
+    assert slow.step_ms_of(fc) == pytest.approx(c.step_ms_of(fc) + 32 * (0.02 - 0.004))
+    assert slow.step_ms_of(full) == pytest.approx(c.step_ms_of(full))       # a refresh's pairs stay at pair_ms
     token = c.forecast_step(depth=2, order=1, new_pairs_per_token=0.5, level="token")   # no router, no pairs
     assert (token.pairs, token.routed_blocks, token.reused) == (0, 0, 2 * 64 * 2)
     assert c.step_ms_of(token) == pytest.approx(2.0 + 256 * 0.0002)
@@ -186,7 +190,13 @@ def test_calibration_schedules_separate_every_coefficient():
         with model.use_runtime(rt), torch.inference_mode():
             from moeca.diffusion.samplers import sample
             sample(model, short, torch.tensor([0, 1]), seed=0)
-        rows += [w.features() for w in cal.step_work(rt.counters, schedule)[1:]]
+        works = cal.step_work(rt.counters, schedule)
+        rows += [w.features() for w in works[1:]]
+        branch_forecast = [s for s in range(1, short.num_steps) if not schedule.is_sync(s)
+                           and schedule.rule(s, 0).moe.mode in ("always", "routing")
+                           and all(e.mode == "reuse" for e in schedule.rule(s, 0).experts)]
+        # a branch-level or routing-aware forecast step's computed pairs are its new pairs, never pair_ms's
+        assert all(works[s].pairs == 0 and works[s].new_pairs == rt.counters.expert[s].sum() for s in branch_forecast)
     assert np.linalg.matrix_rank(np.asarray(rows)) == len(COEFFICIENTS)
 
 

@@ -79,8 +79,10 @@ def test_wallclock_target_uses_the_calibrated_costs():
     token = s.provenance["forecast_level"] == "token"
     by_hand = SAMPLER.num_steps * wc.full_step_ms / sum(
         wc.step_ms + wc.attn_row_ms * w.attn + wc.shared_row_ms * w.shared + wc.pair_ms * w.pairs
-        + wc.forecast_term_ms * w.reused + wc.history_term_ms * (2 * w.attn if token else w.attn + w.shared + w.pairs)
-        + wc.router_block_ms * w.routed_blocks + wc.stack_term_ms * w.stack_terms for w in work)
+        + wc.forecast_term_ms * w.reused
+        + wc.history_term_ms * (2 * w.attn if token else w.attn + w.shared + w.pairs + w.new_pairs)
+        + wc.router_block_ms * w.routed_blocks + wc.stack_term_ms * w.stack_terms + wc.new_pair_ms * w.new_pairs
+        for w in work)
     assert s.provenance["predicted_speedup"] == pytest.approx(by_hand, rel=1e-3)
     assert s.provenance["predicted_speedup"] >= 1.8
     assert s.provenance["calibration"]["device"] == "test"

@@ -99,14 +99,14 @@ def test_lean_step_on_the_shipped_model_matches_the_general_path(device_path):
     assert lean_c.expert[[5, 6, 7]].sum() > 0
 
 
-def test_padded_new_pairs_equal_the_per_expert_loop():
-    """:func:`padded_swiglu` (rows padded per expert, two ``bmm``) gives the models' per-expert loop's outputs, in
-    the caller's row order, with uneven rows per expert; :func:`few_pairs` takes the loop when an expert has
-    no row (its weights are then not read)."""
+def test_sorted_new_pairs_equal_the_per_expert_loop():
+    """:func:`sorted_swiglu` (rows sorted by expert, one gate-up GEMM per touched expert) gives the models'
+    per-expert loop's outputs in the caller's row order, with uneven rows per expert and with an expert that has no
+    row; :func:`few_pairs` takes it."""
     import numpy as np
 
     from moeca.models.dispatch import expert_stack, run_experts
-    from moeca.replay.units.branch import few_pairs, padded_swiglu
+    from moeca.replay.units.branch import few_pairs, sorted_swiglu
 
     model = make_tiny(seed=3)
     block = model.blocks[1]
@@ -118,9 +118,9 @@ def test_padded_new_pairs_equal_the_per_expert_loop():
         ref = run_experts(block, rows, ids, path="loop")
         counts = np.bincount(ids.numpy(), minlength=E)
         assert counts.min() > 0 and counts.max() > counts.min()
-        got = padded_swiglu(expert_stack(block.moe), rows, ids.numpy(), counts)
+        got = sorted_swiglu(expert_stack(block.moe), rows, ids.numpy())
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
         rt = ReplayRuntime(branch_schedule())
         torch.testing.assert_close(few_pairs(rt, block, rows, ids), ref, rtol=1e-5, atol=1e-6)
-        some = ids != 0                                                      # expert 0 has no row: the loop
+        some = ids != 0                                                      # expert 0 has no row
         torch.testing.assert_close(few_pairs(rt, block, rows[some], ids[some]), ref[some], rtol=1e-5, atol=1e-6)

@@ -6,7 +6,6 @@ host and the device path; with a router that never moves it is the token level; 
 does not apply."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -133,3 +132,18 @@ def test_routing_rule_is_refused_where_it_does_not_apply():
     s = level_schedule(ROUTING)
     assert Schedule.from_json(s.to_json()).steps == s.steps          # written and read back (format 6)
     assert s.to_json()["steps"][1]["blocks"][0]["moe"] == "routing"
+
+
+def test_a_routing_aware_schedule_with_its_predicted_ratio_loads():
+    """A derived routing-aware schedule records ``predicted_flops_ratio``; reading it back checks that ratio against
+    the least share its rules compute, which for a routing-aware MoE is the router (as at the branch level)."""
+    import dataclasses
+
+    branch_level, routing = level_schedule(ALWAYS), level_schedule(ROUTING)
+    assert routing.computed_share_floor() == pytest.approx(branch_level.computed_share_floor())
+    assert level_schedule(REUSE).computed_share_floor() < routing.computed_share_floor() < 1
+    derived = dataclasses.replace(routing, predicted_flops_ratio=routing.computed_share_floor() + 0.02)
+    assert Schedule.from_json(derived.to_json()).predicted_flops_ratio == derived.predicted_flops_ratio
+    edited = dataclasses.replace(routing, predicted_flops_ratio=routing.computed_share_floor() / 2)
+    with pytest.raises(ScheduleError, match="contradict"):
+        Schedule.from_json(edited.to_json())

@@ -40,7 +40,7 @@ import moeca.replay.units.stack as stack
 from moeca.policy.schedule import Schedule
 from moeca.policy.wallclock import StepWork, WallClockCosts
 from moeca.replay.calibrate import (DIRECT, MAX_FIT_ERROR, bookkeeping_ms, calibration_plan, device_name,
-                                    ensure_measured, fit_costs, sources_hash)
+                                    ensure_measured, fit_costs, new_pair_blocks, sources_hash)
 
 from .apply import apply_schedule, none_schedule
 from .engine import ForwardWork
@@ -115,10 +115,12 @@ TOKEN_SCHEDULES = (8, 9)
 """Indices of :func:`calibration_schedules`' token-level schedules (every 5th and every 3rd step full)."""
 
 
-def step_work(work: ForwardWork, order: int) -> StepWork:
-    """One forward's :class:`~.engine.ForwardWork` as the cost model's :class:`StepWork`."""
-    return StepWork(attn=work.attn, shared=work.shared, pairs=work.pairs, reused=work.reused, order=order,
-                    routed_blocks=work.routed_blocks, stack_terms=work.stack_terms, pushed=work.pushed)
+def step_work(work: ForwardWork, order: int, new_pairs_only: bool = False) -> StepWork:
+    """One forward's :class:`~.engine.ForwardWork` as the cost model's :class:`StepWork`; ``new_pairs_only``: its
+    blocks computed only newly routed pairs (a branch-level forecast step), which are then its ``new_pairs``."""
+    new = work.pairs if new_pairs_only else 0.0
+    return StepWork(attn=work.attn, shared=work.shared, pairs=work.pairs - new, reused=work.reused, order=order,
+                    routed_blocks=work.routed_blocks, stack_terms=work.stack_terms, pushed=work.pushed, new_pairs=new)
 
 
 def timed_steps(transformer: torch.nn.Module, schedule: Schedule | None, sampler: FlowSampler, noise: torch.Tensor,
@@ -147,7 +149,13 @@ def timed_steps(transformer: torch.nn.Module, schedule: Schedule | None, sampler
             handle.remove()
     edges = [start, *marks]
     ms = [1e3 * (b - a) for a, b in zip(edges, edges[1:])]
-    works = None if handle is None else [step_work(w, schedule.forecast_degree) for w in handle.counters.work]
+    if handle is None:
+        return ms, None
+    work = handle.counters.work
+    if len(work) != len(ms):
+        raise RuntimeError(f"the HiDream engine recorded {len(work)} forwards for {len(ms)} steps: one a step expected")
+    new = new_pair_blocks(schedule, schedule.model.depth).any(axis=1)
+    works = [step_work(w, schedule.forecast_degree, bool(n)) for w, n in zip(work, new)]
     return ms, works
 
 

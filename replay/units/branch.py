@@ -45,38 +45,45 @@ def lean_ready(rt: "ReplayRuntime", cache: PairCache, summary: tuple[bool, bool,
 def few_pairs(rt: "ReplayRuntime", block, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """Unweighted outputs of a few pairs on the host path: expert ``experts[i]`` on ``rows[i]`` -> ``[m, D]``.
 
-    When every expert has a new row (the common case on the demo model: ~80 new pairs over 8 experts per
-    block), the rows are padded per expert into ``[E, r, D]`` (``r`` the most rows an expert has, counted on the
-    host) and run as two batched GEMMs against the stacked weights (:func:`padded_swiglu`): about ten operators
-    a block instead of the loop's ten per expert. Otherwise (an expert with no new row: its weights are then not
-    read, which matters where experts are large, e.g. S/2's 7 MB each), and when the runtime's ``expert`` seam is
-    overridden or the experts cannot be stacked, the models' per-expert loop."""
+    Through the stacked SwiGLU experts (:func:`sorted_swiglu`: rows sorted by expert on the host, each touched
+    expert's gate and up projections one GEMM into a shared buffer, one SiLU over all rows, then each expert's
+    down projection); an expert without a new row is not read, which matters where experts are large (S/2's are
+    7 MB each). When the runtime's ``expert`` seam is overridden or the experts cannot be stacked, the models'
+    per-expert loop."""
     overridden = type(rt).expert is not Runtime.expert
     stack = None if overridden else expert_stack(block.moe)
     if stack is not None and rows.shape[0]:
-        ids = experts.numpy()
-        counts = np.bincount(ids, minlength=stack.gate_up.shape[0])
-        if counts.min() > 0:
-            return padded_swiglu(stack, rows, ids, counts)
+        return sorted_swiglu(stack, rows, experts.numpy())
     seam = functools.partial(rt.expert, block) if overridden else None
     return run_experts(block, rows, experts, path="loop", expert=seam)
 
 
-def padded_swiglu(stack: ExpertStack, rows: torch.Tensor, ids: np.ndarray, counts: np.ndarray) -> torch.Tensor:
-    """Expert ``ids[i]`` on ``rows[i]`` (``rows [m, D]``, ``ids [m]`` int64, ``counts [E]`` rows per expert, each
-    > 0) -> ``[m, D]``, through the stacked SwiGLU experts as two ``bmm`` over rows padded to ``[E, r, D]``
-    (``r = counts.max()``; the padding rows are zeros and their outputs dropped)."""
-    E, r, D = counts.shape[0], int(counts.max()), rows.shape[1]
+def sorted_swiglu(stack: ExpertStack, rows: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+    """Expert ``ids[i]`` on ``rows[i]`` (``rows [m, D]``, ``ids [m]`` int64 on the host) -> ``[m, D]``.
+
+    The rows are sorted by expert on the host; each touched expert's gate and up projections run as one GEMM
+    (``[n, D] x [D, 2H]``) into a ``[m, 2H]`` buffer, the SwiGLU activation runs once over all rows, and each
+    expert's down projection writes its slice of the output. At ~10 rows per expert a GEMM is launch-bound: this
+    is ``2 E' + 4`` operators for ``E'`` touched experts (the models' loop takes about five per expert, padding
+    to ``[E, max rows, D]`` computes up to twice the rows)."""
     H = stack.hidden
     order = np.argsort(ids, kind="stable")
-    starts = np.cumsum(counts) - counts
-    dest = np.empty_like(ids)
-    dest[order] = ids[order] * r + (np.arange(ids.shape[0]) - np.repeat(starts, counts))
-    where = torch.from_numpy(dest)
-    padded = rows.new_zeros(E * r, D).index_copy_(0, where, rows).view(E, r, D)
-    gu = torch.bmm(padded, stack.gate_up.transpose(1, 2))                                    # [E, r, 2H]
-    out = torch.bmm(F.silu(gu[..., :H]).mul_(gu[..., H:]), stack.down.transpose(1, 2))       # [E, r, D]
-    return out.view(E * r, D).index_select(0, where)
+    counts = np.bincount(ids, minlength=stack.gate_up.shape[0]).tolist()
+    where = torch.from_numpy(order)
+    xs = rows.index_select(0, where)
+    gu = xs.new_empty(xs.shape[0], 2 * H)
+    spans = []
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            spans.append((e, start, start + n))
+            torch.mm(xs[start:start + n], stack.gate_up[e].t(), out=gu[start:start + n])
+            start += n
+    act = F.silu(gu[:, :H]).mul_(gu[:, H:])
+    ys = torch.empty_like(xs)
+    for e, a, b in spans:
+        torch.mm(act[a:b], stack.down[e].t(), out=ys[a:b])
+    return torch.empty_like(ys).index_copy_(0, where, ys)
 
 
 def match_host(ids: torch.Tensor, topk_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
