@@ -28,6 +28,8 @@ BENCHES: dict[str, Bench] = {
     "refresh": Bench("moeca.bench.refresh",
                      "replays behind MoECa's refresh rule: forecasting, synchronized refresh, granularity"),
     "ablation": Bench("moeca.bench.ablation", "ablations of MoECa's default rule at equal predicted wall-clock speed"),
+    "fit": Bench("moeca.bench.fit", "the wall-clock cost model on a calibration's own steps, with and without "
+                                    "new_pair_ms"),
     "trigger": Bench("moeca.bench.trigger", "refresh placement: MoECa's against a run-time route-change trigger"),
     "compile": Bench("moeca.bench.compile", "eager vs --compile in one process: full compute and a MoECa replay"),
     "steps": Bench("moeca.bench.steps", "ms per forecast step at each level (token, branch host/device path) "

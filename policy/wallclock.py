@@ -109,6 +109,8 @@ class WallClockCosts:
     always does; the HiDream engine only while the gates move linearly, as its calibration runs showed), so
     a derivation prices them folded (``DeriveConfig.fold``).
     new_pair_ms: see the module docstring; None (costs set by hand) prices new pairs as ``pair_ms``.
+    refresh_over_full: the calibration runs' own full steps (every unit computed, histories written) over
+    ``full_step_ms``, both timed by the same calibration: near 1 when the machine kept its speed while it ran.
     """
 
     step_ms: float
@@ -127,11 +129,12 @@ class WallClockCosts:
     stack_term_ms: float = 0.0
     token_folds: bool = True
     new_pair_ms: float | None = None
+    refresh_over_full: float = 1.0
 
     def __post_init__(self) -> None:
         if self.new_pair_ms is None:
             object.__setattr__(self, "new_pair_ms", self.pair_ms)
-        for name in (*COEFFICIENTS, "full_step_ms", "fit_rel_error"):
+        for name in (*COEFFICIENTS, "full_step_ms", "fit_rel_error", "refresh_over_full"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise CalibrationError(f"calibration field {name}: {v!r} must be a finite number >= 0; "

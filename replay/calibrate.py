@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -235,10 +236,31 @@ def timed_steps(model, sampler_cfg: SamplerConfig, labels: torch.Tensor, runtime
     return [1e3 * (b - a) for a, b in zip(edges, edges[1:])]
 
 
-def measure_costs(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int, *,
-                  steps: int = CALIBRATION_STEPS, repeats: int = CALIBRATION_REPEATS,
-                  progress: Callable[[str], None] | None = None) -> WallClockCosts:
-    """Calibrate the unit costs of ``model`` at ``batch`` samples for ``sampler_cfg``'s kind and CFG mode."""
+@dataclass(frozen=True)
+class TimedRuns:
+    """The calibration's measurements: ``times[i]`` the per-step milliseconds of each timed run of calibration
+    schedule ``i`` (``-1``: full compute), ``works[i]`` what each of its steps executed, ``fixed`` the directly
+    timed coefficients (:data:`DIRECT`), the ``schedules`` and the fit's ``rows_per_block``, ``top_k`` and ``key``."""
+
+    times: dict[int, list[list[float]]]
+    works: dict[int, list[StepWork]]
+    fixed: dict[str, float]
+    schedules: list[Schedule]
+    rows_per_block: int
+    top_k: int
+    key: dict[str, str]
+
+    def fit(self, works: dict[int, list[StepWork]] | None = None) -> WallClockCosts:
+        """:func:`fit_costs` of these runs (``works``: other features of the same steps)."""
+        return fit_costs(self.times, works or self.works, self.fixed, rows_per_block=self.rows_per_block,
+                         top_k=self.top_k, key=self.key)
+
+
+def time_calibration(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int, *,
+                     steps: int = CALIBRATION_STEPS, repeats: int = CALIBRATION_REPEATS,
+                     progress: Callable[[str], None] | None = None) -> TimedRuns:
+    """Time full compute and every calibration schedule (the module docstring) on ``model`` at ``batch`` samples,
+    ``repeats`` interleaved rounds after a warm-up round."""
     if batch < 1 or steps < 4 or repeats < 1:
         raise ValueError(f"calibration needs batch >= 1, steps >= 4 and repeats >= 1 (got {batch}, {steps}, {repeats})")
     config = model.config
@@ -258,9 +280,16 @@ def measure_costs(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int
             if rt is not None:
                 works[i] = step_work(rt.counters, schedules[i])
     device = next(model.parameters()).device
-    fixed = dict(zip(DIRECT, bookkeeping_ms(rows_per_block(config, sampler_cfg, batch), config.hidden_size, device)))
-    return fit_costs(times, works, fixed, rows_per_block=rows_per_block(config, sampler_cfg, batch), top_k=config.top_k,
-                     key=calibration_key(model, sampler_cfg, batch))
+    rows = rows_per_block(config, sampler_cfg, batch)
+    fixed = dict(zip(DIRECT, bookkeeping_ms(rows, config.hidden_size, device)))
+    return TimedRuns(times, works, fixed, schedules, rows, config.top_k, calibration_key(model, sampler_cfg, batch))
+
+
+def measure_costs(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int, *,
+                  steps: int = CALIBRATION_STEPS, repeats: int = CALIBRATION_REPEATS,
+                  progress: Callable[[str], None] | None = None) -> WallClockCosts:
+    """Calibrate the unit costs of ``model`` at ``batch`` samples for ``sampler_cfg``'s kind and CFG mode."""
+    return time_calibration(model, sampler_cfg, batch, steps=steps, repeats=repeats, progress=progress).fit()
 
 
 def fit_costs(times: dict[int, list[list[float]]], works: dict[int, list[StepWork]], fixed: dict[str, float], *,
@@ -287,7 +316,12 @@ def fit_costs(times: dict[int, list[list[float]]], works: dict[int, list[StepWor
     coef[free] = fitted / scale
     coef[cols] = [fixed[c] for c in DIRECT]
     rel = np.abs(a @ coef - b) / b
+    full_steps = [obs[j] for j, r in enumerate(rows) if r[COEFFICIENTS.index("forecast_term_ms")] == 0
+                  and r[COEFFICIENTS.index("stack_term_ms")] == 0 and r[COEFFICIENTS.index("pair_ms")] > 0
+                  and r[COEFFICIENTS.index("attn_row_ms")] > 0]          # every unit computed, nothing reused
+    refresh_over_full = statistics.median(full_steps) / full_step_ms if full_steps else 1.0
     return WallClockCosts(**dict(zip(COEFFICIENTS, (float(c) for c in coef))), full_step_ms=float(full_step_ms),
+                          refresh_over_full=float(refresh_over_full),
                           rows_per_block=rows_per_block, top_k=top_k, key=key, fit_rel_error=float(np.median(rel)),
                           created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
@@ -297,14 +331,27 @@ MAX_FIT_ERROR = 0.2
 machine: 2-7%; a busy one gives 30-90%, and schedules derived from them miss their targets)."""
 
 
+SPEED_DRIFT = 0.3
+"""Largest relative difference between a calibration's own full steps and its full-compute reference (both every
+unit computed; the replay's also writes its histories: 0-10% more on a quiet machine) before the machine is taken
+to have changed speed while it ran. One such calibration priced refreshes 44% above its reference, so the first
+``moeca run`` after it overshot its 1.5x / 2x / 3x targets at 1.93x / 2.61x / 4.11x."""
+
+
 def _fit_problem(costs: WallClockCosts, max_fit_error: float) -> str | None:
-    """Why ``costs`` are too noisy to derive from, or None."""
-    if costs.fit_rel_error <= max_fit_error:
-        return None
+    """Why ``costs`` are too noisy to derive from, or None. ``max_fit_error`` also widens the speed-drift check
+    (:data:`SPEED_DRIFT`) when above it."""
     load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else None, os.cpu_count() or 1
     busy = f", load average {load:.1f} on {cores} cores" if load is not None and load > cores else ""
-    return (f"its fit misses the timed steps by {costs.fit_rel_error:.1%} (median), more than the "
-            f"{max_fit_error:.0%} a wall-clock target can be derived from{busy}")
+    if costs.fit_rel_error > max_fit_error:
+        return (f"its fit misses the timed steps by {costs.fit_rel_error:.1%} (median), more than the "
+                f"{max_fit_error:.0%} a wall-clock target can be derived from{busy}")
+    drift = max(SPEED_DRIFT, max_fit_error)
+    if not 1 / (1 + drift) <= costs.refresh_over_full <= 1 + drift:
+        return (f"its full steps took {costs.refresh_over_full:.2f}x its full-compute reference "
+                f"({costs.full_step_ms:.1f} ms), beyond the {drift:.0%} a quiet machine stays within: the machine "
+                f"changed speed while it was timed{busy}")
+    return None
 
 
 def ensure_costs(model: torch.nn.Module, sampler_cfg: SamplerConfig, batch: int, *, recalibrate: bool = False,

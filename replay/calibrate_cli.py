@@ -55,6 +55,8 @@ def print_costs(header: str, costs) -> None:
     print(header)
     for c in COEFFICIENTS:
         print(f"  {c:18s} {getattr(costs, c):.6g}")
+    print(f"  {'refresh_over_full':18s} {costs.refresh_over_full:.3g}  (its own full steps / full compute: ~1 on a "
+          "machine that kept its speed)")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -138,3 +138,19 @@ def test_bench_trigger_replays_each_placement_with_as_many_refreshes_as_moeca(tr
         assert steps[0] == 0 and len(steps) == row["refreshes"] and abs(row["refreshes"] - n) <= 1
         assert row["psnr"] > 10 and row["flops_speedup"] > 1
     assert (out / "trigger_demo.md").exists() and (out / "trigger_demo.png").exists()
+
+
+def test_bench_fit_refits_one_calibration_with_and_without_the_new_pair_coefficient(tmp_path):
+    out = tmp_path / "results"
+    assert main(["bench", "fit", "--model", "demo", "--batch", "1", "--steps", "5", "--repeats", "1", "--threads", "1",
+                 "--out", str(out)]) == 0
+    payload = json.loads((out / "fit_demo.json").read_text())
+    rows = payload["rows"]
+    fits = list(dict.fromkeys(r["fit"] for r in rows))
+    assert fits == ["new pairs on their own (new_pair_ms)", "one rate for every pair"]
+    for fit in fits:
+        kinds = {r["kind"]: r for r in rows if r["fit"] == fit}
+        assert set(kinds) == {"refresh", "token forecast", "branch/routing forecast", "one unit recomputed"}
+        assert all(r["steps"] > 0 and r["median_abs_error"] >= 0 and r["fit_rel_error"] >= 0 for r in kinds.values())
+    assert all(r["new_pair_ms"] == 0 for r in rows if r["fit"] == fits[1])      # no new pairs left to price
+    assert (out / "fit_demo.md").exists() and (out / "fit_demo.png").exists()

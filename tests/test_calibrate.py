@@ -151,6 +151,7 @@ def test_measured_calibration_is_cached_and_redone_when_the_engine_changes(cache
     assert len(measured) == 1 and first.key == cal.calibration_key(model, SAMPLER, 2)
     assert all(getattr(first, c) >= 0 for c in COEFFICIENTS) and first.full_step_ms > 0
     assert first.rows_per_block == 2 * 16 * 2 and first.top_k == 2
+    assert first.refresh_over_full > 0                    # its own full steps over its full-compute reference
     assert cal.ensure_costs(model, SAMPLER, 2, steps=4, repeats=1, progress=None, max_fit_error=NOISY) == first
     assert len(measured) == 1                                               # cached
     monkeypatch.setattr(cal, "engine_hash", lambda: "a-changed-engine")

@@ -491,6 +491,33 @@ def test_a_calibration_that_fits_badly_is_measured_again_then_refused(tmp_path, 
     assert "the cached calibration for" in said[-3] and "is too noisy" in said[-3]
 
 
+def test_a_calibration_timed_while_the_machine_changed_speed_is_measured_again_then_refused(tmp_path, monkeypatch):
+    """A calibration whose own full steps took far longer (or shorter) than its full-compute reference was timed
+    while the machine changed speed: its refreshes would be mispriced and every target missed. It is measured again,
+    then refused; ``max_fit_error`` widens the check as it widens the fit's."""
+    import moeca.replay.calibrate as cal
+    from moeca.diffusion.samplers import SamplerConfig
+    from moeca.policy.wallclock import CalibrationError
+    from conftest import make_tiny
+    from test_derive_wallclock import costs
+
+    model, sampler = make_tiny(), SamplerConfig(kind="rectified_flow", num_steps=4, cfg_scale=1.5)
+    key = cal.calibration_key(model, sampler, 1)
+    ratios, said = [1.44, 0.7], []
+    monkeypatch.setattr(cal, "measure_costs", lambda *a, **k: costs(key=key, fit_rel_error=0.05,
+                                                                     refresh_over_full=ratios.pop(0)))
+    cache = tmp_path / "calibration.json"
+    with pytest.raises(CalibrationError, match=r"its full steps took 0.70x its full-compute reference .* the machine "
+                                               r"changed speed while it was timed"):
+        cal.ensure_costs(model, sampler, 1, cache=cache, progress=said.append)
+    assert any("took 1.44x" in m and "measuring once more" in m for m in said) and not cache.exists()
+    ratios[:] = [1.44, 1.08]
+    assert cal.ensure_costs(model, sampler, 1, cache=cache, progress=said.append).refresh_over_full == 1.08
+    ratios[:] = [1.44]
+    assert cal.ensure_costs(model, sampler, 1, cache=tmp_path / "other.json", progress=said.append,
+                            max_fit_error=0.5).refresh_over_full == 1.44                  # within a 50% allowance
+
+
 def test_the_explorer_replays_a_custom_checkpoint_its_schedule_names(tmp_path, monkeypatch, capsys):
     root = tmp_path / "root"
     root.mkdir()
