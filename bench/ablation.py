@@ -27,7 +27,7 @@ import argparse
 
 import torch
 
-from moeca.bench.results import pyplot, write_results
+from moeca.bench.results import parse_targets, pyplot, write_results
 from moeca.cli.schedule import load_summary
 from moeca.diffusion.samplers import SamplerConfig
 from moeca.models.registry import load_traced_model
@@ -69,16 +69,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _targets(text: str) -> list[float]:
-    try:
-        out = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--targets must be numbers separated by commas, got {text!r}") from None
-    if not out or min(out) <= 1:
-        raise ValueError(f"--targets {text!r}: give at least one speedup, each above 1")
-    return out
-
-
 def _variants(text: str) -> list[tuple[str, dict]]:
     known = dict(VARIANTS)
     names = [v.strip() for v in text.split(",") if v.strip()]
@@ -101,7 +91,7 @@ def level_note(levels: dict | None) -> str | None:
 def run(args: argparse.Namespace) -> int:
     if not args.name or any(ch in args.name for ch in "/\\") or args.name.startswith("."):
         raise ValueError(f"--name {args.name!r}: give a plain file name without folders (e.g. ablation_demo)")
-    targets = _targets(args.targets)
+    targets = parse_targets(args.targets)
     chosen = _variants(args.variants)
     for name, value, low in (("--timing-samples", args.timing_samples, 1), ("--quality-samples", args.quality_samples, 1),
                              ("--repeats", args.repeats, 1), ("--threads", args.threads, 1)):

@@ -114,3 +114,14 @@ def write_results(name: str, rows: Sequence[dict], out_dir: str | Path = DEFAULT
         md += ["", f"![{name}]({name}.png)"]
     atomic_write_text(paths["md"], "\n".join(md) + "\n", what="benchmark results", overwrite=overwrite)
     return paths
+
+
+def parse_targets(text: str) -> list[float]:
+    """``--targets`` ("1.5,2,3") -> speedups, each above 1; a clear error otherwise."""
+    try:
+        out = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--targets must be numbers separated by commas, got {text!r}") from None
+    if not out or min(out) <= 1:
+        raise ValueError(f"--targets {text!r}: give at least one speedup, each above 1")
+    return out

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from moeca.analysis import drift_summary
-from moeca.bench.results import pyplot, write_results
+from moeca.bench.results import parse_targets, pyplot, write_results
 from moeca.diffusion.samplers import SamplerConfig
 from moeca.models.config import get_preset
 from moeca.models.dit_moe import DiTMoE
@@ -84,16 +84,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _parse_targets(text: str) -> list[float]:
-    try:
-        out = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--targets must be comma-separated numbers, got {text!r}") from None
-    if not out or any(v <= 1 for v in out):
-        raise ValueError(f"--targets must be speedups > 1, got {text!r}")
-    return out
-
-
 def pair_quartiles(times_full: list[float], times_cached: list[float]) -> tuple[float, float]:
     """First and third quartiles of the per-pair ratios ``full[i] / cached[i]`` (runs timed back to back):
     the spread behind their median, the reported speedup (one pair: its ratio twice)."""
@@ -140,7 +130,7 @@ def _rectified_flow_preset(name: str, seed: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    targets = _parse_targets(args.targets)
+    targets = parse_targets(args.targets)
     if args.target_kind == "wallclock" and args.refresh != "sync":
         raise ValueError("--target-kind wallclock needs --refresh sync (the budget rule predicts FLOPs only); "
                          "use --target-kind flops with --refresh budget")

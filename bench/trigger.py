@@ -22,8 +22,7 @@ import argparse
 import numpy as np
 import torch
 
-from moeca.bench.ablation import _targets
-from moeca.bench.results import DEFAULT_OUT, pyplot, write_results
+from moeca.bench.results import DEFAULT_OUT, parse_targets, pyplot, write_results
 from moeca.bench.steps import level_schedule
 from moeca.cli.schedule import load_summary
 from moeca.diffusion.samplers import SamplerConfig, sample
@@ -82,12 +81,17 @@ def changed_share(now: list[np.ndarray], ref: list[np.ndarray], blocks: slice) -
     return changed / max(total, 1)
 
 
-def place(routes: dict[int, list[np.ndarray]], threshold: float, blocks: slice) -> tuple[int, ...]:
+def place(routes: dict[int, list[np.ndarray]], threshold: float, blocks: slice,
+          shares: dict[tuple[int, int], float] | None = None) -> tuple[int, ...]:
     """Refresh steps a trigger with ``threshold`` places: step 0, then every step whose changed share since the
-    last refresh exceeds it."""
+    last refresh exceeds it. ``shares``: the changed share of each ``(step, last refresh)`` met so far, filled in
+    (one dict across thresholds computes each pair once)."""
+    shares = {} if shares is None else shares
     steps, last = [0], 0
     for s in range(1, len(routes)):
-        if changed_share(routes[s], routes[last], blocks) > threshold:
+        if (s, last) not in shares:
+            shares[s, last] = changed_share(routes[s], routes[last], blocks)
+        if shares[s, last] > threshold:
             steps.append(s)
             last = s
     return tuple(steps)
@@ -96,10 +100,11 @@ def place(routes: dict[int, list[np.ndarray]], threshold: float, blocks: slice) 
 def placement_with(routes, count: int, blocks: slice) -> tuple[tuple[int, ...], float]:
     """The trigger's refresh steps closest to ``count`` refreshes (threshold by bisection) and the threshold."""
     lo, hi = 0.0, 1.0
-    best = (place(routes, hi, blocks), hi)
+    shares: dict[tuple[int, int], float] = {}
+    best = (place(routes, hi, blocks, shares), hi)
     for _ in range(40):
         mid = (lo + hi) / 2
-        steps = place(routes, mid, blocks)
+        steps = place(routes, mid, blocks, shares)
         if abs(len(steps) - count) < abs(len(best[0]) - count) or (len(steps) == count and mid > best[1]):
             best = (steps, mid)
         if len(steps) > count:
@@ -123,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{name} {value} must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    targets = _targets(args.targets)
+    targets = parse_targets(args.targets)
     summary, meta = load_summary([args.trace])
     model = load_traced_model(meta, args.checkpoint, device=args.device)
     device = next(model.parameters()).device

@@ -316,9 +316,8 @@ def fit_costs(times: dict[int, list[list[float]]], works: dict[int, list[StepWor
     coef[free] = fitted / scale
     coef[cols] = [fixed[c] for c in DIRECT]
     rel = np.abs(a @ coef - b) / b
-    full_steps = [obs[j] for j, r in enumerate(rows) if r[COEFFICIENTS.index("forecast_term_ms")] == 0
-                  and r[COEFFICIENTS.index("stack_term_ms")] == 0 and r[COEFFICIENTS.index("pair_ms")] > 0
-                  and r[COEFFICIENTS.index("attn_row_ms")] > 0]          # every unit computed, nothing reused
+    full_steps = [med[i][s] for i in works if i >= 0 for s in range(1, len(med[i]))      # every unit computed,
+                  if works[i][s].reused == 0 and works[i][s].stack_terms == 0]       # nothing reused or folded
     refresh_over_full = statistics.median(full_steps) / full_step_ms if full_steps else 1.0
     return WallClockCosts(**dict(zip(COEFFICIENTS, (float(c) for c in coef))), full_step_ms=float(full_step_ms),
                           refresh_over_full=float(refresh_over_full),
